@@ -1,0 +1,178 @@
+"""Build small Stable Diffusion 1.x pipelines with random weights, offline.
+
+``python -m core tiny-model DIR`` writes one. Tests, the demo and benchmarks
+use it because nothing can be downloaded on CI machines. The weights are
+random, so the pictures are noise, but every code path (loading, LoRA,
+training, sampling, export) is the real one.
+
+Two shapes exist:
+
+* ``tiny`` -- a few hundred thousand parameters, 64 px, trains at several
+  steps per second on a CPU.
+* ``sd15`` -- the exact layer shapes of Stable Diffusion 1.5 (859M-parameter
+  UNet, CLIP ViT-L text encoder, the 8x VAE), used to measure speed and memory
+  of a real-sized run without downloading 4 GB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Words the in-code tokenizer knows as whole tokens; everything else is
+# spelled out byte by byte, which is enough for prompts in tests.
+_WORDS = ("a", "photo", "of", "sks", "dog", "cat", "the", "in", "painting", "style", "person")
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+
+
+def build_tokenizer(model_max_length: int = 77):
+    """A byte-level CLIP BPE tokenizer built in memory (no files needed)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = list(alphabet) + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for symbol in symbols[1:]:
+            merge = (current, symbol)
+            if merge not in merges:
+                merges.append(merge)
+            current += symbol
+            if current not in tokens:
+                tokens.append(current)
+    tokens += [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _configs(shape: str, tokenizer) -> dict:
+    vocab = tokenizer.get_vocab()
+    special = {
+        "bos_token_id": vocab[BOS],
+        "eos_token_id": vocab[EOS],
+        "pad_token_id": vocab[EOS],
+    }
+    if shape == "tiny":
+        return {
+            "unet": dict(
+                block_out_channels=(32, 64),
+                layers_per_block=2,
+                sample_size=32,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=32,
+                attention_head_dim=8,
+                norm_num_groups=32,
+            ),
+            "vae": dict(
+                block_out_channels=(32, 64),
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                latent_channels=4,
+                sample_size=64,
+            ),
+            "text": dict(
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=5,
+                projection_dim=32,
+                max_position_embeddings=77,
+                vocab_size=len(vocab) + 8,
+                **special,
+            ),
+        }
+    if shape == "sd15":
+        # Layer shapes of runwayml/stable-diffusion-v1-5 (diffusers defaults
+        # for UNet2DConditionModel are the SD-1.x UNet).
+        return {
+            "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+            "vae": dict(
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2,
+                latent_channels=4,
+                sample_size=512,
+            ),
+            "text": dict(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                projection_dim=768,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                vocab_size=49408,
+                **special,
+            ),
+        }
+    raise ValueError(f"unknown model shape {shape!r}; use 'tiny' or 'sd15'")
+
+
+def build_pipeline(shape: str = "tiny", seed: int = 0):
+    """Return a ``StableDiffusionPipeline`` with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    configs = _configs(shape, tokenizer)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"]))
+    # The scheduler Stable Diffusion 1.5 ships with.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_tiny_model(directory: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight pipeline as a diffusers folder and return its path.
+
+    The folder is written to a temporary sibling and renamed into place, so an
+    interrupted call never leaves a half-written model behind.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} already exists and is not empty; choose a new folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(shape, seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
