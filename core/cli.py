@@ -1,0 +1,240 @@
+"""``python -m core``: the command line the app itself runs as a subprocess.
+
+    python -m core tiny-model DIR
+    python -m core train CONFIG.toml [--set section.key=value ...] [--resume]
+    python -m core sample --model MODEL [--lora FILE] [--scale S] --prompt TEXT --seed N --steps K --out FILE.png
+
+Errors end with exit code 2 (bad input) or 1 (failure during the run) and
+one line on stderr that says what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_environment()
+    parser = _parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="Stable Diffusion LoRA training engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="write a small random-weight SD-1.x model (for tests and demos)")
+    p.add_argument("dir", help="folder to create")
+    p.add_argument("--shape", choices=["tiny", "sd15"], default="tiny",
+                   help="tiny (fast, 64 px) or sd15 (the real SD-1.5 layer shapes, about 4 GB)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("train", help="train a LoRA from a TOML config")
+    p.add_argument("config", help="path to a config .toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set train.learning_rate=5e-5 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest saved state")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (events still go to events.jsonl)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate one image with a base model and an optional LoRA")
+    p.add_argument("--model", required=True, help="diffusers folder or hub id")
+    p.add_argument("--lora", help="LoRA .safetensors file")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--sampler", default="default", help="default, ddim, euler, euler_a or dpmpp_2m")
+    p.add_argument("--out", required=True, help="output .png")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+# ================================================================ commands
+
+
+def cmd_tiny_model(args) -> int:
+    from core.tiny import write_tiny_model
+
+    try:
+        path = write_tiny_model(args.dir, shape=args.shape, seed=args.seed)
+    except FileExistsError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    print(f"wrote a random-weight {args.shape} SD-1.x model to {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from core import config as config_mod
+    from core.config import ConfigError
+    from core.dataset import DatasetError
+    from core.events import RunError, jsonl_writer
+    from core.models import ModelError
+
+    try:
+        config = config_mod.resolve_paths(config_mod.load(args.config, args.overrides))
+    except ConfigError as exc:
+        return _fail(f"config: {exc}", EXIT_BAD_INPUT)
+    events_path = config.run_dir / "events.jsonl"
+    writer = jsonl_writer(events_path)
+    terminal = _TerminalProgress(disabled=args.no_progress)
+    started = False  # events go to the run's file only once the run owns the folder
+
+    def emit(event):
+        nonlocal started
+        started = started or event.type in ("phase", "run_started", "message")
+        if started and _is_main_process():
+            writer(event)
+        terminal(event)
+
+    def report(message: str, kind: str, code: int) -> int:
+        if started and _is_main_process():
+            writer(RunError(message, kind))
+        terminal.close()
+        return _fail(message, code)
+
+    stop = _StopSignal()
+    from core.train import run
+
+    try:
+        run(config, emit, should_stop=stop, resume=args.resume)
+    except ConfigError as exc:
+        return report(f"config: {exc}", "config", EXIT_BAD_INPUT)
+    except DatasetError as exc:
+        return report(f"dataset: {exc}", "dataset", EXIT_BAD_INPUT)
+    except ModelError as exc:
+        return report(f"model: {exc}", "model", EXIT_BAD_INPUT)
+    except torch.OutOfMemoryError:
+        return report("out of GPU memory: lower train.batch_size or dataset.resolution, or set "
+                      "train.gradient_checkpointing = true and train.mixed_precision = 'bf16' (or 'fp16')",
+                      "out_of_memory", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return report("interrupted twice: stopped without saving", "error", 130)
+    except Exception as exc:  # the engine's unexpected failures still end with one clear line
+        trace = config.run_dir / "traceback.txt"
+        if config.run_dir.is_dir():
+            from core.fsutil import write_text
+
+            write_text(trace, traceback.format_exc())
+        return report(f"{type(exc).__name__}: {exc} (details in {trace})", "error", EXIT_FAILURE)
+    terminal.close()
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from core.fsutil import save_image
+    from core.models import ModelError
+    from core.sample import apply_lora, generate, load_pipeline
+
+    if args.width % 8 or args.height % 8:
+        return _fail(f"--width {args.width} / --height {args.height} must be multiples of 8", EXIT_BAD_INPUT)
+    try:
+        pipe = load_pipeline(args.model, sampler=args.sampler)
+        if args.lora:
+            apply_lora(pipe, args.lora, args.scale)
+        image = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                         width=args.width, height=args.height, negative_prompt=args.negative_prompt)
+    except (ModelError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    save_image(args.out, image)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ================================================================= helpers
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _quiet_environment() -> None:
+    """No telemetry, and no library chatter that buries the progress bar."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    import logging
+    import warnings
+
+    for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM ask the run to stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving (press Ctrl+C again to abort)", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+class _TerminalProgress:
+    """A tqdm bar fed by events: step, loss, it/s and ETA; other events as lines above it."""
+
+    def __init__(self, disabled: bool = False):
+        self.bar = None
+        self.disabled = disabled or not _is_main_process()
+
+    def __call__(self, event) -> None:
+        if self.disabled:
+            return
+        from tqdm import tqdm
+
+        kind = event.type
+        if kind == "run_started":
+            self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
+        elif kind == "progress" and self.bar is not None:
+            self.bar.update(event.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+        elif kind == "message":
+            self._write(f"{event.level}: {event.text}")
+        elif kind == "validation_loss":
+            self._write(f"step {event.step}: validation loss {event.loss:.5f}{' (best)' if event.best else ''}")
+        elif kind == "checkpoint" and event.kind == "lora":
+            self._write(f"step {event.step}: saved {event.path}")
+        elif kind == "finished":
+            self.close()
+            print(f"{event.status} at step {event.step}: {event.lora_path}", file=sys.stderr)
+
+    def _write(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

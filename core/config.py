@@ -1,0 +1,418 @@
+"""The one typed configuration of a training run.
+
+``TrainConfig`` is the single source of truth for the command line, the app
+and saved runs. Every field carries its help text, range and choices in
+``metadata`` so the app can build its widgets from it. Configs are stored as
+TOML; ``config_version`` plus ``MIGRATIONS`` keep old files loading.
+
+Validation happens here, before any model loads, and every error names the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which key and what to do."""
+
+
+def opt(default, help: str, *, min=None, max=None, group: str = "advanced", multiple_of=None, **extra):
+    """A dataclass field with UI/validation metadata.
+
+    ``min``/``max`` bound numbers (inclusive), ``multiple_of`` constrains ints;
+    choices come from the field's ``Literal`` type. ``group`` is "basic" or
+    "advanced" (where the app shows it).
+    """
+    meta = {"help": help, "min": min, "max": max, "group": group, "multiple_of": multiple_of, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PredictionType = Literal["auto", "epsilon", "v_prediction"]
+Optimizer = Literal["adamw8bit", "adamw"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+LrScheduler = Literal["constant", "cosine", "linear"]
+Sampler = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m"]
+SavePrecision = Literal["fp16", "bf16", "fp32"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("", "Base model: a local diffusers folder (with model_index.json) or a Hugging Face hub id "
+                    "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.", group="basic")
+    revision: str = opt("", "Hub revision (branch, tag or commit) when path is a hub id; empty for the default.")
+    prediction_type: PredictionType = opt(
+        "auto", "What the model predicts. 'auto' reads it from the model's scheduler config; override only "
+        "for models whose config is wrong (v-prediction fine-tunes shipped with an epsilon config).")
+
+
+@dataclass
+class DatasetConfig:
+    path: str = opt("", "Folder of training images; each caption is a same-name .txt file beside its image.",
+                    group="basic")
+    resolution: int = opt(512, "Training resolution in pixels (images are resized and center-cropped to this "
+                          "square). 512 for SD 1.x.", min=64, max=4096, multiple_of=8, group="basic")
+    validation_split: float = opt(0.1, "Fraction of images held out for validation loss (at least one when the "
+                                  "dataset has 2 or more images; 0 turns validation off).", min=0.0, max=0.9)
+    repeats: int = opt(1, "How many times each image is seen per epoch.", min=1, max=10000, group="basic")
+    caption_extension: str = opt(".txt", "Extension of caption files beside the images.")
+    cache_latents: bool = opt(True, "Encode each image with the VAE once and reuse the latents (much faster, "
+                              "less VRAM). Turn off only to debug.")
+    cache_dir: str = opt("", "Where latent and text-embedding caches live. Empty: OUTPUT_DIR/.cache.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(16, "LoRA rank (network dim): capacity of the adapter. 4-32 for a character or style.",
+                    min=1, max=1024, group="basic")
+    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/rank. alpha = rank is neutral; "
+                       "alpha = rank/2 halves the effective learning rate.", min=1e-6, max=100000.0)
+    dropout: float = opt(0.0, "Dropout on the LoRA path during training.", min=0.0, max=0.9)
+    target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"],
+                                    "UNet modules that get LoRA (names or name suffixes). The default covers "
+                                    "every attention projection.")
+    train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder (stronger concept binding, "
+                                   "more VRAM; disables text-embedding caching).")
+    text_encoder_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "out_proj"],
+                                                 "Text encoder modules that get LoRA.")
+    text_encoder_learning_rate: float = opt(0.0, "Learning rate for the text encoder LoRA; 0 uses "
+                                            "train.learning_rate.", min=0.0, max=1.0)
+
+
+@dataclass
+class TrainStepsConfig:
+    max_train_steps: int = opt(1000, "Number of optimizer steps.", min=1, max=10_000_000, group="basic")
+    max_train_epochs: int = opt(0, "If above 0, train this many epochs instead of max_train_steps "
+                                "(steps = ceil(images x repeats / (batch x accumulation)) x epochs).",
+                                min=0, max=100000, group="basic")
+    batch_size: int = opt(1, "Images per step on each GPU.", min=1, max=1024, group="basic")
+    gradient_accumulation_steps: int = opt(1, "Accumulate gradients over this many batches per step "
+                                           "(a larger effective batch without more VRAM).", min=1, max=1024)
+    learning_rate: float = opt(1e-4, "Learning rate of the LoRA weights.", min=0.0, max=1.0, group="basic")
+    lr_scheduler: LrScheduler = opt("constant", "Learning-rate schedule after warmup.")
+    lr_warmup_steps: int = opt(0, "Steps of linear warmup from 0 to the learning rate.", min=0, max=10_000_000)
+    optimizer: Optimizer = opt("adamw8bit", "adamw8bit (bitsandbytes, about 4x less optimizer memory) or "
+                               "adamw (torch).")
+    adam_beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=0.9999)
+    adam_beta2: float = opt(0.999, "Adam beta2.", min=0.0, max=0.99999)
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.", min=0.0, max=1.0)
+    weight_decay: float = opt(1e-2, "AdamW weight decay.", min=0.0, max=10.0)
+    max_grad_norm: float = opt(1.0, "Clip gradients to this norm; 0 turns clipping off.", min=0.0, max=1e6)
+    mixed_precision: MixedPrecision = opt("no", "Compute precision: bf16 (recent NVIDIA GPUs, CPUs), fp16 "
+                                          "(older NVIDIA GPUs) or no (fp32). LoRA weights stay fp32.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: much less VRAM, "
+                                       "about 20-30% slower.")
+    seed: int = opt(0, "Seed for the split, the data order and the noise.", min=0, max=2**32 - 1)
+    noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images); 0 is off.",
+                              min=0.0, max=1.0)
+    min_snr_gamma: float = opt(0.0, "Min-SNR-gamma loss weighting (5 is the usual value); 0 is off.",
+                               min=0.0, max=100.0)
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = opt([], "Prompts for sample images during training (one image per prompt).",
+                             group="basic")
+    negative_prompt: str = opt("", "Negative prompt for the sample images.")
+    every_n_steps: int = opt(200, "Validation loss and samples every N steps (and always at the end); "
+                             "0: only at the end.", min=0, max=10_000_000)
+    at_start: bool = opt(True, "Also validate and sample before the first step (the base model's baseline).")
+    steps: int = opt(20, "Denoising steps per sample image.", min=1, max=1000)
+    guidance_scale: float = opt(7.5, "Classifier-free guidance scale of the samples.", min=0.0, max=50.0)
+    seed: int = opt(0, "Seed of the sample images (the same at every step, so they are comparable).",
+                    min=0, max=2**32 - 1)
+    sampler: Sampler = opt("default", "Sampler of the sample images; 'default' uses the model's own.")
+    width: int = opt(0, "Sample width; 0 uses dataset.resolution.", min=0, max=4096, multiple_of=8)
+    height: int = opt(0, "Sample height; 0 uses dataset.resolution.", min=0, max=4096, multiple_of=8)
+    validation_timesteps: int = opt(4, "Number of fixed timesteps (evenly spread) at which the validation "
+                                    "loss is measured on each held-out image.", min=1, max=100)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("outputs", "Folder that holds the runs.", group="basic")
+    name: str = opt("my-lora", "Run name: the run folder and the LoRA file are named after it.", group="basic")
+    save_every_n_steps: int = opt(500, "Save an intermediate LoRA (and the resume state) every N steps; "
+                                  "0: only at the end.", min=0, max=10_000_000)
+    save_precision: SavePrecision = opt("fp16", "Precision of the saved LoRA weights (fp16 is what A1111 "
+                                        "and ComfyUI users expect; fp32 doubles the file).")
+    save_state: bool = opt(True, "Save optimizer and data-order state with each checkpoint so "
+                           "--resume can continue the run.")
+    keep_states: int = opt(1, "How many resume states to keep (oldest are removed).", min=1, max=1000)
+    overwrite: bool = opt(False, "Replace an earlier run of the same name instead of refusing to start.")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainStepsConfig = field(default_factory=TrainStepsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    config_version: int = CONFIG_VERSION
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.output.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "dataset", "lora", "train", "sample", "output")
+
+# {old_version: function(dict) -> dict} upgrading a raw config one version.
+MIGRATIONS: dict[int, typing.Callable[[dict], dict]] = {}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def from_dict(raw: dict[str, Any], *, check_paths: bool = True) -> TrainConfig:
+    """Build and validate a config from a plain dict (parsed TOML)."""
+    raw = _migrate(dict(raw))
+    unknown_sections = set(raw) - set(SECTIONS) - {"config_version"}
+    for key in sorted(unknown_sections):
+        raise ConfigError(f"unknown section [{key}]{_did_you_mean(key, SECTIONS)}; "
+                          f"allowed sections: {', '.join(SECTIONS)}")
+    config = TrainConfig()
+    for section in SECTIONS:
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of key = value lines, got {values!r}")
+        setattr(config, section, _build_section(section, getattr(config, section), values))
+    validate(config, check_paths=check_paths)
+    return config
+
+
+def load(path: str | os.PathLike, overrides: list[str] | None = None, *, check_paths: bool = True) -> TrainConfig:
+    """Read a TOML config file, apply ``--set section.key=value`` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(raw, check_paths=check_paths)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` to a raw dict; value is parsed as TOML, else taken as a string."""
+    key, sep, value = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=5e-5")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word such as a path or a name
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"--set {item!r}: [{section}] is not a table")
+    raw[section][name] = parsed
+
+
+def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    version = raw.get("config_version", CONFIG_VERSION)
+    if not isinstance(version, int) or version < 1:
+        raise ConfigError(f"config_version = {version!r} is not a valid version (expected 1..{CONFIG_VERSION})")
+    if version > CONFIG_VERSION:
+        raise ConfigError(f"config_version = {version} was written by a newer version of this app "
+                          f"(this one reads up to {CONFIG_VERSION}); update the app")
+    while version < CONFIG_VERSION:
+        raw = MIGRATIONS[version](raw)
+        version += 1
+    raw["config_version"] = CONFIG_VERSION
+    return raw
+
+
+def _build_section(section: str, default_obj, values: dict[str, Any]):
+    fields = {f.name: f for f in dataclasses.fields(default_obj)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown key {section}.{key}{_did_you_mean(key, fields)}; allowed keys in "
+                              f"[{section}]: {', '.join(fields)}")
+    hints = typing.get_type_hints(type(default_obj))
+    kwargs = {key: _coerce(f"{section}.{key}", value, hints[key]) for key, value in values.items()}
+    return dataclasses.replace(default_obj, **kwargs)
+
+
+def _did_you_mean(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a raw TOML value against a field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{name} = {value!r} is not allowed; choose one of: "
+                              f"{', '.join(repr(c) for c in choices)}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list) or not all(isinstance(v, item_type) for v in value):
+            raise ConfigError(f"{name} = {value!r} must be a list of {item_type.__name__}, "
+                              f'e.g. ["a", "b"]')
+        return list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} = {value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name} = {value!r} must be a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} = {value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} = {value!r} must be a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} = {value!r} must be a string (in quotes)")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {name}")
+
+
+# ------------------------------------------------------------- validation
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_BAD_NAME_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+
+
+def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
+    """Check ranges, choices and cross-field rules; with ``check_paths`` also that folders exist."""
+    for section in SECTIONS:
+        obj = getattr(config, section)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            name, value = f"{section}.{f.name}", getattr(obj, f.name)
+            _coerce(name, value, hints[f.name])  # dataclasses built in code are checked too
+            _check_range(name, value, f.metadata)
+    _check_rules(config)
+    if check_paths:
+        _check_paths(config)
+
+
+def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi, multiple = meta.get("min"), meta.get("max"), meta.get("multiple_of")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"{name} = {value!r} is out of range; allowed: {lo} to {hi}")
+    if multiple and value % multiple:
+        raise ConfigError(f"{name} = {value!r} must be a multiple of {multiple} "
+                          f"(e.g. {max(multiple, value // multiple * multiple)})")
+
+
+def _check_rules(config: TrainConfig) -> None:
+    name = config.output.name
+    if not name.strip() or name != name.strip() or name in {".", ".."} or set(name) & _BAD_NAME_CHARS:
+        raise ConfigError(f"output.name = {name!r} cannot be used as a file name; use letters, digits, "
+                          f"spaces, '-', '_' or '.' (no / \\ : * ? \" < > |)")
+    if not config.dataset.caption_extension.startswith("."):
+        raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start "
+                          f"with a dot, e.g. '.txt'")
+    if not config.lora.target_modules:
+        raise ConfigError("lora.target_modules is empty; list at least one UNet module, e.g. [\"to_q\"]")
+    if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
+        raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
+    for i, prompt in enumerate(config.sample.prompts):
+        if not prompt.strip():
+            raise ConfigError(f"sample.prompts[{i}] is empty; remove it or write a prompt")
+
+
+def _check_paths(config: TrainConfig) -> None:
+    if not config.model.path:
+        raise ConfigError("model.path is empty; set it to a diffusers model folder or a hub id")
+    model = Path(config.model.path).expanduser()
+    if model.exists():
+        if not model.is_dir():
+            raise ConfigError(f"model.path = {config.model.path!r} is a file; single-file checkpoints are not "
+                              f"supported yet, use a diffusers folder (with model_index.json) or a hub id")
+        if not (model / "model_index.json").is_file() and not (model / "unet" / "config.json").is_file():
+            raise ConfigError(f"model.path = {config.model.path!r} is not a diffusers model folder (no "
+                              f"model_index.json or unet/config.json inside)")
+    elif not _HUB_ID.match(config.model.path):
+        raise ConfigError(f"model.path = {config.model.path!r}: no such folder, and it is not a hub id of the "
+                          f"form 'owner/name'")
+    if not config.dataset.path:
+        raise ConfigError("dataset.path is empty; set it to the folder of your training images")
+    dataset = Path(config.dataset.path).expanduser()
+    if not dataset.is_dir():
+        what = "is a file, not a folder" if dataset.exists() else "does not exist"
+        raise ConfigError(f"dataset.path = {config.dataset.path!r} {what}; point it at the folder of your "
+                          f"training images")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def resolve_paths(config: TrainConfig) -> TrainConfig:
+    """Return a copy with local paths made absolute (hub ids are kept as they are)."""
+    config = from_dict(to_raw(config), check_paths=False)
+    if Path(config.model.path).expanduser().exists():
+        config.model.path = str(Path(config.model.path).expanduser().resolve())
+    config.dataset.path = str(Path(config.dataset.path).expanduser().resolve())
+    config.output.dir = str(Path(config.output.dir).expanduser().resolve())
+    if config.dataset.cache_dir:
+        config.dataset.cache_dir = str(Path(config.dataset.cache_dir).expanduser().resolve())
+    return config
+
+
+def to_raw(config: TrainConfig) -> dict[str, Any]:
+    raw = {"config_version": config.config_version}
+    raw.update({section: dataclasses.asdict(getattr(config, section)) for section in SECTIONS})
+    return raw
+
+
+def to_toml(config: TrainConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_raw(config))
+
+
+def save(config: TrainConfig, path: str | os.PathLike) -> None:
+    from core.fsutil import write_text
+
+    write_text(path, to_toml(config))
+
+
+def field_info(section: str, key: str) -> dict[str, Any]:
+    """Metadata of one field for the app: help, min, max, choices, group, type, default."""
+    obj = getattr(TrainConfig(), section)
+    f = {f.name: f for f in dataclasses.fields(obj)}[key]
+    hint = typing.get_type_hints(type(obj))[key]
+    info = dict(f.metadata)
+    info["choices"] = list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
+    info["type"] = hint
+    info["default"] = getattr(obj, key)
+    return info

@@ -1,0 +1,148 @@
+"""Events a training run reports, and the JSON-lines file they are written to.
+
+The engine calls ``emit(event)`` with one of the small dataclasses below. The
+command line sends each event to ``events.jsonl`` in the run folder (one JSON
+object per line, ``{"type": ..., "time": ..., ...fields}``) and to the
+terminal; the app polls that file. Reading it back needs nothing but ``json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class Event:
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    @property
+    def type(self) -> str:
+        return _TYPES[type(self)]
+
+    def to_json(self) -> str:
+        return json.dumps({"type": self.type, **dataclasses.asdict(self)}, ensure_ascii=False)
+
+
+@dataclass
+class RunStarted(Event):
+    run_dir: str
+    total_steps: int
+    start_step: int
+    num_train_images: int
+    num_validation_images: int
+    batch_size: int
+    num_processes: int
+    device: str
+    resumed: bool = False
+
+
+@dataclass
+class Phase(Event):
+    """Work before training: scanning, loading the model, caching (done of total; 0 of 0 when unknown)."""
+
+    name: str
+    done: int
+    total: int
+
+
+@dataclass
+class Progress(Event):
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    it_per_s: float
+    eta_s: float
+
+
+@dataclass
+class ValidationLoss(Event):
+    step: int
+    loss: float
+    best: bool  # the lowest validation loss of the run so far
+
+
+@dataclass
+class SampleWritten(Event):
+    step: int
+    path: str
+    prompt: str
+    seed: int
+
+
+@dataclass
+class CheckpointSaved(Event):
+    step: int
+    path: str
+    kind: str  # "lora" (an intermediate or final .safetensors) or "state" (resume folder)
+
+
+@dataclass
+class Message(Event):
+    level: str  # "info" or "warning"
+    text: str
+
+
+@dataclass
+class RunError(Event):
+    message: str  # one line that says what went wrong and what to do
+    kind: str = "error"  # "config", "dataset", "model", "out_of_memory", "error"
+
+
+@dataclass
+class Finished(Event):
+    status: str  # "completed" or "stopped"
+    step: int
+    lora_path: str
+
+
+_TYPES = {
+    RunStarted: "run_started",
+    Phase: "phase",
+    Progress: "progress",
+    ValidationLoss: "validation_loss",
+    SampleWritten: "sample",
+    CheckpointSaved: "checkpoint",
+    Message: "message",
+    RunError: "error",
+    Finished: "finished",
+}
+
+Emit = Callable[[Event], None]
+
+
+def jsonl_writer(path: str | os.PathLike) -> Emit:
+    """An ``emit`` that appends each event as one line of ``path``."""
+    from core.fsutil import append_line
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return lambda event: append_line(path, event.to_json())
+
+
+def read_events(path: str | os.PathLike, start: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Read whole lines of an events file from byte offset ``start``.
+
+    Returns the events and the offset to pass next time, so a poller reads
+    only what is new. A last line still being written (no newline yet) is left
+    for the next call.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return [], start
+    end = data.rfind(b"\n") + 1
+    events = []
+    for line in data[:end].splitlines():
+        if line.strip():
+            events.append(json.loads(line))
+    return events, start + end

@@ -1,0 +1,360 @@
+"""Loading the images a user drops in, and preparing them for training.
+
+Users bring whatever their phone, scanner or browser produced: CMYK JPEGs,
+16-bit PNGs, palette GIFs with a transparent index, photos stored sideways
+with an EXIF orientation flag, half-downloaded files. Pillow opens them all,
+but its defaults get several of them silently wrong (16-bit greyscale is
+clipped to white, transparent pixels come out black, sideways photos stay
+sideways), and a broken file only fails when its pixels are first used, deep
+inside a training step. ``load_image`` decodes everything up front and
+returns plain 8-bit RGB, or raises ``ImageError`` saying what is wrong with
+which file.
+
+Pillow is imported at module level (it is cheap); torch only inside the
+functions that need it, so importing this module stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import re
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Pillow's greyscale modes with more than 8 bits per pixel.
+_DEEP_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Formats Pillow registers but cannot decode: write-only (PDF, Palm) and
+# identify-only (MPEG video: size only, no pixels).
+_UNDECODABLE_FORMATS = frozenset({"PDF", "PALM", "MPEG"})
+# Extensions Pillow has no decoder for, with what the user can do about it.
+_UNSUPPORTED_HINTS = {
+    ".heic": "HEIC photos need the pillow-heif package, or export them as JPEG",
+    ".heif": "HEIF photos need the pillow-heif package, or export them as JPEG",
+    ".svg": "SVG is a vector format; export it as PNG first",
+}
+_DIGEST_CHUNK = 1 << 20
+
+
+class ImageError(Exception):
+    """An image file that cannot be used, with a reason a user understands."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+# --------------------------------------------------------------------------
+# file extensions
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (".png", ".jpg", ...) that this Pillow can open.
+
+    Computed on first use: it makes Pillow import all its format plugins.
+    Dropped: formats Pillow cannot decode, and "stub" formats (BUFR, GRIB,
+    HDF5, WMF/EMF off Windows) that need a handler no one installs. Kept:
+    ``.mpo`` (iPhone/camera multi-picture JPEG), which the JPEG plugin opens.
+    """
+    return frozenset(
+        ext.lower()
+        for ext, fmt in Image.registered_extensions().items()
+        if fmt == "MPO" or (fmt in Image.OPEN and fmt not in _UNDECODABLE_FORMATS and not _is_stub(fmt))
+    )
+
+
+def _is_stub(fmt: str) -> bool:
+    """True for Pillow formats that identify files but decode only via a plugin handler."""
+    factory = Image.OPEN[fmt][0]
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+
+def __getattr__(name: str):
+    """Provide ``IMAGE_EXTENSIONS`` lazily, so importing the module does no work."""
+    if name == "IMAGE_EXTENSIONS":
+        return image_extensions()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_image_extension(path: str | os.PathLike) -> bool:
+    """True if the file's extension is one Pillow can open (case-insensitive).
+
+    This only filters a folder listing; ``load_image`` still detects the
+    format from the file's content.
+    """
+    return Path(path).suffix.lower() in image_extensions()
+
+
+# --------------------------------------------------------------------------
+# loading
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully into an upright 8-bit RGB image.
+
+    The format is detected from the content, not the extension. Every pixel
+    is decoded here (``.load()``), so a truncated file fails now, with its
+    name, and not later in a data-loader worker. Raises ``ImageError``.
+    """
+    with _open_file(path) as f:
+        try:
+            with Image.open(f) as im:
+                im.load()  # the first frame of an animation
+                # In place: we own `im`, and a big photo is not copied for nothing.
+                ImageOps.exif_transpose(im, in_place=True)
+                return to_rgb(im)
+        except Image.DecompressionBombError as e:
+            raise ImageError(path, _too_large_reason(e)) from e
+        except UnidentifiedImageError as e:
+            raise ImageError(path, _unidentified_reason(path)) from e
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as e:
+            # Pillow's decoders signal damaged data with any of these.
+            raise ImageError(path, _decode_reason(e)) from e
+
+
+def _open_file(path: str | os.PathLike):
+    """Open ``path`` for reading, turning OS errors into ImageErrors.
+
+    We hand Pillow an open file (not the path) so that we, not Pillow,
+    decide when it is closed: the ``with`` in ``load_image`` closes it on
+    every path, errors included, and no ResourceWarning leaks.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the caller's with
+    except FileNotFoundError as e:
+        raise ImageError(path, "file not found") from e
+    except IsADirectoryError as e:
+        raise ImageError(path, "is a folder, not an image file") from e
+    except PermissionError as e:
+        raise ImageError(path, "permission denied (cannot read the file)") from e
+    except OSError as e:
+        raise ImageError(path, f"cannot open the file ({e.strerror or e})") from e
+    if os.fstat(f.fileno()).st_size == 0:
+        f.close()
+        raise ImageError(path, "file is empty (0 bytes)")
+    return f
+
+
+def _too_large_reason(error: Exception) -> str:
+    """Say how big the image is and what the limit is.
+
+    Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` (a guard
+    against decompression bombs) before decoding anything, so the pixel
+    count is only in its message.
+    """
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # the error is only raised while a limit is set
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return f"image is too large ({size}; limit {limit:,})"
+
+
+def _unidentified_reason(path: str | os.PathLike) -> str:
+    """Explain a file Pillow does not recognise, with a hint for known formats."""
+    hint = _UNSUPPORTED_HINTS.get(Path(path).suffix.lower())
+    reason = "not an image (Pillow cannot identify it)"
+    return f"{reason}; {hint}" if hint else reason
+
+
+def _decode_reason(error: Exception) -> str:
+    """Turn a decoder exception into a reason, recognising truncated files.
+
+    Truncation shows up as OSError("image file is truncated ..."),
+    OSError("Truncated File Read"), SyntaxError("... Truncated data") or
+    EOFError, depending on the format and where the file was cut.
+    """
+    detail = str(error) or type(error).__name__
+    if isinstance(error, EOFError) or "truncated" in detail.lower():
+        return f"image file is truncated (the data ends early: {detail}); re-download or re-export it"
+    return f"cannot decode the image data ({type(error).__name__}: {detail})"
+
+
+# --------------------------------------------------------------------------
+# mode conversion
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an image of any Pillow mode to 8-bit RGB, correctly.
+
+    Plain ``image.convert("RGB")`` is wrong for several modes: it clips
+    16-bit and float greyscale instead of scaling, drops alpha so that
+    transparent pixels show whatever colour they happen to hold (often
+    black), and ignores a CMYK image's ICC profile. Always returns a new
+    image.
+    """
+    if image.mode in _DEEP_GREY_MODES:
+        return _deep_grey_to_l(image).convert("RGB")
+    if image.mode == "F":
+        return _float_to_l(image).convert("RGB")
+    if image.mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    if image.has_transparency_data:  # alpha band, "transparency" info, or RGBA palette
+        return _flatten_on_white(image)
+    # 1, L, P, RGB, YCbCr, LAB, HSV: Pillow's own conversions are right.
+    return image.convert("RGB")
+
+
+def _deep_grey_to_l(image: Image.Image) -> Image.Image:
+    """Scale 16-bit (or 32-bit int) greyscale to 8 bits by value range.
+
+    Pillow's convert("L") clips at 255, so every value of a 16-bit image
+    above 255 (nearly all of it) would turn white. 16-bit data maps
+    0..65535 onto 0..255; int32 data wider than that is scaled by its max.
+    """
+    values = np.asarray(image).astype(np.float64)
+    values = np.clip(values, 0, None)
+    top = max(65535.0, float(values.max(initial=0)))
+    return _to_l(values * (255.0 / top))
+
+
+def _float_to_l(image: Image.Image) -> Image.Image:
+    """Scale 32-bit float greyscale to 8 bits by its range.
+
+    Pillow's convert("L") truncates floats, so a 0..1 image (the usual
+    convention) becomes 0 and 1 out of 255: black. 0..1 maps to 0..255;
+    data already in 0..255 is kept; anything larger is scaled by its max.
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(values.max(initial=0))
+    if top <= 1.0:
+        values = values * 255.0
+    elif top > 255.0:
+        values = values * (255.0 / top)
+    return _to_l(values)
+
+
+def _to_l(values: np.ndarray) -> Image.Image:
+    """Round 0..255 floats into an 8-bit "L" image."""
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert CMYK to RGB through the embedded ICC profile when there is one.
+
+    Print CMYK only looks right through its profile; Pillow's plain
+    convert uses a naive formula that gives dull, shifted colours. A
+    broken or mismatched profile falls back to that formula with a log
+    line, since a usable image beats an error here.
+    """
+    icc = image.info.get("icc_profile")
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            srgb = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError) as e:
+            log.warning("CMYK ICC profile could not be applied (%s); using a plain conversion", e)
+    return image.convert("RGB")
+
+
+def _flatten_on_white(image: Image.Image) -> Image.Image:
+    """Composite an image with transparency onto a white background.
+
+    Covers alpha bands (RGBA, LA, PA and premultiplied RGBa, La), palettes
+    with alpha, and the ``transparency`` entry of P, L and RGB images (a
+    transparent palette index or colour). Dropping alpha instead
+    would expose the colour stored under transparent pixels, usually black.
+    """
+    if image.mode == "La":  # Pillow cannot go from premultiplied La to RGBA directly
+        image = image.convert("LA")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+# --------------------------------------------------------------------------
+# preparing for training
+
+
+def fit_image(
+    image: Image.Image, width: int, height: int, no_upscale: bool = False
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize to cover ``width``×``height`` keeping aspect, then center-crop.
+
+    Returns the image and ``(crop_top, crop_left)`` in the resized image's
+    pixels: SDXL is conditioned on these offsets. With ``no_upscale`` an
+    image smaller than the target raises ValueError instead of being
+    enlarged (blurry upscales teach the model blur).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"target size must be positive, got {width}x{height}")
+    src_w, src_h = image.size
+    if no_upscale and (src_w < width or src_h < height):
+        raise ValueError(
+            f"image is {src_w}x{src_h}, smaller than the {width}x{height} target, and no_upscale is set"
+        )
+    new_w, new_h = _cover_size(src_w, src_h, width, height)
+    if (new_w, new_h) != image.size:
+        # reducing_gap first shrinks by a whole factor with a cheap box filter,
+        # then LANCZOS does the rest: several times faster on big photos, and
+        # visually the same at a gap of 3.
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return image.crop((left, top, left + width, top + height)), (top, left)
+
+
+def _cover_size(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int]:
+    """The smallest aspect-keeping size that covers width×height.
+
+    The side that is short relative to the target is matched exactly; the
+    other is rounded but never below the target, so the crop always fits.
+    """
+    if src_w * height >= src_h * width:  # wider than the target: match height
+        return max(width, round(src_w * height / src_h)), height
+    return width, max(height, round(src_h * width / src_w))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a float32 (3, H, W) tensor in [-1, 1], the VAE's input range."""
+    import torch
+
+    if image.mode != "RGB":
+        raise ValueError(f"to_tensor expects an RGB image, got mode {image.mode!r}; use load_image/to_rgb")
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def from_tensor(tensor: torch.Tensor) -> Image.Image:
+    """Inverse of ``to_tensor``: a (3, H, W) tensor in [-1, 1] to an RGB image.
+
+    Values outside [-1, 1] are clipped; a leading batch dimension of 1 is
+    accepted, since decoded VAE output usually has one.
+    """
+    import torch
+
+    t = tensor.detach().to("cpu", dtype=torch.float32)
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3 or t.shape[0] != 3:
+        raise ValueError(f"from_tensor expects shape (3, H, W), got {tuple(tensor.shape)}")
+    pixels = ((t.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+
+
+# --------------------------------------------------------------------------
+# cache keys
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of the file's bytes, used as a cache key.
+
+    Read in 1 MiB chunks so a large image never sits in memory twice.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_DIGEST_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

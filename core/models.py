@@ -1,0 +1,109 @@
+"""Loading a base model's parts from a diffusers folder or a hub id.
+
+Hub ids are first resolved to a local snapshot folder (downloaded once into
+the Hugging Face cache), so everything after that works on local files and
+cache keys can be derived from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ModelError(RuntimeError):
+    """The base model cannot be loaded; the message says which path and what to do."""
+
+
+@dataclass
+class BaseModel:
+    path: Path  # local diffusers folder
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any  # DDPMScheduler with the model's training schedule
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def fingerprint(self, component: str) -> str:
+        return component_fingerprint(self.path, component)
+
+
+def resolve_model_path(path: str, revision: str = "") -> Path:
+    """A local folder as given, or the local snapshot of a hub id (downloading it if needed)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        snapshot = StableDiffusionPipeline.download(path, revision=revision or None)
+    except Exception as exc:  # hub errors come in many classes; all mean "could not fetch"
+        raise ModelError(f"could not get model {path!r} from the Hugging Face hub ({type(exc).__name__}: "
+                         f"{_first_line(exc)}). Check the id and your connection, or download the model into "
+                         f"models/ and set model.path to that folder") from exc
+    return Path(snapshot)
+
+
+def load_models(path: str, revision: str = "", prediction_type: str = "auto") -> BaseModel:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = resolve_model_path(path, revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model folder {folder} could not be loaded as a Stable Diffusion 1.x diffusers "
+                         f"model: {_first_line(exc)}") from exc
+    if prediction_type != "auto":
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    resolved = noise_scheduler.config.prediction_type
+    if resolved not in ("epsilon", "v_prediction"):
+        raise ModelError(f"model {folder} predicts {resolved!r}; only 'epsilon' and 'v_prediction' can be "
+                         f"trained (set model.prediction_type to override a wrong config)")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(folder, tokenizer, text_encoder, vae, unet, noise_scheduler, resolved)
+
+
+def component_fingerprint(folder: Path, component: str) -> str:
+    """A short hash identifying one component's weights, for cache keys.
+
+    Built from the component's config and the names, sizes and modification
+    times of its weight files: cheap (no reading of gigabytes) and changes
+    whenever the weights are replaced.
+    """
+    h = hashlib.sha256(component.encode())
+    sub = Path(folder) / component
+    for file in sorted(sub.glob("*")) if sub.is_dir() else []:
+        if file.suffix == ".json":
+            h.update(file.name.encode() + file.read_bytes())
+        elif file.is_file():
+            stat = file.stat()
+            h.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    h.update(str(Path(folder).resolve()).encode())
+    return h.hexdigest()[:16]
+
+
+def model_info(folder: Path) -> dict[str, Any]:
+    """What the model_index.json says (class name, components), for metadata."""
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

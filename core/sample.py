@@ -1,0 +1,98 @@
+"""Generating images with a base model and, optionally, a LoRA.
+
+Used for sample images during training, by ``python -m core sample`` and by
+the app's Prompt tab (which keeps one pipeline loaded between generations).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Sampler names users know (A1111 vocabulary) -> diffusers scheduler classes.
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+def make_scheduler(model_folder: str | Path, sampler: str = "default"):
+    """The model's own inference scheduler, or the named sampler built from its config."""
+    import diffusers
+
+    folder = Path(model_folder)
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    own_class = index.get("scheduler", [None, "PNDMScheduler"])[1]
+    name = own_class if sampler == "default" else SAMPLERS.get(sampler)
+    if name is None:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of: default, {', '.join(SAMPLERS)}")
+    cls = getattr(diffusers, name)
+    return cls.from_pretrained(folder, subfolder="scheduler")
+
+
+def pipeline_from_parts(model_folder, vae, text_encoder, tokenizer, unet, sampler: str = "default"):
+    """A pipeline sharing already-loaded modules (no copy), for samples during training."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler(model_folder, sampler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(model: str, revision: str = "", device: str | None = None, sampler: str = "default",
+                  dtype: torch.dtype | None = None):
+    """Load a base model for generation, on the GPU when there is one."""
+    from diffusers import StableDiffusionPipeline
+
+    from core.models import ModelError, resolve_model_path
+
+    folder = resolve_model_path(model, revision)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {model!r} could not be loaded for sampling: {exc}") from exc
+    pipe.scheduler = make_scheduler(folder, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def apply_lora(pipe, lora_path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
+    """Load a LoRA file (kohya/A1111 or diffusers layout) into the pipeline at ``scale``."""
+    path = Path(lora_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    pipe.set_adapters([adapter_name], adapter_weights=[scale])
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float = 7.5, width: int = 512,
+             height: int = 512, negative_prompt: str = ""):
+    """One image at a fixed seed (the seed alone decides the starting noise, on any device)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    result = pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        width=width,
+        height=height,
+        generator=generator,
+    )
+    return result.images[0]

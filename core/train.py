@@ -1,0 +1,704 @@
+"""LoRA training for Stable Diffusion 1.x, as a plain function the app and CLI share.
+
+``run(config, emit, should_stop)`` reads top to bottom like the diffusers
+LoRA example -- load, freeze, add adapter, optimizer, data, loop, save -- but
+split into phases so a UI can stop it, tests can call it, and every result is
+reported as an event (see ``core.events``).
+
+The objective is ordinary diffusion training: noise the cached VAE latents
+at a random timestep and regress the UNet's output onto the scheduler's
+target (the noise for epsilon models, the velocity for v-prediction), with
+optional min-SNR-gamma weighting and noise offset.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from core import config as config_mod
+from core.config import ConfigError, TrainConfig
+from core.dataset import ImageItem, require_images, scan_dataset, split_items
+from core.events import (
+    CheckpointSaved,
+    Emit,
+    Finished,
+    Message,
+    Phase,
+    Progress,
+    RunStarted,
+    SampleWritten,
+    ValidationLoss,
+)
+
+STOP_FILE = "STOP"
+
+
+@dataclass
+class RunResult:
+    status: str  # "completed" or "stopped"
+    step: int
+    lora_path: Path
+    run_dir: Path
+    validation_losses: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    """Progress that must survive a resume; saved with accelerate's state."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_validation: float = math.inf
+    noise_rng: torch.Tensor | None = None
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+# =================================================================== phases
+
+
+def build_accelerator(config: TrainConfig, emit: Emit):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    precision = config.train.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        emit(Message("warning", "train.mixed_precision = 'fp16' needs an NVIDIA GPU; training in fp32 "
+                                "(use 'bf16' on CPUs)"))
+        precision = "no"
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        project_dir=str(config.run_dir),
+    )
+    set_seed(config.train.seed)
+    return accelerator
+
+
+def load_dataset(config: TrainConfig, emit: Emit) -> tuple[list[ImageItem], list[ImageItem]]:
+    emit(Phase("scanning dataset", 0, 0))
+    scan = scan_dataset(config.dataset.path, config.dataset.caption_extension)
+    for warning in scan.warnings():
+        emit(Message("warning", warning))
+    require_images(scan)
+    return split_items(scan.items, config.dataset.validation_split, config.train.seed)
+
+
+def load_base(config: TrainConfig, accelerator, emit: Emit):
+    """Load the frozen model parts and place them; frozen weights in the compute dtype."""
+    from core.models import load_models
+
+    emit(Phase("loading model", 0, 0))
+    base = load_models(config.model.path, config.model.revision, config.model.prediction_type)
+    dtype = weight_dtype(accelerator)
+    base.unet.to(accelerator.device, dtype=dtype)
+    base.text_encoder.to(accelerator.device, dtype=dtype)
+    base.vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow; it runs once per image
+    return base
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def add_lora(config: TrainConfig, base) -> list[torch.nn.Parameter]:
+    """Add peft LoRA adapters; return the trainable parameters (fp32, the only ones that train)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    def attach(model, targets, what, key):
+        peft_config = PeftLoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                     init_lora_weights="gaussian", target_modules=list(targets))
+        try:
+            model.add_adapter(peft_config)
+        except ValueError as exc:
+            raise ConfigError(f"{key} = {list(targets)!r}: {exc}. Use module names of the {what}, "
+                              f"e.g. to_q, to_k, to_v, to_out.0") from None
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        return params
+
+    unet_params = attach(base.unet, config.lora.target_modules, "UNet", "lora.target_modules")
+    te_params = []
+    if config.lora.train_text_encoder:
+        te_params = attach(base.text_encoder, config.lora.text_encoder_target_modules, "text encoder",
+                           "lora.text_encoder_target_modules")
+    if config.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if config.lora.train_text_encoder:
+            base.text_encoder.gradient_checkpointing_enable()
+    return unet_params, te_params
+
+
+def build_optimizer(config: TrainConfig, unet_params, te_params, emit: Emit):
+    t = config.train
+    groups = [{"params": unet_params, "lr": t.learning_rate}]
+    if te_params:
+        groups.append({"params": te_params, "lr": config.lora.text_encoder_learning_rate or t.learning_rate})
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        except Exception as exc:  # missing package, or a build that cannot run on this machine
+            emit(Message("warning", f"8-bit AdamW is not available here ({type(exc).__name__}: {exc}); "
+                                    f"using torch AdamW instead (more optimizer memory, same results)"))
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_lr_scheduler(config: TrainConfig, optimizer, total_steps: int, num_processes: int):
+    from diffusers.optimization import get_scheduler
+
+    name = config.train.lr_scheduler
+    if name == "constant" and config.train.lr_warmup_steps:
+        name = "constant_with_warmup"
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    return get_scheduler(name, optimizer, num_warmup_steps=config.train.lr_warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes)
+
+
+# ====================================================================== data
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Training examples: cached latent distributions (or pixels) and captions, repeated."""
+
+    def __init__(self, entries: list[dict], repeats: int = 1):
+        self.entries = entries
+        self.repeats = repeats
+
+    def __len__(self) -> int:
+        return len(self.entries) * self.repeats
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index % len(self.entries)]
+        return {key: (value() if callable(value) else value) for key, value in entry.items()}
+
+
+def collate(examples: list[dict]) -> dict:
+    batch = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, accelerator, emit: Emit,
+                  what: str) -> list[dict]:
+    """One entry per image: latents and text embeddings from the cache (encoding what is missing)."""
+    from core.cache import encode_latent_distribution, encode_text
+    from core.images import file_digest, fit_image, load_image, to_tensor
+
+    size = config.dataset.resolution
+    vae_fp, text_fp = base.fingerprint("vae"), base.fingerprint("text_encoder")
+    cache_text = not config.lora.train_text_encoder
+    entries = []
+    for i, item in enumerate(items):
+        emit(Phase(f"caching {what} latents", i, len(items)))
+        entry = {"caption": item.caption}
+        if config.dataset.cache_latents:
+            key = cache.latent_key(file_digest(item.path), size, size, vae_fp)
+            if not cache.has("latents", key):
+                pixels = to_tensor(fit_image(load_image(item.path), size, size)[0])[None]
+                cache.store("latents", key, {k: v[0] for k, v in encode_latent_distribution(base.vae, pixels).items()})
+            entry.update(_lazy_tensors(cache, "latents", key, ("mean", "std")))
+        else:
+            entry["pixels"] = _lazy_pixels(item.path, size)
+        if cache_text:
+            key = cache.text_key(item.caption, text_fp, base.tokenizer.model_max_length)
+            if not cache.has("text", key):
+                hidden = encode_text(base.tokenizer, base.text_encoder, [item.caption])
+                cache.store("text", key, {"hidden": hidden[0].float()})
+            entry.update(_lazy_tensors(cache, "text", key, ("hidden",)))
+        entries.append(entry)
+    emit(Phase(f"caching {what} latents", len(items), len(items)))
+    return entries
+
+
+def _lazy_tensors(cache, kind: str, key: str, names: tuple[str, ...]) -> dict:
+    """Entry values that read the cache file when the example is drawn (keeps RAM flat for big sets)."""
+    loaded: dict = {}
+
+    def getter(name):
+        def get():
+            tensors = cache.load(kind, key)
+            if tensors is None:
+                raise RuntimeError(f"cache entry {cache.path(kind, key)} disappeared or is damaged during "
+                                   f"training; delete the cache folder and restart")
+            return tensors[name]
+        return get
+
+    loaded.update({name: getter(name) for name in names})
+    return loaded
+
+
+def _lazy_pixels(path: Path, size: int):
+    from core.images import fit_image, load_image, to_tensor
+
+    return lambda: to_tensor(fit_image(load_image(path), size, size)[0])
+
+
+def build_dataloader(config: TrainConfig, entries: list[dict]):
+    generator = torch.Generator().manual_seed(config.train.seed)
+    return torch.utils.data.DataLoader(
+        LatentDataset(entries, config.dataset.repeats),
+        batch_size=config.train.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate,
+        drop_last=False,
+    )
+
+
+# ================================================================= objective
+
+
+def latents_from_batch(batch: dict, base, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Scaled latents for a batch: a fresh draw from the cached posterior (or the mean when no generator)."""
+    from core.cache import encode_latent_distribution
+
+    if "mean" in batch:
+        mean, std = batch["mean"].to(device), batch["std"].to(device)
+    else:
+        dist = encode_latent_distribution(base.vae, batch["pixels"].to(device))
+        mean, std = dist["mean"], dist["std"]
+    latents = mean if generator is None else mean + std * torch.randn(
+        mean.shape, generator=generator, device=device)
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * base.vae.config.scaling_factor
+
+
+def text_states(batch: dict, base, text_encoder, device) -> torch.Tensor:
+    if "hidden" in batch:
+        return batch["hidden"].to(device)
+    from core.cache import tokenize
+
+    return text_encoder(tokenize(base.tokenizer, batch["caption"]).to(device))[0]
+
+
+def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    pred = unet(noisy, timesteps, states, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps)
+        weight = torch.clamp(snr, max=min_snr_gamma) / snr
+        if scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+        loss = loss * weight
+    return loss
+
+
+def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generator, device) -> torch.Tensor:
+    latents = latents_from_batch(batch, base, generator, device)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    if config.train.noise_offset:
+        noise = noise + config.train.noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+    timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=device)
+    states = text_states(batch, base, text_encoder, device)
+    return diffusion_loss(unet, base.noise_scheduler, latents, states, noise, timesteps,
+                          config.train.min_snr_gamma).mean()
+
+
+# ================================================================ validation
+
+
+class Validator:
+    """Held-out loss with fixed noise and fixed timesteps, so values compare across steps and runs."""
+
+    def __init__(self, config: TrainConfig, entries: list[dict], base, device):
+        self.entries = entries
+        self.base = base
+        self.device = device
+        total = base.noise_scheduler.config.num_train_timesteps
+        k = config.sample.validation_timesteps
+        # Evenly spread, away from both ends (t=0 is trivially easy, t=T-1 nearly pure noise).
+        self.timesteps = [int(round((i + 1) * total / (k + 1))) for i in range(k)]
+        gen = torch.Generator().manual_seed(config.train.seed + 1_000_003)
+        self.noise = []
+        for entry in entries:
+            shape = _latent_shape(entry, base, config)
+            self.noise.append(torch.randn((len(self.timesteps), *shape), generator=gen))
+
+    @torch.no_grad()
+    def __call__(self, unet, text_encoder, autocast) -> float | None:
+        if not self.entries:
+            return None
+        losses = []
+        for entry, noise in zip(self.entries, self.noise):
+            batch = collate([{k: (v() if callable(v) else v) for k, v in entry.items()}])
+            latents = latents_from_batch(batch, self.base, None, self.device)
+            latents = latents.expand(len(self.timesteps), *latents.shape[1:])
+            states = text_states(batch, self.base, text_encoder, self.device)
+            states = states.expand(len(self.timesteps), *states.shape[1:])
+            timesteps = torch.tensor(self.timesteps, device=self.device)
+            with autocast():
+                loss = diffusion_loss(unet, self.base.noise_scheduler, latents, states,
+                                      noise.to(self.device), timesteps)
+            losses.append(loss.float().mean().item())
+        return sum(losses) / len(losses)
+
+
+def _latent_shape(entry: dict, base, config: TrainConfig) -> tuple[int, ...]:
+    latent = config.dataset.resolution // base.vae_scale_factor
+    return (base.vae.config.latent_channels, latent, latent)
+
+
+# =================================================================== saving
+
+
+def lora_metadata(config: TrainConfig, step: int, num_images: int) -> dict[str, str]:
+    from core.lora_io import kohya_metadata
+
+    return kohya_metadata(
+        rank=config.lora.rank,
+        alpha=config.lora.alpha,
+        output_name=config.output.name,
+        resolution=config.dataset.resolution,
+        steps=step,
+        learning_rate=config.train.learning_rate,
+        base_model=config.model.path,
+        train_text_encoder=config.lora.train_text_encoder,
+        extra={
+            "ss_seed": config.train.seed,
+            "ss_num_train_images": num_images,
+            "ss_batch_size_per_device": config.train.batch_size,
+            "ss_gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+            "ss_lr_scheduler": config.train.lr_scheduler,
+            "ss_optimizer": config.train.optimizer,
+            "ss_mixed_precision": config.train.mixed_precision,
+            "ss_noise_offset": config.train.noise_offset,
+            "ss_min_snr_gamma": config.train.min_snr_gamma,
+            "ss_text_encoder_lr": config.lora.text_encoder_learning_rate or config.train.learning_rate,
+            "ss_unet_lr": config.train.learning_rate,
+        },
+    )
+
+
+def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, num_images: int) -> Path:
+    from core.lora_io import save_kohya_lora
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_precision]
+    te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None
+    return save_kohya_lora(path, accelerator.unwrap_model(unet), te,
+                           metadata=lora_metadata(config, step, num_images), dtype=dtype)
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    states = sorted((run_dir / "state").glob("step-*")) if (run_dir / "state").is_dir() else []
+    return states[-1] if states else None
+
+
+def save_state(config: TrainConfig, accelerator, step: int) -> Path:
+    """Save accelerate's state (LoRA weights, optimizer, scheduler, RNG, progress); keep the newest few."""
+    state_root = config.run_dir / "state"
+    final = state_root / f"step-{step:08d}"
+    tmp = state_root / f".tmp-step-{step:08d}"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # a folder cannot be os.replace'd over; a crash leaves only the .tmp one
+        for old in sorted(state_root.glob("step-*"))[:-config.output.keep_states]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_lora_state_hooks(accelerator, unet, text_encoder) -> None:
+    """Make accelerate's save/load_state store only the LoRA weights, not whole gigabyte models."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    names = {id(accelerator.unwrap_model(unet)): "unet"}
+    if text_encoder is not None:
+        names[id(accelerator.unwrap_model(text_encoder))] = "text_encoder"
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            name = names[id(accelerator.unwrap_model(model))]
+            if accelerator.is_main_process:
+                tensors = {k: v.detach().cpu().contiguous()
+                           for k, v in get_peft_model_state_dict(accelerator.unwrap_model(model)).items()}
+                save_file(tensors, str(Path(output_dir) / f"lora_{name}.safetensors"))
+            if weights:
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            tensors = load_file(str(Path(input_dir) / f"lora_{names[id(model)]}.safetensors"))
+            set_peft_model_state_dict(model, tensors)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ====================================================================== run
+
+
+def check_run_dir(config: TrainConfig, resume: bool) -> None:
+    """Refuse to mix a new run into an old one unless asked (read-only; safe on every process)."""
+    run_dir = config.run_dir
+    if resume:
+        if not latest_state(run_dir):
+            raise ConfigError(f"--resume: no saved state in {run_dir / 'state'}; the run never reached a "
+                              f"checkpoint (output.save_every_n_steps) or output.save_state was false")
+        return
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not ((run_dir / "events.jsonl").exists() or (run_dir / "config.toml").exists()):
+        raise ConfigError(f"output folder {run_dir} already exists and was not made by this app; choose "
+                          f"another output.name or output.dir")
+    if not config.output.overwrite:
+        raise ConfigError(f"output folder {run_dir} already holds a run named {config.output.name!r}; pass "
+                          f"--resume to continue it, pick another output.name, or set output.overwrite = true "
+                          f"to replace it")
+
+
+def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
+    """Create (or, with output.overwrite, empty) the run folder; call on the main process only."""
+    run_dir = config.run_dir
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)  # check_run_dir made sure it is one of our runs and overwrite is on
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    return run_dir
+
+
+def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambda: False,
+        resume: bool = False) -> RunResult:
+    """Train a LoRA as ``config`` says. Raises ConfigError/DatasetError/ModelError on bad input.
+
+    ``should_stop`` is polled after every optimizer step (as is a file named
+    STOP in the run folder); when it says so, the LoRA and the resume state
+    are saved and the function returns with status "stopped".
+    """
+    config = config_mod.resolve_paths(config)
+    config_mod.validate(config)
+    check_run_dir(config, resume)
+    accelerator = build_accelerator(config, emit)
+    main_emit = emit if accelerator.is_main_process else (lambda event: None)
+    if accelerator.is_main_process:
+        prepare_run_dir(config, resume)
+        config_mod.save(config, config.run_dir / "config.toml")
+    accelerator.wait_for_everyone()
+    return _train(config, accelerator, main_emit, should_stop, resume)
+
+
+def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bool) -> RunResult:
+    from core.cache import FeatureCache
+
+    train_items, val_items = load_dataset(config, emit)
+    base = load_base(config, accelerator, emit)
+    unet_params, te_params = add_lora(config, base)
+    optimizer = build_optimizer(config, unet_params, te_params, emit)
+    cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
+    with accelerator.main_process_first():
+        train_entries = build_entries(config, train_items, base, cache, accelerator, emit, "training")
+        val_entries = build_entries(config, val_items, base, cache, accelerator, emit, "validation")
+    if config.dataset.cache_latents:
+        base.vae.to("cpu")  # only sampling needs it again; free the VRAM for training
+    train_te = config.lora.train_text_encoder
+    dataloader = build_dataloader(config, train_entries)
+    if train_te:
+        unet, text_encoder, optimizer, dataloader = accelerator.prepare(
+            base.unet, base.text_encoder, optimizer, dataloader)
+    else:
+        unet, optimizer, dataloader = accelerator.prepare(base.unet, optimizer, dataloader)
+        text_encoder = base.text_encoder
+    steps_per_epoch = math.ceil(len(dataloader) / config.train.gradient_accumulation_steps)
+    total = (config.train.max_train_epochs * steps_per_epoch if config.train.max_train_epochs
+             else config.train.max_train_steps)
+    lr_scheduler = accelerator.prepare(build_lr_scheduler(config, optimizer, total, accelerator.num_processes))
+    register_lora_state_hooks(accelerator, unet, text_encoder if train_te else None)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    generator = torch.Generator(device=accelerator.device).manual_seed(
+        config.train.seed + accelerator.process_index)
+    if resume:
+        accelerator.load_state(str(latest_state(config.run_dir)))
+        generator.set_state(state.noise_rng)
+        emit(Message("info", f"resumed from step {state.step} ({latest_state(config.run_dir).name})"))
+    loop = _Loop(config, accelerator, emit, should_stop, base, unet, text_encoder, optimizer, lr_scheduler,
+                 dataloader, state, generator, total, len(train_items),
+                 Validator(config, val_entries, base, accelerator.device))
+    emit(RunStarted(str(config.run_dir), total, state.step, len(train_items), len(val_items),
+                    config.train.batch_size, accelerator.num_processes, str(accelerator.device), resume))
+    return loop.run(resume)
+
+
+class _Loop:
+    """The training loop and what it does between steps (validate, sample, save, stop)."""
+
+    def __init__(self, config, accelerator, emit, should_stop, base, unet, text_encoder, optimizer,
+                 lr_scheduler, dataloader, state, generator, total, num_images, validator):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.validation_losses: dict[int, float] = {}
+        self.stop_file = config.run_dir / STOP_FILE
+
+    def run(self, resume: bool) -> RunResult:
+        c, acc, state = self.config, self.accelerator, self.state
+        if not resume and c.sample.at_start:
+            self.evaluate()
+        stopped = self.state.step < self.total and self.train()
+        lora_path = c.run_dir / f"{c.output.name}.safetensors"
+        if not stopped:
+            self.evaluate()
+        self.save(lora_path, final=True)
+        status = "stopped" if stopped else "completed"
+        self.emit(Finished(status, state.step, str(lora_path)))
+        acc.end_training()
+        return RunResult(status, state.step, lora_path, c.run_dir, self.validation_losses)
+
+    def train(self) -> bool:
+        """Run optimizer steps until the total is reached; True if stopped early."""
+        c, acc, state = self.config, self.accelerator, self.state
+        models = [self.unet, self.text_encoder] if c.lora.train_text_encoder else [self.unet]
+        for model in models:
+            model.train()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        timer = _Rate()
+        losses: list[torch.Tensor] = []
+        while True:
+            self.dataloader.set_epoch(state.epoch)
+            batches = (acc.skip_first_batches(self.dataloader, state.batches_in_epoch)
+                       if state.batches_in_epoch else self.dataloader)
+            for batch in batches:
+                # forward, backward, update (accelerate decides when accumulation is complete)
+                with acc.accumulate(*models):
+                    loss = training_loss(c, self.base, self.unet, self.text_encoder, batch, self.generator,
+                                         acc.device)
+                    acc.backward(loss)
+                    if acc.sync_gradients and c.train.max_grad_norm:
+                        acc.clip_grad_norm_(params, c.train.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                losses.append(loss.detach())
+                if not acc.sync_gradients:
+                    continue
+                state.step += 1
+                self.report(torch.stack(losses).mean(), timer.tick())
+                losses = []
+                if self.between_steps():
+                    return True
+                if state.step >= self.total:
+                    return False
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    def report(self, loss: torch.Tensor, rate: float) -> None:
+        loss = self.accelerator.gather(loss[None]).mean().item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {self.state.step}; lower "
+                                     f"train.learning_rate or use train.mixed_precision = 'bf16' instead of fp16")
+        remaining = self.total - self.state.step
+        self.emit(Progress(self.state.step, self.total, self.state.epoch, loss,
+                           self.lr_scheduler.get_last_lr()[0], rate, remaining / rate if rate else 0.0))
+
+    def between_steps(self) -> bool:
+        """Periodic validation, samples and checkpoints; then True if a stop was asked for."""
+        c, step = self.config, self.state.step
+        if c.sample.every_n_steps and step % c.sample.every_n_steps == 0 and step < self.total:
+            self.evaluate()
+        if c.output.save_every_n_steps and step % c.output.save_every_n_steps == 0 and step < self.total:
+            self.save(c.run_dir / f"{c.output.name}-step{step:06d}.safetensors", final=False)
+        if self.should_stop() or self.stop_file.exists():
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
+    def evaluate(self) -> None:
+        """Validation loss and sample images at the current step (main process; the others wait)."""
+        acc = self.accelerator
+        unet = acc.unwrap_model(self.unet)
+        text_encoder = acc.unwrap_model(self.text_encoder)
+        if acc.is_main_process:
+            unet.eval()
+            text_encoder.eval()
+            loss = self.validator(unet, text_encoder, acc.autocast)
+            if loss is not None:
+                best = loss < self.state.best_validation
+                self.state.best_validation = min(loss, self.state.best_validation)
+                self.validation_losses[self.state.step] = loss
+                self.emit(ValidationLoss(self.state.step, loss, best))
+            self.write_samples(unet, text_encoder)
+            unet.train()
+            if self.config.lora.train_text_encoder:
+                text_encoder.train()
+        acc.wait_for_everyone()
+
+    def write_samples(self, unet, text_encoder) -> None:
+        from core.fsutil import save_image
+        from core.sample import generate, pipeline_from_parts
+
+        c = self.config
+        if not c.sample.prompts:
+            return
+        vae_device = self.base.vae.device
+        self.base.vae.to(self.accelerator.device)
+        pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, self.base.tokenizer, unet,
+                                   c.sample.sampler)
+        for i, prompt in enumerate(c.sample.prompts):
+            with self.accelerator.autocast():
+                image = generate(pipe, prompt, seed=c.sample.seed, steps=c.sample.steps,
+                                 guidance_scale=c.sample.guidance_scale,
+                                 width=c.sample.width or c.dataset.resolution,
+                                 height=c.sample.height or c.dataset.resolution,
+                                 negative_prompt=c.sample.negative_prompt)
+            path = c.run_dir / "samples" / f"step{self.state.step:06d}-{i:02d}.png"
+            save_image(path, image)
+            self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
+        self.base.vae.to(vae_device)
+
+    def save(self, lora_path: Path, final: bool) -> None:
+        acc, c = self.accelerator, self.config
+        if acc.is_main_process:
+            save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.num_images)
+            self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
+        if c.output.save_state:
+            self.state.noise_rng = self.generator.get_state()
+            path = save_state(c, acc, self.state.step)
+            self.emit(CheckpointSaved(self.state.step, str(path), "state"))
+        acc.wait_for_everyone()
+
+
+class _Rate:
+    """Optimizer steps per second over the recent steps (a moving window)."""
+
+    def __init__(self, window: int = 20):
+        self.times: list[float] = [time.perf_counter()]
+        self.window = window
+
+    def tick(self) -> float:
+        self.times.append(time.perf_counter())
+        self.times = self.times[-(self.window + 1):]
+        elapsed = self.times[-1] - self.times[0]
+        return (len(self.times) - 1) / elapsed if elapsed > 0 else 0.0
