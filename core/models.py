@@ -58,6 +58,7 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto") ->
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = resolve_model_path(path, revision)
+    _quiet_local_loading()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
@@ -77,6 +78,15 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto") ->
         module.requires_grad_(False)
         module.eval()
     return BaseModel(folder, tokenizer, text_encoder, vae, unet, noise_scheduler, resolved)
+
+
+def _quiet_local_loading() -> None:
+    """Turn off per-file "Loading weights" bars (after any download, whose bar is worth seeing)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def component_fingerprint(folder: Path, component: str) -> str:

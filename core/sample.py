@@ -64,7 +64,7 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            folder, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {model!r} could not be loaded for sampling: {exc}") from exc
     pipe.scheduler = make_scheduler(folder, sampler)

@@ -48,6 +48,8 @@ class RunResult:
     lora_path: Path
     run_dir: Path
     validation_losses: dict[int, float] = field(default_factory=dict)
+    unet: object = None  # the trained UNet with its adapter (unwrapped), for callers that keep working
+    text_encoder: object = None
 
 
 @dataclass
@@ -79,6 +81,12 @@ def build_accelerator(config: TrainConfig, emit: Emit):
         emit(Message("warning", "train.mixed_precision = 'fp16' needs an NVIDIA GPU; training in fp32 "
                                 "(use 'bf16' on CPUs)"))
         precision = "no"
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
+        # A second run in the same process (tests, notebooks) may use another precision;
+        # accelerate keeps one global state, so reset it (never under a multi-process launch).
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
@@ -120,13 +128,21 @@ def add_lora(config: TrainConfig, base) -> list[torch.nn.Parameter]:
     from peft import LoraConfig as PeftLoraConfig
 
     def attach(model, targets, what, key):
-        peft_config = PeftLoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                                     init_lora_weights="gaussian", target_modules=list(targets))
+        peft_config = PeftLoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
+                                     lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
+                                     target_modules=list(targets))
         try:
-            model.add_adapter(peft_config)
+            if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
+                model.add_adapter(peft_config)
+            else:  # transformers' integration needs a newer peft than the one pinned; inject directly
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(peft_config, model)
+                model.peft_config = {"default": peft_config}  # read by peft's get_peft_model_state_dict
         except ValueError as exc:
+            example = "to_q, to_k, to_v, to_out.0" if what == "UNet" else "q_proj, k_proj, v_proj, out_proj"
             raise ConfigError(f"{key} = {list(targets)!r}: {exc}. Use module names of the {what}, "
-                              f"e.g. to_q, to_k, to_v, to_out.0") from None
+                              f"e.g. {example}") from None
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
@@ -575,7 +591,8 @@ class _Loop:
         status = "stopped" if stopped else "completed"
         self.emit(Finished(status, state.step, str(lora_path)))
         acc.end_training()
-        return RunResult(status, state.step, lora_path, c.run_dir, self.validation_losses)
+        return RunResult(status, state.step, lora_path, c.run_dir, self.validation_losses,
+                         acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder))
 
     def train(self) -> bool:
         """Run optimizer steps until the total is reached; True if stopped early."""

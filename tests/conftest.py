@@ -18,3 +18,58 @@ def tiny_model(tmp_path_factory) -> Path:
     from core.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def write_dataset(folder: Path, n: int = 6, size=(80, 96), captions: bool = True, seed: int = 0) -> Path:
+    """n random-colour images (plus captions) with a few odd names."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        name = f"img {i} ça" if i % 3 == 0 else f"img{i}"
+        pixels = (rng.random((*size, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+        if captions:
+            (folder / f"{name}.txt").write_text(f"a photo of sks dog number {i}", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path / "pictures")
+
+
+def tiny_config(model: Path, dataset: Path, out: Path, name: str = "test-lora", **overrides):
+    """A config for a fast run on the tiny model; overrides are {"section.key": value}."""
+    from core import config
+
+    raw = {
+        "model": {"path": str(model)},
+        "dataset": {"path": str(dataset), "resolution": 64},
+        "lora": {"rank": 4, "alpha": 8.0},
+        "train": {"max_train_steps": 6, "learning_rate": 1e-3, "optimizer": "adamw8bit"},
+        "sample": {"prompts": ["a photo of sks"], "every_n_steps": 3, "steps": 2},
+        "output": {"dir": str(out), "name": name, "save_every_n_steps": 3},
+    }
+    for key, value in overrides.items():
+        section, name_ = key.split(".")
+        raw.setdefault(section, {})[name_] = value
+    return config.from_dict(raw)
+
+
+class EventLog:
+    """An ``emit`` that keeps events in memory (and can act on them)."""
+
+    def __init__(self, on_event=None):
+        self.events = []
+        self.on_event = on_event
+
+    def __call__(self, event):
+        self.events.append(event)
+        if self.on_event:
+            self.on_event(event)
+
+    def of(self, kind: str):
+        return [e for e in self.events if e.type == kind]

@@ -1,0 +1,131 @@
+"""Training speed and memory of the real command, on a random-weight model.
+
+    python benchmarks/bench_train.py --shape tiny --steps 100
+    python benchmarks/bench_train.py --shape sd15 --steps 5 --resolution 256
+
+Runs ``python -m core train`` as a subprocess (exactly what the app runs)
+and prints: steps/s over the training steps (from the run's own progress
+events, so loading and caching are not counted), the wall time of the whole
+command, and the peak resident memory of the training process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_dataset(folder: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of sks, picture {i}")
+    return folder
+
+
+def ensure_model(shape: str, model_dir: Path) -> Path:
+    from core.tiny import write_tiny_model
+
+    path = model_dir / f"random-{shape}"
+    if not (path / "model_index.json").is_file():
+        started = time.perf_counter()
+        write_tiny_model(path, shape=shape)
+        print(f"wrote {shape} model to {path} in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 256 (sd15)")
+    parser.add_argument("--rank", type=int, default=None, help="default: 4 (tiny), 16 (sd15)")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--optimizer", default="adamw8bit")
+    parser.add_argument("--mixed-precision", default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-studio-bench")
+    args = parser.parse_args()
+    resolution = args.resolution or (64 if args.shape == "tiny" else 256)
+    rank = args.rank or (4 if args.shape == "tiny" else 16)
+
+    model = ensure_model(args.shape, args.model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_dataset(tmp / "data", args.images, resolution)
+        overrides = {
+            "model.path": str(model), "dataset.path": str(data), "dataset.resolution": resolution,
+            "dataset.validation_split": 0.0, "lora.rank": rank, "lora.alpha": rank,
+            "train.max_train_steps": args.steps, "train.optimizer": args.optimizer,
+            "train.mixed_precision": args.mixed_precision,
+            "train.gradient_checkpointing": args.gradient_checkpointing,
+            "sample.prompts": [], "sample.at_start": False, "sample.every_n_steps": 0,
+            "output.dir": str(tmp / "out"), "output.name": "bench", "output.save_every_n_steps": 0,
+            "output.save_state": False,
+        }
+        config_path = tmp / "bench.toml"
+        config_path.write_text("")
+        cmd = [sys.executable, "-m", "core", "train", str(config_path), "--no-progress"]
+        for key, value in overrides.items():
+            cmd += ["--set", f"{key}={_toml(value)}"]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode:
+            print(proc.stderr[-3000:])
+            return proc.returncode
+        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        report(tmp / "out" / "bench" / "events.jsonl", args, resolution, rank, wall, peak_mib)
+    return 0
+
+
+def report(events_path: Path, args, resolution: int, rank: int, wall: float, peak_mib: float) -> None:
+    from core.events import read_events
+
+    events, _ = read_events(events_path)
+    progress = [e for e in events if e["type"] == "progress"]
+    phases = {e["name"]: e["time"] for e in events if e["type"] == "phase"}
+    first, last = progress[0], progress[-1]
+    # Steps after the first: the first step includes one-off warm-up (allocations, kernel selection).
+    rate = (last["step"] - first["step"]) / (last["time"] - first["time"]) if len(progress) > 1 else float("nan")
+    started = next(e["time"] for e in events if e["type"] == "run_started")
+    print(f"shape={args.shape} resolution={resolution} rank={rank} steps={args.steps} "
+          f"optimizer={args.optimizer} mixed_precision={args.mixed_precision} "
+          f"gradient_checkpointing={args.gradient_checkpointing} threads={_threads()}")
+    print(f"  training speed     {rate:8.2f} steps/s  ({1 / rate:.3f} s/step, steps 2..{last['step']})")
+    print(f"  first step         {first['time'] - started:8.2f} s")
+    if "loading model" in phases:
+        print(f"  load+cache         {started - phases['loading model']:8.2f} s")
+    print(f"  whole command      {wall:8.2f} s  (imports, loading, caching, training, saving)")
+    print(f"  peak RSS           {peak_mib:8.0f} MiB  (training process)")
+    print(f"  final loss         {last['loss']:.4f}")
+
+
+def _toml(value) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": value})[4:].strip()
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

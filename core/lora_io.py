@@ -1,0 +1,442 @@
+"""Write a trained peft LoRA as a kohya/A1111 ``.safetensors`` file, and read such files back.
+
+Why not diffusers' ``convert_state_dict_to_kohya``: it writes ``alpha = rank``
+for every module, so a LoRA trained with ``lora_alpha != r`` is silently
+rescaled by ``r / alpha`` in every UI that loads it. It also names SD-1.x text
+encoder modules ``lora_te1_`` where kohya (and what people expect) uses
+``lora_te_``. Here the names, ranks and alphas are read from the injected peft
+layers themselves, which is where ``rank_pattern`` / ``alpha_pattern`` have
+already been resolved per module, so what is written is what was trained.
+
+Layout written (SD 1.x, as kohya's sd-scripts writes it)::
+
+    lora_unet_<module path, dots as underscores>.lora_down.weight   # peft lora_A
+    lora_unet_<...>.lora_up.weight                                  # peft lora_B
+    lora_unet_<...>.alpha                                           # 0-d, real alpha
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj.<same three>
+
+A loader applies ``up @ down * alpha / rank``; peft applies
+``B @ A * lora_alpha / r``; so copying A, B and alpha reproduces the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+# Prefixes other kohya files use (SDXL's two text encoders); only read, never written.
+_TE_READ_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# What A1111 / Forge / ComfyUI look at to recognise an SD-1.x LoRA. A1111 calls a
+# LoRA SD1 when ss_v2 is not "True" and the base version does not start with
+# "sdxl_"; Forge additionally wants modelspec.architecture.
+_FAMILY_METADATA = {
+    "ss_network_module": "networks.lora",
+    "ss_base_model_version": "sd_v1",
+    "ss_v2": "False",
+    "modelspec.sai_model_spec": "1.0.0",
+    "modelspec.architecture": "stable-diffusion-v1/lora",
+    "modelspec.implementation": "diffusers",
+}
+
+
+class LoraFileError(ValueError):
+    """A file that should hold a LoRA cannot be read as one."""
+
+
+# ---------------------------------------------------------------------------
+# export: peft layers -> kohya tensors
+# ---------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip wrappers that only rename modules (torch.compile, DDP, PeftModel).
+
+    Their prefixes (``_orig_mod.``, ``module.``, ``base_model.model.``) would
+    otherwise end up in the kohya key names and no loader would find them.
+    """
+    from peft import PeftModel
+
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, PeftModel):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _lora_layers(model: torch.nn.Module, adapter_name: str, what: str) -> list[tuple[str, Any]]:
+    """Return ``(module path, peft LoRA layer)`` for every layer carrying ``adapter_name``.
+
+    Looks at the layers rather than ``model.peft_config``: the layers hold
+    what actually runs (r and alpha per module after ``rank_pattern`` /
+    ``alpha_pattern``), and a model adapted with ``peft.inject_adapter_in_model``
+    need not carry a config at all. Raises ValueError naming the adapters present.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    found, names = [], set()
+    for path, module in _unwrap(model).named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        names.update(module.lora_A.keys(), module.lora_embedding_A.keys())
+        if adapter_name in module.lora_A or adapter_name in module.lora_embedding_A:
+            found.append((path, module))
+    if not found:
+        have = ", ".join(sorted(names)) or "none"
+        raise ValueError(
+            f"The {what} has no LoRA adapter named {adapter_name!r} (adapters present: {have}). "
+            "Add one with add_adapter(LoraConfig(...)) before exporting, or pass the right adapter_name."
+        )
+    return found
+
+
+def _check_exportable(path: str, layer: Any, adapter_name: str) -> None:
+    """Refuse adapters whose effect the kohya LoRA format cannot express.
+
+    kohya's ``networks.lora`` is exactly ``W + up @ down * alpha / rank`` on
+    Linear and Conv2d layers; anything else would be silently dropped, and the
+    file would load but not reproduce the training.
+    """
+    from peft.tuners.lora import layer as lora
+
+    if layer.use_dora.get(adapter_name, False):
+        raise ValueError(
+            f"Adapter {adapter_name!r} uses DoRA (use_dora=True) at {path}: DoRA is not supported in the "
+            "kohya LoRA export. Train without use_dora, or save in diffusers format instead."
+        )
+    if layer.lora_bias.get(adapter_name, False):
+        raise ValueError(
+            f"Adapter {adapter_name!r} has lora_bias=True at {path}: the kohya format has no LoRA bias. "
+            "Train with lora_bias=False."
+        )
+    # (nn.ModuleDict has no .get)
+    down = layer.lora_A[adapter_name] if adapter_name in layer.lora_A else None  # noqa: SIM401
+    up = layer.lora_B[adapter_name] if adapter_name in layer.lora_B else None  # noqa: SIM401
+    # Checked on the LoRA factors rather than the wrapper class, so quantised
+    # bases (bitsandbytes Linear8bitLt/Linear4bit wrappers) still export.
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    plain = any(isinstance(down, kind) and isinstance(up, kind) for kind in kinds)
+    if not plain or isinstance(layer, (lora.MultiheadAttention, lora.ParamWrapper)):
+        raise ValueError(
+            f"{path} is a {type(layer).__name__} LoRA layer; the kohya export supports only "
+            "Linear and Conv2d layers. Remove it from target_modules."
+        )
+    groups = getattr(layer.get_base_layer(), "groups", 1)
+    if groups != 1:
+        raise ValueError(f"{path} is a grouped convolution (groups={groups}); kohya LoRA cannot express it.")
+
+
+def _module_alpha(layer: Any, adapter_name: str) -> float:
+    """The alpha a kohya loader needs so that ``alpha / rank`` equals peft's scale.
+
+    Plain LoRA: the layer's own ``lora_alpha`` (``alpha_pattern`` already
+    applied by peft). rsLoRA scales by ``alpha / sqrt(r)`` instead, and
+    kohya loaders always divide by ``r``, so the equivalent alpha is
+    ``alpha * sqrt(r)``.
+    """
+    alpha = float(layer.lora_alpha[adapter_name])
+    if layer.use_rslora.get(adapter_name, False):
+        alpha *= math.sqrt(layer.r[adapter_name])
+    return alpha
+
+
+def _kohya_name(prefix: str, path: str, model: torch.nn.Module) -> str:
+    """``lora_unet_`` + module path with dots as underscores.
+
+    transformers 5 flattened ``CLIPTextModel`` (no ``text_model`` submodule), so
+    its paths start at ``encoder.``; kohya and A1111 keys keep the original
+    ``text_model_encoder_...`` spelling, which is restored here.
+    """
+    flattened = prefix == TE_PREFIX and not hasattr(model, "text_model")
+    if flattened and path.split(".")[0] in ("encoder", "embeddings", "final_layer_norm"):
+        path = "text_model." + path
+    return prefix + path.replace(".", "_")
+
+
+def _copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # copy=True: the result must not share memory with a live parameter that
+    # training keeps updating, nor with another tensor (safetensors refuses that).
+    return tensor.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+
+
+def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, what: str) -> dict:
+    """kohya tensors (down, up, alpha) for every LoRA layer of one model."""
+    model = _unwrap(model)
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in _lora_layers(model, adapter_name, what):
+        _check_exportable(path, layer, adapter_name)
+        name = _kohya_name(prefix, path, model)
+        out[f"{name}.lora_down.weight"] = _copy(layer.lora_A[adapter_name].weight, dtype)
+        out[f"{name}.lora_up.weight"] = _copy(layer.lora_B[adapter_name].weight, dtype)
+        # alpha stays float32 whatever `dtype` is: it is one number, and fp16
+        # would round values such as 0.3, changing the scale it encodes.
+        out[f"{name}.alpha"] = torch.tensor(_module_alpha(layer, adapter_name), dtype=torch.float32)
+    return out
+
+
+def kohya_state_dict(
+    unet, text_encoder=None, adapter_name: str = "default", dtype=torch.float16
+) -> dict[str, torch.Tensor]:
+    """The adapter ``adapter_name`` of ``unet`` (and ``text_encoder``) as kohya SD-1.x tensors.
+
+    ``unet`` is a diffusers ``UNet2DConditionModel`` and ``text_encoder`` a
+    transformers ``CLIPTextModel``, each with a peft LoRA adapter added (base
+    weights may be fp16/bf16, LoRA weights fp32). Weights are cast to
+    ``dtype`` (fp16 by default, like kohya) and copied to CPU.
+
+    Raises ValueError when a given model lacks the adapter, or the adapter
+    uses something kohya LoRA cannot hold (DoRA, LoRA bias, embeddings).
+    """
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
+    tensors = _export_model(unet, UNET_PREFIX, adapter_name, dtype, "UNet")
+    if text_encoder is not None:
+        tensors.update(_export_model(text_encoder, TE_PREFIX, adapter_name, dtype, "text encoder"))
+    return tensors
+
+
+# ---------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------
+
+
+def _to_str(key: str, value: Any) -> str:
+    """safetensors metadata is str -> str; A1111 and kohya store everything as text.
+
+    Containers become JSON (as kohya writes ss_tag_frequency etc.), other
+    values ``str()``. None is refused: it would become the string "None" and
+    be read back as a value nobody meant.
+    """
+    if value is None:
+        raise ValueError(f"metadata value for {key!r} is None; leave the key out instead")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def stringify_metadata(metadata: dict | None) -> dict[str, str]:
+    """Return ``metadata`` with every key and value a string (see ``_to_str``)."""
+    return {str(k): _to_str(str(k), v) for k, v in (metadata or {}).items()}
+
+
+def _resolution_pair(resolution) -> tuple[int, int]:
+    if isinstance(resolution, int):
+        return (resolution, resolution)
+    width, height = resolution
+    return (int(width), int(height))
+
+
+def kohya_metadata(
+    *,
+    rank: int,
+    alpha: float,
+    output_name: str,
+    resolution: int | tuple[int, int],
+    steps: int,
+    learning_rate: float,
+    base_model: str,
+    train_text_encoder: bool,
+    extra: dict | None = None,
+) -> dict[str, str]:
+    """Training metadata in the spelling kohya's sd-scripts writes and A1111/ComfyUI show.
+
+    Formats follow sd-scripts: dim an int, alpha a float (``"8.0"``),
+    resolution a Python tuple (``"(512, 512)"``), timestamps Unix seconds,
+    booleans ``"True"``/``"False"``. ``ss_sd_model_name`` is the base model's
+    folder/file name, not its full local path (kohya does the same; a full
+    path would publish the user's directory layout with every shared LoRA).
+    ``ss_network_train_unet_only`` is this app's addition (kohya only keeps it
+    as a command-line flag). ``extra`` is merged last, stringified.
+    """
+    width, height = _resolution_pair(resolution)
+    now = time.time()
+    model_name = Path(base_model).name if base_model and Path(base_model).exists() else base_model
+    meta = {
+        **_FAMILY_METADATA,
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": "{}",
+        "ss_output_name": output_name,
+        "ss_resolution": str((width, height)),
+        "ss_steps": str(int(steps)),
+        "ss_learning_rate": str(float(learning_rate)),
+        "ss_sd_model_name": model_name,
+        "ss_network_train_unet_only": str(not train_text_encoder),
+        "ss_training_finished_at": str(now),
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": datetime.fromtimestamp(int(now), tz=timezone.utc).isoformat(),
+    }
+    meta.update(stringify_metadata(extra))
+    return meta
+
+
+def _metadata_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """kohya's minimum metadata (``SS_METADATA_MINIMUM_KEYS``), derived from the weights.
+
+    Written even when the caller gives no metadata: A1111 treats a LoRA with
+    no metadata at all as of unknown version and may hide it.
+    """
+    ranks = [t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")]
+    alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+    alpha = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"  # kohya's word for mixed
+    unet_only = not any(k.startswith(TE_PREFIX) for k in tensors)
+    return {
+        **_FAMILY_METADATA,
+        "ss_network_dim": str(max(ranks)),
+        "ss_network_alpha": alpha,
+        "ss_network_args": "{}",
+        "ss_network_train_unet_only": str(unet_only),
+    }
+
+
+def save_kohya_lora(
+    path,
+    unet,
+    text_encoder=None,
+    metadata: dict[str, str] | None = None,
+    dtype=torch.float16,
+    adapter_name: str = "default",
+) -> Path:
+    """Write the adapter as one kohya ``.safetensors`` file, atomically; return its path.
+
+    ``metadata`` (e.g. from ``kohya_metadata``) is stringified and laid over
+    the minimum metadata derived from the weights. Everything is checked
+    before anything is written, so a bad value leaves no file behind.
+    """
+    from core.fsutil import save_safetensors
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"{path}: kohya LoRA files must end in .safetensors (A1111 reads metadata only from those)"
+        )
+    user_metadata = stringify_metadata(metadata)
+    tensors = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype)
+    save_safetensors(path, tensors, {**_metadata_from_tensors(tensors), **user_metadata})
+    return path
+
+
+# ---------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------
+
+# Suffixes of the "down" (A) matrix in the layouts we recognise.
+_KOHYA_DOWN = ".lora_down.weight"
+_DIFFUSERS_DOWN = (
+    ".lora_A.weight",  # peft names, what diffusers writes today
+    ".lora.down.weight",  # older diffusers attention-processor names
+    "_lora.down.weight",
+    ".lora_linear_layer.down.weight",
+)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]], dict[str, float]]:
+    """Metadata, every tensor's shape, and the value of every ``.alpha`` tensor.
+
+    Only the header and the 0-d alpha tensors are read, so this is cheap on a
+    large file. Any failure is reported as LoraFileError naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            scalars = [k for k, shape in shapes.items() if k.endswith(".alpha") and not shape]
+            alphas = {k: float(f.get_tensor(k).float()) for k in scalars}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise LoraFileError(f"{path} is not a readable .safetensors LoRA file ({reason})") from exc
+    return metadata, shapes, alphas
+
+
+def _file_format(keys) -> str:
+    if any(k.startswith((UNET_PREFIX, *_TE_READ_PREFIXES)) and k.endswith(_KOHYA_DOWN) for k in keys):
+        return "kohya"
+    if any(k.endswith(_DIFFUSERS_DOWN) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def _is_text_encoder_key(key: str, fmt: str) -> bool:
+    if fmt == "kohya":
+        return key.startswith(_TE_READ_PREFIXES)
+    return key.startswith("text_encoder") or "text_model" in key
+
+
+def _diffusers_alphas(metadata: dict[str, str]) -> set[float] | None:
+    """Alphas recorded in diffusers' ``lora_adapter_metadata`` (a JSON of LoraConfig dicts)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    alphas = {float(v) for k, v in config.items() if k.endswith(".lora_alpha")}
+    for k, v in config.items():
+        if k.endswith(".alpha_pattern") and isinstance(v, dict):
+            alphas.update(float(a) for a in v.values())
+    return alphas or None
+
+
+def _common_alpha(fmt, metadata, down_shapes: dict[str, tuple], alphas: dict[str, float]) -> float | None:
+    """The one alpha all modules share, else None.
+
+    A module with no stored alpha is loaded with alpha = rank (scale 1) by
+    kohya, A1111 and diffusers alike, so that is what it counts as.
+    """
+    if fmt == "diffusers":
+        recorded = _diffusers_alphas(metadata)
+        if recorded is not None:
+            return recorded.pop() if len(recorded) == 1 else None
+    values = set()
+    for key, shape in down_shapes.items():
+        module = key[: -len(_KOHYA_DOWN)] if key.endswith(_KOHYA_DOWN) else None
+        values.add(alphas.get(f"{module}.alpha", float(shape[0])) if module else float(shape[0]))
+    return values.pop() if len(values) == 1 else None
+
+
+def read_lora_info(path) -> dict:
+    """Summarise a LoRA file without loading its weights.
+
+    Returns ``metadata`` (the safetensors header metadata), ``modules``
+    (number of LoRA modules), ``rank`` (largest rank), ``alpha`` (the common
+    alpha, None when modules differ), ``text_encoder`` / ``unet`` (which
+    models it adapts) and ``format`` ("kohya", "diffusers" or "unknown").
+    Raises FileNotFoundError or LoraFileError, both naming the file.
+    """
+    path = Path(path)
+    metadata, shapes, alphas = _read_safetensors(path)
+    fmt = _file_format(shapes)
+    down_suffixes = (_KOHYA_DOWN,) if fmt == "kohya" else _DIFFUSERS_DOWN
+    down = {k: s for k, s in shapes.items() if k.endswith(down_suffixes)} if fmt != "unknown" else {}
+    te = any(_is_text_encoder_key(k, fmt) for k in down)
+    return {
+        "metadata": metadata,
+        "modules": len(down),
+        "rank": max((s[0] for s in down.values()), default=0),
+        "alpha": _common_alpha(fmt, metadata, down, alphas) if down else None,
+        "text_encoder": te,
+        "unet": any(not _is_text_encoder_key(k, fmt) for k in down),
+        "format": fmt,
+    }
+

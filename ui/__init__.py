@@ -1,0 +1,1 @@
+"""The Gradio app. It drives the engine in ``core`` through ``python -m core`` subprocesses."""
