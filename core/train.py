@@ -14,6 +14,7 @@ optional min-SNR-gamma weighting and noise offset.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -87,7 +88,11 @@ def build_accelerator(config: TrainConfig, emit: Emit):
         # A second run in the same process (tests, notebooks) may use another precision;
         # accelerate keeps one global state, so reset it (never under a multi-process launch).
         AcceleratorState._reset_state()
+    # A multi-process launch on a machine without CUDA (tests, CPU clusters) is data-parallel over gloo,
+    # which accelerate only sets up when asked for the CPU explicitly.
+    distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=distributed_cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

@@ -23,9 +23,10 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, tiny_model):
                       **{"train.max_train_steps": 4, "sample.every_n_steps": 2, "output.save_every_n_steps": 2})
     path = tmp_path / "run.toml"
     config.save(cfg, path)
+    # The users' multi-GPU command, on CPUs (the engine picks gloo when there is no CUDA).
     # One thread per process: two processes on two cores must not oversubscribe.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    out = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core", "train", str(path),
                           "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
