@@ -123,8 +123,12 @@ def jsonl_writer(path: str | os.PathLike) -> Emit:
     from core.fsutil import append_line
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return lambda event: append_line(path, event.to_json())
+
+    def write(event: Event) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)  # on first use: creating it early would claim the name
+        append_line(path, event.to_json())
+
+    return write
 
 
 def read_events(path: str | os.PathLike, start: int = 0) -> tuple[list[dict[str, Any]], int]:
