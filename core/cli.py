@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -206,6 +205,7 @@ class _TerminalProgress:
 
     def __init__(self, disabled: bool = False):
         self.bar = None
+        self.phase = None
         self.disabled = disabled or not _is_main_process()
 
     def __call__(self, event) -> None:
@@ -214,7 +214,13 @@ class _TerminalProgress:
         from tqdm import tqdm
 
         kind = event.type
-        if kind == "run_started":
+        if kind == "phase":
+            if event.name != self.phase:
+                self.phase = event.name
+                self._write(f"{event.name}...")
+            elif event.total and event.done == event.total:
+                self._write(f"{event.name}: {event.done}/{event.total} done")
+        elif kind == "run_started":
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
         elif kind == "progress" and self.bar is not None:
             self.bar.update(event.step - self.bar.n)

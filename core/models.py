@@ -58,7 +58,7 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto") ->
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = resolve_model_path(path, revision)
-    _quiet_local_loading()
+    quiet_local_loading()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
@@ -80,7 +80,7 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto") ->
     return BaseModel(folder, tokenizer, text_encoder, vae, unet, noise_scheduler, resolved)
 
 
-def _quiet_local_loading() -> None:
+def quiet_local_loading() -> None:
     """Turn off per-file "Loading weights" bars (after any download, whose bar is worth seeing)."""
     import diffusers.utils.logging
     import transformers.utils.logging

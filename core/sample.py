@@ -57,9 +57,10 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     """Load a base model for generation, on the GPU when there is one."""
     from diffusers import StableDiffusionPipeline
 
-    from core.models import ModelError, resolve_model_path
+    from core.models import ModelError, quiet_local_loading, resolve_model_path
 
     folder = resolve_model_path(model, revision)
+    quiet_local_loading()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:

@@ -17,9 +17,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -219,8 +219,7 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
-def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, accelerator, emit: Emit,
-                  what: str) -> list[dict]:
+def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit: Emit, what: str) -> list[dict]:
     """One entry per image: latents and text embeddings from the cache (encoding what is missing)."""
     from core.cache import encode_latent_distribution, encode_text
     from core.images import file_digest, fit_image, load_image, to_tensor
@@ -253,7 +252,6 @@ def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, acce
 
 def _lazy_tensors(cache, kind: str, key: str, names: tuple[str, ...]) -> dict:
     """Entry values that read the cache file when the example is drawn (keeps RAM flat for big sets)."""
-    loaded: dict = {}
 
     def getter(name):
         def get():
@@ -264,8 +262,7 @@ def _lazy_tensors(cache, kind: str, key: str, names: tuple[str, ...]) -> dict:
             return tensors[name]
         return get
 
-    loaded.update({name: getter(name) for name in names})
-    return loaded
+    return {name: getter(name) for name in names}
 
 
 def _lazy_pixels(path: Path, size: int):
@@ -361,8 +358,9 @@ class Validator:
         self.timesteps = [int(round((i + 1) * total / (k + 1))) for i in range(k)]
         gen = torch.Generator().manual_seed(config.train.seed + 1_000_003)
         self.noise = []
-        for entry in entries:
-            shape = _latent_shape(entry, base, config)
+        side = config.dataset.resolution // base.vae_scale_factor
+        shape = (base.vae.config.latent_channels, side, side)
+        for _ in entries:
             self.noise.append(torch.randn((len(self.timesteps), *shape), generator=gen))
 
     @torch.no_grad()
@@ -370,7 +368,7 @@ class Validator:
         if not self.entries:
             return None
         losses = []
-        for entry, noise in zip(self.entries, self.noise):
+        for entry, noise in zip(self.entries, self.noise, strict=True):
             batch = collate([{k: (v() if callable(v) else v) for k, v in entry.items()}])
             latents = latents_from_batch(batch, self.base, None, self.device)
             latents = latents.expand(len(self.timesteps), *latents.shape[1:])
@@ -382,11 +380,6 @@ class Validator:
                                       noise.to(self.device), timesteps)
             losses.append(loss.float().mean().item())
         return sum(losses) / len(losses)
-
-
-def _latent_shape(entry: dict, base, config: TrainConfig) -> tuple[int, ...]:
-    latent = config.dataset.resolution // base.vae_scale_factor
-    return (base.vae.config.latent_channels, latent, latent)
 
 
 # =================================================================== saving
@@ -490,6 +483,7 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
         if not latest_state(run_dir):
             raise ConfigError(f"--resume: no saved state in {run_dir / 'state'}; the run never reached a "
                               f"checkpoint (output.save_every_n_steps) or output.save_state was false")
+        _check_resumable(config, run_dir / "config.toml")
         return
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
@@ -500,6 +494,22 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
         raise ConfigError(f"output folder {run_dir} already holds a run named {config.output.name!r}; pass "
                           f"--resume to continue it, pick another output.name, or set output.overwrite = true "
                           f"to replace it")
+
+
+# Settings that shape the saved weights and optimizer state: a resumed run must keep them.
+_RESUME_FIXED = [("lora", "rank"), ("lora", "target_modules"), ("lora", "train_text_encoder"),
+                 ("lora", "text_encoder_target_modules"), ("train", "optimizer"), ("model", "path")]
+
+
+def _check_resumable(config: TrainConfig, saved_path: Path) -> None:
+    if not saved_path.is_file():
+        return
+    saved = config_mod.load(saved_path, check_paths=False)
+    for section, key in _RESUME_FIXED:
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
+        if old != new:
+            raise ConfigError(f"--resume: {section}.{key} was {old!r} in this run and is {new!r} now; it cannot "
+                              f"change in a resumed run (start a new run with another output.name)")
 
 
 def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
@@ -541,8 +551,8 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     optimizer = build_optimizer(config, unet_params, te_params, emit)
     cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
     with accelerator.main_process_first():
-        train_entries = build_entries(config, train_items, base, cache, accelerator, emit, "training")
-        val_entries = build_entries(config, val_items, base, cache, accelerator, emit, "validation")
+        train_entries = build_entries(config, train_items, base, cache, emit, "training")
+        val_entries = build_entries(config, val_items, base, cache, emit, "validation")
     if config.dataset.cache_latents:
         base.vae.to("cpu")  # only sampling needs it again; free the VRAM for training
     train_te = config.lora.train_text_encoder

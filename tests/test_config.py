@@ -1,8 +1,7 @@
 """The TOML config: round trip, overrides, and one test per validation error."""
 
-import tomllib
-
 import pytest
+import tomllib
 
 from core import config
 from core.config import ConfigError

@@ -1,8 +1,6 @@
 """Finding images and captions in a user's folder, and the train/validation split."""
 
-import os
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.DOTALL)
     test_command = next(b for b in blocks if "pytest" in b)
     assert test_command in (ROOT / ".ci" / "run").read_text()
     assert any("requirements.txt" in b and "launch.py" in b for b in blocks)

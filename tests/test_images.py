@@ -15,9 +15,9 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -313,7 +313,7 @@ LOAD_CASES = {
 def assert_pixels(im: Image.Image, expected: dict, tol: int) -> None:
     for (x, y), want in expected.items():
         got = im.getpixel((x, y))
-        assert all(abs(g - w) <= tol for g, w in zip(got, want)), f"pixel {(x, y)}: got {got}, want {want}"
+        assert all(abs(g - w) <= tol for g, w in zip(got, want, strict=True)), f"pixel {(x, y)}: got {got}, want {want}"
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,8 @@ def test_core_sources_do_not_mention_gradio_imports():
 
 def test_importing_core_is_cheap():
     """No heavy library is loaded at import time (the app imports config to build widgets)."""
-    code = "import sys, core, core.config, core.events, core.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    code = ("import sys, core, core.config, core.events, core.cli; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

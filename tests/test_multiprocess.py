@@ -3,10 +3,7 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 from core import config
 from core.events import read_events

@@ -85,8 +85,8 @@ def _image(pipe, seed=0):
 
 
 def test_saved_file_reproduces_the_trained_adapter_and_changes_the_image(trained, tiny_model):
-    from core.sample import apply_lora, load_pipeline, pipeline_from_parts
     from core.models import load_models
+    from core.sample import apply_lora, load_pipeline, pipeline_from_parts
 
     cfg, _, result = trained
     base = load_models(str(tiny_model))
@@ -179,6 +179,10 @@ def test_stop_file_is_honoured_within_one_step_and_resume_matches_a_straight_run
     assert stopped.status == "stopped" and stopped.step == 2
     assert (cfg.run_dir / "stopped.safetensors").is_file()
     assert (cfg.run_dir / "state" / "step-00000002").is_dir()
+
+    changed = tiny_config(tiny_model, data, tmp_path / "o", name="stopped", **{**overrides, "lora.rank": 8})
+    with pytest.raises(ConfigError, match="lora.rank was 4 in this run and is 8 now"):
+        train.run(changed, EventLog(), resume=True)
 
     log = EventLog()
     resumed = train.run(cfg, log, resume=True)
