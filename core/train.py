@@ -128,8 +128,8 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def add_lora(config: TrainConfig, base) -> list[torch.nn.Parameter]:
-    """Add peft LoRA adapters; return the trainable parameters (fp32, the only ones that train)."""
+def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Add peft LoRA adapters; return the trainable (fp32) parameters of the UNet and the text encoder."""
     from peft import LoraConfig as PeftLoraConfig
 
     def attach(model, targets, what, key):
@@ -584,15 +584,30 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     return loop.run(resume)
 
 
+@dataclass
 class _Loop:
     """The training loop and what it does between steps (validate, sample, save, stop)."""
 
-    def __init__(self, config, accelerator, emit, should_stop, base, unet, text_encoder, optimizer,
-                 lr_scheduler, dataloader, state, generator, total, num_images, validator):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-        self.validation_losses: dict[int, float] = {}
-        self.stop_file = config.run_dir / STOP_FILE
+    config: TrainConfig
+    accelerator: object
+    emit: Emit
+    should_stop: Callable[[], bool]
+    base: object  # core.models.BaseModel
+    unet: torch.nn.Module  # prepared by accelerate (maybe DDP-wrapped)
+    text_encoder: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: object
+    state: TrainState
+    generator: torch.Generator  # noise and timesteps; its state is saved with the checkpoint
+    total: int  # optimizer steps of the whole run
+    num_images: int
+    validator: Validator
+    validation_losses: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def stop_file(self) -> Path:
+        return self.config.run_dir / STOP_FILE
 
     def run(self, resume: bool) -> RunResult:
         c, acc, state = self.config, self.accelerator, self.state
@@ -602,7 +617,7 @@ class _Loop:
         lora_path = c.run_dir / f"{c.output.name}.safetensors"
         if not stopped:
             self.evaluate()
-        self.save(lora_path, final=True)
+        self.save(lora_path)
         status = "stopped" if stopped else "completed"
         self.emit(Finished(status, state.step, str(lora_path)))
         acc.end_training()
@@ -662,7 +677,7 @@ class _Loop:
         if c.sample.every_n_steps and step % c.sample.every_n_steps == 0 and step < self.total:
             self.evaluate()
         if c.output.save_every_n_steps and step % c.output.save_every_n_steps == 0 and step < self.total:
-            self.save(c.run_dir / f"{c.output.name}-step{step:06d}.safetensors", final=False)
+            self.save(c.run_dir / f"{c.output.name}-step{step:06d}.safetensors")
         if self.should_stop() or self.stop_file.exists():
             self.accelerator.set_trigger()
         return self.accelerator.check_trigger()
@@ -710,7 +725,8 @@ class _Loop:
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
         self.base.vae.to(vae_device)
 
-    def save(self, lora_path: Path, final: bool) -> None:
+    def save(self, lora_path: Path) -> None:
+        """The LoRA file (main process) and, if enabled, the resume state (all processes)."""
         acc, c = self.accelerator, self.config
         if acc.is_main_process:
             save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.num_images)
