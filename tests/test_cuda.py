@@ -1,0 +1,28 @@
+"""GPU paths (skipped by default; run with `python -m pytest -m cuda` on a machine with an NVIDIA GPU)."""
+
+import pytest
+import torch
+
+from core import train
+from tests.conftest import EventLog, tiny_config, write_dataset
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_on_gpu(precision, tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, write_dataset(tmp_path / "d", n=4), tmp_path / "o", name=precision,
+                      **{"train.mixed_precision": precision, "train.gradient_checkpointing": True,
+                         "train.max_train_steps": 4, "lora.train_text_encoder": True})
+    log = EventLog()
+    result = train.run(cfg, log)
+    assert result.status == "completed"
+    assert log.of("run_started")[0].device.startswith("cuda")
+    params = dict(result.unet.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(e.loss)) for e in log.of("progress"))
+    assert [e.step for e in log.of("sample")] == [0, 3, 4]
+    assert not any(e.type == "message" and e.level == "warning" for e in log.events)  # 8-bit AdamW ran
