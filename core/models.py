@@ -52,8 +52,13 @@ def resolve_model_path(path: str, revision: str = "") -> Path:
     return Path(snapshot)
 
 
-def load_models(path: str, revision: str = "", prediction_type: str = "auto") -> BaseModel:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen."""
+def load_models(path: str, revision: str = "", prediction_type: str = "auto", dtype=None) -> BaseModel:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen.
+
+    ``dtype`` (e.g. bf16 under mixed precision) is applied to the UNet and the text encoder while
+    loading, so their fp32 copies never exist at once (about 1.7 GB less peak memory for SD 1.5).
+    The VAE always loads in fp32: fp16 VAEs overflow.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -61,9 +66,9 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto") ->
     quiet_local_loading()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model folder {folder} could not be loaded as a Stable Diffusion 1.x diffusers "

@@ -116,8 +116,8 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
     from core.models import load_models
 
     emit(Phase("loading model", 0, 0))
-    base = load_models(config.model.path, config.model.revision, config.model.prediction_type)
     dtype = weight_dtype(accelerator)
+    base = load_models(config.model.path, config.model.revision, config.model.prediction_type, dtype)
     base.unet.to(accelerator.device, dtype=dtype)
     base.text_encoder.to(accelerator.device, dtype=dtype)
     base.vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow; it runs once per image
