@@ -1,26 +1,69 @@
-"""Start the LoRA Studio app.
+"""Start LoRA Studio: python launch.py [--port N] [--listen [--auth user:password]] [--share] [--no-browser]
 
-The Gradio app (Dataset, Train and Prompt tabs) is not built yet; until it
-is, this launcher checks that the engine imports and shows how to use it from
-the command line.
+Serves the app on 127.0.0.1 (only this computer) at the first free port from
+7860, prints the address and opens the browser. No analytics or telemetry.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import socket
 import sys
 
+# Before gradio or huggingface_hub are imported: a desktop app does not phone home.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
-def main() -> int:
-    import core
 
-    print(f"LoRA Studio {core.__version__}")
-    print("The desktop app (Dataset, Train and Prompt tabs) is not built yet.")
-    print("The training engine works from the command line today:")
-    print("  python -m core tiny-model models/tiny                     # a small demo model")
-    print("  python -m core train examples/tiny.toml                    # train a LoRA")
-    print("  python -m core sample --model models/tiny --lora outputs/tiny-demo/tiny-demo.safetensors \\")
-    print("      --prompt 'a photo of sks' --seed 0 --steps 20 --width 64 --height 64 --out sample.png")
-    print("See README.md for details.")
+def free_port(host: str, start: int, tries: int = 100) -> int:
+    for port in range(start, start + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit(f"error: no free port between {start} and {start + tries - 1}; pass --port")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="LoRA Studio: train your own Stable Diffusion LoRA")
+    p.add_argument("--port", type=int, default=7860, help="first port to try (default 7860; the next free one is used)")
+    p.add_argument("--listen", action="store_true",
+                   help="serve on all network interfaces (other computers can connect; use --auth)")
+    p.add_argument("--auth", help="user:password required to open the app (with --listen)")
+    p.add_argument("--share", action="store_true", help="make a public gradio.live link (off unless asked)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    p.add_argument("--demo", action="store_true", help="create the tiny demo model and a demo dataset first")
+    args = p.parse_args(argv)
+    if args.auth and ":" not in args.auth:
+        p.error("--auth must be user:password")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ui.app import build_app
+    from ui.demo import make_demo
+    from ui.settings import AppSettings
+
+    settings = AppSettings.from_env()
+    settings.ensure()
+    if args.demo:
+        print(make_demo(settings))
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    if args.listen:
+        print("warning: --listen serves the app to every computer that can reach this one"
+              + ("" if args.auth else "; add --auth user:password"), file=sys.stderr)
+    port = free_port(host, args.port)
+    app = build_app(settings)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    print(f"LoRA Studio is running at http://127.0.0.1:{port}  (Ctrl+C to quit)", flush=True)
+    app.queue().launch(server_name=host, server_port=port, auth=auth, share=args.share,
+                       inbrowser=not args.no_browser, quiet=True, footer_links=[],
+                       allowed_paths=[str(settings.root)])
     return 0
 
 

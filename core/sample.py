@@ -97,3 +97,76 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
         generator=generator,
     )
     return result.images[0]
+
+
+class Previewer:
+    """Keeps one pipeline loaded between generations (the Prompt tab's engine).
+
+    The base model is reloaded only when it changes; LoRA files are loaded once
+    each as named adapters and switched with their strength, so comparing
+    checkpoints and strengths does not reload anything.
+    """
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+        self.pipe = None
+        self.model: str | None = None
+        self.loads = 0  # how many times a base model was loaded (tests check reuse)
+        self.adapters: dict[str, str] = {}  # LoRA file (path + mtime) -> adapter name
+
+    def pipeline(self, model: str):
+        if self.pipe is None or model != self.model:
+            self.pipe = None  # free the old one before loading the next
+            self.adapters.clear()
+            self.pipe = load_pipeline(model, device=self.device)
+            self.model = model
+            self.loads += 1
+        return self.pipe
+
+    def _use_lora(self, lora: str | None, scale: float) -> None:
+        pipe = self.pipe
+        if not lora:
+            if self.adapters:
+                pipe.disable_lora()
+            return
+        path = Path(lora)
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA file {path} does not exist")
+        key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
+        if key not in self.adapters:
+            name = f"lora{len(self.adapters)}"
+            apply_lora(pipe, path, scale, adapter_name=name)
+            self.adapters[key] = name
+        pipe.enable_lora()
+        pipe.set_adapters([self.adapters[key]], adapter_weights=[scale])
+
+    def generate(self, model: str, prompt: str, *, lora: str | None = None, scale: float = 1.0, seed: int = 0,
+                 steps: int = 20, guidance_scale: float = 7.5, width: int = 512, height: int = 512,
+                 negative_prompt: str = ""):
+        pipe = self.pipeline(model)
+        self._use_lora(lora, scale)
+        return generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, width=width,
+                        height=height, negative_prompt=negative_prompt)
+
+    def grid(self, model: str, prompt: str, loras: list[str], scales: list[float], **kwargs):
+        """One image per (LoRA file, strength) at the same seed, as a labelled grid (rows: files)."""
+        cells = [[self.generate(model, prompt, lora=lora, scale=scale, **kwargs) for scale in scales]
+                 for lora in loras]
+        return image_grid(cells, [Path(p).stem for p in loras], [f"{s:g}" for s in scales])
+
+
+def image_grid(cells, row_labels: list[str], col_labels: list[str]):
+    """Paste equally sized images into a grid with row and column labels."""
+    from PIL import Image, ImageDraw
+
+    w, h = cells[0][0].size
+    left, top = 160, 24
+    grid = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(col_labels):
+        draw.text((left + j * w + 4, 4), f"strength {text}", fill="black")
+    for i, row in enumerate(cells):
+        draw.text((4, top + i * h + 4), row_labels[i][:24], fill="black")
+        for j, image in enumerate(row):
+            grid.paste(image, (left + j * w, top + i * h))
+    return grid

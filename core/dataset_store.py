@@ -1,0 +1,594 @@
+"""The datasets the app owns: folders of copied images and captions that the Dataset tab manages.
+
+A dataset is ``<root>/<name>/``: images copied from the user's files, each
+with a same-stem ``.txt`` caption, which is exactly the folder format that
+``core.dataset.scan_dataset`` trains on. The user's originals are only ever
+read. Every file written here goes through ``core.fsutil`` (a temporary file
+moved into place), so a crash never leaves half an image or half a caption.
+
+Two rules keep the folder unambiguous:
+
+- A caption pairs with its image by stem (``a.png`` <- ``a.txt``), so no two
+  images share a stem: an import that would put ``a.jpg`` beside ``a.png``
+  stores it as ``a (2).jpg`` instead. Stems are compared case-insensitively,
+  because Windows and macOS file systems treat ``A.png`` and ``a.png`` as one.
+- Nothing is deleted: a removed image (with its caption) goes to the hidden
+  ``.removed/`` subfolder, which both the engine and ``list_images`` skip, and
+  ``restore_image`` brings it back.
+
+No gradio here: the UI calls these plain functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from core import fsutil
+from core.dataset import read_caption
+from core.images import ImageError, file_digest, is_image_extension, load_image
+
+log = logging.getLogger(__name__)
+
+CAPTION_SUFFIX = ".txt"  # what core.dataset.scan_dataset reads by default
+REMOVED_DIR = ".removed"  # hidden, so scan_dataset and list_images skip it
+# Inside REMOVED_DIR: {name in .removed: name it had in the dataset}, so undo restores the original name.
+_REMOVED_INDEX = ".names.json"
+_MAX_NAME_CHARS = 100
+_MAX_CAPTION_BYTES = 1 << 20  # a caption is a line of text; a bigger .txt is not a caption
+_SEPARATORS = " ,\t\r\n"  # what may sit between a caption and an added tag
+# Names Windows reserves for devices: a folder called "con" cannot be created there.
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+class DatasetStoreError(ValueError):
+    """A dataset operation that cannot be done; the message says what was wrong and what to do."""
+
+
+# --------------------------------------------------------------------------
+# datasets under the app's root
+
+
+def validate_name(name: str) -> str:
+    """Return the stripped dataset name, or raise if it cannot be a portable folder name.
+
+    The name becomes a folder on the user's disk, so it is limited to what
+    every OS accepts: letters, digits, space, ``-``, ``_`` and ``.``; no
+    leading dot (that would hide it), no trailing dot (Windows drops it),
+    and none of the device names Windows reserves.
+    """
+    if not isinstance(name, str):
+        raise DatasetStoreError(f"the dataset name must be text, got {type(name).__name__}")
+    clean = name.strip()
+    if not clean:
+        raise DatasetStoreError("the dataset name is empty; type a name such as 'my-dog'")
+    if len(clean) > _MAX_NAME_CHARS:
+        raise DatasetStoreError(f"the dataset name is {len(clean)} characters long; use at most {_MAX_NAME_CHARS}")
+    bad = sorted({c for c in clean if not (c.isalnum() or c in " -_.")})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise DatasetStoreError(f"the dataset name {clean!r} contains {shown}; use only letters, digits, "
+                                "spaces, '-', '_' and '.'")
+    if clean.startswith(".") or clean.endswith("."):
+        raise DatasetStoreError(f"the dataset name {clean!r} cannot start or end with '.'; remove the dot")
+    if clean.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
+        raise DatasetStoreError(f"{clean!r} is a name Windows reserves for a device; choose another name")
+    return clean
+
+
+def list_datasets(root: str | os.PathLike) -> list[str]:
+    """Names of the dataset folders under ``root`` (hidden ones skipped), sorted case-insensitively.
+
+    A root that does not exist yet simply holds no datasets.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = [entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")]
+    return sorted(names, key=_sort_key)
+
+
+def create_dataset(root: str | os.PathLike, name: str) -> Path:
+    """Create ``<root>/<name>/`` (fine if it already exists) and return its path."""
+    path = Path(root) / validate_name(name)
+    if path.exists() and not path.is_dir():
+        raise DatasetStoreError(f"{path} exists and is a file, not a dataset folder; choose another name")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def dataset_path(root: str | os.PathLike, name: str) -> Path:
+    """The folder of an existing dataset; raises if the name is invalid or the folder is missing."""
+    path = Path(root) / validate_name(name)
+    if not path.is_dir():
+        raise DatasetStoreError(f"there is no dataset named {path.name!r} in {root}; create it first "
+                                "or pick one from the list")
+    return path
+
+
+# --------------------------------------------------------------------------
+# importing the user's files
+
+
+@dataclass
+class ImportReport:
+    added: list[str] = field(default_factory=list)  # image file names as stored in the dataset
+    captions: list[str] = field(default_factory=list)  # caption file names stored
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (original file name, reason)
+
+
+class _Rejected(Exception):
+    """One uploaded file cannot be imported; carries the reason shown to the user."""
+
+
+def import_files(dataset_dir: str | os.PathLike, paths: list[str | Path],
+                 original_names: list[str] | None = None) -> ImportReport:
+    """Copy images and captions into a dataset; report what was stored and what was refused, and why.
+
+    ``paths`` are readable files (Gradio's temporary copies of uploads);
+    ``original_names`` are the names the user dropped, used for the stored
+    files because Gradio may mangle the temporary ones. Images go first, so
+    that a caption can follow its image when the image had to be renamed.
+    One bad file never stops the batch: it is listed in ``rejected``.
+    """
+    folder = _existing_dir(dataset_dir)
+    uploads = _uploads(paths, original_names)
+    report = ImportReport()
+    index = _stem_index(folder)
+    stored: dict[str, str] = {}  # key of the uploaded stem -> stem stored in the dataset
+    failed: dict[str, str] = {}  # key of the uploaded stem -> name of the image that was rejected
+    # Stable order: images first (as given), then captions (as given).
+    ordered = sorted(uploads, key=lambda upload: _is_caption_name(upload[1]))
+    for src, name in ordered:
+        try:
+            if not name or name.startswith("."):
+                raise _Rejected(_bad_upload_name_reason(name))
+            if _is_caption_name(name):
+                report.captions.append(_import_caption(folder, index, stored, failed, src, name))
+            else:
+                dest = _import_image(folder, index, src, name)
+                stored.setdefault(_key(Path(name).stem), dest.stem)
+                report.added.append(dest.name)
+        except _Rejected as rejected:
+            if not _is_caption_name(name):
+                failed.setdefault(_key(Path(name).stem), name)
+            report.rejected.append((name, str(rejected)))
+    return report
+
+
+def _uploads(paths: list[str | Path], original_names: list[str] | None) -> list[tuple[Path, str]]:
+    """Pair each uploaded path with the plain file name it should be stored under."""
+    paths = [Path(p) for p in paths]
+    if original_names is None:
+        return [(p, p.name) for p in paths]
+    if len(original_names) != len(paths):
+        raise DatasetStoreError(f"got {len(paths)} files but {len(original_names)} original names; "
+                                "pass one name per file (or none)")
+    # Browsers and zip tools may include folders: keep only the last part, on either kind of separator.
+    return [(p, str(n).replace("\\", "/").rsplit("/", 1)[-1]) for p, n in zip(paths, original_names, strict=True)]
+
+
+def _bad_upload_name_reason(name: str) -> str:
+    if not name:
+        return "the file has no name; rename it and upload it again"
+    return "the file name starts with '.', so the dataset would hide it; rename it and upload it again"
+
+
+def _import_image(folder: Path, index: dict[str, list[Path]], src: Path, name: str) -> Path:
+    """Validate one uploaded image by decoding it, then copy its bytes in; return its path in the dataset."""
+    if any(ord(c) < 32 for c in name):
+        raise _Rejected("the file name contains control characters; rename it and upload it again")
+    try:
+        load_image(src).close()
+    except ImageError as e:
+        hint = "" if is_image_extension(name) else "; only images and .txt captions can be imported"
+        raise _Rejected(e.reason + hint) from e
+    if not is_image_extension(name):
+        # The engine would read it, but list_images (by extension) would never show it.
+        raise _Rejected(f"it is an image, but {Path(name).suffix or 'no extension'!r} is not an image file "
+                        "extension; rename it to .png or .jpg and upload it again")
+    try:
+        return _place_image(folder, index, src, name)
+    except OSError as e:
+        raise _Rejected(f"could not copy it into the dataset ({e.strerror or e}); "
+                        "check the free disk space and the folder's permissions") from e
+
+
+def _place_image(folder: Path, index: dict[str, list[Path]], src: Path, name: str) -> Path:
+    """Copy ``src`` in as ``name``, or ``stem (2).ext``... if a different image holds that stem.
+
+    An identical image (same bytes) already at a candidate stem is reused
+    rather than copied again, so importing the same files twice is harmless.
+    """
+    stem, suffix = Path(name).stem, Path(name).suffix
+    digest: str | None = None
+    n = 1
+    while True:
+        candidate = stem if n == 1 else f"{stem} ({n})"
+        holders = index.get(_key(candidate), [])
+        if not holders:
+            dest = folder / f"{candidate}{suffix}"
+            _copy_file(src, dest)
+            index.setdefault(_key(candidate), []).append(dest)
+            return dest
+        digest = digest or file_digest(src)
+        for held in holders:
+            if _same_bytes(held, src, digest):
+                return held
+        n += 1
+
+
+def _same_bytes(path: Path, src: Path, src_digest: str) -> bool:
+    """True if ``path`` holds exactly the bytes of ``src`` (sizes first: cheap, and usually decisive)."""
+    return path.stat().st_size == src.stat().st_size and file_digest(path) == src_digest
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    """Copy the original bytes (never re-encoded) atomically; the source is only read."""
+
+    def copy(tmp: Path) -> None:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+
+    fsutil.write_with(dest, copy)
+
+
+def _import_caption(folder: Path, index: dict[str, list[Path]], stored: dict[str, str],
+                    failed: dict[str, str], src: Path, name: str) -> str:
+    """Store an uploaded caption beside its image; return the caption's stored name.
+
+    The image is looked up in this upload first (under the stem it was
+    stored as, which may have gained a " (2)"), then among the images already
+    in the dataset. An uploaded caption replaces the image's old one.
+    """
+    key = _key(Path(name).stem)
+    if key in stored:
+        stem = stored[key]
+    elif index.get(key):
+        stem = index[key][0].stem
+    elif key in failed:
+        raise _Rejected(f"its image {failed[key]!r} was rejected, so the caption has nothing to describe")
+    else:
+        raise _Rejected(f"no image named {Path(name).stem!r} in the upload or the dataset; "
+                        "upload the caption together with its image")
+    text = _read_uploaded_caption(src)
+    dest = folder / f"{stem}{CAPTION_SUFFIX}"
+    try:
+        fsutil.write_text(dest, text)
+    except OSError as e:
+        raise _Rejected(f"could not write the caption ({e.strerror or e}); check the free disk space") from e
+    return dest.name
+
+
+def _read_uploaded_caption(src: Path) -> str:
+    """Read a caption file as text, refusing files that are clearly not captions."""
+    try:
+        size = src.stat().st_size
+        if size > _MAX_CAPTION_BYTES:
+            raise _Rejected(f"the file is {size:,} bytes, too large for a caption (at most "
+                            f"{_MAX_CAPTION_BYTES:,}); a caption is one line of text")
+        data = src.read_bytes()
+    except OSError as e:
+        raise _Rejected(f"cannot read the file ({e.strerror or e})") from e
+    if b"\0" in data:
+        raise _Rejected("it is not a text file (it contains binary data); a caption is plain text")
+    return _decode_text(data).strip()
+
+
+def _decode_text(data: bytes) -> str:
+    """UTF-8 (BOM allowed), or cp1252 for files written by older Windows tools."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
+# --------------------------------------------------------------------------
+# listing
+
+
+@dataclass
+class DatasetImage:
+    name: str  # file name in the dataset
+    path: Path
+    caption: str  # "" if none; whitespace collapsed into one line, as the engine reads it
+    has_caption: bool  # a caption file exists and is not blank
+
+
+def list_images(dataset_dir: str | os.PathLike) -> list[DatasetImage]:
+    """The dataset's images with their captions, sorted by name (case-insensitive).
+
+    Images are recognised by extension only and never decoded, so a folder
+    of thousands lists instantly; ``import_files`` already decoded each one.
+    Only the top level is listed (imports are flat) and hidden entries,
+    ``.removed/`` among them, are skipped.
+    """
+    folder = _existing_dir(dataset_dir)
+    files = _visible_files(folder)
+    images = []
+    for name in sorted((n for n in files if is_image_extension(n)), key=_sort_key):
+        caption_name = _caption_name(name)
+        caption = read_caption(files[caption_name]) if caption_name in files else ""
+        images.append(DatasetImage(name, files[name], caption, bool(caption)))
+    return images
+
+
+def counts(dataset_dir: str | os.PathLike) -> dict:
+    """How many images there are, and how many do and do not have a non-blank caption."""
+    images = list_images(dataset_dir)
+    captioned = sum(image.has_caption for image in images)
+    return {"images": len(images), "captioned": captioned, "uncaptioned": len(images) - captioned}
+
+
+def list_removed(dataset_dir: str | os.PathLike) -> list[str]:
+    """Names of the images in ``.removed/`` (what ``restore_image`` accepts), sorted."""
+    trash = _existing_dir(dataset_dir) / REMOVED_DIR
+    if not trash.is_dir():
+        return []
+    return sorted((n for n in _visible_files(trash) if is_image_extension(n)), key=_sort_key)
+
+
+# --------------------------------------------------------------------------
+# editing captions
+
+
+def save_caption(dataset_dir: str | os.PathLike, image_name: str, text: str) -> Path:
+    """Write an image's caption (UTF-8, stripped) atomically beside it; return the caption path."""
+    image = _image_in(_existing_dir(dataset_dir), image_name)
+    caption = image.with_name(_caption_name(image.name))
+    fsutil.write_text(caption, (text or "").strip())
+    return caption
+
+
+def add_trigger_word(dataset_dir: str | os.PathLike, word: str) -> int:
+    """Put ``word`` first in every caption that does not already start with it; return how many changed.
+
+    "Starts with it" means the first comma-separated tag equals the word,
+    ignoring case (CLIP lowercases prompts, so ``SKS`` and ``sks`` are the
+    same token). Running it twice changes nothing the second time. Images
+    without a caption get the word alone.
+    """
+    word = _clean_addition(word, "trigger word")
+    if "," in word:
+        raise DatasetStoreError(f"the trigger word {word!r} contains a comma; use a single tag such as 'sks'")
+
+    def edit(text: str) -> str:
+        tags = _tags(text)
+        if tags and tags[0].casefold() == word.casefold():
+            return text
+        return _join(word, text)
+
+    return _edit_captions(dataset_dir, edit)
+
+
+def find_replace(dataset_dir: str | os.PathLike, find: str, replace: str) -> int:
+    """Replace plain text (not a regex) in every caption; return how many captions changed."""
+    if not find:
+        raise DatasetStoreError("the text to find is empty; type the text to replace")
+    replace = replace or ""
+    return _edit_captions(dataset_dir, lambda text: text.replace(find, replace).strip() if find in text else text)
+
+
+def add_text(dataset_dir: str | os.PathLike, text: str, where: Literal["prepend", "append"]) -> int:
+    """Add text at the start or the end of every caption, joined with ", "; return how many changed.
+
+    Separators the user typed (", high quality") and those already at the
+    caption's end ("a dog, ") are not doubled. A caption whose first (or
+    last) tags already are exactly the text is left alone, so repeating
+    the action is harmless. Empty captions become just the text.
+    """
+    if where not in ("prepend", "append"):
+        raise DatasetStoreError(f"where must be 'prepend' or 'append', got {where!r}")
+    text = _clean_addition(text, "text to add")
+    added = _tags(text)
+
+    def edit(caption: str) -> str:
+        tags = _tags(caption)
+        if where == "prepend":
+            return caption if tags[: len(added)] == added else _join(text, caption)
+        return caption if len(tags) >= len(added) and tags[-len(added):] == added else _join(caption, text)
+
+    return _edit_captions(dataset_dir, edit)
+
+
+def _clean_addition(text: str, what: str) -> str:
+    """Strip spaces and stray commas from text to add; refuse if nothing is left."""
+    clean = (text or "").strip(_SEPARATORS)
+    if not clean:
+        raise DatasetStoreError(f"the {what} is empty; type some text first")
+    return clean
+
+
+def _tags(text: str) -> list[str]:
+    """The comma-separated tags of a caption, stripped, empty ones dropped."""
+    return [tag.strip() for tag in text.split(",") if tag.strip()]
+
+
+def _join(first: str, second: str) -> str:
+    """``first, second`` without doubled separators; either side may be empty."""
+    first, second = first.rstrip(_SEPARATORS), second.lstrip(_SEPARATORS)
+    return f"{first}, {second}" if first and second else first or second
+
+
+def _edit_captions(dataset_dir: str | os.PathLike, edit: Callable[[str], str]) -> int:
+    """Apply ``edit`` to every image's caption (stripped; "" if none) and write those that change.
+
+    Each caption file is edited once even when two images share it (``a.png``
+    and ``a.jpg`` both read ``a.txt``), so a replacement is never applied twice.
+    """
+    folder = _existing_dir(dataset_dir)
+    files = _visible_files(folder)
+    seen: set[str] = set()
+    changed = 0
+    for name in sorted((n for n in files if is_image_extension(n)), key=_sort_key):
+        caption_name = _caption_name(name)
+        if caption_name in seen:
+            continue
+        seen.add(caption_name)
+        old = _decode_text(files[caption_name].read_bytes()).strip() if caption_name in files else ""
+        new = edit(old)
+        if new != old:
+            fsutil.write_text(folder / caption_name, new)
+            changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------
+# removing and restoring
+
+
+def remove_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
+    """Move an image and its caption into the hidden ``.removed/`` folder; return the image's new path.
+
+    Nothing is deleted, so a removal can be undone with ``restore_image``.
+    If ``.removed/`` already holds that stem, the image gets a " (2)" suffix
+    there; the name it had in the dataset is recorded for the restore.
+    """
+    folder = _existing_dir(dataset_dir)
+    image = _image_in(folder, image_name)
+    trash = folder / REMOVED_DIR
+    trash.mkdir(exist_ok=True)
+    dest = trash / _free_name(trash, image.name)
+    caption = image.with_name(_caption_name(image.name))
+    # Image first: a crash in between leaves an orphan caption (ignored), never an uncaptioned image.
+    os.replace(image, dest)
+    if caption.is_file():
+        dest_caption = dest.with_name(_caption_name(dest.name))
+        if any(_caption_name(p.name) == caption.name for p in _stem_holders(folder, image.stem)):
+            # Another image (a.jpg beside a.png) still reads this caption: leave it, and keep a copy.
+            fsutil.write_bytes(dest_caption, caption.read_bytes())
+        else:
+            os.replace(caption, dest_caption)
+    names = _read_removed_index(trash)
+    names[dest.name] = image.name
+    fsutil.write_json(trash / _REMOVED_INDEX, names)
+    return dest
+
+
+def restore_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
+    """Move a removed image (``image_name`` as named in ``.removed/``) and its caption back; return its path.
+
+    It returns under the name it had before removal. Raises if an image
+    with that stem, or its caption file, is back in the dataset meanwhile:
+    restoring would then overwrite or mix up files.
+    """
+    folder = _existing_dir(dataset_dir)
+    trash = folder / REMOVED_DIR
+    name = _plain_name(image_name)
+    src = trash / name
+    if not src.is_file():
+        raise DatasetStoreError(f"there is no removed image named {name!r} in {trash}; refresh the list")
+    names = _read_removed_index(trash)
+    target = folder / names.get(name, name)
+    src_caption = src.with_name(_caption_name(src.name))
+    target_caption = target.with_name(_caption_name(target.name))
+    if target.exists() or _stem_holders(folder, target.stem):
+        raise DatasetStoreError(f"cannot restore {name!r}: the dataset already has an image named like "
+                                f"{target.name!r}; rename or remove that image first")
+    if src_caption.is_file() and target_caption.exists():
+        raise DatasetStoreError(f"cannot restore {name!r}: {target_caption.name!r} is already in the dataset; "
+                                "move that caption file away first")
+    os.replace(src, target)
+    if src_caption.is_file():
+        os.replace(src_caption, target_caption)
+    names.pop(name, None)
+    fsutil.write_json(trash / _REMOVED_INDEX, names)
+    return target
+
+
+def _free_name(folder: Path, name: str) -> str:
+    """``name``, or ``stem (2).ext``... : the first whose stem no file in ``folder`` uses (captions included)."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    used = {_key(Path(n).stem) for n in _visible_files(folder)}
+    n = 1
+    while _key(stem if n == 1 else f"{stem} ({n})") in used:
+        n += 1
+    return name if n == 1 else f"{stem} ({n}){suffix}"
+
+
+def _read_removed_index(trash: Path) -> dict[str, str]:
+    """The removed-name -> original-name record; a damaged one is ignored (names are then kept as they are)."""
+    path = trash / _REMOVED_INDEX
+    if not path.is_file():
+        return {}
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s (%s): removed images restore under their current names", path, e)
+        return {}
+    if not isinstance(names, dict):
+        return {}
+    return {str(k): str(v) for k, v in names.items()}
+
+
+# --------------------------------------------------------------------------
+# shared helpers
+
+
+def _existing_dir(dataset_dir: str | os.PathLike) -> Path:
+    folder = Path(dataset_dir)
+    if not folder.is_dir():
+        raise DatasetStoreError(f"dataset folder {folder} does not exist; create the dataset first")
+    return folder
+
+
+def _plain_name(name: str) -> str:
+    """Refuse anything but a plain, visible file name, so no caller can reach outside the dataset."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or name.startswith(".") or any(ord(c) < 32 for c in name)):
+        raise DatasetStoreError(f"{name!r} is not a plain file name in the dataset; pick an image from the list")
+    return name
+
+
+def _image_in(folder: Path, image_name: str) -> Path:
+    """The path of an image that exists directly in ``folder``."""
+    path = folder / _plain_name(image_name)
+    if not is_image_extension(path) or not path.is_file():
+        raise DatasetStoreError(f"there is no image named {image_name!r} in {folder}; refresh the list")
+    return path
+
+
+def _visible_files(folder: Path) -> dict[str, Path]:
+    """Plain files directly in ``folder`` by name, hidden ones (temporary files, .DS_Store) skipped."""
+    with os.scandir(folder) as entries:
+        return {e.name: Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file()}
+
+
+def _stem_index(folder: Path) -> dict[str, list[Path]]:
+    """Images in ``folder`` grouped by stem key: who holds each caption name."""
+    index: dict[str, list[Path]] = {}
+    for name, path in sorted(_visible_files(folder).items()):
+        if is_image_extension(name):
+            index.setdefault(_key(Path(name).stem), []).append(path)
+    return index
+
+
+def _stem_holders(folder: Path, stem: str) -> list[Path]:
+    return _stem_index(folder).get(_key(stem), [])
+
+
+def _caption_name(image_name: str) -> str:
+    """``a.png`` -> ``a.txt``: the name core.dataset.scan_dataset looks for."""
+    return Path(image_name).with_suffix(CAPTION_SUFFIX).name
+
+
+def _is_caption_name(name: str) -> bool:
+    return Path(name).suffix.lower() == CAPTION_SUFFIX
+
+
+def _key(stem: str) -> str:
+    """Compare stems as case-insensitive file systems (and macOS's decomposed accents) do."""
+    return unicodedata.normalize("NFC", stem).casefold()
+
+
+def _sort_key(name: str) -> tuple[str, str]:
+    return name.casefold(), name

@@ -1,0 +1,148 @@
+"""Dataset tab: create or pick a dataset, drop pictures (and captions) in, edit captions, bulk tools.
+
+(No `from __future__ import annotations` here: gradio reads the `gr.SelectData` annotation at run time.)
+"""
+
+
+from pathlib import Path
+
+from core import dataset_store as store
+from ui.settings import AppSettings
+
+
+def counts_text(folder: Path | None) -> str:
+    if folder is None:
+        return "No dataset picked."
+    c = store.counts(folder)
+    return (f"**{c['images']}** images · **{c['captioned']}** captioned · **{c['uncaptioned']}** without caption"
+            f" — folder: `{folder}`")
+
+
+def gallery_items(folder: Path | None) -> list[tuple[str, str]]:
+    if folder is None:
+        return []
+    return [(str(img.path), img.name) for img in store.list_images(folder)]
+
+
+def import_message(report) -> str:
+    lines = [f"Added {len(report.added)} image(s) and {len(report.captions)} caption file(s)."]
+    for name, reason in report.rejected:
+        lines.append(f"- not added: `{name}` — {reason}")
+    return "\n".join(lines)
+
+
+def build(settings: AppSettings):
+    import gradio as gr
+
+    names = store.list_datasets(settings.datasets_dir)
+    with gr.Row():
+        picker = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="dataset-name",
+                             allow_custom_value=True, scale=3)
+        new_name = gr.Textbox(label="New dataset", placeholder="my-character", elem_id="dataset-new-name", scale=3)
+        create = gr.Button("Create", elem_id="dataset-create", scale=1)
+    counts = gr.Markdown(elem_id="dataset-counts")
+    upload = gr.File(file_count="multiple", label="Drop pictures here (and their .txt captions)",
+                     elem_id="dataset-upload")
+    message = gr.Markdown(elem_id="dataset-message")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Pictures (click one to edit its caption)", columns=6, height=420,
+                                 allow_preview=False, elem_id="dataset-gallery")
+        with gr.Column(scale=2):
+            selected = gr.Textbox(label="Selected picture", interactive=False, elem_id="dataset-selected")
+            caption = gr.Textbox(label="Caption", lines=4, elem_id="dataset-caption")
+            with gr.Row():
+                save = gr.Button("Save caption", variant="primary", elem_id="dataset-save-caption")
+                remove = gr.Button("Remove from dataset", variant="stop", elem_id="dataset-remove")
+            with gr.Accordion("Bulk tools", open=False):
+                trigger = gr.Textbox(label="Trigger word (put first in every caption)", elem_id="dataset-trigger")
+                add_trigger = gr.Button("Add trigger word", elem_id="dataset-add-trigger")
+                find = gr.Textbox(label="Find", elem_id="dataset-find")
+                replace = gr.Textbox(label="Replace with", elem_id="dataset-replace")
+                do_replace = gr.Button("Replace in all captions", elem_id="dataset-do-replace")
+                text = gr.Textbox(label="Text to add", elem_id="dataset-add-text")
+                with gr.Row():
+                    prepend = gr.Button("Prepend", elem_id="dataset-prepend")
+                    append = gr.Button("Append", elem_id="dataset-append")
+
+    def folder_of(name: str | None) -> Path | None:
+        if not name:
+            return None
+        try:
+            return store.dataset_path(settings.datasets_dir, name)
+        except store.DatasetStoreError:
+            return None
+
+    def refresh(name):
+        folder = folder_of(name)
+        return gallery_items(folder), counts_text(folder)
+
+    def on_create(name):
+        try:
+            folder = store.create_dataset(settings.datasets_dir, name or "")
+        except store.DatasetStoreError as exc:
+            return gr.skip(), f"⚠️ {exc}"
+        return gr.update(choices=store.list_datasets(settings.datasets_dir), value=folder.name), \
+            f"Created dataset `{folder.name}`. Drop pictures below."
+
+    def on_upload(name, files):
+        folder = folder_of(name)
+        if folder is None:
+            return None, "⚠️ create or pick a dataset first", *refresh(name)
+        files = files or []
+        paths = [getattr(f, "name", f) for f in files]
+        report = store.import_files(folder, paths, [Path(p).name for p in paths])
+        return None, import_message(report), *refresh(name)
+
+    def on_select(name, evt: gr.SelectData):
+        folder = folder_of(name)
+        images = store.list_images(folder) if folder else []
+        if evt.index is None or evt.index >= len(images):
+            return "", ""
+        image = images[evt.index]
+        return image.name, image.caption
+
+    def on_save(name, image_name, text):
+        folder = folder_of(name)
+        try:
+            if folder is None or not image_name:
+                raise store.DatasetStoreError("pick a picture in the gallery first")
+            store.save_caption(folder, image_name, text or "")
+        except store.DatasetStoreError as exc:
+            return f"⚠️ {exc}", gr.skip()
+        return f"Saved the caption of `{image_name}`.", counts_text(folder)
+
+    def on_remove(name, image_name):
+        folder = folder_of(name)
+        try:
+            if folder is None or not image_name:
+                raise store.DatasetStoreError("pick a picture in the gallery first")
+            moved = store.remove_image(folder, image_name)
+        except store.DatasetStoreError as exc:
+            return f"⚠️ {exc}", *refresh(name), gr.skip(), gr.skip()
+        return f"Removed `{image_name}` (kept in `{moved.parent}`; nothing is deleted).", *refresh(name), "", ""
+
+    def bulk(action):
+        def run(name, *args):
+            folder = folder_of(name)
+            try:
+                if folder is None:
+                    raise store.DatasetStoreError("create or pick a dataset first")
+                changed = action(folder, *args)
+            except store.DatasetStoreError as exc:
+                return f"⚠️ {exc}", *refresh(name)
+            return f"Changed {changed} caption(s).", *refresh(name)
+        return run
+
+    listing = [gallery, counts]
+    picker.change(refresh, picker, listing)
+    create.click(on_create, new_name, [picker, message])
+    upload.upload(on_upload, [picker, upload], [upload, message, *listing])
+    gallery.select(on_select, picker, [selected, caption])
+    save.click(on_save, [picker, selected, caption], [message, counts])
+    remove.click(on_remove, [picker, selected], [message, *listing, selected, caption])
+    add_trigger.click(bulk(store.add_trigger_word), [picker, trigger], [message, *listing])
+    do_replace.click(bulk(store.find_replace), [picker, find, replace], [message, *listing])
+    prepend.click(bulk(lambda f, t: store.add_text(f, t, "prepend")), [picker, text], [message, *listing])
+    append.click(bulk(lambda f, t: store.add_text(f, t, "append")), [picker, text], [message, *listing])
+    return {"picker": picker, "refresh": refresh, "listing": listing}

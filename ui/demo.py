@@ -1,0 +1,25 @@
+"""The offline demo: a tiny random-weight model and a small captioned dataset."""
+
+from __future__ import annotations
+
+import shutil
+
+from ui.settings import ROOT, TINY_MODEL_NAME, AppSettings
+
+
+def make_demo(settings: AppSettings) -> str:
+    """Create models/tiny and datasets/demo if they are missing; say what was done."""
+    from core.tiny import write_tiny_model
+
+    done = []
+    model = settings.models_dir / TINY_MODEL_NAME
+    if not (model / "model_index.json").is_file():
+        write_tiny_model(model)
+        done.append(f"wrote the tiny demo model to {model}")
+    demo = settings.datasets_dir / "demo"
+    if not demo.is_dir():
+        demo.mkdir(parents=True)
+        for path in sorted((ROOT / "examples" / "pictures").iterdir()):
+            shutil.copyfile(path, demo / path.name)
+        done.append(f"copied the demo pictures to {demo}")
+    return "; ".join(done) or "the demo model and dataset are already there"

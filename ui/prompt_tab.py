@@ -1,0 +1,99 @@
+"""Prompt tab: try a LoRA on a base model, compare with the base, and grid checkpoints x strengths."""
+
+from __future__ import annotations
+
+from core.sample import Previewer
+from ui.settings import AppSettings, find_loras, find_models
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"strengths {text!r} must be numbers separated by commas, e.g. 0.5, 0.75, 1") from None
+    if not scales:
+        raise ValueError("enter at least one strength, e.g. 0.5, 1")
+    return scales
+
+
+def build(settings: AppSettings, previewer: Previewer):
+    import gradio as gr
+
+    models = find_models(settings.models_dir)
+    loras = find_loras(settings.outputs_dir)
+    with gr.Row():
+        with gr.Column(scale=2):
+            model = gr.Dropdown(models, value=models[0] if models else None, allow_custom_value=True,
+                                label="Base model", elem_id="prompt-model")
+            lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA", elem_id="prompt-lora",
+                               allow_custom_value=True)
+            refresh = gr.Button("Refresh lists", elem_id="prompt-refresh", size="sm")
+            scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength", elem_id="prompt-scale")
+            prompt = gr.Textbox("a photo of sks", label="Prompt", lines=2, elem_id="prompt-text")
+            negative = gr.Textbox("", label="Negative prompt", elem_id="prompt-negative")
+            with gr.Row():
+                seed = gr.Number(0, precision=0, label="Seed", elem_id="prompt-seed")
+                steps = gr.Number(20, precision=0, minimum=1, maximum=200, label="Steps", elem_id="prompt-steps")
+                guidance = gr.Number(7.5, minimum=0, maximum=30, label="Guidance", elem_id="prompt-guidance")
+            with gr.Row():
+                width = gr.Number(512, precision=0, minimum=64, maximum=2048, step=8, label="Width",
+                                  elem_id="prompt-width")
+                height = gr.Number(512, precision=0, minimum=64, maximum=2048, step=8, label="Height",
+                                   elem_id="prompt-height")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="prompt-generate")
+                compare = gr.Button("Compare with base", elem_id="prompt-compare")
+            with gr.Accordion("Checkpoints × strengths grid", open=False):
+                grid_loras = gr.Dropdown(loras, multiselect=True, label="LoRA files", elem_id="prompt-grid-loras")
+                grid_scales = gr.Textbox("0.5, 0.75, 1.0", label="Strengths", elem_id="prompt-grid-scales")
+                grid = gr.Button("Make grid", elem_id="prompt-grid")
+        with gr.Column(scale=3):
+            message = gr.Markdown(elem_id="prompt-message")
+            output = gr.Image(label="Result", type="pil", elem_id="prompt-output", format="png")
+            pair = gr.Gallery(label="Base | LoRA (same seed)", columns=2, elem_id="prompt-compare-output")
+            grid_out = gr.Image(label="Grid", type="pil", elem_id="prompt-grid-output", format="png")
+
+    def opts(seed, steps, guidance, width, height, negative):
+        return dict(seed=int(seed or 0), steps=int(steps or 20), guidance_scale=float(guidance or 0),
+                    width=int(width or 512) // 8 * 8, height=int(height or 512) // 8 * 8, negative_prompt=negative)
+
+    def on_generate(model, lora, scale, prompt, negative, seed, steps, guidance, width, height):
+        try:
+            image = previewer.generate(model, prompt, lora=lora or None, scale=float(scale),
+                                       **opts(seed, steps, guidance, width, height, negative))
+        except (OSError, ValueError) as exc:
+            return gr.skip(), f"⚠️ {exc}"
+        return image, f"Generated with {'LoRA ' + lora if lora else 'the base model'} at seed {int(seed or 0)}."
+
+    def on_compare(model, lora, scale, prompt, negative, seed, steps, guidance, width, height):
+        if not lora:
+            return gr.skip(), "⚠️ pick a LoRA to compare with the base model"
+        kw = opts(seed, steps, guidance, width, height, negative)
+        try:
+            base = previewer.generate(model, prompt, lora=None, **kw)
+            with_lora = previewer.generate(model, prompt, lora=lora, scale=float(scale), **kw)
+        except (OSError, ValueError) as exc:
+            return gr.skip(), f"⚠️ {exc}"
+        return [(base, "base model"), (with_lora, f"with LoRA at {float(scale):g}")], "Same seed, same settings."
+
+    def on_grid(model, files, scales, prompt, negative, seed, steps, guidance, width, height):
+        try:
+            if not files:
+                raise ValueError("pick one or more LoRA files for the grid")
+            image = previewer.grid(model, prompt, list(files), parse_scales(scales),
+                                   **opts(seed, steps, guidance, width, height, negative))
+        except (OSError, ValueError) as exc:
+            return gr.skip(), f"⚠️ {exc}"
+        return image, f"{len(files)} files × {len(parse_scales(scales))} strengths at seed {int(seed or 0)}."
+
+    def on_refresh():
+        files = find_loras(settings.outputs_dir)
+        return (gr.update(choices=find_models(settings.models_dir)), gr.update(choices=files),
+                gr.update(choices=files))
+
+    common = [prompt, negative, seed, steps, guidance, width, height]
+    generate.click(on_generate, [model, lora, scale, *common], [output, message])
+    compare.click(on_compare, [model, lora, scale, *common], [pair, message])
+    grid.click(on_grid, [model, grid_loras, grid_scales, *common], [grid_out, message])
+    refresh.click(on_refresh, outputs=[model, lora, grid_loras])
+    return {"refresh": on_refresh, "refresh_outputs": [model, lora, grid_loras]}

@@ -1,0 +1,175 @@
+"""Running training as a subprocess of the project's own CLI, and following it.
+
+The app never trains in its own process: it saves the config, starts
+``python -m core train CONFIG`` (the command a user could type) and reads the
+run's ``events.jsonl`` as it grows. A crash or out-of-memory error ends that
+process, never the app. Nothing here imports gradio, so it is tested directly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core import config as config_mod
+from core.config import TrainConfig
+from core.events import read_events
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunBusyError(RuntimeError):
+    """A run is already active; the message names it."""
+
+
+@dataclass
+class RunSummary:
+    """What the Train tab shows, folded from a run's events."""
+
+    run_dir: Path
+    phase: str = ""
+    step: int = 0
+    total_steps: int = 0
+    it_per_s: float = 0.0
+    eta_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, prompt)
+    checkpoints: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    error: str = ""
+    finished: str = ""  # "completed" / "stopped" once done
+    lora_path: str = ""
+
+    def apply(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "phase":
+            total = f" {event['done']}/{event['total']}" if event["total"] else ""
+            self.phase = f"{event['name']}{total}"
+        elif kind == "run_started":
+            self.total_steps, self.step, self.phase = event["total_steps"], event["start_step"], "training"
+        elif kind == "progress":
+            self.step, self.total_steps = event["step"], event["total_steps"]
+            self.it_per_s, self.eta_s = event["it_per_s"], event["eta_s"]
+            self.losses.append((event["step"], event["loss"]))
+        elif kind == "validation_loss":
+            self.validation.append((event["step"], event["loss"]))
+        elif kind == "sample":
+            self.samples.append((event["step"], event["path"], event["prompt"]))
+        elif kind == "checkpoint" and event["kind"] == "lora":
+            self.checkpoints.append(event["path"])
+        elif kind == "message":
+            self.messages.append(f"{event['level']}: {event['text']}")
+        elif kind == "error":
+            self.error = event["message"]
+        elif kind == "finished":
+            self.finished, self.lora_path, self.phase = event["status"], event["lora_path"], event["status"]
+
+
+def summarize(run_dir: str | Path) -> RunSummary:
+    """A finished or running run's summary from its whole events file."""
+    summary = RunSummary(Path(run_dir))
+    events, _ = read_events(Path(run_dir) / "events.jsonl")
+    for event in events:
+        summary.apply(event)
+    return summary
+
+
+def list_runs(outputs_dir: str | Path) -> list[Path]:
+    """Run folders (newest first) under the outputs folder."""
+    root = Path(outputs_dir)
+    runs = [p.parent for p in root.glob("*/events.jsonl")]
+    return sorted(runs, key=lambda p: (p / "events.jsonl").stat().st_mtime, reverse=True)
+
+
+class ActiveRun:
+    """One training subprocess and the incremental reading of its events."""
+
+    def __init__(self, run_dir: Path, process: subprocess.Popen, log_path: Path):
+        self.run_dir = run_dir
+        self.process = process
+        self.log_path = log_path
+        self.summary = RunSummary(run_dir)
+        self.offset = 0
+        self.started_at = time.time()
+
+    def poll(self) -> RunSummary:
+        events, self.offset = read_events(self.run_dir / "events.jsonl", self.offset)
+        for event in events:
+            self.summary.apply(event)
+        code = self.process.poll()
+        if code not in (None, 0) and not self.summary.error:
+            # Died without writing an error event (killed, crashed hard): show its last output line.
+            self.summary.error = self.last_output_line() or f"training process ended with exit code {code}"
+        return self.summary
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def last_output_line(self) -> str:
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except FileNotFoundError:
+            return ""
+        errors = [ln for ln in lines if ln.startswith("error:")]
+        return (errors or lines or [""])[-1]
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        # The progress bar redraws with carriage returns; keep the last state of each line.
+        rows = [row.split("\r")[-1] for row in text.split("\n")]
+        return "\n".join([row for row in rows if row.strip()][-lines:])
+
+
+class RunManager:
+    """Starts and stops training subprocesses, one at a time, and keeps the active one across page reloads."""
+
+    def __init__(self, outputs_dir: str | Path, python: str = sys.executable):
+        self.outputs_dir = Path(outputs_dir)
+        self.python = python
+        self.active: ActiveRun | None = None
+
+    def start(self, config: TrainConfig) -> ActiveRun:
+        if self.active and self.active.running:
+            raise RunBusyError(f"a run is already training ({self.active.run_dir.name}); stop it or wait for it "
+                               f"to finish before starting another")
+        config = config_mod.resolve_paths(config)
+        config_mod.validate(config)
+        jobs = self.outputs_dir / ".app"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        config_path = jobs / f"{config.output.name}-{stamp}.toml"
+        log_path = jobs / f"{config.output.name}-{stamp}.log"
+        config_mod.save(config, config_path)
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [self.python, "-m", "core", "train", str(config_path)],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.active = ActiveRun(config.run_dir, process, log_path)
+        return self.active
+
+    def stop(self) -> bool:
+        """Ask the active run to stop after its current step and save; False if none is running."""
+        if not (self.active and self.active.running):
+            return False
+        if self.active.run_dir.is_dir():
+            (self.active.run_dir / "STOP").touch()
+        if os.name == "posix":
+            self.active.process.send_signal(signal.SIGTERM)  # also covers the time before the folder exists
+        return True
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.active.process.wait(timeout) if self.active else None

@@ -1,0 +1,251 @@
+"""Train tab: settings built from the config's own metadata, start/stop, live progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+from core import config as config_mod
+from core.config import ConfigError, TrainConfig
+from ui import presets as presets_mod
+from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
+from ui.settings import AppSettings, find_models
+
+# Shown first, in this order; everything else goes into the Advanced accordion.
+BASIC = ["dataset.path", "model.path", "output.name", "train.max_train_steps", "train.max_train_epochs",
+         "dataset.repeats", "train.learning_rate", "lora.rank", "lora.alpha", "dataset.resolution",
+         "train.batch_size", "sample.prompts", "sample.every_n_steps"]
+HIDDEN = {"output.dir"}  # the app keeps runs in its own outputs folder
+
+
+def all_fields() -> list[str]:
+    cfg = TrainConfig()
+    keys = [f"{s}.{f.name}" for s in config_mod.SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+    return [k for k in keys if k not in HIDDEN]
+
+
+def advanced_fields() -> list[str]:
+    return [k for k in all_fields() if k not in BASIC]
+
+
+def _info(key: str) -> dict:
+    section, name = key.split(".")
+    return config_mod.field_info(section, name)
+
+
+def label(key: str) -> str:
+    return key.split(".")[1].replace("_", " ").capitalize() + f" ({key})"
+
+
+# ------------------------------------------------------------ form <-> config
+
+
+def config_to_form(cfg: TrainConfig) -> dict[str, Any]:
+    raw = config_mod.to_raw(cfg)
+    values = {}
+    for key in all_fields():
+        section, name = key.split(".")
+        value = raw[section][name]
+        values[key] = "\n".join(value) if isinstance(value, list) else value
+    return values
+
+
+def form_to_config(values: dict[str, Any], settings: AppSettings, check_paths: bool = True) -> TrainConfig:
+    """Widget values (keyed "section.key") to a validated config; list fields are one item per line."""
+    raw: dict[str, dict] = {"output": {"dir": str(settings.outputs_dir)}}
+    for key, value in values.items():
+        section, name = key.split(".")
+        hint = _info(key)["type"]
+        if typing.get_origin(hint) is list:
+            value = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+        elif hint is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif hint is int and value is None:
+            raise ConfigError(f"{key} is empty; enter a whole number")
+        elif hint is str and value is None:
+            value = ""
+        raw.setdefault(section, {})[name] = value
+    return config_mod.from_dict(raw, check_paths=check_paths)
+
+
+def steps_readout(values: dict[str, Any]) -> str:
+    """The "steps = images x repeats x epochs / batch" line, from the dataset folder and the settings."""
+    from core.dataset_store import list_images
+
+    folder = Path(str(values.get("dataset.path") or ""))
+    if not folder.is_dir():
+        return "Pick a dataset to see how many steps an epoch takes."
+    images = len(list_images(folder))
+    val_split = float(values.get("dataset.validation_split") or 0)
+    held_out = 0 if images < 2 or val_split <= 0 else min(images - 1, max(1, round(images * val_split)))
+    train_images = images - held_out
+    repeats = int(values.get("dataset.repeats") or 1)
+    batch = int(values.get("train.batch_size") or 1) * int(values.get("train.gradient_accumulation_steps") or 1)
+    per_epoch = math.ceil(train_images * repeats / batch) if train_images else 0
+    epochs = int(values.get("train.max_train_epochs") or 0)
+    if epochs:
+        return (f"steps = {train_images} images × {repeats} repeats × {epochs} epochs / batch {batch} = "
+                f"**{per_epoch * epochs}** ({held_out} held out for validation)")
+    steps = int(values.get("train.max_train_steps") or 0)
+    epochs_f = steps / per_epoch if per_epoch else 0
+    return (f"{train_images} images × {repeats} repeats / batch {batch} = {per_epoch} steps per epoch; "
+            f"**{steps}** steps ≈ {epochs_f:.1f} epochs ({held_out} held out for validation)")
+
+
+# --------------------------------------------------------------- live view
+
+
+def progress_html(summary: RunSummary | None, running: bool) -> str:
+    if summary is None:
+        return "<div class='run-idle'>No run yet.</div>"
+    total = max(summary.total_steps, 1)
+    pct = 100.0 * summary.step / total
+    eta = f"{int(summary.eta_s // 60)}:{int(summary.eta_s % 60):02d}"
+    state = "running" if running else (summary.finished or ("failed" if summary.error else "ended"))
+    return (
+        f"<div class='run-progress' data-state='{state}' data-step='{summary.step}' "
+        f"data-total='{summary.total_steps}'>"
+        f"<b>{html.escape(summary.run_dir.name)}</b> — {html.escape(summary.phase or state)}<br>"
+        f"<progress max='{total}' value='{summary.step}' style='width:100%'></progress><br>"
+        f"step {summary.step}/{summary.total_steps} · {summary.it_per_s:.2f} it/s · ETA {eta} · {state}</div>"
+    )
+
+
+def loss_frame(summary: RunSummary | None):
+    import pandas as pd
+
+    rows = []
+    if summary:
+        rows += [{"step": s, "loss": v, "series": "training"} for s, v in summary.losses]
+        rows += [{"step": s, "loss": v, "series": "validation"} for s, v in summary.validation]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[str, str]]:
+    if not summary:
+        return []
+    return [(path, f"step {step}: {prompt}") for step, path, prompt in summary.samples[-newest:]][::-1]
+
+
+def error_text(summary: RunSummary | None) -> str:
+    return summary.error if summary and summary.error else ""
+
+
+# ------------------------------------------------------------------ gradio
+
+
+def build(settings: AppSettings, manager: RunManager):
+    """The Train tab's components and events (called inside a gr.Blocks)."""
+    import gradio as gr
+
+    from ui.widgets import field_component
+
+    defaults = config_to_form(TrainConfig())
+    defaults["train.max_train_steps"] = 500
+    components: dict[str, Any] = {}
+    with gr.Row():
+        preset = gr.Dropdown(presets_mod.list_presets(settings.presets_dir), label="Preset", value=None,
+                             elem_id="train-preset", scale=3)
+        load_preset = gr.Button("Apply preset", elem_id="train-apply-preset", scale=1)
+        preset_name = gr.Textbox(label="Save settings as preset", placeholder="my preset", scale=3,
+                                 elem_id="train-preset-name")
+        save_preset = gr.Button("Save preset", elem_id="train-save-preset", scale=1)
+    with gr.Row():
+        with gr.Column(scale=2):
+            for key in BASIC:
+                components[key] = field_component(key, defaults[key], settings)
+            readout = gr.Markdown(elem_id="train-steps-readout")
+            with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+                for key in advanced_fields():
+                    components[key] = field_component(key, defaults[key], settings)
+        with gr.Column(scale=3):
+            with gr.Row():
+                start = gr.Button("Train", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop and save", variant="stop", elem_id="train-stop")
+            status = gr.Markdown(elem_id="train-status")
+            progress = gr.HTML(progress_html(None, False), elem_id="train-progress")
+            error = gr.Textbox(label="Error", visible=True, interactive=False, elem_id="train-error")
+            plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Loss",
+                               elem_id="train-loss-plot", height=260)
+            samples = gr.Gallery(label="Newest samples", columns=4, height=260, elem_id="train-samples")
+            log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
+            with gr.Accordion("Past runs", open=False):
+                runs = gr.Dropdown(label="Open a past run", choices=[], elem_id="train-runs")
+                open_run = gr.Button("Open", elem_id="train-open-run")
+    timer = gr.Timer(1.0)
+    inputs = set(components.values())
+    keys = {comp: key for key, comp in components.items()}
+
+    def as_values(data: dict) -> dict[str, Any]:
+        return {keys[c]: v for c, v in data.items() if c in keys}
+
+    def on_start(data):
+        try:
+            run = manager.start(form_to_config(as_values(data), settings))
+        except (ConfigError, RunBusyError) as exc:
+            return f"⚠️ {exc}"
+        return f"Started **{run.run_dir.name}** (`python -m core train`); the log and progress follow below."
+
+    def on_stop():
+        return "Stopping after the current step and saving…" if manager.stop() else "No run is training."
+
+    def on_tick():
+        active = manager.active
+        if active is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        summary = active.poll()
+        return (progress_html(summary, active.running), loss_frame(summary), sample_gallery(summary),
+                active.log_tail(), error_text(summary))
+
+    def on_open(run_dir):
+        if not run_dir:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        summary = summarize(run_dir)
+        return progress_html(summary, False), loss_frame(summary), sample_gallery(summary), error_text(summary)
+
+    def on_apply_preset(name):
+        if not name:
+            return [gr.skip()] * len(components)
+        preset_values = presets_mod.load_preset(settings.presets_dir, name)
+        flat = {f"{s}.{k}": v for s, d in preset_values.items() for k, v in d.items()}
+        return [gr.update(value=flat[key]) if key in flat else gr.skip() for key in components]
+
+    def on_save_preset(data):
+        name, values = data.get(preset_name), as_values(data)
+        raw: dict = {}
+        for key in ("lora.rank", "lora.alpha", "dataset.resolution", "train.batch_size", "train.learning_rate",
+                    "train.mixed_precision", "train.gradient_checkpointing", "train.optimizer"):
+            section, field = key.split(".")
+            raw.setdefault(section, {})[field] = values[key]
+        try:
+            path = presets_mod.save_preset(settings.presets_dir, name or "", raw)
+        except ConfigError as exc:
+            return f"⚠️ {exc}", gr.skip()
+        return f"Saved preset to {path}", gr.update(choices=presets_mod.list_presets(settings.presets_dir))
+
+    start.click(on_start, inputs=inputs, outputs=status)
+    stop.click(on_stop, outputs=status)
+    timer.tick(on_tick, outputs=[progress, plot, samples, log, error], show_progress="hidden")
+    open_run.click(on_open, inputs=runs, outputs=[progress, plot, samples, error])
+    load_preset.click(on_apply_preset, inputs=preset, outputs=list(components.values()))
+    save_preset.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
+    readout_inputs = [components[k] for k in ("dataset.path", "dataset.repeats", "train.batch_size",
+                                              "train.max_train_epochs", "train.max_train_steps",
+                                              "dataset.validation_split", "train.gradient_accumulation_steps")]
+    for comp in readout_inputs:
+        comp.change(lambda data: steps_readout(as_values(data)), inputs=set(readout_inputs), outputs=readout)
+    return {
+        "components": components,
+        "runs": runs,
+        "refresh": lambda: (gr.update(choices=[str(p) for p in list_runs(settings.outputs_dir)]),
+                            gr.update(choices=find_models(settings.models_dir))),
+        "model": components["model.path"],
+        "dataset": components["dataset.path"],
+        "timer": timer,
+        "on_tick": on_tick,
+        "tick_outputs": [progress, plot, samples, log, error],
+    }
