@@ -29,12 +29,20 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
                 prompt = prompt_tab.build(settings, previewer)
 
         def on_load(name):
-            runs, models = train["refresh"]()
-            return (*dataset["refresh"](name), runs, models, *prompt["refresh"](), *train["on_tick"]())
+            return (*dataset["refresh"](name), *train["refresh"](), *prompt["refresh"](), *train["on_tick"]())
 
+        def follow_dataset(name):
+            """The Train tab trains the dataset picked in the Dataset tab."""
+            from ui.widgets import dataset_choices
+
+            choices = dataset_choices(settings)
+            path = str(settings.datasets_dir / name) if name else None
+            return gr.update(choices=choices, value=path) if path in choices else gr.update(choices=choices)
+
+        dataset["picker"].change(follow_dataset, dataset["picker"], train["dataset"])
         # A reload re-reads every list and re-attaches to the run in progress.
         app.load(on_load, dataset["picker"],
-                 [*dataset["listing"], train["runs"], train["model"], *prompt["refresh_outputs"],
+                 [*dataset["listing"], train["runs"], train["model"], train["dataset"], *prompt["refresh_outputs"],
                   *train["tick_outputs"]])
     app.lora_studio = {"settings": settings, "manager": manager, "previewer": previewer}
     return app

@@ -37,10 +37,6 @@ def _info(key: str) -> dict:
     return config_mod.field_info(section, name)
 
 
-def label(key: str) -> str:
-    return key.split(".")[1].replace("_", " ").capitalize() + f" ({key})"
-
-
 # ------------------------------------------------------------ form <-> config
 
 
@@ -103,7 +99,6 @@ def progress_html(summary: RunSummary | None, running: bool) -> str:
     if summary is None:
         return "<div class='run-idle'>No run yet.</div>"
     total = max(summary.total_steps, 1)
-    pct = 100.0 * summary.step / total
     eta = f"{int(summary.eta_s // 60)}:{int(summary.eta_s % 60):02d}"
     state = "running" if running else (summary.finished or ("failed" if summary.error else "ended"))
     return (
@@ -142,7 +137,7 @@ def build(settings: AppSettings, manager: RunManager):
     """The Train tab's components and events (called inside a gr.Blocks)."""
     import gradio as gr
 
-    from ui.widgets import field_component
+    from ui.widgets import dataset_choices, field_component
 
     defaults = config_to_form(TrainConfig())
     defaults["train.max_train_steps"] = 500
@@ -242,7 +237,8 @@ def build(settings: AppSettings, manager: RunManager):
         "components": components,
         "runs": runs,
         "refresh": lambda: (gr.update(choices=[str(p) for p in list_runs(settings.outputs_dir)]),
-                            gr.update(choices=find_models(settings.models_dir))),
+                            gr.update(choices=find_models(settings.models_dir)),
+                            gr.update(choices=dataset_choices(settings))),
         "model": components["model.path"],
         "dataset": components["dataset.path"],
         "timer": timer,

@@ -7,6 +7,31 @@ from typing import Any
 
 from ui.settings import AppSettings, find_models
 
+LABELS = {
+    "dataset.path": "Dataset folder",
+    "model.path": "Base model",
+    "output.name": "Run name",
+    "sample.prompts": "Sample prompts",
+    "sample.every_n_steps": "Validate and sample every N steps",
+    "lora.rank": "LoRA rank",
+    "lora.alpha": "LoRA alpha",
+    "model.revision": "Model revision",
+    "model.prediction_type": "Prediction type",
+    "sample.steps": "Sample steps",
+    "sample.seed": "Sample seed",
+    "sample.width": "Sample width",
+    "sample.height": "Sample height",
+    "sample.sampler": "Sampler",
+    "sample.negative_prompt": "Sample negative prompt",
+    "sample.guidance_scale": "Sample guidance scale",
+    "sample.at_start": "Validate and sample before training",
+}
+
+
+def field_label(key: str) -> str:
+    section, name = key.split(".")
+    return LABELS.get(key, name.replace("_", " ").capitalize())
+
 
 def field_component(key: str, value: Any, settings: AppSettings):
     """One widget for one config field; its elem_id is "train-" + the key with dots and underscores as dashes."""
@@ -17,14 +42,17 @@ def field_component(key: str, value: Any, settings: AppSettings):
     section, name = key.split(".")
     info = config_mod.field_info(section, name)
     hint = info["type"]
-    common = dict(label=name.replace("_", " ").capitalize(), info=info["help"], value=value,
+    common = dict(label=field_label(key), info=info["help"], value=value,
                   elem_id="train-" + key.replace(".", "-").replace("_", "-"))
     if key == "model.path":
         common["elem_id"] = "train-model"
-        return gr.Dropdown(choices=find_models(settings.models_dir), allow_custom_value=True, **common)
+        models = find_models(settings.models_dir)
+        common["value"] = value or (models[0] if models else None)
+        return gr.Dropdown(choices=models, allow_custom_value=True, **common)
     if key == "dataset.path":
         common["elem_id"] = "train-dataset"
-        choices = [str(p) for p in sorted(settings.datasets_dir.glob("*")) if p.is_dir()]
+        choices = dataset_choices(settings)
+        common["value"] = value or (choices[0] if choices else None)
         return gr.Dropdown(choices=choices, allow_custom_value=True, **common)
     if info["choices"]:
         return gr.Dropdown(choices=info["choices"], **common)
@@ -38,3 +66,7 @@ def field_component(key: str, value: Any, settings: AppSettings):
     if hint is float:
         return gr.Number(minimum=info["min"], maximum=info["max"], **common)
     return gr.Textbox(**common)
+
+
+def dataset_choices(settings: AppSettings) -> list[str]:
+    return [str(p) for p in sorted(settings.datasets_dir.glob("*")) if p.is_dir() and not p.name.startswith(".")]

@@ -1,0 +1,189 @@
+"""End to end in a real headless Chromium against `python launch.py --no-browser`, on the tiny model.
+
+Upload pictures with captions, edit a caption, train for a few steps, watch the
+progress, then generate with the new LoRA and see it differ from the base model.
+Screenshots of each tab go to test-artifacts/screenshots/ (the README uses them).
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="needs Debian's chromium (apt-get install chromium), as .ci/run installs")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    port = _free_port()
+    env = {**os.environ, "LORA_STUDIO_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--demo", "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = None
+    for line in proc.stdout:
+        match = re.search(r"running at (http://\S+)", line)
+        if match:
+            url = match.group(1)
+            break
+    assert url, "the launcher never printed its address"
+    print(f"app started in {time.time() - started:.1f} s")
+    yield {"url": url, "home": home, "started": started}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(server["url"])
+        page.wait_for_selector("#dataset-upload")
+        yield page
+        browser.close()
+
+
+def _fill(page, selector: str, value) -> None:
+    field = page.locator(f"{selector} input, {selector} textarea").first
+    field.fill(str(value))
+    field.press("Enter" if page.locator(f"{selector} [role=listbox], {selector} .wrap-inner").count() else "Tab")
+    page.keyboard.press("Escape")  # close a dropdown's menu if one opened
+
+
+def _shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_whole_flow(page, server, tmp_path):
+    home = server["home"]
+    # --- Dataset tab: create a dataset, drop pictures with captions, edit one caption.
+    _fill(page, "#dataset-new-name", "e2e pics")
+    page.click("#dataset-create")
+    page.wait_for_function("document.querySelector('#dataset-message').innerText.includes('Created dataset')")
+    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('e2e pics')")
+    pictures = write_dataset(tmp_path / "drop", n=4)
+    page.set_input_files("#dataset-upload input[type=file]", sorted(str(p) for p in pictures.iterdir()))
+    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('4 images')")
+    assert "4 captioned" in page.inner_text("#dataset-counts").replace("*", "")
+    page.locator("#dataset-gallery .thumbnail-item").first.click()
+    page.wait_for_function("document.querySelector('#dataset-selected textarea, #dataset-selected input').value")
+    name = page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value()
+    _fill(page, "#dataset-caption", "sks edited in the browser")
+    page.click("#dataset-save-caption")
+    caption_file = (home / "datasets" / "e2e pics" / name).with_suffix(".txt")
+    _wait(lambda: caption_file.read_text(encoding="utf-8") == "sks edited in the browser")
+    _shot(page, "dataset")
+
+    # --- Train tab: a few steps on the tiny model.
+    page.click("#tab-train-button")
+    model = home / "models" / "tiny"
+    _fill(page, "#train-model", model)
+    _fill(page, "#train-dataset", home / "datasets" / "e2e pics")
+    _fill(page, "#train-output-name", "e2e-lora")
+    _fill(page, "#train-train-max-train-steps", 6)
+    _fill(page, "#train-train-learning-rate", 0.001)
+    _fill(page, "#train-lora-rank", 4)
+    _fill(page, "#train-dataset-resolution", 64)
+    _fill(page, "#train-sample-prompts", "a photo of sks")
+    _fill(page, "#train-sample-every-n-steps", 3)
+    page.click("#train-advanced button, #train-advanced .label-wrap >> nth=0")
+    _fill(page, "#train-sample-steps", 2)
+    clicked = time.time()
+    page.click("#train-start")
+    page.wait_for_selector("#train-progress [data-state=running], #train-progress [data-state=completed]")
+    first_progress = None
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        state = page.get_attribute("#train-progress .run-progress", "data-state")
+        step = int(page.get_attribute("#train-progress .run-progress", "data-step") or 0)
+        if step and first_progress is None:
+            first_progress = time.time() - clicked
+        if state in ("completed", "stopped") or page.input_value("#train-error textarea"):
+            break
+        time.sleep(0.5)
+    assert page.input_value("#train-error textarea") == ""
+    assert page.get_attribute("#train-progress .run-progress", "data-state") == "completed"
+    assert page.get_attribute("#train-progress .run-progress", "data-step") == "6"
+    print(f"first progress update {first_progress:.1f} s after clicking Train")
+    page.wait_for_selector("#train-samples img")
+    assert page.locator("#train-loss-plot canvas, #train-loss-plot svg").count() > 0
+    lora = home / "outputs" / "e2e-lora" / "e2e-lora.safetensors"
+    assert lora.is_file()
+    page.click("#train-advanced button, #train-advanced .label-wrap >> nth=0")  # fold Advanced for the picture
+    _shot(page, "train")
+
+    # --- Prompt tab: the new LoRA against the base model at the same seed.
+    page.click("#tab-prompt-button")
+    page.click("#prompt-refresh")
+    _fill(page, "#prompt-model", model)
+    _fill(page, "#prompt-lora", lora)
+    _fill(page, "#prompt-width", 64)
+    _fill(page, "#prompt-height", 64)
+    _fill(page, "#prompt-steps", 2)
+    page.click("#prompt-generate")
+    page.wait_for_selector("#prompt-output img")
+    page.click("#prompt-compare")
+    page.wait_for_function("document.querySelectorAll('#prompt-compare-output img').length >= 2")
+    sources = page.eval_on_selector_all("#prompt-compare-output img", "els => els.map(e => e.src)")
+    base, with_lora = (page.request.get(src).body() for src in sources[:2])
+    assert _pixels(base) != _pixels(with_lora), "the LoRA did not change the image"
+    _shot(page, "prompt")
+
+
+def _pixels(data: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def _wait(condition, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if condition():
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def test_screenshots_are_copied_for_the_readme():
+    """Keep docs/screenshots in step with what the test saw (written when the flow test ran)."""
+    if not (SHOTS / "prompt.png").is_file():
+        pytest.skip("the flow test did not get to the Prompt tab")
+    if os.environ.get("UPDATE_SCREENSHOTS"):
+        docs = ROOT / "docs" / "screenshots"
+        docs.mkdir(parents=True, exist_ok=True)
+        for name in ("dataset", "train", "prompt"):
+            shutil.copyfile(SHOTS / f"{name}.png", docs / f"{name}.png")
+    assert all((SHOTS / f"{n}.png").stat().st_size > 10_000 for n in ("dataset", "train", "prompt"))
