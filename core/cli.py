@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 import traceback
 
 EXIT_FAILURE = 1
@@ -206,6 +207,7 @@ class _TerminalProgress:
     def __init__(self, disabled: bool = False):
         self.bar = None
         self.phase = None
+        self.last_line = 0.0
         self.disabled = disabled or not _is_main_process()
 
     def __call__(self, event) -> None:
@@ -220,11 +222,17 @@ class _TerminalProgress:
                 self._write(f"{event.name}...")
             elif event.total and event.done == event.total:
                 self._write(f"{event.name}: {event.done}/{event.total} done")
-        elif kind == "run_started":
+        elif kind == "run_started" and sys.stderr.isatty():
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
         elif kind == "progress" and self.bar is not None:
             self.bar.update(event.step - self.bar.n)
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+        elif kind == "progress" and (time.monotonic() - self.last_line > 2 or event.step == event.total_steps):
+            # Not a terminal (the app's log, a file): plain lines, at most one every 2 seconds.
+            self.last_line = time.monotonic()
+            eta = f"{int(event.eta_s // 60)}:{int(event.eta_s % 60):02d}"
+            self._write(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} "
+                        f"{event.it_per_s:.2f} it/s ETA {eta}")
         elif kind == "message":
             self._write(f"{event.level}: {event.text}")
         elif kind == "validation_loss":

@@ -134,8 +134,12 @@ class Previewer:
             raise FileNotFoundError(f"LoRA file {path} does not exist")
         key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
         if key not in self.adapters:
+            import warnings
+
             name = f"lora{len(self.adapters)}"
-            apply_lora(pipe, path, scale, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                apply_lora(pipe, path, scale, adapter_name=name)
             self.adapters[key] = name
         pipe.enable_lora()
         pipe.set_adapters([self.adapters[key]], adapter_weights=[scale])

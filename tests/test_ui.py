@@ -1,0 +1,164 @@
+"""The app's handlers and helpers as plain functions (no browser)."""
+
+import time
+
+import numpy as np
+import pytest
+
+from core.config import ConfigError, TrainConfig
+from ui import presets, train_tab
+from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
+from ui.settings import AppSettings, find_loras, find_models
+from tests.conftest import tiny_config, write_dataset
+
+
+@pytest.fixture
+def settings(tmp_path):
+    s = AppSettings(tmp_path / "home")
+    s.ensure()
+    return s
+
+
+def test_form_round_trips_the_config(settings, tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), settings.outputs_dir)
+    cfg.sample.prompts = ["a photo of sks", "sks at the beach"]
+    values = train_tab.config_to_form(cfg)
+    assert values["sample.prompts"] == "a photo of sks\nsks at the beach"
+    assert "output.dir" not in values  # the app keeps runs in its own folder
+    values["lora.rank"] = 8.0  # gr.Number gives floats
+    back = train_tab.form_to_config(values, settings)
+    assert back.lora.rank == 8 and back.sample.prompts == cfg.sample.prompts
+    assert back.output.dir == str(settings.outputs_dir)
+
+
+def test_form_errors_name_the_field(settings, tiny_model, tmp_path):
+    values = train_tab.config_to_form(tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), tmp_path))
+    values["dataset.resolution"] = 500
+    with pytest.raises(ConfigError, match="dataset.resolution = 500 must be a multiple of 8"):
+        train_tab.form_to_config(values, settings)
+    values["dataset.resolution"] = None
+    with pytest.raises(ConfigError, match="dataset.resolution is empty"):
+        train_tab.form_to_config(values, settings)
+
+
+def test_every_config_field_has_a_widget_and_basic_ones_come_first():
+    fields = train_tab.all_fields()
+    assert set(train_tab.BASIC) <= set(fields)
+    assert set(fields) == set(train_tab.BASIC) | set(train_tab.advanced_fields())
+    assert "train.optimizer" in train_tab.advanced_fields()
+
+
+def test_steps_readout(tmp_path):
+    data = write_dataset(tmp_path / "d", n=11)
+    text = train_tab.steps_readout({"dataset.path": str(data), "dataset.repeats": 2, "train.batch_size": 2,
+                                    "train.max_train_epochs": 3, "dataset.validation_split": 0.1})
+    assert "10 images × 2 repeats × 3 epochs / batch 2 = **30**" in text and "1 held out" in text
+    text = train_tab.steps_readout({"dataset.path": str(data), "dataset.repeats": 1, "train.batch_size": 1,
+                                    "train.max_train_epochs": 0, "train.max_train_steps": 25,
+                                    "dataset.validation_split": 0.1})
+    assert "10 steps per epoch" in text and "**25** steps ≈ 2.5 epochs" in text
+    assert "Pick a dataset" in train_tab.steps_readout({"dataset.path": str(tmp_path / "none")})
+
+
+def test_summary_folds_events_and_views_render(tmp_path):
+    s = RunSummary(tmp_path / "run")
+    for event in [
+        {"type": "phase", "name": "caching training latents", "done": 2, "total": 5},
+        {"type": "run_started", "total_steps": 10, "start_step": 0},
+        {"type": "validation_loss", "step": 0, "loss": 1.2, "best": True},
+        {"type": "progress", "step": 1, "total_steps": 10, "loss": 1.1, "lr": 1e-4, "it_per_s": 2.0, "eta_s": 4.5},
+        {"type": "sample", "step": 1, "path": "/x/a.png", "prompt": "p", "seed": 0},
+        {"type": "error", "message": "out of GPU memory: lower train.batch_size", "kind": "out_of_memory"},
+    ]:
+        s.apply(event)
+    assert s.step == 1 and s.total_steps == 10 and s.losses == [(1, 1.1)] and s.validation == [(0, 1.2)]
+    html = train_tab.progress_html(s, running=False)
+    assert "data-state='failed'" in html and "step 1/10" in html and "ETA 0:04" in html
+    frame = train_tab.loss_frame(s)
+    assert sorted(frame["series"]) == ["training", "validation"]
+    assert train_tab.sample_gallery(s) == [("/x/a.png", "step 1: p")]
+    assert train_tab.error_text(s).startswith("out of GPU memory")
+
+
+def test_presets_builtin_saved_and_refused(settings):
+    names = presets.list_presets(settings.presets_dir)
+    assert names[:4] == ["6 GB GPU", "8 GB GPU", "12 GB GPU", "24 GB GPU"]
+    for name in names[:4]:  # every built-in preset is a valid partial config
+        raw = presets.load_preset(settings.presets_dir, name)
+        from core import config as config_mod
+
+        config_mod.from_dict(raw, check_paths=False)
+    presets.save_preset(settings.presets_dir, "mine", {"lora": {"rank": 12}})
+    assert presets.load_preset(settings.presets_dir, "mine") == {"lora": {"rank": 12}}
+    assert "mine" in presets.list_presets(settings.presets_dir)
+    with pytest.raises(ConfigError, match="built-in"):
+        presets.save_preset(settings.presets_dir, "8 GB GPU", {})
+    with pytest.raises(ConfigError, match="file name"):
+        presets.save_preset(settings.presets_dir, "a/b", {})
+
+
+def test_run_manager_trains_refuses_a_second_run_and_stops(settings, tiny_model, tmp_path):
+    data = write_dataset(tmp_path / "d", n=3)
+    manager = RunManager(settings.outputs_dir)
+    cfg = tiny_config(tiny_model, data, settings.outputs_dir, name="ui-run",
+                      **{"train.max_train_steps": 100000, "sample.prompts": [], "output.save_every_n_steps": 0})
+    run = manager.start(cfg)
+    with pytest.raises(RunBusyError, match="already training"):
+        manager.start(tiny_config(tiny_model, data, settings.outputs_dir, name="other"))
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll().step < 2:
+        assert run.running, run.log_tail()
+        time.sleep(0.3)
+    assert manager.stop()
+    assert manager.wait(timeout=120) == 0
+    summary = run.poll()
+    assert summary.finished == "stopped" and summary.error == "" and summary.step >= 2
+    assert (settings.outputs_dir / "ui-run" / "ui-run.safetensors").is_file()
+    assert "step" in run.log_tail()
+    assert list_runs(settings.outputs_dir) == [settings.outputs_dir / "ui-run"]
+    assert summarize(settings.outputs_dir / "ui-run").finished == "stopped"
+    assert find_loras(settings.outputs_dir) == [str(settings.outputs_dir / "ui-run" / "ui-run.safetensors")]
+    assert not manager.stop()  # nothing running any more
+
+
+def test_failed_run_shows_the_engine_error_line(settings, tiny_model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.png").write_bytes(b"")
+    manager = RunManager(settings.outputs_dir)
+    run = manager.start(tiny_config(tiny_model, empty, settings.outputs_dir, name="bad"))
+    manager.wait(timeout=300)
+    summary = run.poll()
+    assert summary.error.startswith("dataset: no readable image") and "Traceback" not in summary.error
+
+
+def test_find_models(settings, tiny_model):
+    import shutil
+
+    shutil.copytree(tiny_model, settings.models_dir / "tiny")
+    (settings.models_dir / "not-a-model").mkdir()
+    assert find_models(settings.models_dir) == [str(settings.models_dir / "tiny")]
+
+
+def test_previewer_keeps_the_pipeline_and_switches_loras(tiny_model, tmp_path):
+    from core import train
+    from core.sample import Previewer
+    from tests.conftest import EventLog
+
+    result = train.run(tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), tmp_path / "o",
+                                   **{"sample.prompts": [], "output.save_every_n_steps": 3,
+                                      "output.save_state": False}), EventLog())
+    previewer = Previewer(device="cpu")
+    kw = dict(seed=1, steps=2, width=64, height=64)
+    base = np.asarray(previewer.generate(str(tiny_model), "a photo of sks", **kw), dtype=np.int16)
+    full = np.asarray(previewer.generate(str(tiny_model), "a photo of sks", lora=str(result.lora_path), **kw),
+                      dtype=np.int16)
+    zero = np.asarray(previewer.generate(str(tiny_model), "a photo of sks", lora=str(result.lora_path),
+                                         scale=0.0, **kw), dtype=np.int16)
+    again = np.asarray(previewer.generate(str(tiny_model), "a photo of sks", **kw), dtype=np.int16)
+    assert previewer.loads == 1
+    assert np.abs(full - base).max() > 0
+    assert np.abs(zero - base).max() <= 1 and np.abs(again - base).max() == 0
+    step3 = result.run_dir / "test-lora-step000003.safetensors"
+    grid = previewer.grid(str(tiny_model), "a photo of sks", [str(step3), str(result.lora_path)], [0.5, 1.0], **kw)
+    assert grid.size == (160 + 2 * 64, 24 + 2 * 64) and previewer.loads == 1
