@@ -5,11 +5,11 @@ import time
 import numpy as np
 import pytest
 
-from core.config import ConfigError, TrainConfig
+from core.config import ConfigError
+from tests.conftest import tiny_config, write_dataset
 from ui import presets, train_tab
 from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
 from ui.settings import AppSettings, find_loras, find_models
-from tests.conftest import tiny_config, write_dataset
 
 
 @pytest.fixture
