@@ -60,10 +60,17 @@ def main(argv=None) -> int:
     port = free_port(host, args.port)
     app = build_app(settings)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    print(f"LoRA Studio is running at http://127.0.0.1:{port}  (Ctrl+C to quit)", flush=True)
     app.queue().launch(server_name=host, server_port=port, auth=auth, share=args.share,
                        inbrowser=not args.no_browser, quiet=True, footer_links=[],
-                       allowed_paths=[str(settings.root)])
+                       allowed_paths=[str(settings.root)], prevent_thread_lock=True)
+    # Printed once the server answers, so whoever reads it (a person, a test) can connect at once.
+    print(f"LoRA Studio is running at http://127.0.0.1:{port}  (Ctrl+C to quit)", flush=True)
+    if args.share and getattr(app, "share_url", None):
+        print(f"public link: {app.share_url}", flush=True)
+    try:
+        app.block_thread()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -1,0 +1,29 @@
+@echo off
+rem LoRA Studio launcher for Windows: double-click it.
+rem The first start creates a Python environment in .venv and installs what the app needs.
+setlocal
+cd /d "%~dp0"
+if "%LORA_STUDIO_VENV%"=="" set LORA_STUDIO_VENV=.venv
+if not exist "%LORA_STUDIO_VENV%\Scripts\python.exe" (
+  echo LoRA Studio: first start. Creating a Python environment in %LORA_STUDIO_VENV% ...
+  py -3 -m venv "%LORA_STUDIO_VENV%" 2>nul || python -m venv "%LORA_STUDIO_VENV%"
+  if errorlevel 1 goto :nopython
+)
+if not exist "%LORA_STUDIO_VENV%\.lora-studio-installed" (
+  echo LoRA Studio: installing the packages it needs. This takes a few minutes the first time.
+  where nvidia-smi >nul 2>nul && (
+    echo NVIDIA GPU found: installing the CUDA build of torch first.
+    "%LORA_STUDIO_VENV%\Scripts\python.exe" -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 || goto :failed
+  )
+  "%LORA_STUDIO_VENV%\Scripts\python.exe" -m pip install -r requirements.txt || goto :failed
+  echo installed> "%LORA_STUDIO_VENV%\.lora-studio-installed"
+)
+"%LORA_STUDIO_VENV%\Scripts\python.exe" launch.py %*
+goto :end
+:nopython
+echo error: Python 3.10 or newer was not found. Install it from https://www.python.org (tick "Add to PATH") and start again.
+goto :end
+:failed
+echo error: installing the requirements failed (see above). Check your internet connection and disk space, then start again.
+:end
+pause

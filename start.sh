@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# LoRA Studio launcher for Linux: double-click it (or run ./start.sh).
+# The first start creates a Python environment in .venv and installs what the app needs;
+# later starts open the app at once. Arguments go to launch.py (e.g. ./start.sh --no-browser).
+# LORA_STUDIO_VENV=/path/to/venv uses another environment (CI reuses the one it already has).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${LORA_STUDIO_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.lora-studio-requirements"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "LoRA Studio: first start. Creating a Python environment in $VENV ..."
+  if ! "$PYTHON" -m venv "$VENV"; then
+    echo "error: could not create a virtual environment with $PYTHON; install Python 3.10+ with venv" \
+         "(Debian/Ubuntu: sudo apt install python3-venv) and start again" >&2
+    exit 1
+  fi
+fi
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
+  echo "LoRA Studio: installing the packages it needs (torch, diffusers, gradio, ...)."
+  echo "This takes a few minutes the first time; progress follows."
+  if ! "$VENV/bin/python" -m pip install --progress-bar on -r requirements.txt; then
+    echo "error: installing requirements.txt failed (see the lines above); check your internet connection" \
+         "and free disk space, then start again" >&2
+    exit 1
+  fi
+  echo "$want" > "$STAMP"
+fi
+exec "$VENV/bin/python" launch.py "$@"

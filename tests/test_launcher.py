@@ -1,0 +1,82 @@
+"""The launchers: start.sh for real (in a fresh venv that sees the installed packages), launch.py's options."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_url(proc, timeout=300) -> str:
+    deadline = time.time() + timeout
+    output = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        match = re.search(r"running at (http://\S+)", line)
+        if match:
+            return match.group(1)
+    raise AssertionError("no address printed:\n" + "".join(output[-30:]))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="start.sh is the Linux launcher")
+def test_start_sh_creates_its_environment_installs_and_serves(tmp_path):
+    venv = tmp_path / "venv"
+    # The venv sees this interpreter's packages, so start.sh's real `pip install -r requirements.txt`
+    # finds everything satisfied instead of downloading it a second time.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    port = _free_port()
+    env = {**os.environ, "LORA_STUDIO_VENV": str(venv), "LORA_STUDIO_HOME": str(tmp_path / "home"),
+           "PYTHON": sys.executable}
+    proc = subprocess.Popen(["bash", "start.sh", "--no-browser", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = _wait_for_url(proc)
+        assert url == f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and b"LoRA Studio" in response.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (venv / ".lora-studio-requirements").read_text().strip()  # the next start skips the install
+
+
+def test_launch_takes_the_next_free_port_and_refuses_bad_auth(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import launch
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert launch.free_port("127.0.0.1", port) > port
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--listen", "--auth", "nopassword"])
+    args = launch.parse_args(["--listen", "--auth", "me:secret", "--no-browser"])
+    assert args.listen and args.auth == "me:secret" and not args.share
+
+
+def test_demo_creates_the_tiny_model_and_dataset(tmp_path):
+    from ui.demo import make_demo
+    from ui.settings import AppSettings
+
+    settings = AppSettings(tmp_path)
+    settings.ensure()
+    assert "wrote the tiny demo model" in make_demo(settings)
+    assert (settings.models_dir / "tiny" / "model_index.json").is_file()
+    assert len(list((settings.datasets_dir / "demo").glob("*.png"))) == 6
+    assert make_demo(settings) == "the demo model and dataset are already there"
