@@ -118,6 +118,12 @@ def test_whole_flow(page, server, tmp_path):
     clicked = time.time()
     page.click("#train-start")
     page.wait_for_selector("#train-progress [data-state=running], #train-progress [data-state=completed]")
+    # Reloading the page re-attaches to the run in progress.
+    page.reload()
+    page.wait_for_selector("#dataset-upload")
+    page.click("#tab-train-button")
+    page.wait_for_selector("#train-progress .run-progress")
+    assert "e2e-lora" in page.inner_text("#train-progress")
     first_progress = None
     deadline = time.time() + 600
     while time.time() < deadline:
