@@ -3,6 +3,8 @@
     python -m core tiny-model DIR
     python -m core train CONFIG.toml [--set section.key=value ...] [--resume]
     python -m core sample --model MODEL [--lora FILE] [--scale S] --prompt TEXT --seed N --steps K --out FILE.png
+    python -m core caption DIR [--captioner blip] [--model PATH_OR_HUB_ID] [--prefix TRIGGER] [--overwrite]
+    python -m core tiny-captioner DIR
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
 one line on stderr that says what went wrong and what to do.
@@ -61,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="default", help="default, ddim, euler, euler_a or dpmpp_2m")
     p.add_argument("--out", required=True, help="output .png")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("caption", help="write a .txt caption beside every image in a folder with a captioning model")
+    p.add_argument("dir", help="folder of images (only its top level is captioned)")
+    p.add_argument("--captioner", default="blip", help="which kind of captioner (default: blip)")
+    p.add_argument("--model", default="",
+                   help="model folder or hub id (default: Salesforce/blip-image-captioning-base)")
+    p.add_argument("--prefix", default="", help="trigger word put first in every caption: 'TRIGGER, caption'")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions (default: keep them)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
+    p.add_argument("--events", help="append progress events to this .jsonl file (what the app polls)")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("tiny-captioner", help="write a small random-weight BLIP captioner (for tests and demos)")
+    p.add_argument("dir", help="folder to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_captioner)
     return parser
 
 
@@ -154,6 +173,54 @@ def cmd_sample(args) -> int:
         return _fail(str(exc), EXIT_BAD_INPUT)
     save_image(args.out, image)
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from core.caption import CaptionError, caption_folder, terminal_line
+    from core.events import RunError, jsonl_writer
+
+    writer = jsonl_writer(args.events) if args.events else None
+
+    def emit(event):
+        if writer:
+            writer(event)
+        line = terminal_line(event)
+        if line is not None:
+            print(line, file=sys.stdout if event.type == "caption_finished" else sys.stderr, flush=True)
+
+    def report(message: str, kind: str, code: int) -> int:
+        message = " ".join(message.split())  # one line, whatever the library said
+        if writer:
+            writer(RunError(message, kind))
+        return _fail(message, code)
+
+    stop = _StopSignal()  # SIGTERM/SIGINT: finish the current batch, then stop
+    try:
+        caption_folder(args.dir, captioner=args.captioner, model=args.model, prefix=args.prefix,
+                       overwrite=args.overwrite, batch_size=args.batch_size, emit=emit, should_stop=stop,
+                       device=args.device)
+    except CaptionError as exc:
+        return report(str(exc), exc.kind, EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return report("interrupted twice: stopped; the captions written so far are kept", "error", 130)
+    except Exception as exc:  # unexpected failures still end with one clear line
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+            return report("out of GPU memory: lower --batch-size (or use --device cpu)", "out_of_memory",
+                          EXIT_FAILURE)
+        return report(f"{type(exc).__name__}: {exc}", "error", EXIT_FAILURE)
+    return 0
+
+
+def cmd_tiny_captioner(args) -> int:
+    from core.caption import write_tiny_blip
+
+    try:
+        path = write_tiny_blip(args.dir, seed=args.seed)
+    except FileExistsError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    print(f"wrote a random-weight BLIP captioner to {path} (its captions are gibberish)")
     return 0
 
 

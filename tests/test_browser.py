@@ -40,7 +40,7 @@ def server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "LORA_STUDIO_HOME": str(home), "PYTHONPATH": str(ROOT)}
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--demo", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port", str(port)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = None
     for line in proc.stdout:
@@ -83,15 +83,29 @@ def _shot(page, name: str) -> None:
 
 def test_whole_flow(page, server, tmp_path):
     home = server["home"]
+    # --- The demo button: tiny model, tiny captioner and demo pictures, offline.
+    page.click("#app-demo")
+    page.wait_for_function("document.querySelector('#app-demo-message').innerText.includes('Demo ready')")
+    assert (home / "models" / "tiny" / "model_index.json").is_file()
     # --- Dataset tab: create a dataset, drop pictures with captions, edit one caption.
     _fill(page, "#dataset-new-name", "e2e pics")
     page.click("#dataset-create")
     page.wait_for_function("document.querySelector('#dataset-message').innerText.includes('Created dataset')")
     page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('e2e pics')")
     pictures = write_dataset(tmp_path / "drop", n=4)
+    _noise_png(tmp_path / "drop" / "uncaptioned.png")  # one more picture, without a caption
     page.set_input_files("#dataset-upload input[type=file]", sorted(str(p) for p in pictures.iterdir()))
-    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('4 images')")
-    assert "4 captioned" in page.inner_text("#dataset-counts").replace("*", "")
+    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('5 images')")
+    assert "4 captioned · 1 without caption" in page.inner_text("#dataset-counts").replace("*", "")
+    # Auto-caption the one without a caption with the tiny captioner, as a background job.
+    page.click("#dataset-autocaption-box button, #dataset-autocaption-box .label-wrap >> nth=0")
+    _fill(page, "#dataset-caption-prefix", "sks")
+    page.click("#dataset-autocaption")
+    page.wait_for_function("/done|failed|stopped/.test(document.querySelector('#dataset-caption-progress').innerText)",
+                           timeout=300_000)
+    assert "wrote 1, kept 4" in page.inner_text("#dataset-caption-progress")
+    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('5 captioned')")
+    assert (home / "datasets" / "e2e pics" / "uncaptioned.txt").read_text(encoding="utf-8").startswith("sks")
     page.locator("#dataset-gallery .thumbnail-item").first.click()
     page.wait_for_function("document.querySelector('#dataset-selected textarea, #dataset-selected input').value")
     name = page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value()
@@ -161,6 +175,13 @@ def test_whole_flow(page, server, tmp_path):
     base, with_lora = (page.request.get(src).body() for src in sources[:2])
     assert _pixels(base) != _pixels(with_lora), "the LoRA did not change the image"
     _shot(page, "prompt")
+
+
+def _noise_png(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(7).random((72, 88, 3)) * 255).astype("uint8")).save(path)
 
 
 def _pixels(data: bytes):

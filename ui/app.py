@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.sample import Previewer
 from ui.runner import RunManager
-from ui.settings import AppSettings
+from ui.settings import AppSettings, find_models
 
 
 def build_app(settings: AppSettings | None = None, manager: RunManager | None = None,
@@ -19,7 +19,10 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
     manager = manager or RunManager(settings.outputs_dir)
     previewer = previewer or Previewer()
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:
-        gr.Markdown("# LoRA Studio\nDrop pictures in, train a LoRA on your GPU, try it with prompts.")
+        with gr.Row():
+            gr.Markdown("# LoRA Studio\nDrop pictures in, train a LoRA on your GPU, try it with prompts.")
+            demo = gr.Button("Set up the offline demo", elem_id="app-demo", size="sm", scale=0)
+        demo_message = gr.Markdown(elem_id="app-demo-message")
         with gr.Tabs():
             with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
                 dataset = dataset_tab.build(settings)
@@ -40,6 +43,23 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
             return gr.update(choices=choices, value=path) if path in choices else gr.update(choices=choices)
 
         dataset["picker"].change(follow_dataset, dataset["picker"], train["dataset"])
+
+        def on_demo():
+            """The tiny model and the demo pictures, so a new user can click through everything offline."""
+            from core import dataset_store
+            from ui.demo import make_demo
+
+            message = make_demo(settings)
+            models = gr.update(choices=find_models(settings.models_dir), value=str(settings.models_dir / "tiny"))
+            names = gr.update(choices=dataset_store.list_datasets(settings.datasets_dir), value="demo")
+            captioners = gr.update(choices=dataset_tab.captioner_models(settings),
+                                   value=str(settings.models_dir / "tiny-blip"))
+            return (f"Demo ready: {message}. Pick the `demo` dataset, train on the `tiny` model at resolution 64, "
+                    f"then try the LoRA in the Prompt tab (width and height 64).", names, models, captioners,
+                    *prompt["refresh"]())
+
+        demo.click(on_demo, outputs=[demo_message, dataset["picker"], train["model"], dataset["caption_model"],
+                                     *prompt["refresh_outputs"]])
         # A reload re-reads every list and re-attaches to the run in progress.
         app.load(on_load, dataset["picker"],
                  [*dataset["listing"], train["runs"], train["model"], train["dataset"], *prompt["refresh_outputs"],

@@ -31,6 +31,15 @@ def import_message(report) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
+
+
+def captioner_models(settings: AppSettings) -> list[str]:
+    """BLIP folders under models/ first (offline), then the usual hub id (downloaded on first use)."""
+    local = [str(p) for p in sorted(settings.models_dir.glob("*blip*")) if (p / "config.json").is_file()]
+    return local + [DEFAULT_CAPTIONER]
+
+
 def build(settings: AppSettings):
     import gradio as gr
 
@@ -54,6 +63,18 @@ def build(settings: AppSettings):
             with gr.Row():
                 save = gr.Button("Save caption", variant="primary", elem_id="dataset-save-caption")
                 remove = gr.Button("Remove from dataset", variant="stop", elem_id="dataset-remove")
+            with gr.Accordion("Auto-caption", open=False, elem_id="dataset-autocaption-box"):
+                caption_model = gr.Dropdown(captioner_models(settings), value=captioner_models(settings)[0],
+                                            allow_custom_value=True, label="Captioner model (folder or hub id)",
+                                            info="BLIP: natural-language captions. Runs on the GPU when present.",
+                                            elem_id="dataset-captioner-model")
+                caption_prefix = gr.Textbox(label="Trigger word to put first", elem_id="dataset-caption-prefix")
+                caption_overwrite = gr.Checkbox(False, label="Replace existing captions",
+                                                elem_id="dataset-caption-overwrite")
+                with gr.Row():
+                    autocaption = gr.Button("Caption pictures", variant="primary", elem_id="dataset-autocaption")
+                    stop_caption = gr.Button("Stop", elem_id="dataset-autocaption-stop")
+                caption_progress = gr.Markdown(elem_id="dataset-caption-progress")
             with gr.Accordion("Bulk tools", open=False):
                 trigger = gr.Textbox(label="Trigger word (put first in every caption)", elem_id="dataset-trigger")
                 add_trigger = gr.Button("Add trigger word", elem_id="dataset-add-trigger")
@@ -134,7 +155,46 @@ def build(settings: AppSettings):
             return f"Changed {changed} caption(s).", *refresh(name)
         return run
 
+    jobs: dict = {"caption": None}
+    caption_timer = gr.Timer(1.0, active=False)
+
+    def on_autocaption(name, model, prefix, overwrite):
+        from ui.runner import CaptionJob
+
+        folder = folder_of(name)
+        job = jobs["caption"]
+        if folder is None:
+            return "⚠️ create or pick a dataset first", gr.skip()
+        if job is not None and job.running:
+            return "⚠️ a captioning job is already running; stop it or wait", gr.skip()
+        if not model:
+            return "⚠️ enter a captioner model folder or hub id", gr.skip()
+        jobs["caption"] = CaptionJob(folder, model, settings.outputs_dir / ".app", prefix=prefix or "",
+                                     overwrite=bool(overwrite))
+        return "Loading the captioner…", gr.Timer(active=True)
+
+    def on_caption_tick(name):
+        job = jobs["caption"]
+        if job is None:
+            return gr.skip(), gr.Timer(active=False), gr.skip(), gr.skip()
+        status = job.poll()
+        if job.running:
+            return status.text(), gr.skip(), gr.skip(), gr.skip()
+        return status.text(), gr.Timer(active=False), *refresh(name)
+
+    def on_stop_caption():
+        job = jobs["caption"]
+        if job is None or not job.running:
+            return "No captioning job is running."
+        job.stop()
+        return "Stopping after the current batch…"
+
     listing = [gallery, counts]
+    autocaption.click(on_autocaption, [picker, caption_model, caption_prefix, caption_overwrite],
+                      [caption_progress, caption_timer])
+    caption_timer.tick(on_caption_tick, picker, [caption_progress, caption_timer, *listing],
+                       show_progress="hidden")
+    stop_caption.click(on_stop_caption, outputs=caption_progress)
     picker.change(refresh, picker, listing)
     create.click(on_create, new_name, [picker, message])
     upload.upload(on_upload, [picker, upload], [upload, message, *listing])
@@ -145,4 +205,4 @@ def build(settings: AppSettings):
     do_replace.click(bulk(store.find_replace), [picker, find, replace], [message, *listing])
     prepend.click(bulk(lambda f, t: store.add_text(f, t, "prepend")), [picker, text], [message, *listing])
     append.click(bulk(lambda f, t: store.add_text(f, t, "append")), [picker, text], [message, *listing])
-    return {"picker": picker, "refresh": refresh, "listing": listing}
+    return {"picker": picker, "refresh": refresh, "listing": listing, "caption_model": caption_model}

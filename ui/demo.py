@@ -16,6 +16,12 @@ def make_demo(settings: AppSettings) -> str:
     if not (model / "model_index.json").is_file():
         write_tiny_model(model)
         done.append(f"wrote the tiny demo model to {model}")
+    captioner = settings.models_dir / "tiny-blip"
+    if not (captioner / "config.json").is_file():
+        from core.caption import write_tiny_blip
+
+        write_tiny_blip(captioner)
+        done.append(f"wrote the tiny demo captioner to {captioner}")
     demo = settings.datasets_dir / "demo"
     if not demo.is_dir():
         demo.mkdir(parents=True)

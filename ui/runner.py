@@ -173,3 +173,83 @@ class RunManager:
 
     def wait(self, timeout: float | None = None) -> int | None:
         return self.active.process.wait(timeout) if self.active else None
+
+
+@dataclass
+class CaptionStatus:
+    done: int = 0
+    total: int = 0
+    last: str = ""  # "image: caption" of the newest one
+    finished: bool = False
+    stopped: bool = False
+    written: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def apply(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "caption_progress":
+            self.done, self.total = event["done"], event["total"]
+            self.last = f"{event['image']}: {event['caption']}"
+        elif kind == "caption_finished":
+            self.finished, self.stopped = True, event.get("stopped", False)
+            self.written, self.skipped = len(event["written"]), len(event["skipped"])
+            self.failed = [f"{name} ({reason})" for name, reason in event["failed"]]
+        elif kind == "error":
+            self.error = event["message"]
+
+    def text(self) -> str:
+        if self.error:
+            return f"⚠️ captioning failed: {self.error}"
+        if self.finished:
+            failed = f"; could not read: {', '.join(self.failed)}" if self.failed else ""
+            return (f"Captioning {'stopped' if self.stopped else 'done'}: wrote {self.written}, kept "
+                    f"{self.skipped} existing caption(s){failed}.")
+        if self.total:
+            return f"Captioning {self.done}/{self.total} … {self.last}"
+        return "Loading the captioner…"
+
+
+class CaptionJob:
+    """``python -m core caption`` as a background subprocess whose events the Dataset tab polls."""
+
+    def __init__(self, folder: Path, model: str, jobs_dir: Path, captioner: str = "blip", prefix: str = "",
+                 overwrite: bool = False, python: str = sys.executable):
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.events_path = jobs_dir / f"caption-{folder.name}-{stamp}.jsonl"
+        self.log_path = jobs_dir / f"caption-{folder.name}-{stamp}.log"
+        cmd = [python, "-m", "core", "caption", str(folder), "--captioner", captioner, "--model", model,
+               "--events", str(self.events_path)]
+        if prefix.strip():
+            cmd += ["--prefix", prefix.strip()]
+        if overwrite:
+            cmd.append("--overwrite")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL,
+                                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+        self.status = CaptionStatus()
+        self.offset = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def poll(self) -> CaptionStatus:
+        events, self.offset = read_events(self.events_path, self.offset)
+        for event in events:
+            self.status.apply(event)
+        code = self.process.poll()
+        if code not in (None, 0) and not self.status.error:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+            self.status.error = next((ln for ln in reversed(lines) if ln.startswith("error:")),
+                                     lines[-1] if lines else f"exit code {code}")
+        return self.status
+
+    def stop(self) -> None:
+        if self.running and os.name == "posix":
+            self.process.send_signal(signal.SIGTERM)
+        elif self.running:
+            self.process.terminate()

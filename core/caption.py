@@ -1,0 +1,509 @@
+"""Automatic captions: a captioning model writes a ``.txt`` beside every image in a folder.
+
+``python -m core caption DIR --captioner blip --model PATH_OR_HUB_ID`` runs
+``caption_folder``; the app starts that same command as a subprocess and
+polls its ``--events`` file, exactly as it does for training.
+
+The job, in order:
+
+1. list the folder's images (top level, as the Dataset tab shows them) and
+   keep the ones that have no caption yet (all of them with ``overwrite``);
+2. load the captioner (skipped when there is nothing to do);
+3. per batch: decode the pictures with ``core.images.load_image`` (so CMYK,
+   16-bit and EXIF-rotated files come out right), caption them, put the
+   trigger word first, and write each caption atomically. A file that
+   cannot be decoded is reported in ``failed`` and the job goes on;
+4. free the model and report.
+
+``should_stop()`` is checked between batches, so a stop never leaves a
+half-written caption. Captioners are small classes in ``CAPTIONERS`` with
+``caption(images) -> list[str]`` and ``close()``; BLIP is the first.
+Heavy libraries (torch, transformers) are imported only inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from core import fsutil
+from core.events import Event, Message, Phase
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from core.dataset_store import DatasetImage
+
+DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
+CAPTION_SUFFIX = ".txt"  # what core.dataset.scan_dataset reads
+# A hub id: "name" or "owner/name" (letters, digits, "-", "_", "."); anything else must be a folder.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# What may follow a trigger word at the start of a caption for it to count as already there.
+_WORD_END = " ,;:."
+
+
+class CaptionError(RuntimeError):
+    """The captioning job cannot run; the message says what was wrong and what to do.
+
+    ``kind`` is the ``core.events.RunError`` kind: "config" (bad option),
+    "dataset" (the image folder) or "model" (the captioner's model).
+    """
+
+    def __init__(self, message: str, kind: str = "model"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------
+# events (the CLI writes them to --events FILE; the app polls that file)
+
+
+@dataclass
+class CaptionProgress(Event):
+    """One image is done: captioned (``caption``) or failed (``error`` says why)."""
+
+    done: int
+    total: int  # images this job captions (those already captioned and kept are not counted)
+    image: str  # file name in the folder
+    caption: str  # as written, trigger word included; "" when it failed
+    error: str = ""
+
+    @property
+    def type(self) -> str:
+        return "caption_progress"
+
+
+@dataclass
+class CaptionFinished(Event):
+    written: list[str]  # image names whose caption was written
+    skipped: list[str]  # image names that kept their existing caption
+    failed: list[tuple[str, str]]  # (image name, reason)
+    stopped: bool  # True when should_stop() ended the job early
+
+    @property
+    def type(self) -> str:
+        return "caption_finished"
+
+
+def terminal_line(event: Event) -> str | None:
+    """The line the command prints for an event (None for events it does not show)."""
+    kind = event.type
+    if kind == "phase":
+        return f"{event.name}..."
+    if kind == "message":
+        return f"{event.level}: {event.text}"
+    if kind == "caption_progress":
+        text = f"failed: {event.error}" if event.error else event.caption
+        return f"{event.done}/{event.total} {event.image}: {text}"
+    if kind == "caption_finished":
+        line = (f"wrote {len(event.written)} caption(s), kept {len(event.skipped)} existing, "
+                f"{len(event.failed)} failed")
+        return line + (" (stopped early)" if event.stopped else "")
+    return None
+
+
+# --------------------------------------------------------------------------
+# captioners
+
+
+class Captioner(Protocol):
+    def caption(self, images: list[Image.Image], max_new_tokens: int = 40) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+class BlipCaptioner:
+    """BLIP (Salesforce) image captioning: one short English sentence per picture.
+
+    ``model`` is a local folder or a hub id (default: the base model, about
+    1 GB). It runs on the GPU in fp16 when there is one, else on the CPU in
+    fp32 (a few seconds per image with the base model). Loading raises
+    ``CaptionError`` with what to do, never a bare library traceback.
+    """
+
+    default_model = DEFAULT_BLIP
+
+    def __init__(self, model: str = "", device: str | None = None):
+        import torch
+
+        self.model_id = model or self.default_model
+        self.device = _pick_device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        source = _model_source(self.model_id)
+        self.processor, self.model = self._load(source)
+        self.model.to(self.device).eval()
+
+    def _load(self, source: str):
+        from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
+
+        with _quiet_transformers():
+            try:
+                config = AutoConfig.from_pretrained(source)
+                _check_blip_config(config, self.model_id)
+                processor = BlipProcessor.from_pretrained(source)
+                model, info = BlipForConditionalGeneration.from_pretrained(
+                    source, dtype=self.dtype, output_loading_info=True)
+            except (OSError, ValueError, KeyError) as e:
+                raise CaptionError(_load_failure(self.model_id, e)) from e
+        missing = info.get("missing_keys") or []
+        if missing:
+            # Loading goes on with random weights for these; the captions would be noise.
+            raise CaptionError(f"the captioner model {self.model_id} lacks {len(missing)} weight(s) "
+                               f"(e.g. {sorted(missing)[0]}); the download is incomplete or it is not a "
+                               f"BLIP captioning model. Download it again, e.g. {_download_hint(self.model_id)}")
+        return processor, model
+
+    def caption(self, images: list[Image.Image], max_new_tokens: int = 40) -> list[str]:
+        """One cleaned caption per RGB image, in order (greedy decoding)."""
+        import torch
+
+        if self.model is None:
+            raise CaptionError("this captioner was closed; create a new one", kind="config")
+        if not images:
+            return []
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        # The decoder starts from one [DEC] token; it cannot write past its position table.
+        room = self.model.config.text_config.max_position_embeddings - 1
+        with torch.inference_mode():
+            ids = self.model.generate(pixel_values=pixels.to(self.device, self.dtype),
+                                      max_new_tokens=max(1, min(max_new_tokens, room)))
+        return [clean_caption(text) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+    def close(self) -> None:
+        """Free the model (and the GPU memory it held); the captioner cannot be used afterwards."""
+        if self.model is None:
+            return
+        self.model = self.processor = None
+        gc.collect()
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> BlipCaptioner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+CAPTIONERS: dict[str, type] = {"blip": BlipCaptioner}
+
+
+def _pick_device(device: str | None):
+    import torch
+
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise CaptionError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'", kind="config") from e
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise CaptionError(f"device {device!r} was asked for, but this torch sees no NVIDIA GPU; "
+                           "use --device cpu or install the CUDA build of torch", kind="config")
+    return chosen
+
+
+def _model_source(model: str) -> str:
+    """A local folder (as a path string) or a hub id; raise for a path that is neither."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise CaptionError(f"the captioner model {model} is a file; pass the folder that holds its "
+                           "config.json and weights")
+    if _HUB_ID.fullmatch(model) and ".." not in model:
+        return model
+    raise CaptionError(f"there is no captioner model folder {path}; download one, e.g. "
+                       f"{_download_hint(DEFAULT_BLIP)}, or pass a hub id such as {DEFAULT_BLIP}")
+
+
+def _check_blip_config(config, model: str) -> None:
+    """Refuse models that would load with random weights, or not caption at all."""
+    kind = getattr(config, "model_type", "")
+    if kind != "blip":
+        raise CaptionError(f"{model} is a {kind or 'unknown'} model, not BLIP; the 'blip' captioner needs a "
+                           f"BLIP captioning model such as {DEFAULT_BLIP} or Salesforce/blip-image-captioning-large")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and "BlipForConditionalGeneration" not in architectures:
+        raise CaptionError(f"{model} is a BLIP {architectures[0]} model, which does not write captions; use a "
+                           f"captioning one such as {DEFAULT_BLIP}")
+
+
+def _load_failure(model: str, error: Exception) -> str:
+    detail = " ".join(str(error).split()).rstrip(".")
+    if Path(model).expanduser().is_dir():
+        return (f"cannot load the captioner from the folder {model}: {detail}. It must hold a whole BLIP "
+                f"captioning model (config.json, weights, processor and tokenizer files); download one, "
+                f"e.g. {_download_hint(model)}")
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
+        return (f"cannot load the captioner model {model!r}: there is no such folder here, it is not in the "
+                f"Hugging Face cache, and downloads are off (HF_HUB_OFFLINE is set). Download it into models/ "
+                f"once on a machine with internet access: {_download_hint(model)}")
+    return (f"cannot load the captioner model {model!r} ({detail}); check the name and the internet "
+            f"connection, or download it into models/: {_download_hint(model)}")
+
+
+def _download_hint(model: str) -> str:
+    hub_id = model if _HUB_ID.fullmatch(model) and "/" in model else DEFAULT_BLIP
+    folder = f"models/{hub_id.split('/')[-1]}"
+    return f"`hf download {hub_id} --local-dir {folder}` then --model {folder}"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No per-file progress bars while loading or saving (they would bury the job's own lines)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------
+# captioning a folder
+
+
+@dataclass
+class CaptionReport:
+    written: list[str] = field(default_factory=list)  # image names whose caption was written
+    skipped: list[str] = field(default_factory=list)  # image names that kept their existing caption
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image name, reason)
+
+
+def caption_folder(folder: str | os.PathLike, captioner: str = "blip", model: str = "", prefix: str = "",
+                   overwrite: bool = False, batch_size: int = 4, emit: Callable[[Event], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None, device: str | None = None,
+                   max_new_tokens: int = 40) -> CaptionReport:
+    """Caption every top-level image of ``folder`` that has no caption yet (every one with ``overwrite``).
+
+    Each caption is written beside its image as UTF-8 ``<stem>.txt``, with
+    ``prefix`` (a trigger word) first: "prefix, caption". ``model`` is a
+    folder or hub id ("" picks the captioner's default), ``device`` e.g.
+    "cpu" or "cuda" (None: the GPU if there is one). Raises
+    ``CaptionError`` before any captioning for a bad option, a missing
+    folder or a model that cannot load; per-image problems go to ``failed``.
+    Events: a Message if captioned images are kept, Phase("loading
+    captioner") when a model is needed, one CaptionProgress per image
+    worked on, and a CaptionFinished at the end (also when stopped).
+    """
+    emit = emit or _ignore
+    should_stop = should_stop or _never
+    kind = _captioner_class(captioner)
+    if batch_size < 1:
+        raise CaptionError(f"batch size must be at least 1, got {batch_size}", kind="config")
+    if model:
+        _model_source(model)  # a missing folder fails now, not after the folder is scanned
+    todo, report = _plan(folder, overwrite)
+    if report.skipped:
+        emit(Message("info", f"{len(report.skipped)} image(s) already have a caption and keep it "
+                             "(overwrite replaces them)"))
+    stopped = False
+    if todo:
+        emit(Phase("loading captioner", 0, 0))
+        engine = kind(model, device=device)
+        try:
+            stopped = _caption_all(engine, todo, _clean_prefix(prefix), batch_size, max_new_tokens,
+                                   report, emit, should_stop)
+        finally:
+            engine.close()
+    emit(CaptionFinished(list(report.written), list(report.skipped), list(report.failed), stopped))
+    return report
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+def _never() -> bool:
+    return False
+
+
+def _captioner_class(name: str) -> type:
+    if name not in CAPTIONERS:
+        raise CaptionError(f"unknown captioner {name!r}; choose one of: {', '.join(sorted(CAPTIONERS))}",
+                           kind="config")
+    return CAPTIONERS[name]
+
+
+def _plan(folder: str | os.PathLike, overwrite: bool) -> tuple[list[DatasetImage], CaptionReport]:
+    """The images to caption, and a report already holding the skipped ones."""
+    from core.dataset_store import list_images
+
+    if not Path(folder).is_dir():
+        raise CaptionError(f"image folder {folder} does not exist; pass the folder that holds the images",
+                           kind="dataset")
+    report = CaptionReport()
+    todo = []
+    owners: dict[str, str] = {}  # caption file key -> image that owns it
+    for image in list_images(folder):
+        # a.png and a.jpg would share a.txt (A.txt and a.txt are one file on Windows and macOS).
+        key = unicodedata.normalize("NFC", image.path.stem).casefold()
+        if key in owners:
+            report.failed.append((image.name, f"it would share its caption file {image.path.stem}{CAPTION_SUFFIX} "
+                                              f"with {owners[key]}; rename one of the two"))
+            continue
+        owners[key] = image.name
+        if image.has_caption and not overwrite:
+            report.skipped.append(image.name)
+        else:
+            todo.append(image)
+    return todo, report
+
+
+def _caption_all(engine: Captioner, todo: list[DatasetImage], prefix: str, batch_size: int,
+                 max_new_tokens: int, report: CaptionReport, emit, should_stop) -> bool:
+    """Caption ``todo`` batch by batch; return True if stopped before the end."""
+    from core.images import ImageError, load_image
+
+    total, done = len(todo), 0
+
+    def failed(name: str, reason: str) -> None:
+        nonlocal done
+        done += 1
+        report.failed.append((name, reason))
+        emit(CaptionProgress(done, total, name, "", error=reason))
+
+    for start in range(0, total, batch_size):
+        if should_stop():
+            return True
+        batch, pictures = [], []
+        for image in todo[start:start + batch_size]:
+            try:
+                pictures.append(load_image(image.path))
+                batch.append(image)
+            except ImageError as e:
+                failed(image.name, e.reason)
+        captions = engine.caption(pictures, max_new_tokens=max_new_tokens) if pictures else []
+        for picture in pictures:
+            picture.close()
+        for image, text in zip(batch, captions, strict=True):
+            text = clean_caption(text)
+            if not text:
+                failed(image.name, "the captioner returned no text for it")
+                continue
+            text = with_prefix(text, prefix)
+            try:
+                fsutil.write_text(image.path.with_suffix(CAPTION_SUFFIX), text)
+            except OSError as e:
+                failed(image.name, f"could not write its caption ({e.strerror or e}); check the folder's "
+                                   "permissions and free space")
+                continue
+            done += 1
+            report.written.append(image.name)
+            emit(CaptionProgress(done, total, image.name, text))
+    return False
+
+
+def clean_caption(text: str) -> str:
+    """One line, single spaces, no leading or trailing space."""
+    return " ".join((text or "").split())
+
+
+def _clean_prefix(prefix: str) -> str:
+    return clean_caption(prefix).strip(" ,")
+
+
+def with_prefix(caption: str, prefix: str) -> str:
+    """``prefix, caption``, unless the caption already starts with the prefix as a whole word (any case)."""
+    if not prefix:
+        return caption
+    head, rest = caption[:len(prefix)], caption[len(prefix):]
+    if head.casefold() == prefix.casefold() and (not rest or rest[0] in _WORD_END):
+        return caption
+    return f"{prefix}, {caption}"
+
+
+# --------------------------------------------------------------------------
+# a tiny random-weight BLIP, for tests and the demo
+
+
+_TINY_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP starts captions with [DEC]
+_TINY_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "close", "up", "dog", "cat",
+               "man", "woman", "sitting", "standing", "table", "white", "black", "red", "blue", "green"]
+
+
+def build_tiny_blip(seed: int = 0):
+    """A random-weight BLIP captioning model and its processor (a few hundred kB)."""
+    # The plain BlipImageProcessor needs torchvision (else it falls back with a warning);
+    # the PIL one does the same processing without it, and saves under the same type name.
+    import string
+
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    letters = list(string.ascii_lowercase + string.digits)
+    tokens = list(dict.fromkeys(_TINY_SPECIAL + letters + [f"##{c}" for c in letters] + _TINY_WORDS))
+    max_positions = 64
+    tokenizer = BertTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, bos_token="[DEC]",
+                              model_max_length=max_positions)
+    ids = tokenizer.convert_tokens_to_ids
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=32,
+                           initializer_range=0.02),  # BLIP's default 1e-10 would make every picture look alike
+        text_config=dict(vocab_size=len(tokens), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=max_positions,
+                         # generate() starts from bos ([DEC]) and stops at sep ([SEP]), as the real BLIP does.
+                         bos_token_id=ids("[DEC]"), sep_token_id=ids("[SEP]"), eos_token_id=ids("[SEP]"),
+                         pad_token_id=ids("[PAD]")),
+        projection_dim=32, image_text_hidden_size=32,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config)
+    with torch.no_grad():
+        # Random weights would often emit only special tokens (decoded as ""); make those unlikely,
+        # so every caption is some (gibberish) text of max_new_tokens tokens.
+        model.text_decoder.cls.predictions.bias[ids(_TINY_SPECIAL)] = -30.0
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    return model, processor
+
+
+def write_tiny_blip(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a random-weight BLIP captioner folder (model + processor) and return its path.
+
+    ``BlipProcessor.from_pretrained`` and ``BlipForConditionalGeneration.from_pretrained``
+    load it offline. Written to a temporary sibling and renamed into place,
+    so an interrupted call never leaves half a model behind.
+    """
+    import shutil
+    import tempfile
+
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"{directory} already exists and is not an empty folder; choose a new folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny_blip(seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
