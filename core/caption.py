@@ -487,23 +487,11 @@ def write_tiny_blip(directory: str | os.PathLike, seed: int = 0) -> Path:
     load it offline. Written to a temporary sibling and renamed into place,
     so an interrupted call never leaves half a model behind.
     """
-    import shutil
-    import tempfile
+    from core.fsutil import new_folder
 
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise FileExistsError(f"{directory} already exists and is not an empty folder; choose a new folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     model, processor = build_tiny_blip(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        with _quiet_transformers():
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with new_folder(directory) as tmp, _quiet_transformers():
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return directory

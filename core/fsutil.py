@@ -86,3 +86,28 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def new_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``directory`` when the block succeeds.
+
+    For writers that produce a whole folder (a model, a captioner): an
+    interrupted write never leaves a half-written folder under the real name.
+    ``directory`` must not exist or be empty.
+    """
+    import shutil
+
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"{directory} already exists and is not an empty folder; choose a new folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

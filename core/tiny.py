@@ -157,22 +157,9 @@ def write_tiny_model(directory: str | Path, shape: str = "tiny", seed: int = 0) 
     The folder is written to a temporary sibling and renamed into place, so an
     interrupted call never leaves a half-written model behind.
     """
-    import os
-    import shutil
-    import tempfile
+    from core.fsutil import new_folder
 
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory} already exists and is not empty; choose a new folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(shape, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with new_folder(directory) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

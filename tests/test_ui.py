@@ -117,6 +117,7 @@ def test_run_manager_trains_refuses_a_second_run_and_stops(settings, tiny_model,
     assert "step" in run.log_tail()
     assert list_runs(settings.outputs_dir) == [settings.outputs_dir / "ui-run"]
     assert summarize(settings.outputs_dir / "ui-run").finished == "stopped"
+    assert "ui-run.safetensors" in train_tab.run_files_text(settings.outputs_dir / "ui-run")
     assert find_loras(settings.outputs_dir) == [str(settings.outputs_dir / "ui-run" / "ui-run.safetensors")]
     assert not manager.stop()  # nothing running any more
 

@@ -126,6 +126,15 @@ def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[st
     return [(path, f"step {step}: {prompt}") for step, path, prompt in summary.samples[-newest:]][::-1]
 
 
+def run_files_text(run_dir: Path) -> str:
+    """The LoRA files of a run, newest step last, for the Past runs view."""
+    files = sorted(run_dir.glob("*.safetensors"))
+    if not files:
+        return f"Run `{run_dir.name}` has no LoRA file yet."
+    lines = [f"- `{p}` ({p.stat().st_size / 1e6:.1f} MB)" for p in files]
+    return f"LoRA files of `{run_dir.name}` (use them in the Prompt tab):\n" + "\n".join(lines)
+
+
 def error_text(summary: RunSummary | None) -> str:
     return summary.error if summary and summary.error else ""
 
@@ -198,9 +207,10 @@ def build(settings: AppSettings, manager: RunManager):
 
     def on_open(run_dir):
         if not run_dir:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         summary = summarize(run_dir)
-        return progress_html(summary, False), loss_frame(summary), sample_gallery(summary), error_text(summary)
+        return (progress_html(summary, False), loss_frame(summary), sample_gallery(summary), error_text(summary),
+                run_files_text(Path(run_dir)))
 
     def on_apply_preset(name):
         if not name:
@@ -225,7 +235,7 @@ def build(settings: AppSettings, manager: RunManager):
     start.click(on_start, inputs=inputs, outputs=status)
     stop.click(on_stop, outputs=status)
     timer.tick(on_tick, outputs=[progress, plot, samples, log, error], show_progress="hidden")
-    open_run.click(on_open, inputs=runs, outputs=[progress, plot, samples, error])
+    open_run.click(on_open, inputs=runs, outputs=[progress, plot, samples, error, status])
     load_preset.click(on_apply_preset, inputs=preset, outputs=list(components.values()))
     save_preset.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
     readout_inputs = [components[k] for k in ("dataset.path", "dataset.repeats", "train.batch_size",
