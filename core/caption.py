@@ -489,9 +489,8 @@ def write_tiny_blip(directory: str | os.PathLike, seed: int = 0) -> Path:
     """
     from core.fsutil import new_folder
 
-    directory = Path(directory)
-    model, processor = build_tiny_blip(seed)
     with new_folder(directory) as tmp, _quiet_transformers():
+        model, processor = build_tiny_blip(seed)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-    return directory
+    return Path(directory)

@@ -159,7 +159,6 @@ def write_tiny_model(directory: str | Path, shape: str = "tiny", seed: int = 0) 
     """
     from core.fsutil import new_folder
 
-    pipe = build_pipeline(shape, seed)
-    with new_folder(directory) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    return directory
+    with new_folder(directory) as tmp:  # refuses a non-empty folder before the (slow) build
+        build_pipeline(shape, seed).save_pretrained(tmp, safe_serialization=True)
+    return Path(directory)
