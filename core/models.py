@@ -122,3 +122,19 @@ def model_info(folder: Path) -> dict[str, Any]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def native_resolution(model: str | Path) -> int | None:
+    """The picture size a local diffusers model was made for (UNet sample size × VAE factor), from its configs."""
+    folder = Path(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = unet.get("sample_size")
+    if isinstance(size, list):
+        size = size[0]
+    if not isinstance(size, int):
+        return None
+    return size * 2 ** (len(vae.get("block_out_channels", [0])) - 1)

@@ -102,3 +102,10 @@ def test_unexpected_failure_writes_traceback_and_one_line(tiny_model, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "RuntimeError: something broke" in err[0] and "traceback.txt" in err[0]
     assert "something broke" in (cfg.run_dir / "traceback.txt").read_text()
+
+
+def test_native_resolution_from_configs(tiny_model, tmp_path):
+    from core.models import native_resolution
+
+    assert native_resolution(tiny_model) == 64  # sample_size 32 x VAE factor 2
+    assert native_resolution(tmp_path) is None

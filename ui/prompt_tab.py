@@ -91,7 +91,15 @@ def build(settings: AppSettings, previewer: Previewer):
         return (gr.update(choices=find_models(settings.models_dir)), gr.update(choices=files),
                 gr.update(choices=files))
 
+    def on_model(model):
+        """Default the size to what the model was made for (512 for SD 1.5, 64 for the tiny demo model)."""
+        from core.models import native_resolution
+
+        size = native_resolution(model) if model else None
+        return (gr.update(value=size), gr.update(value=size)) if size else (gr.skip(), gr.skip())
+
     common = [prompt, negative, seed, steps, guidance, width, height]
+    model.change(on_model, model, [width, height])
     generate.click(on_generate, [model, lora, scale, *common], [output, message])
     compare.click(on_compare, [model, lora, scale, *common], [pair, message])
     grid.click(on_grid, [model, grid_loras, grid_scales, *common], [grid_out, message])
