@@ -5,6 +5,7 @@
     python -m core sample --model MODEL [--lora FILE] [--scale S] --prompt TEXT --seed N --steps K --out FILE.png
     python -m core caption DIR [--captioner blip] [--model PATH_OR_HUB_ID] [--prefix TRIGGER] [--overwrite]
     python -m core tiny-captioner DIR
+    python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
 one line on stderr that says what went wrong and what to do.
@@ -27,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     parser = _parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): not an error; keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder to create")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_captioner)
+
+    p = sub.add_parser("check-dataset", help="report unreadable, small, blurry, duplicate and badly captioned images")
+    p.add_argument("dir", help="dataset folder (images with same-name .txt captions)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (default 512)")
+    p.add_argument("--model", default="",
+                   help="diffusers model folder: its CLIP tokenizer checks caption length (else not checked)")
+    p.add_argument("--trigger", default="", help="warn about captions that lack this trigger word")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (version 1 layout)")
+    p.set_defaults(func=cmd_check_dataset)
     return parser
 
 
@@ -221,6 +236,38 @@ def cmd_tiny_captioner(args) -> int:
     except FileExistsError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     print(f"wrote a random-weight BLIP captioner to {path} (its captions are gibberish)")
+    return 0
+
+
+def cmd_check_dataset(args) -> int:
+    import json
+
+    from core.dataset import DatasetError
+    from core.health import check_dataset, format_report
+
+    if args.resolution <= 0:
+        return _fail(f"--resolution must be positive, got {args.resolution}", EXIT_BAD_INPUT)
+    tokenizer = None
+    if args.model:
+        from pathlib import Path
+
+        from transformers import CLIPTokenizer
+
+        if not (Path(args.model) / "tokenizer").is_dir():
+            return _fail(f"--model {args.model}: no tokenizer/ folder there; pass a diffusers model folder "
+                         "(the one you train from)", EXIT_BAD_INPUT)
+
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
+        except (OSError, ValueError) as exc:
+            message = " ".join(str(exc).split())
+            return _fail(f"cannot load the CLIP tokenizer from {args.model}/tokenizer ({message}); pass a "
+                         "diffusers model folder", EXIT_BAD_INPUT)
+    try:
+        report = check_dataset(args.dir, resolution=args.resolution, tokenizer=tokenizer, trigger=args.trigger)
+    except DatasetError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    print(json.dumps(report.to_json(), indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 0
 
 

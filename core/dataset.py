@@ -14,7 +14,7 @@ from pathlib import Path
 from core.images import ImageError, is_image_extension, load_image
 
 # Files that are expected beside images and are not images themselves.
-_SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md", ".npz", ".safetensors"}
+SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md", ".npz", ".safetensors"}
 
 
 class DatasetError(ValueError):
@@ -66,9 +66,9 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt") -> ScanRes
     if not folder.is_dir():
         raise DatasetError(f"dataset folder {folder} does not exist or is not a folder")
     result = ScanResult(folder)
-    for path in _walk(folder):
+    for path in walk_files(folder):
         suffix = path.suffix.lower()
-        if suffix == caption_extension.lower() or suffix in _SIDECAR_SUFFIXES:
+        if suffix == caption_extension.lower() or suffix in SIDECAR_SUFFIXES:
             continue
         try:
             load_image(path).close()
@@ -87,7 +87,7 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt") -> ScanRes
     return result
 
 
-def _walk(folder: Path):
+def walk_files(folder: Path):
     """All files under folder, sorted, skipping hidden entries (.cache, .DS_Store, ...)."""
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)

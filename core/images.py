@@ -178,7 +178,9 @@ def _decode_reason(error: Exception) -> str:
     """
     detail = str(error) or type(error).__name__
     if isinstance(error, EOFError) or "truncated" in detail.lower():
-        return f"image file is truncated (the data ends early: {detail}); re-download or re-export it"
+        # Pillow's own text often says "image file is truncated" already; don't say it twice.
+        extra = "" if detail.lower().startswith("image file is truncated") else f" ({detail})"
+        return f"image file is truncated: the data ends early{extra}; re-download or re-export it"
     return f"cannot decode the image data ({type(error).__name__}: {detail})"
 
 

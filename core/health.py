@@ -1,0 +1,357 @@
+"""The dataset health report: what in a training folder will hurt the LoRA, before any model loads.
+
+``check_dataset(folder)`` looks at every image the trainer would use (the
+same folder walk as ``core.dataset.scan_dataset``: hidden files skipped,
+captions and sidecars not images) and reports, per file, what is wrong and
+what to do about it:
+
+=================  =======  ==================================================
+check              status   when
+=================  =======  ==================================================
+``unreadable``     error    the decoder fails (truncated, empty, not an image)
+``small``          warning  shorter side below the training resolution
+``aspect``         warning  longer side over 2.5 times the shorter
+``duplicate``      warning  same pixels as an earlier file (after EXIF rotation)
+``near_duplicate`` warning  perceptual hash within ``near_threshold`` bits
+``blurry``         warning  variance of the Laplacian below ``blur_threshold``
+``uniform``        warning  greyscale standard deviation below 3
+``caption_*``      warning  caption file missing, empty, or over 75 CLIP tokens
+``trigger_missing`` warning the trigger word is not in the caption
+=================  =======  ==================================================
+
+Only Pillow and numpy: no model is loaded unless the caller passes a
+tokenizer (the CLI's ``--model`` loads just the CLIP tokenizer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from core.dataset import SIDECAR_SUFFIXES, DatasetError, read_caption, walk_files
+from core.images import ImageError, is_image_extension, load_image
+
+JSON_VERSION = 1
+CAPTION_SUFFIX = ".txt"
+CLIP_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS
+MAX_ASPECT = 2.5
+# Variance of the Laplacian on 0..255 greyscale, measured at most 512 px on
+# the long side (the scale the model sees). The classic OpenCV rule of thumb
+# is 100 at full resolution; at 512 px in-focus photos and line art score in
+# the hundreds or thousands, while a Gaussian blur of radius 2+ brings them
+# under ~30. 60 sits between, low enough that soft but focused portraits
+# (shallow depth of field) are not flagged.
+BLUR_THRESHOLD = 60.0
+# Hamming distance between 64-bit dHashes. Unrelated images differ in ~32
+# bits; re-encodes, small resizes and brightness changes stay within 0-3.
+# 5 (the usual dHash cut-off) catches those without matching mere look-alikes.
+NEAR_THRESHOLD = 5
+UNIFORM_STD = 3.0  # greyscale std below this: a flat fill, nothing to learn
+_MEASURE_SIDE = 512  # long side of the greyscale copy used for blur/uniform
+_MIN_MEASURE_SIDE = 64  # ... unless that would squash a strip's short side below this
+
+
+@dataclass
+class FileFinding:
+    """Everything wrong with one file; ``status`` is "error" (cannot be used) or "warning"."""
+
+    file: str  # relative to the checked folder, posix separators
+    status: str
+    checks: list[dict] = field(default_factory=list)  # {"check": code, "message": text}
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "status": self.status, "checks": [dict(c) for c in self.checks]}
+
+
+@dataclass
+class HealthReport:
+    folder: str
+    resolution: int
+    summary: dict
+    files: list[FileFinding]
+    duplicate_groups: list[list[str]]
+    near_duplicate_groups: list[list[str]]
+    tag_frequency: list[tuple[str, int]]
+
+    def to_json(self) -> dict:
+        """The report as plain JSON types. Layout (version 1)::
+
+            {"version": 1, "folder": str, "resolution": int,
+             "summary": {"images", "usable", "errors", "warnings", "captioned", "uncaptioned",
+                         "duplicate_groups", "near_duplicate_groups": int, "tokens_checked": bool},
+             "files": [{"file": str, "status": "error"|"warning",
+                        "checks": [{"check": str, "message": str}]}],
+             "duplicate_groups": [[str]], "near_duplicate_groups": [[str]],
+             "tag_frequency": [{"tag": str, "count": int}]}
+        """
+        return {
+            "version": JSON_VERSION,
+            "folder": self.folder,
+            "resolution": self.resolution,
+            "summary": dict(self.summary),
+            "files": [f.to_json() for f in self.files],
+            "duplicate_groups": [list(g) for g in self.duplicate_groups],
+            "near_duplicate_groups": [list(g) for g in self.near_duplicate_groups],
+            "tag_frequency": [{"tag": tag, "count": count} for tag, count in self.tag_frequency],
+        }
+
+
+@dataclass
+class _Image:
+    """What the checks need from one decoded image (the pixels themselves are not kept)."""
+
+    rel: str
+    size: tuple[int, int]
+    pixel_hash: str
+    dhash: int
+    sharpness: float | None  # None when the image is too thin to measure
+    grey_std: float
+
+
+# --------------------------------------------------------------------------
+# the report
+
+
+def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = "",
+                  blur_threshold: float = BLUR_THRESHOLD, near_threshold: int = NEAR_THRESHOLD) -> HealthReport:
+    """Check every image under ``folder`` and its caption; raise DatasetError if there is no folder.
+
+    ``tokenizer`` (a CLIP tokenizer) enables the caption length check;
+    ``trigger`` enables the trigger word check.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"dataset folder {folder} does not exist or is not a folder")
+    findings: dict[str, list[dict]] = {}
+    errors: set[str] = set()
+    images: list[_Image] = []
+    captions: list[str] = []
+    captioned = 0
+
+    def flag(rel: str, check: str, message: str) -> None:
+        findings.setdefault(rel, []).append({"check": check, "message": message})
+
+    specials = len(tokenizer("")["input_ids"]) if tokenizer is not None else 0
+    for path in walk_files(folder):
+        if path.suffix.lower() in SIDECAR_SUFFIXES or path.suffix.lower() == CAPTION_SUFFIX:
+            continue
+        rel = path.relative_to(folder).as_posix()
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            if is_image_extension(path):  # other files that do not decode are simply not images
+                flag(rel, "unreadable", f"cannot be used: {exc.reason}")
+                errors.add(rel)
+            continue
+        with image:
+            info = _measure(rel, image)
+        images.append(info)
+        for check, message in _image_checks(info, resolution, blur_threshold):
+            flag(rel, check, message)
+        caption = _caption_checks(path, rel, tokenizer, specials, trigger, flag)
+        if caption is not None:
+            captioned += 1
+            captions.append(caption)
+
+    duplicate_groups = _exact_groups(images)
+    for group in duplicate_groups:
+        for rel in group[1:]:
+            flag(rel, "duplicate", f"same pixels as {group[0]}: remove one copy (a duplicate trains twice as "
+                                   "often and pushes the LoRA towards that one picture)")
+    in_exact = {rel for group in duplicate_groups for rel in group[1:]}
+    near_groups, closest = _near_groups([i for i in images if i.rel not in in_exact], near_threshold)
+    for group in near_groups:
+        for rel in group[1:]:
+            other, distance = closest[rel]
+            flag(rel, "near_duplicate", f"looks almost the same as {other} (perceptual hash distance {distance} "
+                                        f"of 64, threshold {near_threshold}): keep one unless they differ on "
+                                        "purpose")
+
+    files = [FileFinding(rel, "error" if rel in errors else "warning", checks)
+             for rel, checks in sorted(findings.items())]
+    summary = {
+        "images": len(images) + len(errors),
+        "usable": len(images),
+        "errors": len(errors),
+        "warnings": sum(1 for f in files if f.status == "warning"),
+        "captioned": captioned,
+        "uncaptioned": len(images) - captioned,
+        "duplicate_groups": len(duplicate_groups),
+        "near_duplicate_groups": len(near_groups),
+        "tokens_checked": tokenizer is not None,  # caption token length is only measured with a tokenizer
+    }
+    return HealthReport(str(folder), resolution, summary, files, duplicate_groups, near_groups,
+                        tag_frequency(captions))
+
+
+def _image_checks(info: _Image, resolution: int, blur_threshold: float):
+    """(check, message) pairs for the pixel checks of one image."""
+    w, h = info.size
+    if min(w, h) < resolution:
+        yield "small", (f"{w}×{h} is below the training resolution {resolution}: it will be upscaled and look "
+                        "soft; use a larger original or a lower resolution")
+    ratio = max(w, h) / min(w, h)
+    if ratio > MAX_ASPECT:
+        kept = f"{100 / ratio:.2g}"
+        yield "aspect", (f"{w}×{h} has an aspect ratio of {ratio:.1f}:1 (beyond {MAX_ASPECT}:1): it will be "
+                         f"cropped heavily (a square crop keeps {kept}% of it); crop it yourself to the part "
+                         "that matters")
+    if info.grey_std < UNIFORM_STD:
+        yield "uniform", (f"nearly uniform (brightness std {info.grey_std:.1f}, below {UNIFORM_STD:g}): there is "
+                          "nothing to learn in it; remove it")
+    elif info.sharpness is not None and info.sharpness < blur_threshold:
+        yield "blurry", (f"looks blurry (sharpness {info.sharpness:.1f}, below {blur_threshold:g}): the LoRA "
+                         "learns blur from it; use a sharper original or remove it")
+
+
+def _caption_checks(path: Path, rel: str, tokenizer, specials: int, trigger: str, flag) -> str | None:
+    """Flag caption problems; return the caption text, or None when there is no usable caption."""
+    caption_path = path.with_suffix(CAPTION_SUFFIX)
+    if not caption_path.is_file():
+        flag(rel, "caption_missing", f"no caption file {caption_path.name}: it trains with an empty caption; "
+                                     "write one (or run the captioner)")
+        return None
+    caption = read_caption(caption_path)
+    if not caption:
+        flag(rel, "caption_empty", f"caption file {caption_path.name} is empty: it trains with an empty "
+                                   "caption; write one")
+        return None
+    if tokenizer is not None:
+        tokens = len(tokenizer(caption, truncation=False)["input_ids"]) - specials
+        if tokens > CLIP_TOKENS:
+            flag(rel, "caption_too_long", f"caption is {tokens} tokens, over CLIP's {CLIP_TOKENS}: the last "
+                                          f"{tokens - CLIP_TOKENS} are cut off in training; shorten it")
+    if trigger and not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE):
+        flag(rel, "trigger_missing", f"caption does not contain the trigger word {trigger!r}: add it so the "
+                                     "LoRA ties what it learns to the trigger")
+    return caption
+
+
+def tag_frequency(captions: list[str]) -> list[tuple[str, int]]:
+    """Comma-separated tags (lower-cased, stripped) with their counts, most common first, then by name."""
+    counts = Counter(tag for caption in captions for tag in (t.strip().lower() for t in caption.split(",")) if tag)
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+# --------------------------------------------------------------------------
+# measurements
+
+
+def _measure(rel: str, image: Image.Image) -> _Image:
+    """Hash and measure one upright RGB image."""
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    grey = image.convert("L")
+    small = np.asarray(_measure_copy(grey), dtype=np.float64)
+    return _Image(rel, image.size, digest.hexdigest(), dhash(grey), laplacian_variance(small), float(small.std()))
+
+
+def _measure_copy(grey: Image.Image) -> Image.Image:
+    """Greyscale at most _MEASURE_SIDE on the long side, keeping a strip's short side measurable."""
+    long_side, short_side = max(grey.size), min(grey.size)
+    scale = min(1.0, _MEASURE_SIDE / long_side)
+    if short_side * scale < _MIN_MEASURE_SIDE:
+        scale = min(1.0, _MIN_MEASURE_SIDE / short_side)
+    if scale >= 1.0:
+        return grey
+    size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+    return grey.resize(size, Image.Resampling.BOX)
+
+
+def dhash(grey: Image.Image) -> int:
+    """64-bit difference hash: shrink to 9×8, one bit per "brighter than its right neighbour"."""
+    pixels = np.asarray(grey.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (pixels[:, :-1] > pixels[:, 1:]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def laplacian_variance(grey: np.ndarray) -> float | None:
+    """Variance of the 3×3 Laplacian (0 1 0 / 1 -4 1 / 0 1 0); None for images under 3 px on a side."""
+    g = np.asarray(grey, dtype=np.float64)
+    if g.shape[0] < 3 or g.shape[1] < 3:
+        return None
+    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
+    return float(lap.var())
+
+
+# --------------------------------------------------------------------------
+# grouping
+
+
+def _exact_groups(images: list[_Image]) -> list[list[str]]:
+    """Files with identical pixels, each group in walk order, groups by their first file."""
+    by_hash: dict[str, list[str]] = {}
+    for info in images:
+        by_hash.setdefault(info.pixel_hash, []).append(info.rel)
+    return [group for group in by_hash.values() if len(group) > 1]
+
+
+def _near_groups(images: list[_Image], threshold: int) -> tuple[list[list[str]], dict[str, tuple[str, int]]]:
+    """Union-find over pairs within ``threshold`` bits; also each file's closest partner and distance.
+
+    All pairs are compared: 64-bit XORs are cheap, and a few thousand images
+    is a few million comparisons.
+    """
+    parent = list(range(len(images)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    closest: dict[str, tuple[str, int]] = {}
+    for i, a in enumerate(images):
+        for j in range(i + 1, len(images)):
+            b = images[j]
+            distance = (a.dhash ^ b.dhash).bit_count()
+            if distance > threshold:
+                continue
+            parent[root(j)] = root(i)
+            for x, y in ((a, b), (b, a)):
+                if x.rel not in closest or distance < closest[x.rel][1]:
+                    closest[x.rel] = (y.rel, distance)
+    groups: dict[int, list[str]] = {}
+    for i, info in enumerate(images):
+        groups.setdefault(root(i), []).append(info.rel)
+    return [g for g in groups.values() if len(g) > 1], closest
+
+
+# --------------------------------------------------------------------------
+# text output
+
+
+def format_report(report: HealthReport, top_tags: int = 20) -> str:
+    """The report as lines a person reads in a terminal."""
+    s = report.summary
+    lines = [
+        f"dataset {report.folder} at resolution {report.resolution}",
+        f"images: {s['images']} ({s['usable']} usable, {s['errors']} unreadable)",
+        f"files with warnings: {s['warnings']}",
+        f"captions: {s['captioned']} captioned, {s['uncaptioned']} without a caption",
+        f"duplicate groups: {s['duplicate_groups']} exact, {s['near_duplicate_groups']} near",
+    ]
+    if not s["tokens_checked"]:
+        lines.append("caption token length: not checked (pass --model MODEL to check it with its CLIP tokenizer)")
+    if report.files:
+        lines.append("")
+        lines += [f"{f.file}: {f.status}: " + "; ".join(c["message"] for c in f.checks) for f in report.files]
+    for title, groups in (("exact duplicates", report.duplicate_groups),
+                          ("near duplicates", report.near_duplicate_groups)):
+        if groups:
+            lines += ["", f"{title}:"] + [f"  {', '.join(group)}" for group in groups]
+    if report.tag_frequency:
+        lines += ["", f"most common tags (of {len(report.tag_frequency)}):"]
+        lines += [f"  {count:4d}  {_shorten(tag)}" for tag, count in report.tag_frequency[:top_tags]]
+    return "\n".join(lines)
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    """One terminal line for a tag (a whole sentence without commas is one "tag")."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
