@@ -106,6 +106,11 @@ def test_whole_flow(page, server, tmp_path):
     assert "wrote 1, kept 4" in page.inner_text("#dataset-caption-progress")
     page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('5 captioned')")
     assert (home / "datasets" / "e2e pics" / "uncaptioned.txt").read_text(encoding="utf-8").startswith("sks")
+    # The health report: the generated pictures are 80×96, below the 512 training resolution.
+    page.click("#dataset-health-box button, #dataset-health-box .label-wrap >> nth=0")
+    page.click("#dataset-check")
+    page.wait_for_function("document.querySelector('#dataset-health').innerText.includes('usable')")
+    assert "below the training resolution" in page.inner_text("#dataset-health-table")
     page.locator("#dataset-gallery .thumbnail-item").first.click()
     page.wait_for_function("document.querySelector('#dataset-selected textarea, #dataset-selected input').value")
     name = page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value()

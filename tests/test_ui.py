@@ -163,3 +163,20 @@ def test_previewer_keeps_the_pipeline_and_switches_loras(tiny_model, tmp_path):
     step3 = result.run_dir / "test-lora-step000003.safetensors"
     grid = previewer.grid(str(tiny_model), "a photo of sks", [str(step3), str(result.lora_path)], [0.5, 1.0], **kw)
     assert grid.size == (160 + 2 * 64, 24 + 2 * 64) and previewer.loads == 1
+
+
+def test_health_report_view_lists_flagged_files(tmp_path):
+    from PIL import Image
+
+    from ui import dataset_tab
+
+    folder = write_dataset(tmp_path / "d", n=3, size=(600, 600))
+    (folder / "broken.png").write_bytes(b"")
+    Image.open(folder / "img1.png").save(folder / "img1 copy.png")
+    report = dataset_tab.health_report(folder)
+    rows = {row[0]: row for row in dataset_tab.health_rows(report)}
+    assert rows["broken.png"][1] == "error" and "empty" in rows["broken.png"][2]
+    assert "img1 copy.png" in rows or "img1.png" in rows  # one of the pair is flagged as the duplicate
+    assert "img 0 ça.png" not in rows  # a clean picture is not flagged
+    summary = dataset_tab.health_summary(report)
+    assert "**1** cannot be used" in summary and "same pixels" in summary

@@ -34,6 +34,33 @@ def import_message(report) -> str:
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 
 
+def health_report(folder: Path):
+    from core.health import check_dataset
+
+    return check_dataset(folder)
+
+
+def health_summary(report) -> str:
+    """The report's headline numbers and groups, as Markdown."""
+    s = report.summary
+    lines = [f"**{s['usable']}** usable of {s['images']} pictures · **{s['errors']}** cannot be used · "
+             f"**{s['warnings']}** with warnings · {s['duplicate_groups']} exact and "
+             f"{s['near_duplicate_groups']} near-duplicate group(s)"]
+    for group in report.duplicate_groups:
+        lines.append(f"- same pixels: {', '.join(f'`{f}`' for f in group)}")
+    for group in report.near_duplicate_groups:
+        lines.append(f"- nearly the same: {', '.join(f'`{f}`' for f in group)}")
+    if report.tag_frequency:
+        top = ", ".join(f"{tag} ({count})" for tag, count in report.tag_frequency[:10])
+        lines.append(f"Most common caption tags: {top}")
+    return "\n".join(lines)
+
+
+def health_rows(report) -> list[list[str]]:
+    """One row per flagged file: file, status, every problem with what to do."""
+    return [[f.file, f.status, "; ".join(c["message"] for c in f.checks)] for f in report.files]
+
+
 def captioner_models(settings: AppSettings) -> list[str]:
     """BLIP folders under models/ first (offline), then the usual hub id (downloaded on first use)."""
     local = [str(p) for p in sorted(settings.models_dir.glob("*blip*")) if (p / "config.json").is_file()]
@@ -75,6 +102,11 @@ def build(settings: AppSettings):
                     autocaption = gr.Button("Caption pictures", variant="primary", elem_id="dataset-autocaption")
                     stop_caption = gr.Button("Stop", elem_id="dataset-autocaption-stop")
                 caption_progress = gr.Markdown(elem_id="dataset-caption-progress")
+            with gr.Accordion("Health report", open=False, elem_id="dataset-health-box"):
+                check = gr.Button("Check this dataset", elem_id="dataset-check")
+                health = gr.Markdown(elem_id="dataset-health")
+                flagged = gr.Dataframe(headers=["file", "status", "problems"], interactive=False, wrap=True,
+                                       elem_id="dataset-health-table")
             with gr.Accordion("Bulk tools", open=False):
                 trigger = gr.Textbox(label="Trigger word (put first in every caption)", elem_id="dataset-trigger")
                 add_trigger = gr.Button("Add trigger word", elem_id="dataset-add-trigger")
@@ -189,7 +221,15 @@ def build(settings: AppSettings):
         job.stop()
         return "Stopping after the current batch…"
 
+    def on_check(name):
+        folder = folder_of(name)
+        if folder is None:
+            return "⚠️ create or pick a dataset first", gr.skip()
+        report = health_report(folder)
+        return health_summary(report), health_rows(report)
+
     listing = [gallery, counts]
+    check.click(on_check, picker, [health, flagged])
     autocaption.click(on_autocaption, [picker, caption_model, caption_prefix, caption_overwrite],
                       [caption_progress, caption_timer])
     caption_timer.tick(on_caption_tick, picker, [caption_progress, caption_timer, *listing],
