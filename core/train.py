@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
@@ -38,8 +36,17 @@ from core.events import (
     SampleWritten,
     ValidationLoss,
 )
-
-STOP_FILE = "STOP"
+from core.objective import Validator, training_loss
+from core.run_folder import (
+    STOP_FILE,
+    check_run_dir,
+    latest_state,
+    prepare_run_dir,
+    register_lora_state_hooks,
+    save_lora,
+    save_state,
+)
+from core.train_data import build_dataloader, build_entries
 
 
 @dataclass
@@ -191,335 +198,6 @@ def build_lr_scheduler(config: TrainConfig, optimizer, total_steps: int, num_pro
     # accelerate steps a prepared scheduler once per process per optimizer step.
     return get_scheduler(name, optimizer, num_warmup_steps=config.train.lr_warmup_steps * num_processes,
                          num_training_steps=total_steps * num_processes)
-
-
-# ====================================================================== data
-
-
-class LatentDataset(torch.utils.data.Dataset):
-    """Training examples: cached latent distributions (or pixels) and captions, repeated."""
-
-    def __init__(self, entries: list[dict], repeats: int = 1):
-        self.entries = entries
-        self.repeats = repeats
-
-    def __len__(self) -> int:
-        return len(self.entries) * self.repeats
-
-    def __getitem__(self, index: int) -> dict:
-        entry = self.entries[index % len(self.entries)]
-        return {key: (value() if callable(value) else value) for key, value in entry.items()}
-
-
-def collate(examples: list[dict]) -> dict:
-    batch = {}
-    for key in examples[0]:
-        values = [ex[key] for ex in examples]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return batch
-
-
-def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit: Emit, what: str) -> list[dict]:
-    """One entry per image: latents and text embeddings from the cache (encoding what is missing)."""
-    from core.cache import encode_latent_distribution, encode_text
-    from core.images import file_digest, fit_image, load_image, to_tensor
-
-    size = config.dataset.resolution
-    vae_fp, text_fp = base.fingerprint("vae"), base.fingerprint("text_encoder")
-    cache_text = not config.lora.train_text_encoder
-    entries = []
-    for i, item in enumerate(items):
-        emit(Phase(f"caching {what} latents", i, len(items)))
-        entry = {"caption": item.caption}
-        if config.dataset.cache_latents:
-            key = cache.latent_key(file_digest(item.path), size, size, vae_fp)
-            if not cache.has("latents", key):
-                pixels = to_tensor(fit_image(load_image(item.path), size, size)[0])[None]
-                cache.store("latents", key, {k: v[0] for k, v in encode_latent_distribution(base.vae, pixels).items()})
-            entry.update(_lazy_tensors(cache, "latents", key, ("mean", "std")))
-        else:
-            entry["pixels"] = _lazy_pixels(item.path, size)
-        if cache_text:
-            key = cache.text_key(item.caption, text_fp, base.tokenizer.model_max_length)
-            if not cache.has("text", key):
-                hidden = encode_text(base.tokenizer, base.text_encoder, [item.caption])
-                cache.store("text", key, {"hidden": hidden[0].float()})
-            entry.update(_lazy_tensors(cache, "text", key, ("hidden",)))
-        entries.append(entry)
-    emit(Phase(f"caching {what} latents", len(items), len(items)))
-    return entries
-
-
-def _lazy_tensors(cache, kind: str, key: str, names: tuple[str, ...]) -> dict:
-    """Entry values that read the cache file when the example is drawn (keeps RAM flat for big sets)."""
-
-    def getter(name):
-        def get():
-            tensors = cache.load(kind, key)
-            if tensors is None:
-                raise RuntimeError(f"cache entry {cache.path(kind, key)} disappeared or is damaged during "
-                                   f"training; delete the cache folder and restart")
-            return tensors[name]
-        return get
-
-    return {name: getter(name) for name in names}
-
-
-def _lazy_pixels(path: Path, size: int):
-    from core.images import fit_image, load_image, to_tensor
-
-    return lambda: to_tensor(fit_image(load_image(path), size, size)[0])
-
-
-def build_dataloader(config: TrainConfig, entries: list[dict]):
-    generator = torch.Generator().manual_seed(config.train.seed)
-    return torch.utils.data.DataLoader(
-        LatentDataset(entries, config.dataset.repeats),
-        batch_size=config.train.batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collate,
-        drop_last=False,
-    )
-
-
-# ================================================================= objective
-
-
-def latents_from_batch(batch: dict, base, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Scaled latents for a batch: a fresh draw from the cached posterior (or the mean when no generator)."""
-    from core.cache import encode_latent_distribution
-
-    if "mean" in batch:
-        mean, std = batch["mean"].to(device), batch["std"].to(device)
-    else:
-        dist = encode_latent_distribution(base.vae, batch["pixels"].to(device))
-        mean, std = dist["mean"], dist["std"]
-    latents = mean if generator is None else mean + std * torch.randn(
-        mean.shape, generator=generator, device=device)
-    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * base.vae.config.scaling_factor
-
-
-def text_states(batch: dict, base, text_encoder, device) -> torch.Tensor:
-    if "hidden" in batch:
-        return batch["hidden"].to(device)
-    from core.cache import tokenize
-
-    return text_encoder(tokenize(base.tokenizer, batch["caption"]).to(device))[0]
-
-
-def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    pred = unet(noisy, timesteps, states, return_dict=False)[0]
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(scheduler, timesteps)
-        weight = torch.clamp(snr, max=min_snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
-        loss = loss * weight
-    return loss
-
-
-def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generator, device) -> torch.Tensor:
-    latents = latents_from_batch(batch, base, generator, device)
-    noise = torch.randn(latents.shape, generator=generator, device=device)
-    if config.train.noise_offset:
-        noise = noise + config.train.noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
-    timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=device)
-    states = text_states(batch, base, text_encoder, device)
-    return diffusion_loss(unet, base.noise_scheduler, latents, states, noise, timesteps,
-                          config.train.min_snr_gamma).mean()
-
-
-# ================================================================ validation
-
-
-class Validator:
-    """Held-out loss with fixed noise and fixed timesteps, so values compare across steps and runs."""
-
-    def __init__(self, config: TrainConfig, entries: list[dict], base, device):
-        self.entries = entries
-        self.base = base
-        self.device = device
-        total = base.noise_scheduler.config.num_train_timesteps
-        k = config.sample.validation_timesteps
-        # Evenly spread, away from both ends (t=0 is trivially easy, t=T-1 nearly pure noise).
-        self.timesteps = [int(round((i + 1) * total / (k + 1))) for i in range(k)]
-        gen = torch.Generator().manual_seed(config.train.seed + 1_000_003)
-        self.noise = []
-        side = config.dataset.resolution // base.vae_scale_factor
-        shape = (base.vae.config.latent_channels, side, side)
-        for _ in entries:
-            self.noise.append(torch.randn((len(self.timesteps), *shape), generator=gen))
-
-    @torch.no_grad()
-    def __call__(self, unet, text_encoder, autocast) -> float | None:
-        if not self.entries:
-            return None
-        losses = []
-        for entry, noise in zip(self.entries, self.noise, strict=True):
-            batch = collate([{k: (v() if callable(v) else v) for k, v in entry.items()}])
-            latents = latents_from_batch(batch, self.base, None, self.device)
-            latents = latents.expand(len(self.timesteps), *latents.shape[1:])
-            states = text_states(batch, self.base, text_encoder, self.device)
-            states = states.expand(len(self.timesteps), *states.shape[1:])
-            timesteps = torch.tensor(self.timesteps, device=self.device)
-            with autocast():
-                loss = diffusion_loss(unet, self.base.noise_scheduler, latents, states,
-                                      noise.to(self.device), timesteps)
-            losses.append(loss.float().mean().item())
-        return sum(losses) / len(losses)
-
-
-# =================================================================== saving
-
-
-def lora_metadata(config: TrainConfig, step: int, num_images: int) -> dict[str, str]:
-    from core.lora_io import kohya_metadata
-
-    return kohya_metadata(
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        output_name=config.output.name,
-        resolution=config.dataset.resolution,
-        steps=step,
-        learning_rate=config.train.learning_rate,
-        base_model=config.model.path,
-        train_text_encoder=config.lora.train_text_encoder,
-        extra={
-            "ss_seed": config.train.seed,
-            "ss_num_train_images": num_images,
-            "ss_batch_size_per_device": config.train.batch_size,
-            "ss_gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-            "ss_lr_scheduler": config.train.lr_scheduler,
-            "ss_optimizer": config.train.optimizer,
-            "ss_mixed_precision": config.train.mixed_precision,
-            "ss_noise_offset": config.train.noise_offset,
-            "ss_min_snr_gamma": config.train.min_snr_gamma,
-            "ss_text_encoder_lr": config.lora.text_encoder_learning_rate or config.train.learning_rate,
-            "ss_unet_lr": config.train.learning_rate,
-        },
-    )
-
-
-def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, num_images: int) -> Path:
-    from core.lora_io import save_kohya_lora
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_precision]
-    te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None
-    return save_kohya_lora(path, accelerator.unwrap_model(unet), te,
-                           metadata=lora_metadata(config, step, num_images), dtype=dtype)
-
-
-def latest_state(run_dir: Path) -> Path | None:
-    states = sorted((run_dir / "state").glob("step-*")) if (run_dir / "state").is_dir() else []
-    return states[-1] if states else None
-
-
-def save_state(config: TrainConfig, accelerator, step: int) -> Path:
-    """Save accelerate's state (LoRA weights, optimizer, scheduler, RNG, progress); keep the newest few."""
-    state_root = config.run_dir / "state"
-    final = state_root / f"step-{step:08d}"
-    tmp = state_root / f".tmp-step-{step:08d}"
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # a folder cannot be os.replace'd over; a crash leaves only the .tmp one
-        for old in sorted(state_root.glob("step-*"))[:-config.output.keep_states]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def register_lora_state_hooks(accelerator, unet, text_encoder) -> None:
-    """Make accelerate's save/load_state store only the LoRA weights, not whole gigabyte models."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    names = {id(accelerator.unwrap_model(unet)): "unet"}
-    if text_encoder is not None:
-        names[id(accelerator.unwrap_model(text_encoder))] = "text_encoder"
-
-    def save_hook(models, weights, output_dir):
-        for model in models:
-            name = names[id(accelerator.unwrap_model(model))]
-            if accelerator.is_main_process:
-                tensors = {k: v.detach().cpu().contiguous()
-                           for k, v in get_peft_model_state_dict(accelerator.unwrap_model(model)).items()}
-                save_file(tensors, str(Path(output_dir) / f"lora_{name}.safetensors"))
-            if weights:
-                weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            tensors = load_file(str(Path(input_dir) / f"lora_{names[id(model)]}.safetensors"))
-            set_peft_model_state_dict(model, tensors)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-# ====================================================================== run
-
-
-def check_run_dir(config: TrainConfig, resume: bool) -> None:
-    """Refuse to mix a new run into an old one unless asked (read-only; safe on every process)."""
-    run_dir = config.run_dir
-    if resume:
-        if not latest_state(run_dir):
-            raise ConfigError(f"--resume: no saved state in {run_dir / 'state'}; the run never reached a "
-                              f"checkpoint (output.save_every_n_steps) or output.save_state was false")
-        _check_resumable(config, run_dir / "config.toml")
-        return
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if not ((run_dir / "events.jsonl").exists() or (run_dir / "config.toml").exists()):
-        raise ConfigError(f"output folder {run_dir} already exists and was not made by this app; choose "
-                          f"another output.name or output.dir")
-    if not config.output.overwrite:
-        raise ConfigError(f"output folder {run_dir} already holds a run named {config.output.name!r}; pass "
-                          f"--resume to continue it, pick another output.name, or set output.overwrite = true "
-                          f"to replace it")
-
-
-# Settings that shape the saved weights and optimizer state: a resumed run must keep them.
-_RESUME_FIXED = [("lora", "rank"), ("lora", "target_modules"), ("lora", "train_text_encoder"),
-                 ("lora", "text_encoder_target_modules"), ("train", "optimizer"), ("model", "path")]
-
-
-def _check_resumable(config: TrainConfig, saved_path: Path) -> None:
-    if not saved_path.is_file():
-        return
-    saved = config_mod.load(saved_path, check_paths=False)
-    for section, key in _RESUME_FIXED:
-        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
-        if old != new:
-            raise ConfigError(f"--resume: {section}.{key} was {old!r} in this run and is {new!r} now; it cannot "
-                              f"change in a resumed run (start a new run with another output.name)")
-
-
-def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    """Create (or, with output.overwrite, empty) the run folder; call on the main process only."""
-    run_dir = config.run_dir
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)  # check_run_dir made sure it is one of our runs and overwrite is on
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    return run_dir
 
 
 def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambda: False,

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from core import train
+from core import objective, train
 from core.config import ConfigError
 from core.events import jsonl_writer, read_events
 from tests.conftest import EventLog, tiny_config, write_dataset
@@ -155,7 +155,7 @@ def test_loss_decreases_with_fixed_noise_and_timestep(tiny_model, tmp_path):
     base.unet.train()
     losses = []
     for _ in range(20):
-        loss = train.diffusion_loss(base.unet, base.noise_scheduler, latents, states, noise, t).mean()
+        loss = objective.diffusion_loss(base.unet, base.noise_scheduler, latents, states, noise, t).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

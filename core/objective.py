@@ -1,0 +1,111 @@
+"""The diffusion objective and the held-out validation loss.
+
+Cached VAE latents are noised at a random timestep and the UNet's output is
+regressed onto the scheduler's target (the noise for epsilon models, the
+velocity for v-prediction), with optional min-SNR-gamma weighting and noise
+offset. Validation uses fixed noise at fixed timesteps so values compare.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.config import TrainConfig
+from core.train_data import collate
+
+
+def latents_from_batch(batch: dict, base, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Scaled latents for a batch: a fresh draw from the cached posterior (or the mean when no generator)."""
+    from core.cache import encode_latent_distribution
+
+    if "mean" in batch:
+        mean, std = batch["mean"].to(device), batch["std"].to(device)
+    else:
+        dist = encode_latent_distribution(base.vae, batch["pixels"].to(device))
+        mean, std = dist["mean"], dist["std"]
+    latents = mean if generator is None else mean + std * torch.randn(
+        mean.shape, generator=generator, device=device)
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * base.vae.config.scaling_factor
+
+
+def text_states(batch: dict, base, text_encoder, device) -> torch.Tensor:
+    if "hidden" in batch:
+        return batch["hidden"].to(device)
+    from core.cache import tokenize
+
+    return text_encoder(tokenize(base.tokenizer, batch["caption"]).to(device))[0]
+
+
+def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    pred = unet(noisy, timesteps, states, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps)
+        weight = torch.clamp(snr, max=min_snr_gamma) / snr
+        if scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+        loss = loss * weight
+    return loss
+
+
+def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generator, device) -> torch.Tensor:
+    latents = latents_from_batch(batch, base, generator, device)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    if config.train.noise_offset:
+        noise = noise + config.train.noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+    timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=device)
+    states = text_states(batch, base, text_encoder, device)
+    return diffusion_loss(unet, base.noise_scheduler, latents, states, noise, timesteps,
+                          config.train.min_snr_gamma).mean()
+
+
+# ================================================================ validation
+
+
+class Validator:
+    """Held-out loss with fixed noise and fixed timesteps, so values compare across steps and runs."""
+
+    def __init__(self, config: TrainConfig, entries: list[dict], base, device):
+        self.entries = entries
+        self.base = base
+        self.device = device
+        total = base.noise_scheduler.config.num_train_timesteps
+        k = config.sample.validation_timesteps
+        # Evenly spread, away from both ends (t=0 is trivially easy, t=T-1 nearly pure noise).
+        self.timesteps = [int(round((i + 1) * total / (k + 1))) for i in range(k)]
+        gen = torch.Generator().manual_seed(config.train.seed + 1_000_003)
+        self.noise = []
+        side = config.dataset.resolution // base.vae_scale_factor
+        shape = (base.vae.config.latent_channels, side, side)
+        for _ in entries:
+            self.noise.append(torch.randn((len(self.timesteps), *shape), generator=gen))
+
+    @torch.no_grad()
+    def __call__(self, unet, text_encoder, autocast) -> float | None:
+        if not self.entries:
+            return None
+        losses = []
+        for entry, noise in zip(self.entries, self.noise, strict=True):
+            batch = collate([{k: (v() if callable(v) else v) for k, v in entry.items()}])
+            latents = latents_from_batch(batch, self.base, None, self.device)
+            latents = latents.expand(len(self.timesteps), *latents.shape[1:])
+            states = text_states(batch, self.base, text_encoder, self.device)
+            states = states.expand(len(self.timesteps), *states.shape[1:])
+            timesteps = torch.tensor(self.timesteps, device=self.device)
+            with autocast():
+                loss = diffusion_loss(unet, self.base.noise_scheduler, latents, states,
+                                      noise.to(self.device), timesteps)
+            losses.append(loss.float().mean().item())
+        return sum(losses) / len(losses)
