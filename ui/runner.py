@@ -87,47 +87,85 @@ def list_runs(outputs_dir: str | Path) -> list[Path]:
     return sorted(runs, key=lambda p: (p / "events.jsonl").stat().st_mtime, reverse=True)
 
 
-class ActiveRun:
-    """One training subprocess and the incremental reading of its events."""
+class CliJob:
+    """``python -m core ARGS`` as a background subprocess whose events file is read as it grows.
 
-    def __init__(self, run_dir: Path, process: subprocess.Popen, log_path: Path):
-        self.run_dir = run_dir
-        self.process = process
+    ``status`` is any object with ``apply(event)`` and an ``error`` string; it is fed
+    the new events on every ``poll``. A process that dies without an error event
+    (killed, crashed hard) gets its last output line as the error.
+    """
+
+    def __init__(self, args: list[str], events_path: Path, log_path: Path, status, python: str = sys.executable):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.events_path = events_path
         self.log_path = log_path
-        self.summary = RunSummary(run_dir)
+        self.status = status
         self.offset = 0
         self.started_at = time.time()
-
-    def poll(self) -> RunSummary:
-        events, self.offset = read_events(self.run_dir / "events.jsonl", self.offset)
-        for event in events:
-            self.summary.apply(event)
-        code = self.process.poll()
-        if code not in (None, 0) and not self.summary.error:
-            # Died without writing an error event (killed, crashed hard): show its last output line.
-            self.summary.error = self.last_output_line() or f"training process ended with exit code {code}"
-        return self.summary
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [python, "-m", "core", *args],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     @property
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def poll(self):
+        events, self.offset = read_events(self.events_path, self.offset)
+        for event in events:
+            self.status.apply(event)
+        code = self.process.poll()
+        if code not in (None, 0) and not self.status.error:
+            self.status.error = self.last_output_line() or f"the process ended with exit code {code}"
+        return self.status
+
+    def stop(self) -> None:
+        """Ask the job to stop after its current step or batch (SIGTERM; Windows can only terminate)."""
+        if self.running:
+            if os.name == "posix":
+                self.process.send_signal(signal.SIGTERM)
+            else:
+                self.process.terminate()
+
     def last_output_line(self) -> str:
-        try:
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        except FileNotFoundError:
-            return ""
+        lines = [ln for ln in self._log().splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("error:")]
         return (errors or lines or [""])[-1]
 
     def log_tail(self, lines: int = 20) -> str:
+        # The progress bar redraws with carriage returns; keep the last state of each line.
+        rows = [row.split("\r")[-1] for row in self._log().split("\n")]
+        return "\n".join([row for row in rows if row.strip()][-lines:])
+
+    def _log(self) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
-        # The progress bar redraws with carriage returns; keep the last state of each line.
-        rows = [row.split("\r")[-1] for row in text.split("\n")]
-        return "\n".join([row for row in rows if row.strip()][-lines:])
+
+
+class ActiveRun(CliJob):
+    """One training subprocess (``python -m core train``) and its folded events."""
+
+    def __init__(self, run_dir: Path, config_path: Path, log_path: Path, python: str = sys.executable):
+        self.run_dir = run_dir
+        super().__init__(["train", str(config_path)], run_dir / "events.jsonl", log_path, RunSummary(run_dir),
+                         python)
+
+    @property
+    def summary(self) -> RunSummary:
+        return self.status
+
+    def stop(self) -> None:
+        if os.name == "posix":
+            super().stop()
+        # Elsewhere terminating would kill the run without saving; the STOP file (RunManager.stop) asks it.
 
 
 class RunManager:
@@ -149,16 +187,7 @@ class RunManager:
         config_path = jobs / f"{config.output.name}-{stamp}.toml"
         log_path = jobs / f"{config.output.name}-{stamp}.log"
         config_mod.save(config, config_path)
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [self.python, "-m", "core", "train", str(config_path)],
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        self.active = ActiveRun(config.run_dir, process, log_path)
+        self.active = ActiveRun(config.run_dir, config_path, log_path, self.python)
         return self.active
 
     def stop(self) -> bool:
@@ -166,9 +195,8 @@ class RunManager:
         if not (self.active and self.active.running):
             return False
         if self.active.run_dir.is_dir():
-            (self.active.run_dir / "STOP").touch()
-        if os.name == "posix":
-            self.active.process.send_signal(signal.SIGTERM)  # also covers the time before the folder exists
+            (self.active.run_dir / "STOP").touch()  # honoured on every platform
+        self.active.stop()  # SIGTERM also covers the time before the run folder exists
         return True
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -211,45 +239,16 @@ class CaptionStatus:
         return "Loading the captioner…"
 
 
-class CaptionJob:
-    """``python -m core caption`` as a background subprocess whose events the Dataset tab polls."""
+class CaptionJob(CliJob):
+    """``python -m core caption`` as a background job whose progress the Dataset tab polls."""
 
     def __init__(self, folder: Path, model: str, jobs_dir: Path, captioner: str = "blip", prefix: str = "",
                  overwrite: bool = False, python: str = sys.executable):
-        jobs_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.events_path = jobs_dir / f"caption-{folder.name}-{stamp}.jsonl"
-        self.log_path = jobs_dir / f"caption-{folder.name}-{stamp}.log"
-        cmd = [python, "-m", "core", "caption", str(folder), "--captioner", captioner, "--model", model,
-               "--events", str(self.events_path)]
+        events_path = jobs_dir / f"caption-{folder.name}-{stamp}.jsonl"
+        args = ["caption", str(folder), "--captioner", captioner, "--model", model, "--events", str(events_path)]
         if prefix.strip():
-            cmd += ["--prefix", prefix.strip()]
+            args += ["--prefix", prefix.strip()]
         if overwrite:
-            cmd.append("--overwrite")
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL,
-                                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
-        self.status = CaptionStatus()
-        self.offset = 0
-
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def poll(self) -> CaptionStatus:
-        events, self.offset = read_events(self.events_path, self.offset)
-        for event in events:
-            self.status.apply(event)
-        code = self.process.poll()
-        if code not in (None, 0) and not self.status.error:
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-            self.status.error = next((ln for ln in reversed(lines) if ln.startswith("error:")),
-                                     lines[-1] if lines else f"exit code {code}")
-        return self.status
-
-    def stop(self) -> None:
-        if self.running and os.name == "posix":
-            self.process.send_signal(signal.SIGTERM)
-        elif self.running:
-            self.process.terminate()
+            args.append("--overwrite")
+        super().__init__(args, events_path, jobs_dir / f"caption-{folder.name}-{stamp}.log", CaptionStatus(), python)
