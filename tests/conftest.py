@@ -73,3 +73,23 @@ class EventLog:
 
     def of(self, kind: str):
         return [e for e in self.events if e.type == kind]
+
+
+def sigterm_once(proc, events_path, ready, timeout: float = 300, poll: float = 0.1):
+    """Wait until the events file shows ``ready(events)``, send SIGTERM, and return (stderr, final events)."""
+    import signal
+    import time
+
+    from core.events import read_events
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        events, _ = read_events(events_path)
+        if ready(events):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(poll)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return err, read_events(events_path)[0]

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from PIL import Image
 from core import caption
 from core.caption import CaptionError, caption_folder
 from core.events import read_events
-from tests.conftest import EventLog
+from tests.conftest import EventLog, sigterm_once
 
 ROOT = Path(__file__).resolve().parents[1]
 ODD_NAME = "mon chat été.png"  # spaces and non-ASCII
@@ -271,17 +269,9 @@ def test_tiny_captioner_command_and_sigterm_stops_after_the_batch(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "core", "caption", str(folder), "--model", str(tmp_path / "tiny"),
                              "--batch-size", "1", "--events", str(events_file), "--device", "cpu"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        events, _ = read_events(events_file)
-        if any(e["type"] == "caption_progress" for e in events):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    events, _ = read_events(events_file)
+    err, events = sigterm_once(proc, events_file,
+                               lambda events: any(e["type"] == "caption_progress" for e in events), timeout=120,
+                               poll=0.02)
     finished = events[-1]
     assert finished["type"] == "caption_finished" and finished["stopped"] is True, err
     assert 1 <= len(finished["written"]) < 60

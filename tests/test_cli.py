@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from PIL import Image
 
 from core import config
 from core.events import read_events
-from tests.conftest import tiny_config, write_dataset
+from tests.conftest import sigterm_once, tiny_config, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,17 +110,8 @@ def test_sigterm_stops_after_the_current_step_and_saves(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, "-m", "core", "train", str(path), "--no-progress"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events_path = cfg.run_dir / "events.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        events, _ = read_events(events_path)
-        if any(e["type"] == "progress" and e["step"] >= 2 for e in events):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    events, _ = read_events(events_path)
+    _, events = sigterm_once(proc, events_path,
+                             lambda events: any(e["type"] == "progress" and e["step"] >= 2 for e in events), poll=0.2)
     finished = events[-1]
     assert finished["type"] == "finished" and finished["status"] == "stopped"
     last_progress = max(e["step"] for e in events if e["type"] == "progress")
