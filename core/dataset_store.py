@@ -26,10 +26,8 @@ import logging
 import os
 import shutil
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from core import fsutil
 from core.dataset import read_caption
@@ -43,7 +41,6 @@ REMOVED_DIR = ".removed"  # hidden, so scan_dataset and list_images skip it
 _REMOVED_INDEX = ".names.json"
 _MAX_NAME_CHARS = 100
 _MAX_CAPTION_BYTES = 1 << 20  # a caption is a line of text; a bigger .txt is not a caption
-_SEPARATORS = " ,\t\r\n"  # what may sit between a caption and an added tag
 # Names Windows reserves for devices: a folder called "con" cannot be created there.
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
@@ -92,7 +89,7 @@ def list_datasets(root: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         return []
     names = [entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")]
-    return sorted(names, key=_sort_key)
+    return sorted(names, key=sort_key)
 
 
 def create_dataset(root: str | os.PathLike, name: str) -> Path:
@@ -138,7 +135,7 @@ def import_files(dataset_dir: str | os.PathLike, paths: list[str | Path],
     that a caption can follow its image when the image had to be renamed.
     One bad file never stops the batch: it is listed in ``rejected``.
     """
-    folder = _existing_dir(dataset_dir)
+    folder = existing_dir(dataset_dir)
     uploads = _uploads(paths, original_names)
     report = ImportReport()
     index = _stem_index(folder)
@@ -281,10 +278,10 @@ def _read_uploaded_caption(src: Path) -> str:
         raise _Rejected(f"cannot read the file ({e.strerror or e})") from e
     if b"\0" in data:
         raise _Rejected("it is not a text file (it contains binary data); a caption is plain text")
-    return _decode_text(data).strip()
+    return decode_text(data).strip()
 
 
-def _decode_text(data: bytes) -> str:
+def decode_text(data: bytes) -> str:
     """UTF-8 (BOM allowed), or cp1252 for files written by older Windows tools."""
     try:
         return data.decode("utf-8-sig")
@@ -312,11 +309,11 @@ def list_images(dataset_dir: str | os.PathLike) -> list[DatasetImage]:
     Only the top level is listed (imports are flat) and hidden entries,
     ``.removed/`` among them, are skipped.
     """
-    folder = _existing_dir(dataset_dir)
-    files = _visible_files(folder)
+    folder = existing_dir(dataset_dir)
+    files = visible_files(folder)
     images = []
-    for name in sorted((n for n in files if is_image_extension(n)), key=_sort_key):
-        caption_name = _caption_name(name)
+    for name in sorted((n for n in files if is_image_extension(n)), key=sort_key):
+        caption_name = caption_file_name(name)
         caption = read_caption(files[caption_name]) if caption_name in files else ""
         images.append(DatasetImage(name, files[name], caption, bool(caption)))
     return images
@@ -331,115 +328,10 @@ def counts(dataset_dir: str | os.PathLike) -> dict:
 
 def list_removed(dataset_dir: str | os.PathLike) -> list[str]:
     """Names of the images in ``.removed/`` (what ``restore_image`` accepts), sorted."""
-    trash = _existing_dir(dataset_dir) / REMOVED_DIR
+    trash = existing_dir(dataset_dir) / REMOVED_DIR
     if not trash.is_dir():
         return []
-    return sorted((n for n in _visible_files(trash) if is_image_extension(n)), key=_sort_key)
-
-
-# --------------------------------------------------------------------------
-# editing captions
-
-
-def save_caption(dataset_dir: str | os.PathLike, image_name: str, text: str) -> Path:
-    """Write an image's caption (UTF-8, stripped) atomically beside it; return the caption path."""
-    image = _image_in(_existing_dir(dataset_dir), image_name)
-    caption = image.with_name(_caption_name(image.name))
-    fsutil.write_text(caption, (text or "").strip())
-    return caption
-
-
-def add_trigger_word(dataset_dir: str | os.PathLike, word: str) -> int:
-    """Put ``word`` first in every caption that does not already start with it; return how many changed.
-
-    "Starts with it" means the first comma-separated tag equals the word,
-    ignoring case (CLIP lowercases prompts, so ``SKS`` and ``sks`` are the
-    same token). Running it twice changes nothing the second time. Images
-    without a caption get the word alone.
-    """
-    word = _clean_addition(word, "trigger word")
-    if "," in word:
-        raise DatasetStoreError(f"the trigger word {word!r} contains a comma; use a single tag such as 'sks'")
-
-    def edit(text: str) -> str:
-        tags = _tags(text)
-        if tags and tags[0].casefold() == word.casefold():
-            return text
-        return _join(word, text)
-
-    return _edit_captions(dataset_dir, edit)
-
-
-def find_replace(dataset_dir: str | os.PathLike, find: str, replace: str) -> int:
-    """Replace plain text (not a regex) in every caption; return how many captions changed."""
-    if not find:
-        raise DatasetStoreError("the text to find is empty; type the text to replace")
-    replace = replace or ""
-    return _edit_captions(dataset_dir, lambda text: text.replace(find, replace).strip() if find in text else text)
-
-
-def add_text(dataset_dir: str | os.PathLike, text: str, where: Literal["prepend", "append"]) -> int:
-    """Add text at the start or the end of every caption, joined with ", "; return how many changed.
-
-    Separators the user typed (", high quality") and those already at the
-    caption's end ("a dog, ") are not doubled. A caption whose first (or
-    last) tags already are exactly the text is left alone, so repeating
-    the action is harmless. Empty captions become just the text.
-    """
-    if where not in ("prepend", "append"):
-        raise DatasetStoreError(f"where must be 'prepend' or 'append', got {where!r}")
-    text = _clean_addition(text, "text to add")
-    added = _tags(text)
-
-    def edit(caption: str) -> str:
-        tags = _tags(caption)
-        if where == "prepend":
-            return caption if tags[: len(added)] == added else _join(text, caption)
-        return caption if len(tags) >= len(added) and tags[-len(added):] == added else _join(caption, text)
-
-    return _edit_captions(dataset_dir, edit)
-
-
-def _clean_addition(text: str, what: str) -> str:
-    """Strip spaces and stray commas from text to add; refuse if nothing is left."""
-    clean = (text or "").strip(_SEPARATORS)
-    if not clean:
-        raise DatasetStoreError(f"the {what} is empty; type some text first")
-    return clean
-
-
-def _tags(text: str) -> list[str]:
-    """The comma-separated tags of a caption, stripped, empty ones dropped."""
-    return [tag.strip() for tag in text.split(",") if tag.strip()]
-
-
-def _join(first: str, second: str) -> str:
-    """``first, second`` without doubled separators; either side may be empty."""
-    first, second = first.rstrip(_SEPARATORS), second.lstrip(_SEPARATORS)
-    return f"{first}, {second}" if first and second else first or second
-
-
-def _edit_captions(dataset_dir: str | os.PathLike, edit: Callable[[str], str]) -> int:
-    """Apply ``edit`` to every image's caption (stripped; "" if none) and write those that change.
-
-    Each caption file is edited once even when two images share it (``a.png``
-    and ``a.jpg`` both read ``a.txt``), so a replacement is never applied twice.
-    """
-    folder = _existing_dir(dataset_dir)
-    files = _visible_files(folder)
-    seen: set[str] = set()
-    changed = 0
-    for name in sorted((n for n in files if is_image_extension(n)), key=_sort_key):
-        caption_name = _caption_name(name)
-        if caption_name in seen:
-            continue
-        seen.add(caption_name)
-        old = _decode_text(files[caption_name].read_bytes()).strip() if caption_name in files else ""
-        new = edit(old)
-        if new != old:
-            fsutil.write_text(folder / caption_name, new)
-            changed += 1
-    return changed
+    return sorted((n for n in visible_files(trash) if is_image_extension(n)), key=sort_key)
 
 
 # --------------------------------------------------------------------------
@@ -453,17 +345,17 @@ def remove_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
     If ``.removed/`` already holds that stem, the image gets a " (2)" suffix
     there; the name it had in the dataset is recorded for the restore.
     """
-    folder = _existing_dir(dataset_dir)
-    image = _image_in(folder, image_name)
+    folder = existing_dir(dataset_dir)
+    image = image_in(folder, image_name)
     trash = folder / REMOVED_DIR
     trash.mkdir(exist_ok=True)
     dest = trash / _free_name(trash, image.name)
-    caption = image.with_name(_caption_name(image.name))
+    caption = image.with_name(caption_file_name(image.name))
     # Image first: a crash in between leaves an orphan caption (ignored), never an uncaptioned image.
     os.replace(image, dest)
     if caption.is_file():
-        dest_caption = dest.with_name(_caption_name(dest.name))
-        if any(_caption_name(p.name) == caption.name for p in _stem_holders(folder, image.stem)):
+        dest_caption = dest.with_name(caption_file_name(dest.name))
+        if any(caption_file_name(p.name) == caption.name for p in _stem_holders(folder, image.stem)):
             # Another image (a.jpg beside a.png) still reads this caption: leave it, and keep a copy.
             fsutil.write_bytes(dest_caption, caption.read_bytes())
         else:
@@ -481,7 +373,7 @@ def restore_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
     with that stem, or its caption file, is back in the dataset meanwhile:
     restoring would then overwrite or mix up files.
     """
-    folder = _existing_dir(dataset_dir)
+    folder = existing_dir(dataset_dir)
     trash = folder / REMOVED_DIR
     name = _plain_name(image_name)
     src = trash / name
@@ -489,8 +381,8 @@ def restore_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
         raise DatasetStoreError(f"there is no removed image named {name!r} in {trash}; refresh the list")
     names = _read_removed_index(trash)
     target = folder / names.get(name, name)
-    src_caption = src.with_name(_caption_name(src.name))
-    target_caption = target.with_name(_caption_name(target.name))
+    src_caption = src.with_name(caption_file_name(src.name))
+    target_caption = target.with_name(caption_file_name(target.name))
     if target.exists() or _stem_holders(folder, target.stem):
         raise DatasetStoreError(f"cannot restore {name!r}: the dataset already has an image named like "
                                 f"{target.name!r}; rename or remove that image first")
@@ -508,7 +400,7 @@ def restore_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
 def _free_name(folder: Path, name: str) -> str:
     """``name``, or ``stem (2).ext``... : the first whose stem no file in ``folder`` uses (captions included)."""
     stem, suffix = Path(name).stem, Path(name).suffix
-    used = {_key(Path(n).stem) for n in _visible_files(folder)}
+    used = {_key(Path(n).stem) for n in visible_files(folder)}
     n = 1
     while _key(stem if n == 1 else f"{stem} ({n})") in used:
         n += 1
@@ -534,7 +426,7 @@ def _read_removed_index(trash: Path) -> dict[str, str]:
 # shared helpers
 
 
-def _existing_dir(dataset_dir: str | os.PathLike) -> Path:
+def existing_dir(dataset_dir: str | os.PathLike) -> Path:
     folder = Path(dataset_dir)
     if not folder.is_dir():
         raise DatasetStoreError(f"dataset folder {folder} does not exist; create the dataset first")
@@ -549,7 +441,7 @@ def _plain_name(name: str) -> str:
     return name
 
 
-def _image_in(folder: Path, image_name: str) -> Path:
+def image_in(folder: Path, image_name: str) -> Path:
     """The path of an image that exists directly in ``folder``."""
     path = folder / _plain_name(image_name)
     if not is_image_extension(path) or not path.is_file():
@@ -557,7 +449,7 @@ def _image_in(folder: Path, image_name: str) -> Path:
     return path
 
 
-def _visible_files(folder: Path) -> dict[str, Path]:
+def visible_files(folder: Path) -> dict[str, Path]:
     """Plain files directly in ``folder`` by name, hidden ones (temporary files, .DS_Store) skipped."""
     with os.scandir(folder) as entries:
         return {e.name: Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file()}
@@ -566,7 +458,7 @@ def _visible_files(folder: Path) -> dict[str, Path]:
 def _stem_index(folder: Path) -> dict[str, list[Path]]:
     """Images in ``folder`` grouped by stem key: who holds each caption name."""
     index: dict[str, list[Path]] = {}
-    for name, path in sorted(_visible_files(folder).items()):
+    for name, path in sorted(visible_files(folder).items()):
         if is_image_extension(name):
             index.setdefault(_key(Path(name).stem), []).append(path)
     return index
@@ -576,7 +468,7 @@ def _stem_holders(folder: Path, stem: str) -> list[Path]:
     return _stem_index(folder).get(_key(stem), [])
 
 
-def _caption_name(image_name: str) -> str:
+def caption_file_name(image_name: str) -> str:
     """``a.png`` -> ``a.txt``: the name core.dataset.scan_dataset looks for."""
     return Path(image_name).with_suffix(CAPTION_SUFFIX).name
 
@@ -590,5 +482,5 @@ def _key(stem: str) -> str:
     return unicodedata.normalize("NFC", stem).casefold()
 
 
-def _sort_key(name: str) -> tuple[str, str]:
+def sort_key(name: str) -> tuple[str, str]:
     return name.casefold(), name

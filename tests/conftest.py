@@ -37,6 +37,14 @@ def write_dataset(folder: Path, n: int = 6, size=(80, 96), captions: bool = True
 
 
 @pytest.fixture
+def ds(tmp_path) -> Path:
+    """An empty app-owned dataset (core.dataset_store)."""
+    from core import dataset_store
+
+    return dataset_store.create_dataset(tmp_path / "datasets", "my dog")
+
+
+@pytest.fixture
 def dataset(tmp_path) -> Path:
     return write_dataset(tmp_path / "pictures")
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core import caption_edits as edits
 from core import dataset_store as store
 from core.dataset import scan_dataset
 from core.dataset_store import DatasetStoreError
@@ -68,11 +69,6 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     """mtime and bytes of every file under ``folder``, to prove originals are left untouched."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def ds(tmp_path) -> Path:
-    return store.create_dataset(tmp_path / "datasets", "my dog")
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -317,123 +313,6 @@ def test_list_images_sorts_case_insensitively(ds):
 
 
 # --------------------------------------------------------------------------
-# captions
-
-
-def test_save_caption_round_trip(ds):
-    (ds / "猫 ça.png").write_bytes(png_bytes(1))
-    path = store.save_caption(ds, "猫 ça.png", "  un chat, 猫 \n")
-    assert path == ds / "猫 ça.txt"
-    assert path.read_bytes() == "un chat, 猫".encode()
-    assert store.list_images(ds)[0].caption == "un chat, 猫"
-    store.save_caption(ds, "猫 ça.png", "replaced")
-    assert path.read_text(encoding="utf-8") == "replaced"
-    assert temp_files(ds) == []
-    assert sorted(p.name for p in ds.iterdir()) == ["猫 ça.png", "猫 ça.txt"]
-
-
-@pytest.mark.parametrize("name", ["../x.png", "sub/x.png", "sub\\x.png", "..", ".", "", ".x.png", "/etc/x.png",
-                                  "missing.png", "x.txt"])
-def test_save_caption_refuses_names_outside_or_missing(tmp_path, ds, name):
-    (ds / "sub").mkdir()
-    (ds / "sub" / "x.png").write_bytes(png_bytes(1))
-    (tmp_path / "datasets" / "x.png").write_bytes(png_bytes(1))
-    (ds / ".x.png").write_bytes(png_bytes(1))
-    (ds / "x.txt").write_text("a caption file, not an image")
-    with pytest.raises(DatasetStoreError):
-        store.save_caption(ds, name, "pwned")
-    assert not (tmp_path / "datasets" / "x.txt").exists()
-    assert not (ds / "sub" / "x.txt").exists()
-    assert (ds / "x.txt").read_text() == "a caption file, not an image"
-
-
-def captioned(ds: Path, captions: dict[str, str | None]) -> Path:
-    """Images a.png, b.png, ... with the given captions (None: no caption file)."""
-    for name, caption in captions.items():
-        (ds / f"{name}.png").write_bytes(b"x")
-        if caption is not None:
-            (ds / f"{name}.txt").write_text(caption, encoding="utf-8")
-    return ds
-
-
-def caption_texts(ds: Path) -> dict[str, str | None]:
-    return {p.stem: (p.with_suffix(".txt").read_text(encoding="utf-8") if p.with_suffix(".txt").exists() else None)
-            for p in sorted(ds.glob("*.png"))}
-
-
-def test_add_trigger_word(ds):
-    captioned(ds, {"a": "a dog", "b": "sks, a dog", "c": "SKS,dog", "d": None, "e": "  ", "f": "sks dog", "g": ",x"})
-    assert store.add_trigger_word(ds, " sks ") == 5
-    assert caption_texts(ds) == {"a": "sks, a dog", "b": "sks, a dog", "c": "SKS,dog", "d": "sks", "e": "sks",
-                                 "f": "sks, sks dog", "g": "sks, x"}
-    assert store.add_trigger_word(ds, "sks") == 0  # idempotent
-    with pytest.raises(DatasetStoreError, match="empty"):
-        store.add_trigger_word(ds, "  ")
-    with pytest.raises(DatasetStoreError, match="comma"):
-        store.add_trigger_word(ds, "sks, dog")
-
-
-def test_find_replace(ds):
-    captioned(ds, {"a": "a dog, dog park", "b": "a cat", "c": None, "d": "dogs (.*) here"})
-    assert store.find_replace(ds, "dog", "puppy") == 2
-    assert caption_texts(ds) == {"a": "a puppy, puppy park", "b": "a cat", "c": None, "d": "puppys (.*) here"}
-    assert store.find_replace(ds, "(.*)", "[x]") == 1  # plain text, not a regex
-    assert caption_texts(ds)["d"] == "puppys [x] here"
-    assert store.find_replace(ds, "zebra", "horse") == 0
-    assert store.find_replace(ds, "a cat", "") == 1
-    assert caption_texts(ds)["b"] == ""
-    with pytest.raises(DatasetStoreError, match="empty"):
-        store.find_replace(ds, "", "x")
-
-
-def test_find_replace_edits_a_shared_caption_once(ds):
-    """a.png and a.jpg both read a.txt: replacing "x" by "xx" must not run twice on it."""
-    (ds / "a.png").write_bytes(b"x")
-    (ds / "a.jpg").write_bytes(b"x")
-    (ds / "a.txt").write_text("x")
-    assert store.find_replace(ds, "x", "xx") == 1
-    assert (ds / "a.txt").read_text() == "xx"
-
-
-@pytest.mark.parametrize("where, text, before, after", [
-    ("append", "high quality", "a dog", "a dog, high quality"),
-    ("append", ", high quality ", "a dog, ", "a dog, high quality"),
-    ("append", "high quality", "a dog,\n", "a dog, high quality"),
-    ("append", "high quality", "a dog, high quality", "a dog, high quality"),
-    ("append", "quality", "high quality", "high quality, quality"),  # whole tags only
-    ("append", "best, 4k", "a dog, best, 4k", "a dog, best, 4k"),
-    ("append", "4k", "", "4k"),
-    ("append", "4k", None, "4k"),
-    ("prepend", "photo", "a dog", "photo, a dog"),
-    ("prepend", "photo,", " , a dog", "photo, a dog"),
-    ("prepend", "photo", "photo, a dog", "photo, a dog"),
-    ("prepend", "photo", "photograph of a dog", "photo, photograph of a dog"),
-    ("prepend", "photo", "   ", "photo"),
-])
-def test_add_text(ds, where, text, before, after):
-    captioned(ds, {"a": before})
-    changed = store.add_text(ds, text, where)
-    assert caption_texts(ds)["a"] == after
-    assert changed == (0 if after == before else 1)
-    assert store.add_text(ds, text, where) == 0  # repeating is harmless
-
-
-def test_add_text_errors(ds):
-    with pytest.raises(DatasetStoreError, match="empty"):
-        store.add_text(ds, " , ", "append")
-    with pytest.raises(DatasetStoreError, match="prepend"):
-        store.add_text(ds, "x", "middle")
-
-
-def test_bulk_edits_write_utf8_atomically(ds):
-    (ds / "a.png").write_bytes(b"x")
-    (ds / "a.txt").write_bytes("caf\xe9".encode("cp1252"))
-    assert store.add_text(ds, "猫", "append") == 1
-    assert (ds / "a.txt").read_bytes() == "café, 猫".encode()
-    assert temp_files(ds) == []
-
-
-# --------------------------------------------------------------------------
 # removing and restoring
 
 
@@ -511,7 +390,7 @@ def test_remove_and_restore_refuse_bad_names(ds, name):
 
 def test_no_temporary_files_after_a_session(tmp_path, ds):
     imported(tmp_path, ds, {"a.png": png_bytes(1), "a.txt": "x", "b.png": png_bytes(2)})
-    store.add_trigger_word(ds, "sks")
+    edits.add_trigger_word(ds, "sks")
     store.remove_image(ds, "b.png")
     store.restore_image(ds, "b.png")
     assert temp_files(ds) == []

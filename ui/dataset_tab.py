@@ -6,6 +6,7 @@
 
 from pathlib import Path
 
+from core import caption_edits as edits
 from core import dataset_store as store
 from ui.settings import AppSettings
 
@@ -160,7 +161,7 @@ def build(settings: AppSettings):
         try:
             if folder is None or not image_name:
                 raise store.DatasetStoreError("pick a picture in the gallery first")
-            store.save_caption(folder, image_name, text or "")
+            edits.save_caption(folder, image_name, text or "")
         except store.DatasetStoreError as exc:
             return f"⚠️ {exc}", gr.skip()
         return f"Saved the caption of `{image_name}`.", counts_text(folder)
@@ -241,8 +242,8 @@ def build(settings: AppSettings):
     gallery.select(on_select, picker, [selected, caption])
     save.click(on_save, [picker, selected, caption], [message, counts])
     remove.click(on_remove, [picker, selected], [message, *listing, selected, caption])
-    add_trigger.click(bulk(store.add_trigger_word), [picker, trigger], [message, *listing])
-    do_replace.click(bulk(store.find_replace), [picker, find, replace], [message, *listing])
-    prepend.click(bulk(lambda f, t: store.add_text(f, t, "prepend")), [picker, text], [message, *listing])
-    append.click(bulk(lambda f, t: store.add_text(f, t, "append")), [picker, text], [message, *listing])
+    add_trigger.click(bulk(edits.add_trigger_word), [picker, trigger], [message, *listing])
+    do_replace.click(bulk(edits.find_replace), [picker, find, replace], [message, *listing])
+    prepend.click(bulk(lambda f, t: edits.add_text(f, t, "prepend")), [picker, text], [message, *listing])
+    append.click(bulk(lambda f, t: edits.add_text(f, t, "append")), [picker, text], [message, *listing])
     return {"picker": picker, "refresh": refresh, "listing": listing, "caption_model": caption_model}
