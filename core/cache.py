@@ -18,7 +18,7 @@ import torch
 from core.fsutil import save_safetensors
 
 # Bump when the way images are prepared changes, so old entries are not reused.
-_LATENT_FORMAT = "fit-lanczos-center-v1"
+_LATENT_FORMAT = "fit-lanczos-center-v2"
 _TEXT_FORMAT = "clip-last-hidden-v1"
 
 

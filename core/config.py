@@ -63,13 +63,38 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    path: str = opt("", "Folder of training images; each caption is a same-name .txt file beside its image.",
-                    group="basic")
-    resolution: int = opt(512, "Training resolution in pixels (images are resized and center-cropped to this "
-                          "square). 512 for SD 1.x.", min=64, max=4096, multiple_of=8, group="basic")
+    path: str = opt("", "Folder of training images; each caption is a same-name .txt file beside its image. "
+                    "Its dataset.toml (written by the Dataset tab) can exclude images and give subfolders "
+                    "their own repeats.", group="basic")
+    resolution: int = opt(512, "Training resolution in pixels: buckets have about this many pixels squared "
+                          "(without buckets, images are cropped to this square). 512 for SD 1.x.",
+                          min=64, max=4096, multiple_of=8, group="basic")
     validation_split: float = opt(0.1, "Fraction of images held out for validation loss (at least one when the "
-                                  "dataset has 2 or more images; 0 turns validation off).", min=0.0, max=0.9)
-    repeats: int = opt(1, "How many times each image is seen per epoch.", min=1, max=10000, group="basic")
+                                  "dataset has 2 or more images; 0 turns validation off). Near-duplicates are "
+                                  "kept on one side.", min=0.0, max=0.9)
+    validation_path: str = opt("", "A folder of held-out images for the validation loss, instead of "
+                               "validation_split. A subfolder of the dataset is left out of training; "
+                               "training images that nearly duplicate one of them are dropped.")
+    repeats: int = opt(1, "How many times each image is seen per epoch (multiplied by the folder's repeats "
+                       "from dataset.toml).", min=1, max=10000, group="basic")
+    buckets: bool = opt(True, "Aspect-ratio buckets: train each image near its own shape (sizes in steps of "
+                        "bucket_step with about resolution² pixels) instead of a center-cropped square.",
+                        group="basic")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.", min=8, max=512, multiple_of=8)
+    bucket_min_side: int = opt(0, "Shortest bucket side; 0: half the resolution.", min=0, max=8192,
+                               multiple_of=8)
+    bucket_max_side: int = opt(0, "Longest bucket side; 0: twice the resolution.", min=0, max=8192,
+                               multiple_of=8)
+    no_upscale: bool = opt(False, "Never enlarge an image smaller than its bucket: it trains at its own size "
+                           "(rounded down to bucket_step) instead. Needs buckets.")
+    random_flip: bool = opt(False, "Mirror images left-right at random (a second latent per image is cached). "
+                            "Off for subjects that are not symmetric (text, logos, a side parting).")
+    shuffle_captions: bool = opt(False, "Shuffle the comma-separated tags of each caption every time it is "
+                                 "drawn (for tag captions; turns off text-embedding caching).")
+    keep_tokens: int = opt(0, "With shuffle_captions: how many leading tags stay in place (e.g. 1 keeps the "
+                           "trigger word first).", min=0, max=255)
+    caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption (helps the "
+                                 "LoRA work without its trigger; 0.05-0.1 is usual).", min=0.0, max=1.0)
     caption_extension: str = opt(".txt", "Extension of caption files beside the images.")
     cache_latents: bool = opt(True, "Encode each image with the VAE once and reuse the latents (much faster, "
                               "less VRAM). Turn off only to debug.")
@@ -346,6 +371,16 @@ def _check_rules(config: TrainConfig) -> None:
         raise ConfigError("lora.target_modules is empty; list at least one UNet module, e.g. [\"to_q\"]")
     if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
         raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
+    d = config.dataset
+    if d.no_upscale and not d.buckets:
+        raise ConfigError("dataset.no_upscale = true needs dataset.buckets = true (without buckets every image "
+                          "is cropped to the resolution square, which enlarges small ones)")
+    if d.bucket_min_side and d.bucket_max_side and d.bucket_min_side > d.bucket_max_side:
+        raise ConfigError(f"dataset.bucket_min_side = {d.bucket_min_side} is above dataset.bucket_max_side = "
+                          f"{d.bucket_max_side}; lower the first or raise the second")
+    if d.buckets and d.bucket_max_side and d.bucket_max_side < d.bucket_step:
+        raise ConfigError(f"dataset.bucket_max_side = {d.bucket_max_side} is below dataset.bucket_step = "
+                          f"{d.bucket_step}")
     for i, prompt in enumerate(config.sample.prompts):
         if not prompt.strip():
             raise ConfigError(f"sample.prompts[{i}] is empty; remove it or write a prompt")
@@ -372,6 +407,10 @@ def _check_paths(config: TrainConfig) -> None:
         what = "is a file, not a folder" if dataset.exists() else "does not exist"
         raise ConfigError(f"dataset.path = {config.dataset.path!r} {what}; point it at the folder of your "
                           f"training images")
+    if config.dataset.validation_path and not Path(config.dataset.validation_path).expanduser().is_dir():
+        raise ConfigError(f"dataset.validation_path = {config.dataset.validation_path!r} is not a folder; "
+                          f"point it at a folder of held-out images or leave it empty to use "
+                          f"dataset.validation_split")
 
 
 # ---------------------------------------------------------------- writing
@@ -384,6 +423,8 @@ def resolve_paths(config: TrainConfig) -> TrainConfig:
         config.model.path = str(Path(config.model.path).expanduser().resolve())
     config.dataset.path = str(Path(config.dataset.path).expanduser().resolve())
     config.output.dir = str(Path(config.output.dir).expanduser().resolve())
+    if config.dataset.validation_path:
+        config.dataset.validation_path = str(Path(config.dataset.validation_path).expanduser().resolve())
     if config.dataset.cache_dir:
         config.dataset.cache_dir = str(Path(config.dataset.cache_dir).expanduser().resolve())
     return config

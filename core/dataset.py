@@ -1,8 +1,14 @@
 """Finding the training images and captions in a folder, and splitting them.
 
 A dataset is a plain folder: images (any format Pillow reads, in any
-subfolder) with same-stem caption files beside them. Nothing in it is ever
-moved, renamed or written; caches live elsewhere (see ``core.cache``).
+subfolder) with same-stem caption files beside them, and optionally a
+``dataset.toml`` manifest (see ``core.manifest``) that excludes images and
+gives subfolders ("concepts") their own repeats. Nothing in it is ever moved,
+renamed or written here; caches live elsewhere (see ``core.cache``).
+
+The train/validation split keeps near-duplicates together: an image and its
+re-encode or slight crop are never one in training and one in validation,
+which would make the validation loss measure memorisation.
 """
 
 from __future__ import annotations
@@ -11,10 +17,15 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.images import ImageError, is_image_extension, load_image
+from core.images import ImageError, dhash, is_image_extension, load_image
+from core.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 # Files that are expected beside images and are not images themselves.
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md", ".npz", ".safetensors"}
+# Hamming distance between 64-bit dHashes at or below which two images count
+# as near-duplicates. Unrelated images differ in ~32 bits; re-encodes, small
+# resizes and brightness changes stay within 0-3. 5 is the usual cut-off.
+NEAR_THRESHOLD = 5
 
 
 class DatasetError(ValueError):
@@ -26,6 +37,9 @@ class ImageItem:
     path: Path
     caption: str
     caption_path: Path | None  # None when the image has no caption file
+    size: tuple[int, int] = (0, 0)  # upright (EXIF-applied) width, height
+    phash: int = 0  # 64-bit dHash of the upright image
+    repeats: int = 1  # from the manifest's concept of the image's folder
 
     @property
     def name(self) -> str:
@@ -39,6 +53,21 @@ class ScanResult:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # image files that cannot be read, and why
     ignored: list[Path] = field(default_factory=list)  # other files that are not images
     missing_captions: list[Path] = field(default_factory=list)
+    excluded: list[Path] = field(default_factory=list)  # excluded in dataset.toml (never read)
+    manifest: Manifest = field(default_factory=Manifest)
+
+    def notes(self) -> list[str]:
+        """Informational lines: what the manifest changed."""
+        out = []
+        if self.excluded:
+            names = ", ".join(str(p.relative_to(self.folder)) for p in self.excluded)
+            out.append(f"{len(self.excluded)} image(s) excluded in {MANIFEST_NAME}: {names}")
+        repeated = sorted({(str(i.path.parent.relative_to(self.folder)), i.repeats) for i in self.items
+                           if i.repeats > 1})
+        if repeated:
+            out.append("folder repeats from " + MANIFEST_NAME + ": " +
+                       ", ".join(f"{folder} x{n}" for folder, n in repeated))
+        return out
 
     def warnings(self) -> list[str]:
         """Human-readable warnings, one per problem kind, naming the files."""
@@ -56,22 +85,37 @@ class ScanResult:
         return out
 
 
-def scan_dataset(folder: str | Path, caption_extension: str = ".txt") -> ScanResult:
-    """Find every readable image under ``folder`` and its caption.
+def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path | None = None) -> ScanResult:
+    """Find every readable image under ``folder`` that the manifest does not exclude, and its caption.
 
     Every image is fully decoded once here, so truncated or corrupt files are
-    reported before any model loads. Hidden files and folders are skipped.
+    reported before any model loads (and its size and perceptual hash are
+    recorded for bucketing and the split). Hidden files and folders are
+    skipped, and so is the subfolder ``skip`` (an explicit validation folder).
     """
+    from core.manifest import ManifestError
+
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"dataset folder {folder} does not exist or is not a folder")
-    result = ScanResult(folder)
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as exc:
+        raise DatasetError(str(exc)) from None
+    result = ScanResult(folder, manifest=manifest)
     for path in walk_files(folder):
         suffix = path.suffix.lower()
         if suffix == caption_extension.lower() or suffix in SIDECAR_SUFFIXES:
             continue
+        if skip is not None and path.is_relative_to(skip):
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if manifest.is_excluded(rel):
+            result.excluded.append(path)
+            continue
         try:
-            load_image(path).close()
+            with load_image(path) as image:
+                size, phash = image.size, dhash(image)
         except ImageError as exc:
             if is_image_extension(path):
                 result.skipped.append((path, exc.reason))
@@ -79,10 +123,11 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt") -> ScanRes
                 result.ignored.append(path)
             continue
         caption_path = path.with_suffix(caption_extension)
-        if caption_path.is_file():
-            result.items.append(ImageItem(path, read_caption(caption_path), caption_path))
-        else:
-            result.items.append(ImageItem(path, "", None))
+        has_caption = caption_path.is_file()
+        caption = read_caption(caption_path) if has_caption else ""
+        result.items.append(ImageItem(path, caption, caption_path if has_caption else None, size, phash,
+                                      manifest.repeats_for(rel)))
+        if not has_caption:
             result.missing_captions.append(path)
     return result
 
@@ -120,21 +165,123 @@ def require_images(scan: ScanResult) -> None:
                        f".webp images (with same-name .txt captions) and try again")
 
 
-def split_items(items: list[ImageItem], fraction: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
-    """Deterministic train/validation split.
+def split_items(items: list[ImageItem], fraction: float, seed: int,
+                threshold: int = NEAR_THRESHOLD) -> tuple[list[ImageItem], list[ImageItem]]:
+    """Deterministic train/validation split that never separates near-duplicates.
 
     The same images, seed and fraction always give the same split, whatever
-    order the files were found in. With 2+ images and a fraction above 0, at
-    least one image is held out and at least one is kept for training.
+    order the files were found in. Images whose perceptual hashes are within
+    ``threshold`` bits form one group, and a group goes wholly to one side;
+    validation is filled from single images first, so duplicated pictures stay
+    in training. With 2+ groups and a fraction above 0, at least one image is
+    held out and at least one is kept for training.
     """
     ordered = sorted(items, key=lambda item: str(item.path))
-    n = len(ordered)
-    if fraction <= 0 or n < 2:
+    groups = similar_groups([item.phash for item in ordered], threshold)
+    if fraction <= 0 or len(groups) < 2:
         return ordered, []
-    n_val = min(n - 1, max(1, round(n * fraction)))
-    indices = list(range(n))
-    random.Random(seed).shuffle(indices)
-    held_out = set(indices[:n_val])
+    n_val = min(len(ordered) - 1, max(1, round(len(ordered) * fraction)))
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: len(groups[g]))  # stable: singles first, shuffled among themselves
+    held_out: set[int] = set()
+    for g in order:
+        if len(held_out) >= n_val:
+            break
+        if len(held_out) + len(groups[g]) <= len(ordered) - 1:  # keep at least one image to train on
+            held_out.update(groups[g])
     train = [item for i, item in enumerate(ordered) if i not in held_out]
     val = [item for i, item in enumerate(ordered) if i in held_out]
     return train, val
+
+
+def drop_near_duplicates(train: list[ImageItem], val: list[ImageItem],
+                         threshold: int = NEAR_THRESHOLD) -> tuple[list[ImageItem], list[ImageItem]]:
+    """For an explicit validation folder: training images that (nearly) duplicate a validation image.
+
+    Returns (kept training images, dropped ones).
+    """
+    kept, dropped = [], []
+    for item in train:
+        if any((item.phash ^ v.phash).bit_count() <= threshold for v in val):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    return kept, dropped
+
+
+def similar_groups(hashes: list[int], threshold: int = NEAR_THRESHOLD) -> list[list[int]]:
+    """Indices grouped so that hashes within ``threshold`` bits (transitively) share a group.
+
+    Union-find over all pairs: 64-bit XORs are cheap, and a few thousand
+    images are a few million comparisons. Groups come in order of their first
+    index, indices ascending.
+    """
+    parent = list(range(len(hashes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(hashes):
+        for j in range(i + 1, len(hashes)):
+            if (a ^ hashes[j]).bit_count() <= threshold:
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(hashes)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+@dataclass
+class Split:
+    train: list[ImageItem]
+    validation: list[ImageItem]
+    notes: list[str] = field(default_factory=list)  # informational lines (exclusions, repeats, the split)
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_split(folder: str | Path, caption_extension: str, fraction: float, seed: int,
+               validation_folder: str | Path = "") -> Split:
+    """Scan the dataset and split it: by ``fraction`` and ``seed``, or by an explicit validation folder.
+
+    A validation folder inside the dataset is left out of training; training
+    images that nearly duplicate a validation image are dropped (with a
+    warning) so the validation loss measures what was not trained on.
+    """
+    folder = Path(folder)
+    val_dir = Path(validation_folder) if validation_folder else None
+    if val_dir is not None and not val_dir.is_dir():
+        raise DatasetError(f"validation folder {val_dir} does not exist or is not a folder "
+                           f"(dataset.validation_path); create it or clear the setting to split by fraction")
+    skip = None
+    if val_dir is not None and val_dir.resolve().is_relative_to(folder.resolve()):
+        # spelled from the dataset's own path, so it matches the paths scan_dataset walks
+        skip = folder / val_dir.resolve().relative_to(folder.resolve())
+        if skip == folder:
+            raise DatasetError(f"the validation folder {val_dir} is the dataset folder itself; use a "
+                               f"subfolder or a separate folder (dataset.validation_path)")
+    scan = scan_dataset(folder, caption_extension, skip=skip)
+    split = Split([], [], scan.notes(), scan.warnings())
+    require_images(scan)
+    if val_dir is None:
+        split.train, split.validation = split_items(scan.items, fraction, seed)
+        return split
+    val_scan = scan_dataset(val_dir, caption_extension)
+    split.notes += [f"validation folder: {note}" for note in val_scan.notes()]
+    split.warnings += [f"validation folder: {warning}" for warning in val_scan.warnings()]
+    if not val_scan.items:
+        split.warnings.append(f"validation folder {val_dir} has no readable image; training without "
+                              f"validation loss")
+    split.train, dropped = drop_near_duplicates(sorted(scan.items, key=lambda i: str(i.path)), val_scan.items)
+    split.validation = sorted(val_scan.items, key=lambda i: str(i.path))
+    if dropped:
+        names = ", ".join(str(i.path.relative_to(folder)) for i in dropped)
+        split.warnings.append(f"left out of training {len(dropped)} image(s) that (nearly) duplicate a "
+                              f"validation image: {names}")
+    if not split.train:
+        raise DatasetError(f"every training image in {folder} duplicates a validation image in {val_dir}; "
+                           f"use different pictures for validation")
+    return split

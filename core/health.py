@@ -34,8 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.dataset import SIDECAR_SUFFIXES, DatasetError, read_caption, walk_files
-from core.images import ImageError, is_image_extension, load_image
+from core.dataset import NEAR_THRESHOLD, SIDECAR_SUFFIXES, DatasetError, read_caption, similar_groups, walk_files
+from core.images import ImageError, dhash, is_image_extension, load_image
+
+__all__ = ["NEAR_THRESHOLD", "dhash", "check_dataset", "format_report", "tag_frequency"]
 
 JSON_VERSION = 1
 CAPTION_SUFFIX = ".txt"
@@ -48,10 +50,6 @@ MAX_ASPECT = 2.5
 # under ~30. 60 sits between, low enough that soft but focused portraits
 # (shallow depth of field) are not flagged.
 BLUR_THRESHOLD = 60.0
-# Hamming distance between 64-bit dHashes. Unrelated images differ in ~32
-# bits; re-encodes, small resizes and brightness changes stay within 0-3.
-# 5 (the usual dHash cut-off) catches those without matching mere look-alikes.
-NEAR_THRESHOLD = 5
 UNIFORM_STD = 3.0  # greyscale std below this: a flat fill, nothing to learn
 _MEASURE_SIDE = 512  # long side of the greyscale copy used for blur/uniform
 _MIN_MEASURE_SIDE = 64  # ... unless that would squash a strip's short side below this
@@ -264,13 +262,6 @@ def _measure_copy(grey: Image.Image) -> Image.Image:
     return grey.resize(size, Image.Resampling.BOX)
 
 
-def dhash(grey: Image.Image) -> int:
-    """64-bit difference hash: shrink to 9×8, one bit per "brighter than its right neighbour"."""
-    pixels = np.asarray(grey.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
-    bits = (pixels[:, :-1] > pixels[:, 1:]).flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
 def laplacian_variance(grey: np.ndarray) -> float | None:
     """Variance of the 3×3 Laplacian (0 1 0 / 1 -4 1 / 0 1 0); None for images under 3 px on a side."""
     g = np.asarray(grey, dtype=np.float64)
@@ -293,34 +284,14 @@ def _exact_groups(images: list[_Image]) -> list[list[str]]:
 
 
 def _near_groups(images: list[_Image], threshold: int) -> tuple[list[list[str]], dict[str, tuple[str, int]]]:
-    """Union-find over pairs within ``threshold`` bits; also each file's closest partner and distance.
-
-    All pairs are compared: 64-bit XORs are cheap, and a few thousand images
-    is a few million comparisons.
-    """
-    parent = list(range(len(images)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    """Groups of near-duplicates (by relative path); also each member's closest partner and distance."""
+    groups = [g for g in similar_groups([info.dhash for info in images], threshold) if len(g) > 1]
     closest: dict[str, tuple[str, int]] = {}
-    for i, a in enumerate(images):
-        for j in range(i + 1, len(images)):
-            b = images[j]
-            distance = (a.dhash ^ b.dhash).bit_count()
-            if distance > threshold:
-                continue
-            parent[root(j)] = root(i)
-            for x, y in ((a, b), (b, a)):
-                if x.rel not in closest or distance < closest[x.rel][1]:
-                    closest[x.rel] = (y.rel, distance)
-    groups: dict[int, list[str]] = {}
-    for i, info in enumerate(images):
-        groups.setdefault(root(i), []).append(info.rel)
-    return [g for g in groups.values() if len(g) > 1], closest
+    for group in groups:
+        for a in group:
+            distance, b = min(((images[a].dhash ^ images[b].dhash).bit_count(), b) for b in group if b != a)
+            closest[images[a].rel] = (images[b].rel, distance)
+    return [[images[i].rel for i in g] for g in groups], closest
 
 
 # --------------------------------------------------------------------------

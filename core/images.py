@@ -298,17 +298,22 @@ def fit_image(
         raise ValueError(
             f"image is {src_w}x{src_h}, smaller than the {width}x{height} target, and no_upscale is set"
         )
-    new_w, new_h = _cover_size(src_w, src_h, width, height)
-    if (new_w, new_h) != image.size:
-        # reducing_gap first shrinks by a whole factor with a cheap box filter,
-        # then LANCZOS does the rest: several times faster on big photos, and
-        # visually the same at a gap of 3.
-        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    new_w, new_h = cover_size(src_w, src_h, width, height)
     top, left = (new_h - height) // 2, (new_w - width) // 2
-    return image.crop((left, top, left + width, top + height)), (top, left)
+    if (new_w, new_h) == image.size:
+        return image.crop((left, top, left + width, top + height)), (top, left)
+    # Resample only the part of the source that survives the crop (``box``),
+    # straight to the target size: the same pixels as resizing everything and
+    # cropping, without building a huge intermediate for a long strip.
+    # reducing_gap first shrinks by a whole factor with a cheap box filter,
+    # then LANCZOS does the rest: several times faster on big photos, and
+    # visually the same at a gap of 3.
+    sx, sy = new_w / src_w, new_h / src_h
+    box = (left / sx, top / sy, (left + width) / sx, (top + height) / sy)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0), (top, left)
 
 
-def _cover_size(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int]:
+def cover_size(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int]:
     """The smallest aspect-keeping size that covers width×height.
 
     The side that is short relative to the target is matched exactly; the
@@ -348,6 +353,17 @@ def from_tensor(tensor: torch.Tensor) -> Image.Image:
 
 # --------------------------------------------------------------------------
 # cache keys
+
+
+def dhash(image: Image.Image) -> int:
+    """64-bit difference hash: greyscale 9×8, one bit per "brighter than its right neighbour".
+
+    Re-encodes, resizes and small brightness changes move it by a few bits;
+    unrelated pictures differ in about half of them.
+    """
+    pixels = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (pixels[:, :-1] > pixels[:, 1:]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import TrainConfig
-from core.train_data import collate
+from core.train_data import collate, example
 
 
 def latents_from_batch(batch: dict, base, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -77,8 +77,8 @@ def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generato
 class Validator:
     """Held-out loss with fixed noise and fixed timesteps, so values compare across steps and runs."""
 
-    def __init__(self, config: TrainConfig, entries: list[dict], base, device):
-        self.entries = entries
+    def __init__(self, config: TrainConfig, entries: list, base, device):
+        self.entries = entries  # core.train_data.Entry, each in its own bucket size
         self.base = base
         self.device = device
         total = base.noise_scheduler.config.num_train_timesteps
@@ -87,9 +87,10 @@ class Validator:
         self.timesteps = [int(round((i + 1) * total / (k + 1))) for i in range(k)]
         gen = torch.Generator().manual_seed(config.train.seed + 1_000_003)
         self.noise = []
-        side = config.dataset.resolution // base.vae_scale_factor
-        shape = (base.vae.config.latent_channels, side, side)
-        for _ in entries:
+        for entry in entries:  # drawn in a fixed order, so each image always gets the same noise
+            width, height = entry.placement.bucket
+            shape = (base.vae.config.latent_channels, height // base.vae_scale_factor,
+                     width // base.vae_scale_factor)
             self.noise.append(torch.randn((len(self.timesteps), *shape), generator=gen))
 
     @torch.no_grad()
@@ -98,7 +99,7 @@ class Validator:
             return None
         losses = []
         for entry, noise in zip(self.entries, self.noise, strict=True):
-            batch = collate([{k: (v() if callable(v) else v) for k, v in entry.items()}])
+            batch = collate([example(entry)])
             latents = latents_from_batch(batch, self.base, None, self.device)
             latents = latents.expand(len(self.timesteps), *latents.shape[1:])
             states = text_states(batch, self.base, text_encoder, self.device)

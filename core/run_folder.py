@@ -13,7 +13,7 @@ from core.config import ConfigError, TrainConfig
 STOP_FILE = "STOP"
 
 
-def lora_metadata(config: TrainConfig, step: int, num_images: int) -> dict[str, str]:
+def lora_metadata(config: TrainConfig, step: int, data_info: dict) -> dict[str, str]:
     from core.lora_io import kohya_metadata
 
     return kohya_metadata(
@@ -27,7 +27,7 @@ def lora_metadata(config: TrainConfig, step: int, num_images: int) -> dict[str, 
         train_text_encoder=config.lora.train_text_encoder,
         extra={
             "ss_seed": config.train.seed,
-            "ss_num_train_images": num_images,
+            **data_info,
             "ss_batch_size_per_device": config.train.batch_size,
             "ss_gradient_accumulation_steps": config.train.gradient_accumulation_steps,
             "ss_lr_scheduler": config.train.lr_scheduler,
@@ -41,13 +41,13 @@ def lora_metadata(config: TrainConfig, step: int, num_images: int) -> dict[str, 
     )
 
 
-def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, num_images: int) -> Path:
+def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, data_info: dict) -> Path:
     from core.lora_io import save_kohya_lora
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_precision]
     te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None
     return save_kohya_lora(path, accelerator.unwrap_model(unet), te,
-                           metadata=lora_metadata(config, step, num_images), dtype=dtype)
+                           metadata=lora_metadata(config, step, data_info), dtype=dtype)
 
 
 def latest_state(run_dir: Path) -> Path | None:

@@ -24,7 +24,7 @@ import torch
 
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
-from core.dataset import ImageItem, require_images, scan_dataset, split_items
+from core.dataset import ImageItem, load_split
 from core.events import (
     CheckpointSaved,
     Emit,
@@ -46,7 +46,7 @@ from core.run_folder import (
     save_lora,
     save_state,
 )
-from core.train_data import build_dataloader, build_entries
+from core.train_data import bucket_record, build_dataloader, build_entries, cached_text, text_is_cached
 
 
 @dataclass
@@ -111,11 +111,13 @@ def build_accelerator(config: TrainConfig, emit: Emit):
 
 def load_dataset(config: TrainConfig, emit: Emit) -> tuple[list[ImageItem], list[ImageItem]]:
     emit(Phase("scanning dataset", 0, 0))
-    scan = scan_dataset(config.dataset.path, config.dataset.caption_extension)
-    for warning in scan.warnings():
+    d = config.dataset
+    split = load_split(d.path, d.caption_extension, d.validation_split, config.train.seed, d.validation_path)
+    for note in split.notes:
+        emit(Message("info", note))
+    for warning in split.warnings:
         emit(Message("warning", warning))
-    require_images(scan)
-    return split_items(scan.items, config.dataset.validation_split, config.train.seed)
+    return split.train, split.validation
 
 
 def load_base(config: TrainConfig, accelerator, emit: Emit):
@@ -229,12 +231,17 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     optimizer = build_optimizer(config, unet_params, te_params, emit)
     cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
     with accelerator.main_process_first():
-        train_entries = build_entries(config, train_items, base, cache, emit, "training")
+        train_entries = build_entries(config, train_items, base, cache, emit, "training",
+                                      flips=config.dataset.random_flip)
         val_entries = build_entries(config, val_items, base, cache, emit, "validation")
+        empty_hidden = (cached_text("", base, cache)
+                        if text_is_cached(config) and config.dataset.caption_dropout else None)
     if config.dataset.cache_latents:
         base.vae.to("cpu")  # only sampling needs it again; free the VRAM for training
+    buckets = bucket_record(config, train_items, [e.placement for e in train_entries])
+    report_buckets(config, buckets, emit, accelerator.is_main_process)
     train_te = config.lora.train_text_encoder
-    dataloader = build_dataloader(config, train_entries)
+    dataloader = build_dataloader(config, train_entries, empty_hidden)
     if train_te:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(
             base.unet, base.text_encoder, optimizer, dataloader)
@@ -255,11 +262,43 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         generator.set_state(state.noise_rng)
         emit(Message("info", f"resumed from step {state.step} ({latest_state(config.run_dir).name})"))
     loop = _Loop(config, accelerator, emit, should_stop, base, unet, text_encoder, optimizer, lr_scheduler,
-                 dataloader, state, generator, total, len(train_items),
+                 dataloader, state, generator, total, data_metadata(train_items, buckets),
                  Validator(config, val_entries, base, accelerator.device))
     emit(RunStarted(str(config.run_dir), total, state.step, len(train_items), len(val_items),
                     config.train.batch_size, accelerator.num_processes, str(accelerator.device), resume))
     return loop.run(resume)
+
+
+def report_buckets(config: TrainConfig, record: dict, emit: Emit, main: bool) -> None:
+    """Print the bucket table and keep it (with every image's placement) in the run folder."""
+    from core.buckets import format_table
+    from core.fsutil import write_json
+
+    if not main:
+        return
+    write_json(config.run_dir / "buckets.json", record)
+    if config.dataset.buckets:
+        emit(Message("info", f"{len(record['buckets'])} bucket(s), mean aspect error "
+                             f"{record['mean_aspect_error']:.3f}:\n{format_table(record['buckets'])}"))
+
+
+def data_metadata(items: list[ImageItem], buckets: dict) -> dict:
+    """kohya's data keys of the LoRA metadata: image count, buckets, tag frequency per folder."""
+    from core.health import tag_frequency
+
+    folders: dict[str, list[str]] = {}
+    for item in items:
+        folders.setdefault(item.path.parent.name, []).append(item.caption)
+    return {
+        "ss_num_train_images": sum(row["per_epoch"] for row in buckets["buckets"]),
+        "ss_enable_bucket": buckets["enabled"],
+        "ss_bucket_no_upscale": buckets["no_upscale"],
+        "ss_bucket_info": {"buckets": {str(i): {"resolution": [row["width"], row["height"]],
+                                                "count": row["per_epoch"]}
+                                       for i, row in enumerate(buckets["buckets"])},
+                           "mean_img_ar_error": buckets["mean_aspect_error"]},
+        "ss_tag_frequency": {folder: dict(tag_frequency(captions)) for folder, captions in folders.items()},
+    }
 
 
 @dataclass
@@ -279,7 +318,7 @@ class _Loop:
     state: TrainState
     generator: torch.Generator  # noise and timesteps; its state is saved with the checkpoint
     total: int  # optimizer steps of the whole run
-    num_images: int
+    data_info: dict  # what the LoRA's metadata records about the data (ss_num_train_images, buckets, tags)
     validator: Validator
     validation_losses: dict[int, float] = field(default_factory=dict)
 
@@ -407,7 +446,7 @@ class _Loop:
         """The LoRA file (main process) and, if enabled, the resume state (all processes)."""
         acc, c = self.accelerator, self.config
         if acc.is_main_process:
-            save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.num_images)
+            save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.data_info)
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
         if c.output.save_state:
             self.state.noise_rng = self.generator.get_state()

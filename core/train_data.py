@@ -1,29 +1,160 @@
-"""Training examples: cached latents and text embeddings (or pixels) per image, repeated and batched."""
+"""Training examples: each image placed in its bucket, cached, augmented and batched within its bucket.
+
+``build_entries`` encodes what the cache lacks (VAE latents per bucket size,
+a second latent of the mirrored image when random flips are on, and the text
+embedding of each caption) and returns one ``Entry`` per image that reads the
+cache lazily, so RAM stays flat for big datasets.
+
+``BucketBatchSampler`` decides everything random about an epoch from the seed
+and the epoch number alone: which images share a batch (always one bucket),
+the batch order, and per drawn example a seed for its flip and caption
+augmentation. A resumed run therefore sees exactly the data a straight run
+would, and every process of a multi-GPU run agrees on the order.
+"""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from core.buckets import Placement, bucket_sizes, fitted, place
 from core.config import TrainConfig
 from core.dataset import ImageItem
 from core.events import Emit, Phase
 
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Training examples: cached latent distributions (or pixels) and captions, repeated."""
+@dataclass
+class Entry:
+    """One image ready to train: its caption, placement and (lazy) cached features."""
 
-    def __init__(self, entries: list[dict], repeats: int = 1):
+    item: ImageItem
+    placement: Placement
+    latents: Callable[[bool], dict] | None  # flipped -> {"mean", "std"} from the cache
+    pixels: Callable[[bool], torch.Tensor] | None  # flipped -> (3, H, W), when latents are not cached
+    hidden: Callable[[], torch.Tensor] | None  # cached text embedding of the caption, if cached
+
+    @property
+    def caption(self) -> str:
+        return self.item.caption
+
+
+def example(entry: Entry, flipped: bool = False, caption: str | None = None,
+            hidden: Callable[[], torch.Tensor] | None = None) -> dict:
+    """The tensors of one example; ``caption``/``hidden`` replace the entry's own (augmentation)."""
+    out = {"caption": entry.caption if caption is None else caption,
+           "time_ids": torch.tensor(entry.placement.time_ids(flipped), dtype=torch.float32)}
+    if entry.latents is not None:
+        out.update(entry.latents(flipped))
+    else:
+        out["pixels"] = entry.pixels(flipped)
+    text = hidden if caption is not None else entry.hidden
+    if text is not None:
+        out["hidden"] = text()
+    return out
+
+
+@dataclass
+class Augment:
+    """Per-draw changes to an example, all decided by a seed (see BucketBatchSampler)."""
+
+    flip: bool = False
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout: float = 0.0
+    empty_hidden: Callable[[], torch.Tensor] | None = None  # cached embedding of "", for dropped captions
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, empty_hidden=None) -> Augment:
+        d = config.dataset
+        return cls(d.random_flip, d.shuffle_captions, d.keep_tokens, d.caption_dropout, empty_hidden)
+
+    def __call__(self, entry: Entry, seed: int | None) -> dict:
+        if seed is None:
+            return example(entry)
+        rng = random.Random(seed)
+        # Always draw all three numbers, so one option never shifts another's randomness.
+        flip_draw, drop_draw, shuffle_seed = rng.random(), rng.random(), rng.getrandbits(32)
+        flipped = self.flip and flip_draw < 0.5
+        if self.dropout and drop_draw < self.dropout:
+            return example(entry, flipped, "", self.empty_hidden)
+        if self.shuffle:
+            return example(entry, flipped, shuffle_tags(entry.caption, self.keep_tokens, shuffle_seed), None)
+        return example(entry, flipped)
+
+
+def shuffle_tags(caption: str, keep: int, seed: int) -> str:
+    """Shuffle comma-separated tags, keeping the first ``keep`` in place."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    random.Random(seed).shuffle(tail)
+    return ", ".join(head + tail)
+
+
+class Examples(torch.utils.data.Dataset):
+    """Indexable by ``(entry index, augmentation seed)`` as BucketBatchSampler yields them."""
+
+    def __init__(self, entries: list[Entry], augment: Augment):
         self.entries = entries
-        self.repeats = repeats
+        self.augment = augment
 
     def __len__(self) -> int:
-        return len(self.entries) * self.repeats
+        return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict:
-        entry = self.entries[index % len(self.entries)]
-        return {key: (value() if callable(value) else value) for key, value in entry.items()}
+    def __getitem__(self, key) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        return self.augment(self.entries[index], seed)
+
+
+class _Epoch:
+    """Holds the epoch number; accelerate calls ``set_epoch`` on a batch sampler's ``sampler``."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of one bucket each, every image ``repeats`` times per epoch, shuffled by seed and epoch."""
+
+    batch_size = None  # batches differ in size (a bucket's last one is short); accelerate shards them whole
+    drop_last = False
+
+    def __init__(self, buckets: list[tuple[int, int]], repeats: list[int], batch_size: int, seed: int):
+        self.buckets = buckets
+        self.repeats = repeats
+        self.per_batch = batch_size
+        self.seed = seed
+        self.sampler = _Epoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _members(self) -> dict[tuple[int, int], list[int]]:
+        members: dict[tuple[int, int], list[int]] = {}
+        for index, (bucket, n) in enumerate(zip(self.buckets, self.repeats, strict=True)):
+            members.setdefault(bucket, []).extend([index] * n)
+        return members
+
+    def __len__(self) -> int:
+        return sum(-(-len(m) // self.per_batch) for m in self._members().values())
+
+    def __iter__(self):
+        rng = random.Random(f"{self.seed}/{self.sampler.epoch}")
+        batches = []
+        members = self._members()
+        for bucket in sorted(members):
+            indices = members[bucket]
+            rng.shuffle(indices)
+            batches += [indices[i:i + self.per_batch] for i in range(0, len(indices), self.per_batch)]
+        rng.shuffle(batches)
+        for batch in batches:
+            yield [(index, rng.getrandbits(63)) for index in batch]
 
 
 def collate(examples: list[dict]) -> dict:
@@ -34,65 +165,137 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
-def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit: Emit, what: str) -> list[dict]:
-    """One entry per image: latents and text embeddings from the cache (encoding what is missing)."""
-    from core.cache import encode_latent_distribution, encode_text
-    from core.images import file_digest, fit_image, load_image, to_tensor
+# ------------------------------------------------------------------ placing
 
-    size = config.dataset.resolution
-    vae_fp, text_fp = base.fingerprint("vae"), base.fingerprint("text_encoder")
-    cache_text = not config.lora.train_text_encoder
+
+def placements(config: TrainConfig, items: list[ImageItem]) -> list[Placement]:
+    """Each image's bucket (or the resolution square when buckets are off)."""
+    d = config.dataset
+    if not d.buckets:
+        return [fitted(item.size, (d.resolution, d.resolution)) for item in items]
+    sizes = bucket_sizes(d.resolution, d.bucket_step, d.bucket_min_side, d.bucket_max_side)
+    max_side = d.bucket_max_side or d.resolution * 2
+    return [place(item.size, sizes, d.bucket_step, d.no_upscale, max_side) for item in items]
+
+
+def bucket_record(config: TrainConfig, items: list[ImageItem], places: list[Placement]) -> dict:
+    """The bucket table and every image's placement, as recorded in the run folder (buckets.json)."""
+    from core.buckets import aspect_error, bucket_table
+
+    d = config.dataset
+    repeats = [item.repeats * d.repeats for item in items]
+    root = Path(d.path)
+    return {
+        "enabled": d.buckets,
+        "resolution": d.resolution,
+        "step": d.bucket_step,
+        "no_upscale": d.no_upscale,
+        "mean_aspect_error": round(aspect_error(places), 4),
+        "buckets": bucket_table(places, repeats),
+        "images": [{
+            "file": _relative(item.path, root),
+            "bucket": list(p.bucket),
+            "original_size": list(p.original),
+            "crop_top_left": list(p.crop),
+            "target_size": [p.bucket[1], p.bucket[0]],
+            "repeats": n,
+        } for item, p, n in zip(items, places, repeats, strict=True)],
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+# ------------------------------------------------------------------ caching
+
+
+def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit: Emit, what: str,
+                  flips: bool = False) -> list[Entry]:
+    """One entry per image: latents (and flipped latents) and text embeddings from the cache.
+
+    What the cache lacks is encoded now, one image at a time.
+    """
+    places = placements(config, items)
+    cache_text = text_is_cached(config)
     entries = []
-    for i, item in enumerate(items):
+    for i, (item, placement) in enumerate(zip(items, places, strict=True)):
         emit(Phase(f"caching {what} latents", i, len(items)))
-        entry = {"caption": item.caption}
+        latents = pixels = hidden = None
         if config.dataset.cache_latents:
-            key = cache.latent_key(file_digest(item.path), size, size, vae_fp)
-            if not cache.has("latents", key):
-                pixels = to_tensor(fit_image(load_image(item.path), size, size)[0])[None]
-                cache.store("latents", key, {k: v[0] for k, v in encode_latent_distribution(base.vae, pixels).items()})
-            entry.update(_lazy_tensors(cache, "latents", key, ("mean", "std")))
+            latents = _cached_latents(item.path, placement, base, cache, flips)
         else:
-            entry["pixels"] = _lazy_pixels(item.path, size)
+            pixels = _pixels_loader(item.path, placement)
         if cache_text:
-            key = cache.text_key(item.caption, text_fp, base.tokenizer.model_max_length)
-            if not cache.has("text", key):
-                hidden = encode_text(base.tokenizer, base.text_encoder, [item.caption])
-                cache.store("text", key, {"hidden": hidden[0].float()})
-            entry.update(_lazy_tensors(cache, "text", key, ("hidden",)))
-        entries.append(entry)
+            hidden = cached_text(item.caption, base, cache)
+        entries.append(Entry(item, placement, latents, pixels, hidden))
     emit(Phase(f"caching {what} latents", len(items), len(items)))
     return entries
 
 
-def _lazy_tensors(cache, kind: str, key: str, names: tuple[str, ...]) -> dict:
-    """Entry values that read the cache file when the example is drawn (keeps RAM flat for big sets)."""
-
-    def getter(name):
-        def get():
-            tensors = cache.load(kind, key)
-            if tensors is None:
-                raise RuntimeError(f"cache entry {cache.path(kind, key)} disappeared or is damaged during "
-                                   f"training; delete the cache folder and restart")
-            return tensors[name]
-        return get
-
-    return {name: getter(name) for name in names}
+def text_is_cached(config: TrainConfig) -> bool:
+    """Text embeddings are cached unless the text encoder trains or the caption changes per draw."""
+    return not config.lora.train_text_encoder and not config.dataset.shuffle_captions
 
 
-def _lazy_pixels(path: Path, size: int):
+def _cached_latents(path: Path, placement: Placement, base, cache, flips: bool) -> Callable[[bool], dict]:
+    from core.cache import encode_latent_distribution
+    from core.images import file_digest
+
+    width, height = placement.bucket
+    digest, vae_fp = file_digest(path), base.fingerprint("vae")
+    keys = {flipped: cache.latent_key(digest, width, height, vae_fp, flipped) for flipped in (False, True)}
+    for flipped in (False, True) if flips else (False,):
+        if not cache.has("latents", keys[flipped]):
+            pixels = _load_pixels(path, placement, flipped)[None]
+            dist = encode_latent_distribution(base.vae, pixels)
+            cache.store("latents", keys[flipped], {k: v[0] for k, v in dist.items()})
+
+    def get(flipped: bool) -> dict:
+        return {"mean": _read(cache, "latents", keys[flipped], "mean"),
+                "std": _read(cache, "latents", keys[flipped], "std")}
+
+    return get
+
+
+def cached_text(caption: str, base, cache) -> Callable[[], torch.Tensor]:
+    """A loader of the caption's cached text embedding (encoding it now if the cache lacks it)."""
+    from core.cache import encode_text
+
+    key = cache.text_key(caption, base.fingerprint("text_encoder"), base.tokenizer.model_max_length)
+    if not cache.has("text", key):
+        hidden = encode_text(base.tokenizer, base.text_encoder, [caption])
+        cache.store("text", key, {"hidden": hidden[0].float()})
+    return lambda: _read(cache, "text", key, "hidden")
+
+
+def _read(cache, kind: str, key: str, name: str) -> torch.Tensor:
+    tensors = cache.load(kind, key)
+    if tensors is None:
+        raise RuntimeError(f"cache entry {cache.path(kind, key)} disappeared or is damaged during "
+                           f"training; delete the cache folder and restart")
+    return tensors[name]
+
+
+def _load_pixels(path: Path, placement: Placement, flipped: bool) -> torch.Tensor:
+    from PIL import Image
+
     from core.images import fit_image, load_image, to_tensor
 
-    return lambda: to_tensor(fit_image(load_image(path), size, size)[0])
+    with load_image(path) as image:
+        fitted_image = fit_image(image, *placement.bucket)[0]
+    if flipped:
+        fitted_image = fitted_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(fitted_image)
 
 
-def build_dataloader(config: TrainConfig, entries: list[dict]):
-    generator = torch.Generator().manual_seed(config.train.seed)
-    return torch.utils.data.DataLoader(
-        LatentDataset(entries, config.dataset.repeats),
-        batch_size=config.train.batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collate,
-        drop_last=False,
-    )
+def _pixels_loader(path: Path, placement: Placement) -> Callable[[bool], torch.Tensor]:
+    return lambda flipped: _load_pixels(path, placement, flipped)
+
+
+def build_dataloader(config: TrainConfig, entries: list[Entry], empty_hidden=None):
+    repeats = [entry.item.repeats * config.dataset.repeats for entry in entries]
+    sampler = BucketBatchSampler([e.placement.bucket for e in entries], repeats, config.train.batch_size,
+                                 config.train.seed)
+    return torch.utils.data.DataLoader(Examples(entries, Augment.from_config(config, empty_hidden)),
+                                       batch_sampler=sampler, collate_fn=collate)

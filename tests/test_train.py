@@ -214,7 +214,7 @@ def test_cache_is_reused_and_invalidated(tiny_model, tmp_path):
     Image.new("RGB", (80, 96), (1, 2, 3)).save(data / "img1.png")  # the user edits one image
     train.run(tiny_config(tiny_model, data, out, name="r3", **quick), EventLog())
     assert len(entries()) == 4
-    train.run(tiny_config(tiny_model, data, out, name="r4", **{**quick, "dataset.resolution": 72}), EventLog())
+    train.run(tiny_config(tiny_model, data, out, name="r4", **{**quick, "dataset.resolution": 128}), EventLog())
     assert len(entries()) == 7
 
 
