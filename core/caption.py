@@ -1,8 +1,16 @@
 """Automatic captions: a captioning model writes a ``.txt`` beside every image in a folder.
 
-``python -m core caption DIR --captioner blip --model PATH_OR_HUB_ID`` runs
-``caption_folder``; the app starts that same command as a subprocess and
+``python -m core caption DIR --captioner blip|wd14|florence2 --model PATH_OR_HUB_ID``
+runs ``caption_folder``; the app starts that same command as a subprocess and
 polls its ``--events`` file, exactly as it does for training.
+
+Three captioners, one per kind of caption a LoRA is trained on:
+
+* ``blip`` (this module): one short English sentence per picture;
+* ``wd14`` (``core.caption_tagger``): booru-style tags from a WD tagger run
+  with onnxruntime, for anime-style models;
+* ``florence2`` (``core.caption_florence``): Florence-2's detailed
+  paragraphs, for models trained on long natural-language prompts.
 
 The job, in order:
 
@@ -16,22 +24,25 @@ The job, in order:
 4. free the model and report.
 
 ``should_stop()`` is checked between batches, so a stop never leaves a
-half-written caption. Captioners are small classes in ``CAPTIONERS`` with
-``caption(images) -> list[str]`` and ``close()``; BLIP is the first.
-Heavy libraries (torch, transformers) are imported only inside them.
+half-written caption. Captioners are small ``CaptionerBase`` classes named in
+``CAPTIONERS``, with ``caption(images) -> list[str]`` and ``close()``; their
+own options (a tagger's thresholds, Florence-2's task) are checked before any
+work starts. Heavy libraries (torch, transformers, onnxruntime) are imported
+only inside them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
 import re
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from core import fsutil
 from core.events import Event, Message, Phase
@@ -47,6 +58,8 @@ CAPTION_SUFFIX = ".txt"  # what core.dataset.scan_dataset reads
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # What may follow a trigger word at the start of a caption for it to count as already there.
 _WORD_END = " ,;:."
+# ASCII control characters other than whitespace (a random-weight model can emit them).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class CaptionError(RuntimeError):
@@ -113,13 +126,54 @@ def terminal_line(event: Event) -> str | None:
 # captioners
 
 
-class Captioner(Protocol):
-    def caption(self, images: list[Image.Image], max_new_tokens: int = 40) -> list[str]: ...
+class CaptionerBase:
+    """What every captioner shares: its name, default model, options and their checks.
 
-    def close(self) -> None: ...
+    A subclass loads its model in ``__init__(model, device=None, **options)``
+    (raising ``CaptionError`` with what to do), captions RGB pictures with
+    ``caption(images, max_new_tokens=None) -> list[str]`` and frees its model
+    in ``close()``. The class methods run before a job starts, so a bad option
+    or a missing model folder fails before any picture is read.
+    """
+
+    name: ClassVar[str] = ""
+    default_model: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}  # option name -> default value
+    default_max_new_tokens: ClassVar[int | None] = None  # None: it does not generate text
+    # Why a picture got no caption, for the job's report.
+    empty_reason: ClassVar[str] = "the captioner returned no text for it"
+
+    @classmethod
+    def check_model(cls, model: str) -> None:
+        """Raise ``CaptionError`` now for a model path that cannot work (a hub id is checked at load)."""
+        model_source(model or cls.default_model, cls.default_model)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options with defaults filled in; ``CaptionError`` for one this captioner does not have."""
+        for key in options:
+            if key not in cls.options:
+                owners = [name for name in sorted(CAPTIONERS) if key in captioner_class(name).options]
+                where = f"it belongs to the {' and '.join(owners)} captioner" if owners else "no captioner has it"
+                raise CaptionError(f"the {cls.name} captioner has no option {_flag(key)} ({where})", kind="config")
+        return {**cls.options, **options}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
-class BlipCaptioner:
+def _flag(option: str) -> str:
+    """An option's command-line spelling: character_threshold -> --character-threshold."""
+    return "--" + option.replace("_", "-")
+
+
+class BlipCaptioner(CaptionerBase):
     """BLIP (Salesforce) image captioning: one short English sentence per picture.
 
     ``model`` is a local folder or a hub id (default: the base model, about
@@ -128,22 +182,25 @@ class BlipCaptioner:
     ``CaptionError`` with what to do, never a bare library traceback.
     """
 
+    name = "blip"
     default_model = DEFAULT_BLIP
+    default_max_new_tokens = 40
 
     def __init__(self, model: str = "", device: str | None = None):
         import torch
 
         self.model_id = model or self.default_model
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        source = _model_source(self.model_id)
+        source = model_source(self.model_id, self.default_model)
         self.processor, self.model = self._load(source)
         self.model.to(self.device).eval()
 
     def _load(self, source: str):
         from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
 
-        with _quiet_transformers():
+        what = "a whole BLIP captioning model (config.json, weights, processor and tokenizer files)"
+        with quiet_transformers():
             try:
                 config = AutoConfig.from_pretrained(source)
                 _check_blip_config(config, self.model_id)
@@ -151,16 +208,11 @@ class BlipCaptioner:
                 model, info = BlipForConditionalGeneration.from_pretrained(
                     source, dtype=self.dtype, output_loading_info=True)
             except (OSError, ValueError, KeyError) as e:
-                raise CaptionError(_load_failure(self.model_id, e)) from e
-        missing = info.get("missing_keys") or []
-        if missing:
-            # Loading goes on with random weights for these; the captions would be noise.
-            raise CaptionError(f"the captioner model {self.model_id} lacks {len(missing)} weight(s) "
-                               f"(e.g. {sorted(missing)[0]}); the download is incomplete or it is not a "
-                               f"BLIP captioning model. Download it again, e.g. {_download_hint(self.model_id)}")
+                raise CaptionError(load_failure(self.model_id, e, what, self.default_model)) from e
+        check_all_weights(info, self.model_id, "a BLIP captioning model", self.default_model)
         return processor, model
 
-    def caption(self, images: list[Image.Image], max_new_tokens: int = 40) -> list[str]:
+    def caption(self, images: list[Image.Image], max_new_tokens: int | None = None) -> list[str]:
         """One cleaned caption per RGB image, in order (greedy decoding)."""
         import torch
 
@@ -171,9 +223,10 @@ class BlipCaptioner:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         # The decoder starts from one [DEC] token; it cannot write past its position table.
         room = self.model.config.text_config.max_position_embeddings - 1
+        wanted = max_new_tokens or self.default_max_new_tokens
         with torch.inference_mode():
             ids = self.model.generate(pixel_values=pixels.to(self.device, self.dtype),
-                                      max_new_tokens=max(1, min(max_new_tokens, room)))
+                                      max_new_tokens=max(1, min(wanted, room)))
         return [clean_caption(text) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
     def close(self) -> None:
@@ -181,23 +234,45 @@ class BlipCaptioner:
         if self.model is None:
             return
         self.model = self.processor = None
-        gc.collect()
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
-
-    def __enter__(self) -> BlipCaptioner:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        free_memory(self.device)
 
 
-CAPTIONERS: dict[str, type] = {"blip": BlipCaptioner}
+# name -> "module:class"; a captioner's module (and its libraries) is imported only when it is used.
+CAPTIONERS: dict[str, str] = {
+    "blip": "core.caption:BlipCaptioner",
+    "wd14": "core.caption_tagger:WdTagger",
+    "florence2": "core.caption_florence:Florence2Captioner",
+}
 
 
-def _pick_device(device: str | None):
+def captioner_class(name: str) -> type[CaptionerBase]:
+    """The captioner class registered as ``name``; ``CaptionError`` listing the known ones otherwise."""
+    if name not in CAPTIONERS:
+        raise CaptionError(f"unknown captioner {name!r}; choose one of: {', '.join(sorted(CAPTIONERS))}",
+                           kind="config")
+    module, cls = CAPTIONERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def free_memory(device) -> None:
+    """Give back what a closed model held (the GPU cache too, when it ran on the GPU)."""
+    gc.collect()
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def check_all_weights(info: dict, model: str, what: str, default_model: str) -> None:
+    """Refuse a model that loaded with some weights left random (its captions would be noise)."""
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise CaptionError(f"the captioner model {model} lacks {len(missing)} weight(s) "
+                           f"(e.g. {sorted(missing)[0]}); the download is incomplete or it is not {what}. "
+                           f"Download it again, e.g. {download_hint(model, default_model)}")
+
+
+def pick_device(device: str | None):
     import torch
 
     if not device:
@@ -212,18 +287,26 @@ def _pick_device(device: str | None):
     return chosen
 
 
-def _model_source(model: str) -> str:
-    """A local folder (as a path string) or a hub id; raise for a path that is neither."""
+def is_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.fullmatch(model)) and ".." not in model
+
+
+def model_source(model: str, default_model: str = DEFAULT_BLIP, files: str = "config.json and weights",
+                 download: str = "") -> str:
+    """A local folder (as a path string) or a hub id; raise for a path that is neither.
+
+    ``files`` names what the folder holds, ``download`` the files to download (see ``download_hint``).
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise CaptionError(f"the captioner model {model} is a file; pass the folder that holds its "
-                           "config.json and weights")
-    if _HUB_ID.fullmatch(model) and ".." not in model:
+        raise CaptionError(f"the captioner model {model} is a file; pass the folder that holds its {files}")
+    if is_hub_id(model):
         return model
     raise CaptionError(f"there is no captioner model folder {path}; download one, e.g. "
-                       f"{_download_hint(DEFAULT_BLIP)}, or pass a hub id such as {DEFAULT_BLIP}")
+                       f"{download_hint(default_model, default_model, download)}, "
+                       f"or pass a hub id such as {default_model}")
 
 
 def _check_blip_config(config, model: str) -> None:
@@ -238,30 +321,35 @@ def _check_blip_config(config, model: str) -> None:
                            f"captioning one such as {DEFAULT_BLIP}")
 
 
-def _load_failure(model: str, error: Exception) -> str:
+def load_failure(model: str, error: Exception, what: str, default_model: str = DEFAULT_BLIP, files: str = "") -> str:
+    """Why a model did not load and what to do; ``what`` says what its folder must hold."""
     detail = " ".join(str(error).split()).rstrip(".")
+    hint = download_hint(model, default_model, files)
     if Path(model).expanduser().is_dir():
-        return (f"cannot load the captioner from the folder {model}: {detail}. It must hold a whole BLIP "
-                f"captioning model (config.json, weights, processor and tokenizer files); download one, "
-                f"e.g. {_download_hint(model)}")
+        return (f"cannot load the captioner from the folder {model}: {detail}. It must hold {what}; "
+                f"download one, e.g. {hint}")
     from huggingface_hub import is_offline_mode
 
     if is_offline_mode():
         return (f"cannot load the captioner model {model!r}: there is no such folder here, it is not in the "
                 f"Hugging Face cache, and downloads are off (HF_HUB_OFFLINE is set). Download it into models/ "
-                f"once on a machine with internet access: {_download_hint(model)}")
+                f"once on a machine with internet access: {hint}")
     return (f"cannot load the captioner model {model!r} ({detail}); check the name and the internet "
-            f"connection, or download it into models/: {_download_hint(model)}")
+            f"connection, or download it into models/: {hint}")
 
 
-def _download_hint(model: str) -> str:
-    hub_id = model if _HUB_ID.fullmatch(model) and "/" in model else DEFAULT_BLIP
+def download_hint(model: str, default_model: str = DEFAULT_BLIP, files: str = "") -> str:
+    """The command that puts ``model`` (a hub id, else ``default_model``) into models/, and how to use it.
+
+    ``files``: the file names to download, space-separated ("" for the whole repository).
+    """
+    hub_id = model if is_hub_id(model) and "/" in model else default_model
     folder = f"models/{hub_id.split('/')[-1]}"
-    return f"`hf download {hub_id} --local-dir {folder}` then --model {folder}"
+    return f"`hf download {hub_id}{' ' + files if files else ''} --local-dir {folder}` then --model {folder}"
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No per-file progress bars while loading or saving (they would bury the job's own lines)."""
     from transformers.utils import logging as hf_logging
 
@@ -288,13 +376,16 @@ class CaptionReport:
 def caption_folder(folder: str | os.PathLike, captioner: str = "blip", model: str = "", prefix: str = "",
                    overwrite: bool = False, batch_size: int = 4, emit: Callable[[Event], None] | None = None,
                    should_stop: Callable[[], bool] | None = None, device: str | None = None,
-                   max_new_tokens: int = 40) -> CaptionReport:
+                   max_new_tokens: int | None = None, options: dict[str, Any] | None = None) -> CaptionReport:
     """Caption every top-level image of ``folder`` that has no caption yet (every one with ``overwrite``).
 
     Each caption is written beside its image as UTF-8 ``<stem>.txt``, with
-    ``prefix`` (a trigger word) first: "prefix, caption". ``model`` is a
-    folder or hub id ("" picks the captioner's default), ``device`` e.g.
-    "cpu" or "cuda" (None: the GPU if there is one). Raises
+    ``prefix`` (a trigger word) first: "prefix, caption". ``captioner`` is a
+    name in ``CAPTIONERS``, ``model`` a folder or hub id ("" picks the
+    captioner's default), ``device`` e.g. "cpu" or "cuda" (None: the GPU if
+    there is one), ``max_new_tokens`` the caption length limit of the text
+    captioners (None: the captioner's default), ``options`` the captioner's
+    own options (e.g. ``{"threshold": 0.5}`` for wd14). Raises
     ``CaptionError`` before any captioning for a bad option, a missing
     folder or a model that cannot load; per-image problems go to ``failed``.
     Events: a Message if captioned images are kept, Phase("loading
@@ -303,11 +394,18 @@ def caption_folder(folder: str | os.PathLike, captioner: str = "blip", model: st
     """
     emit = emit or _ignore
     should_stop = should_stop or _never
-    kind = _captioner_class(captioner)
+    kind = captioner_class(captioner)
     if batch_size < 1:
         raise CaptionError(f"batch size must be at least 1, got {batch_size}", kind="config")
+    if max_new_tokens is not None:
+        if kind.default_max_new_tokens is None:
+            raise CaptionError(f"the {kind.name} captioner writes tags, not text: --max-new-tokens does not "
+                               "apply to it", kind="config")
+        if max_new_tokens < 1:
+            raise CaptionError(f"max new tokens must be at least 1, got {max_new_tokens}", kind="config")
+    options = kind.check_options(dict(options or {}))
     if model:
-        _model_source(model)  # a missing folder fails now, not after the folder is scanned
+        kind.check_model(model)  # a missing folder fails now, not after the folder is scanned
     todo, report = _plan(folder, overwrite)
     if report.skipped:
         emit(Message("info", f"{len(report.skipped)} image(s) already have a caption and keep it "
@@ -315,7 +413,7 @@ def caption_folder(folder: str | os.PathLike, captioner: str = "blip", model: st
     stopped = False
     if todo:
         emit(Phase("loading captioner", 0, 0))
-        engine = kind(model, device=device)
+        engine = kind(model, device=device, **options)
         try:
             stopped = _caption_all(engine, todo, _clean_prefix(prefix), batch_size, max_new_tokens,
                                    report, emit, should_stop)
@@ -331,13 +429,6 @@ def _ignore(event: Event) -> None:
 
 def _never() -> bool:
     return False
-
-
-def _captioner_class(name: str) -> type:
-    if name not in CAPTIONERS:
-        raise CaptionError(f"unknown captioner {name!r}; choose one of: {', '.join(sorted(CAPTIONERS))}",
-                           kind="config")
-    return CAPTIONERS[name]
 
 
 def _plan(folder: str | os.PathLike, overwrite: bool) -> tuple[list[DatasetImage], CaptionReport]:
@@ -365,8 +456,8 @@ def _plan(folder: str | os.PathLike, overwrite: bool) -> tuple[list[DatasetImage
     return todo, report
 
 
-def _caption_all(engine: Captioner, todo: list[DatasetImage], prefix: str, batch_size: int,
-                 max_new_tokens: int, report: CaptionReport, emit, should_stop) -> bool:
+def _caption_all(engine: CaptionerBase, todo: list[DatasetImage], prefix: str, batch_size: int,
+                 max_new_tokens: int | None, report: CaptionReport, emit, should_stop) -> bool:
     """Caption ``todo`` batch by batch; return True if stopped before the end."""
     from core.images import ImageError, load_image
 
@@ -394,7 +485,7 @@ def _caption_all(engine: Captioner, todo: list[DatasetImage], prefix: str, batch
         for image, text in zip(batch, captions, strict=True):
             text = clean_caption(text)
             if not text:
-                failed(image.name, "the captioner returned no text for it")
+                failed(image.name, engine.empty_reason)
                 continue
             text = with_prefix(text, prefix)
             try:
@@ -410,8 +501,8 @@ def _caption_all(engine: Captioner, todo: list[DatasetImage], prefix: str, batch
 
 
 def clean_caption(text: str) -> str:
-    """One line, single spaces, no leading or trailing space."""
-    return " ".join((text or "").split())
+    """One line, single spaces, no leading or trailing space, no control characters."""
+    return " ".join(_CONTROL.sub("", text or "").split())
 
 
 def _clean_prefix(prefix: str) -> str:
@@ -489,8 +580,23 @@ def write_tiny_blip(directory: str | os.PathLike, seed: int = 0) -> Path:
     """
     from core.fsutil import new_folder
 
-    with new_folder(directory) as tmp, _quiet_transformers():
+    with new_folder(directory) as tmp, quiet_transformers():
         model, processor = build_tiny_blip(seed)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(directory)
+
+
+def write_tiny_captioner(directory: str | os.PathLike, kind: str = "blip", seed: int = 0) -> Path:
+    """Write a random-weight captioner of ``kind`` (blip, wd14 or florence2) for tests and the demo."""
+    if kind == "blip":
+        return write_tiny_blip(directory, seed)
+    if kind == "wd14":
+        from core.caption_tagger import write_tiny_tagger
+
+        return write_tiny_tagger(directory, seed)
+    if kind == "florence2":
+        from core.caption_florence import write_tiny_florence2
+
+        return write_tiny_florence2(directory, seed)
+    raise CaptionError(f"unknown captioner {kind!r}; choose one of: {', '.join(sorted(CAPTIONERS))}", kind="config")

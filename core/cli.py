@@ -3,8 +3,10 @@
     python -m core tiny-model DIR
     python -m core train CONFIG.toml [--set section.key=value ...] [--resume]
     python -m core sample --model MODEL [--lora FILE] [--scale S] --prompt TEXT --seed N --steps K --out FILE.png
-    python -m core caption DIR [--captioner blip] [--model PATH_OR_HUB_ID] [--prefix TRIGGER] [--overwrite]
-    python -m core tiny-captioner DIR
+    python -m core caption DIR [--captioner blip|wd14|florence2] [--model PATH_OR_HUB_ID] [--prefix TRIGGER]
+                               [--overwrite] [--threshold T] [--character-threshold T] [--exclude-tags TAGS]
+                               [--task caption|detailed|more-detailed]
+    python -m core tiny-captioner DIR [--kind blip|wd14|florence2]
     python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
@@ -72,18 +74,36 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="write a .txt caption beside every image in a folder with a captioning model")
     p.add_argument("dir", help="folder of images (only its top level is captioned)")
-    p.add_argument("--captioner", default="blip", help="which kind of captioner (default: blip)")
+    p.add_argument("--captioner", default="blip",
+                   help="blip (a short sentence, the default), wd14 (booru tags) or florence2 (a detailed paragraph)")
     p.add_argument("--model", default="",
-                   help="model folder or hub id (default: Salesforce/blip-image-captioning-base)")
+                   help="model folder or hub id (default: Salesforce/blip-image-captioning-base, "
+                        "SmilingWolf/wd-swinv2-tagger-v3 or florence-community/Florence-2-base)")
     p.add_argument("--prefix", default="", help="trigger word put first in every caption: 'TRIGGER, caption'")
     p.add_argument("--overwrite", action="store_true", help="replace existing captions (default: keep them)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest caption in tokens, blip and florence2 (default 40 and 256)")
     p.add_argument("--events", help="append progress events to this .jsonl file (what the app polls)")
+    tagger = p.add_argument_group("wd14 tagger options")
+    tagger.add_argument("--threshold", type=float, default=None,
+                        help="keep general tags scoring above this (0-1, default 0.35; higher: fewer, surer tags)")
+    tagger.add_argument("--character-threshold", type=float, default=None,
+                        help="keep character tags scoring above this (0-1, default 0.85)")
+    tagger.add_argument("--exclude-tags", default=None,
+                        help="comma-separated tags never to write, e.g. 'simple background, solo'")
+    tagger.add_argument("--include-rating", action="store_true", default=None,
+                        help="put the rating tag (general, sensitive, ...) first; left out by default")
+    florence = p.add_argument_group("florence2 options")
+    florence.add_argument("--task", default=None,
+                          help="caption (one sentence), detailed or more-detailed (a paragraph, the default)")
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("tiny-captioner", help="write a small random-weight BLIP captioner (for tests and demos)")
+    p = sub.add_parser("tiny-captioner", help="write a small random-weight captioner (for tests and demos)")
     p.add_argument("dir", help="folder to create")
+    p.add_argument("--kind", choices=["blip", "wd14", "florence2"], default="blip",
+                   help="which captioner to imitate (default: blip)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_captioner)
 
@@ -210,11 +230,14 @@ def cmd_caption(args) -> int:
             writer(RunError(message, kind))
         return _fail(message, code)
 
+    # Only the options given on the command line: one that does not fit the captioner is an error.
+    names = ("threshold", "character_threshold", "exclude_tags", "include_rating", "task")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     stop = _StopSignal()  # SIGTERM/SIGINT: finish the current batch, then stop
     try:
         caption_folder(args.dir, captioner=args.captioner, model=args.model, prefix=args.prefix,
                        overwrite=args.overwrite, batch_size=args.batch_size, emit=emit, should_stop=stop,
-                       device=args.device)
+                       device=args.device, max_new_tokens=args.max_new_tokens, options=options)
     except CaptionError as exc:
         return report(str(exc), exc.kind, EXIT_BAD_INPUT)
     except KeyboardInterrupt:
@@ -229,13 +252,15 @@ def cmd_caption(args) -> int:
 
 
 def cmd_tiny_captioner(args) -> int:
-    from core.caption import write_tiny_blip
+    from core.caption import CaptionError, write_tiny_captioner
 
     try:
-        path = write_tiny_blip(args.dir, seed=args.seed)
-    except FileExistsError as exc:
+        path = write_tiny_captioner(args.dir, kind=args.kind, seed=args.seed)
+    except (FileExistsError, CaptionError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
-    print(f"wrote a random-weight BLIP captioner to {path} (its captions are gibberish)")
+    what = {"blip": "BLIP captioner", "wd14": "WD tagger", "florence2": "Florence-2 captioner"}[args.kind]
+    print(f"wrote a random-weight {what} to {path} (its captions are gibberish); use it with "
+          f"python -m core caption DIR --captioner {args.kind} --model {path}")
     return 0
 
 
