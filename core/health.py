@@ -19,6 +19,9 @@ check              status   when
 ``trigger_missing`` warning the trigger word is not in the caption
 =================  =======  ==================================================
 
+Decisions recorded in the dataset's ``dataset.toml`` (see ``core.manifest``) are shown per
+file; excluded images do not count towards duplicates, tags or captions.
+
 Only Pillow and numpy: no model is loaded unless the caller passes a
 tokenizer (the CLI's ``--model`` loads just the CLIP tokenizer).
 """
@@ -57,14 +60,16 @@ _MIN_MEASURE_SIDE = 64  # ... unless that would squash a strip's short side belo
 
 @dataclass
 class FileFinding:
-    """Everything wrong with one file; ``status`` is "error" (cannot be used) or "warning"."""
+    """Everything wrong with one file, and the decision about it in dataset.toml (if any)."""
 
     file: str  # relative to the checked folder, posix separators
-    status: str
+    status: str  # "error", "warning", or "ok" (listed only for its dataset.toml decision)
     checks: list[dict] = field(default_factory=list)  # {"check": code, "message": text}
+    decision: str | None = None  # from dataset.toml: "exclude", "keep" or None (not decided)
 
     def to_json(self) -> dict:
-        return {"file": self.file, "status": self.status, "checks": [dict(c) for c in self.checks]}
+        return {"file": self.file, "status": self.status, "checks": [dict(c) for c in self.checks],
+                "decision": self.decision}
 
 
 @dataclass
@@ -81,10 +86,12 @@ class HealthReport:
         """The report as plain JSON types. Layout (version 1)::
 
             {"version": 1, "folder": str, "resolution": int,
-             "summary": {"images", "usable", "errors", "warnings", "captioned", "uncaptioned",
-                         "duplicate_groups", "near_duplicate_groups": int, "tokens_checked": bool},
-             "files": [{"file": str, "status": "error"|"warning",
-                        "checks": [{"check": str, "message": str}]}],
+             "summary": {"images", "usable", "errors", "warnings", "excluded", "kept", "captioned",
+                         "uncaptioned", "duplicate_groups", "near_duplicate_groups": int,
+                         "tokens_checked": bool},
+             "files": [{"file": str, "status": "error"|"warning"|"ok",
+                        "checks": [{"check": str, "message": str}],
+                        "decision": "exclude"|"keep"|null}],
              "duplicate_groups": [[str]], "near_duplicate_groups": [[str]],
              "tag_frequency": [{"tag": str, "count": int}]}
         """
@@ -123,9 +130,15 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
     ``tokenizer`` (a CLIP tokenizer) enables the caption length check;
     ``trigger`` enables the trigger word check.
     """
+    from core.manifest import ManifestError, load_manifest
+
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"dataset folder {folder} does not exist or is not a folder")
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as exc:
+        raise DatasetError(str(exc)) from None
     findings: dict[str, list[dict]] = {}
     errors: set[str] = set()
     images: list[_Image] = []
@@ -153,17 +166,21 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
         for check, message in _image_checks(info, resolution, blur_threshold):
             flag(rel, check, message)
         caption = _caption_checks(path, rel, tokenizer, specials, trigger, flag)
+        if manifest.is_excluded(rel):
+            continue  # reported, but not part of the training set: its caption and copies do not count
         if caption is not None:
             captioned += 1
             captions.append(caption)
 
-    duplicate_groups = _exact_groups(images)
+    excluded = {info.rel for info in images if manifest.is_excluded(info.rel)}
+    training = [info for info in images if info.rel not in excluded]
+    duplicate_groups = _exact_groups(training)
     for group in duplicate_groups:
         for rel in group[1:]:
             flag(rel, "duplicate", f"same pixels as {group[0]}: remove one copy (a duplicate trains twice as "
                                    "often and pushes the LoRA towards that one picture)")
     in_exact = {rel for group in duplicate_groups for rel in group[1:]}
-    near_groups, closest = _near_groups([i for i in images if i.rel not in in_exact], near_threshold)
+    near_groups, closest = _near_groups([i for i in training if i.rel not in in_exact], near_threshold)
     for group in near_groups:
         for rel in group[1:]:
             other, distance = closest[rel]
@@ -171,15 +188,21 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
                                         f"of 64, threshold {near_threshold}): keep one unless they differ on "
                                         "purpose")
 
-    files = [FileFinding(rel, "error" if rel in errors else "warning", checks)
+    for info in images:  # decided files stay listed (so a decision can be undone) even with nothing to flag
+        if manifest.decision(info.rel) is not None:
+            findings.setdefault(info.rel, [])
+    files = [FileFinding(rel, "error" if rel in errors else "warning" if checks else "ok", checks,
+                         manifest.decision(rel))
              for rel, checks in sorted(findings.items())]
     summary = {
         "images": len(images) + len(errors),
-        "usable": len(images),
+        "usable": len(training),
         "errors": len(errors),
-        "warnings": sum(1 for f in files if f.status == "warning"),
+        "warnings": sum(1 for f in files if f.status == "warning" and f.decision is None),
+        "excluded": len(excluded),
+        "kept": sum(1 for f in files if f.decision == "keep"),
         "captioned": captioned,
-        "uncaptioned": len(images) - captioned,
+        "uncaptioned": len(training) - captioned,
         "duplicate_groups": len(duplicate_groups),
         "near_duplicate_groups": len(near_groups),
         "tokens_checked": tokenizer is not None,  # caption token length is only measured with a tokenizer
@@ -303,8 +326,8 @@ def format_report(report: HealthReport, top_tags: int = 20) -> str:
     s = report.summary
     lines = [
         f"dataset {report.folder} at resolution {report.resolution}",
-        f"images: {s['images']} ({s['usable']} usable, {s['errors']} unreadable)",
-        f"files with warnings: {s['warnings']}",
+        f"images: {s['images']} ({s['usable']} usable, {s['errors']} unreadable, {s['excluded']} excluded)",
+        f"files with warnings: {s['warnings']} (plus {s['kept']} kept on purpose)",
         f"captions: {s['captioned']} captioned, {s['uncaptioned']} without a caption",
         f"duplicate groups: {s['duplicate_groups']} exact, {s['near_duplicate_groups']} near",
     ]
@@ -312,7 +335,9 @@ def format_report(report: HealthReport, top_tags: int = 20) -> str:
         lines.append("caption token length: not checked (pass --model MODEL to check it with its CLIP tokenizer)")
     if report.files:
         lines.append("")
-        lines += [f"{f.file}: {f.status}: " + "; ".join(c["message"] for c in f.checks) for f in report.files]
+        marks = {"exclude": " [excluded]", "keep": " [kept]", None: ""}
+        lines += [f"{f.file}{marks[f.decision]}: {f.status}: " + "; ".join(c["message"] for c in f.checks)
+                  for f in report.files]
     for title, groups in (("exact duplicates", report.duplicate_groups),
                           ("near duplicates", report.near_duplicate_groups)):
         if groups:

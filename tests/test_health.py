@@ -170,7 +170,8 @@ def test_clean_images_are_not_flagged(report):
 
 def test_summary_counts(report):
     assert report.summary == {
-        "images": 26, "usable": 23, "errors": 3, "warnings": 11, "captioned": 21, "uncaptioned": 2,
+        "images": 26, "usable": 23, "errors": 3, "warnings": 11, "excluded": 0, "kept": 0,
+        "captioned": 21, "uncaptioned": 2,
         "duplicate_groups": 1, "near_duplicate_groups": 2, "tokens_checked": False,
     }
 
@@ -264,6 +265,31 @@ def test_missing_folder_raises(tmp_path):
 # JSON and the command line
 
 
+def test_manifest_decisions_show_and_change_the_groups(corpus):
+    from core.manifest import set_decision
+
+    set_decision(corpus, "dup b.webp", "exclude", "a copy")
+    set_decision(corpus, "near b brighter.png", "exclude")
+    set_decision(corpus, "small.png", "keep", "the only picture of the back")
+    try:
+        report = check_dataset(corpus, trigger="sks")
+    finally:
+        (corpus / "dataset.toml").unlink()
+    by_file = {f.file: f for f in report.files}
+    assert by_file["dup b.webp"].decision == "exclude" and by_file["small.png"].decision == "keep"
+    assert by_file["near c resized.png"].decision is None
+    assert by_file["dup b.webp"].status == "ok" and not by_file["dup b.webp"].checks  # no longer a duplicate
+    # the excluded copies no longer count: what remains in training is still grouped
+    assert report.duplicate_groups == [["dup a.png", "dup c rotated.png"]]
+    assert ["near a.png", "near c resized.png"] in report.near_duplicate_groups
+    assert all("near b brighter.png" not in g for g in report.near_duplicate_groups)
+    s = report.summary
+    assert (s["usable"], s["excluded"], s["kept"]) == (21, 2, 1)
+    assert s["warnings"] == 11 - 1 - 1 - 1  # dup b, near b excluded; small kept
+    text = format_report(report)
+    assert "small.png [kept]: warning" in text and "dup b.webp [excluded]: ok" in text
+
+
 def test_json_layout(report):
     data = report.to_json()
     assert list(data) == ["version", "folder", "resolution", "summary", "files", "duplicate_groups",
@@ -271,7 +297,8 @@ def test_json_layout(report):
     assert data["version"] == 1 and isinstance(data["folder"], str) and data["resolution"] == 512
     assert all(isinstance(v, bool if k == "tokens_checked" else int) for k, v in data["summary"].items())
     for f in data["files"]:
-        assert set(f) == {"file", "status", "checks"} and f["status"] in ("error", "warning")
+        assert set(f) == {"file", "status", "checks", "decision"} and f["status"] in ("error", "warning")
+        assert f["decision"] is None
         assert all(set(c) == {"check", "message"} and isinstance(c["message"], str) for c in f["checks"])
     assert all(isinstance(name, str) for group in data["duplicate_groups"] + data["near_duplicate_groups"]
                for name in group)
@@ -292,7 +319,7 @@ def test_cli_text_report(corpus, report, capsys):
     out = capsys.readouterr().out
     assert out == format_report(report) + "\n"
     lines = out.splitlines()
-    assert "images: 26 (23 usable, 3 unreadable)" in lines
+    assert "images: 26 (23 usable, 3 unreadable, 0 excluded)" in lines
     assert any(line.startswith("caption token length: not checked") for line in lines)
     strip = [line for line in lines if line.startswith("strip.png: warning: ")]
     assert len(strip) == 1 and "; " in strip[0]
