@@ -55,11 +55,11 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
             captioners = gr.update(choices=dataset_tab.captioner_models(settings),
                                    value=str(settings.models_dir / "tiny-blip"))
             return (f"Demo ready: {message}. Pick the `demo` dataset, train on the `tiny` model at resolution 64, "
-                    f"then try the LoRA in the Prompt tab (width and height 64).", names, models, captioners,
+                    f"then try the LoRA in the Prompt tab (width and height 64).", names, models, "blip", captioners,
                     *prompt["refresh"]())
 
-        demo.click(on_demo, outputs=[demo_message, dataset["picker"], train["model"], dataset["caption_model"],
-                                     *prompt["refresh_outputs"]])
+        demo.click(on_demo, outputs=[demo_message, dataset["picker"], train["model"], dataset["captioner"],
+                                     dataset["caption_model"], *prompt["refresh_outputs"]])
         # A reload re-reads every list and re-attaches to the run in progress.
         app.load(on_load, dataset["picker"],
                  [*dataset["listing"], train["runs"], train["model"], train["dataset"], *prompt["refresh_outputs"],

@@ -4,6 +4,7 @@
 """
 
 
+import json
 from pathlib import Path
 
 from core import caption_edits as edits
@@ -33,6 +34,12 @@ def import_message(report) -> str:
 
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
+# (label, name) of the captioners the Auto-caption box offers, and the hub model each suggests.
+CAPTIONER_KINDS = [("BLIP: a short sentence", "blip"), ("WD14 tags: booru style", "wd14"),
+                   ("Florence-2: a detailed paragraph", "florence2")]
+HUB_CAPTIONERS = {"blip": DEFAULT_CAPTIONER, "wd14": "SmilingWolf/wd-swinv2-tagger-v3",
+                  "florence2": "florence-community/Florence-2-large"}
+FLORENCE_TASKS = [("One sentence", "caption"), ("A few sentences", "detailed"), ("A paragraph", "more-detailed")]
 
 
 def health_report(folder: Path):
@@ -62,10 +69,32 @@ def health_rows(report) -> list[list[str]]:
     return [[f.file, f.status, "; ".join(c["message"] for c in f.checks)] for f in report.files]
 
 
-def captioner_models(settings: AppSettings) -> list[str]:
-    """BLIP folders under models/ first (offline), then the usual hub id (downloaded on first use)."""
-    local = [str(p) for p in sorted(settings.models_dir.glob("*blip*")) if (p / "config.json").is_file()]
-    return local + [DEFAULT_CAPTIONER]
+def captioner_models(settings: AppSettings, kind: str = "blip") -> list[str]:
+    """Model folders of that kind of captioner under models/ first (offline), then the usual hub id
+    (downloaded on first use)."""
+    folders = sorted(settings.models_dir.iterdir()) if settings.models_dir.is_dir() else []
+    return [str(p) for p in folders if _captioner_kind(p) == kind] + [HUB_CAPTIONERS[kind]]
+
+
+def _captioner_kind(folder: Path) -> str | None:
+    """blip, florence2 or wd14 for a captioner model folder, None for anything else."""
+    if (folder / "model.onnx").is_file() and (folder / "selected_tags.csv").is_file():
+        return "wd14"
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"blip": "blip", "florence2": "florence2"}.get(model_type)
+
+
+def caption_options(kind: str, form: dict) -> dict:
+    """The captioner's own options from the Auto-caption box (what CaptionJob passes to the command)."""
+    if kind == "wd14":
+        return {"threshold": form["threshold"], "character_threshold": form["character_threshold"],
+                "exclude_tags": (form.get("exclude_tags") or "").strip() or None}
+    if kind == "florence2":
+        return {"task": form.get("task") or "more-detailed"}
+    return {}
 
 
 def build(settings: AppSettings):
@@ -92,10 +121,23 @@ def build(settings: AppSettings):
                 save = gr.Button("Save caption", variant="primary", elem_id="dataset-save-caption")
                 remove = gr.Button("Remove from dataset", variant="stop", elem_id="dataset-remove")
             with gr.Accordion("Auto-caption", open=False, elem_id="dataset-autocaption-box"):
+                caption_kind = gr.Dropdown(CAPTIONER_KINDS, value="blip", label="Captioner",
+                                           info="Sentences for photo models, tags for anime-style ones. "
+                                                "Runs on the GPU when present.", elem_id="dataset-captioner")
                 caption_model = gr.Dropdown(captioner_models(settings), value=captioner_models(settings)[0],
                                             allow_custom_value=True, label="Captioner model (folder or hub id)",
-                                            info="BLIP: natural-language captions. Runs on the GPU when present.",
                                             elem_id="dataset-captioner-model")
+                with gr.Group(visible=False) as tagger_box:
+                    tag_threshold = gr.Slider(0.05, 1.0, value=0.35, step=0.01, label="Tag threshold",
+                                              info="Keep tags scoring above this; higher gives fewer, surer tags.",
+                                              elem_id="dataset-tag-threshold")
+                    character_threshold = gr.Slider(0.05, 1.0, value=0.85, step=0.01,
+                                                    label="Character tag threshold",
+                                                    elem_id="dataset-character-threshold")
+                    exclude_tags = gr.Textbox(label="Tags to leave out (comma-separated)",
+                                              placeholder="simple background, solo", elem_id="dataset-exclude-tags")
+                florence_task = gr.Dropdown(FLORENCE_TASKS, value="more-detailed", label="Caption length",
+                                            visible=False, elem_id="dataset-florence-task")
                 caption_prefix = gr.Textbox(label="Trigger word to put first", elem_id="dataset-caption-prefix")
                 caption_overwrite = gr.Checkbox(False, label="Replace existing captions",
                                                 elem_id="dataset-caption-overwrite")
@@ -191,19 +233,31 @@ def build(settings: AppSettings):
     jobs: dict = {"caption": None}
     caption_timer = gr.Timer(1.0, active=False)
 
-    def on_autocaption(name, model, prefix, overwrite):
+    caption_form = {"name": picker, "kind": caption_kind, "model": caption_model, "prefix": caption_prefix,
+                    "overwrite": caption_overwrite, "threshold": tag_threshold,
+                    "character_threshold": character_threshold, "exclude_tags": exclude_tags, "task": florence_task}
+
+    def on_captioner(kind):
+        models = captioner_models(settings, kind)
+        return (gr.update(choices=models, value=models[0]), gr.update(visible=kind == "wd14"),
+                gr.update(visible=kind == "florence2"))
+
+    def on_autocaption(values):
         from ui.runner import CaptionJob
 
-        folder = folder_of(name)
+        form = {key: values[component] for key, component in caption_form.items()}
+        folder = folder_of(form["name"])
         job = jobs["caption"]
         if folder is None:
             return "⚠️ create or pick a dataset first", gr.skip()
         if job is not None and job.running:
             return "⚠️ a captioning job is already running; stop it or wait", gr.skip()
-        if not model:
+        if not form["model"]:
             return "⚠️ enter a captioner model folder or hub id", gr.skip()
-        jobs["caption"] = CaptionJob(folder, model, settings.outputs_dir / ".app", prefix=prefix or "",
-                                     overwrite=bool(overwrite))
+        kind = form["kind"] or "blip"
+        jobs["caption"] = CaptionJob(folder, form["model"], settings.outputs_dir / ".app", captioner=kind,
+                                     prefix=form["prefix"] or "", overwrite=bool(form["overwrite"]),
+                                     options=caption_options(kind, form))
         return "Loading the captioner…", gr.Timer(active=True)
 
     def on_caption_tick(name):
@@ -231,8 +285,8 @@ def build(settings: AppSettings):
 
     listing = [gallery, counts]
     check.click(on_check, picker, [health, flagged])
-    autocaption.click(on_autocaption, [picker, caption_model, caption_prefix, caption_overwrite],
-                      [caption_progress, caption_timer])
+    caption_kind.change(on_captioner, caption_kind, [caption_model, tagger_box, florence_task])
+    autocaption.click(on_autocaption, set(caption_form.values()), [caption_progress, caption_timer])
     caption_timer.tick(on_caption_tick, picker, [caption_progress, caption_timer, *listing],
                        show_progress="hidden")
     stop_caption.click(on_stop_caption, outputs=caption_progress)
@@ -246,4 +300,5 @@ def build(settings: AppSettings):
     do_replace.click(bulk(edits.find_replace), [picker, find, replace], [message, *listing])
     prepend.click(bulk(lambda f, t: edits.add_text(f, t, "prepend")), [picker, text], [message, *listing])
     append.click(bulk(lambda f, t: edits.add_text(f, t, "append")), [picker, text], [message, *listing])
-    return {"picker": picker, "refresh": refresh, "listing": listing, "caption_model": caption_model}
+    return {"picker": picker, "refresh": refresh, "listing": listing, "caption_model": caption_model,
+            "captioner": caption_kind}

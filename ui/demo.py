@@ -1,4 +1,4 @@
-"""The offline demo: a tiny random-weight model and a small captioned dataset."""
+"""The offline demo: a tiny random-weight model, tiny captioners and a small captioned dataset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ui.settings import ROOT, TINY_MODEL_NAME, AppSettings
 
 
 def make_demo(settings: AppSettings) -> str:
-    """Create models/tiny and datasets/demo if they are missing; say what was done."""
+    """Create models/tiny, the tiny captioner and tagger and datasets/demo if they are missing; say what was done."""
     from core.tiny import write_tiny_model
 
     done = []
@@ -22,6 +22,12 @@ def make_demo(settings: AppSettings) -> str:
 
         write_tiny_blip(captioner)
         done.append(f"wrote the tiny demo captioner to {captioner}")
+    tagger = settings.models_dir / "tiny-wd14"
+    if not (tagger / "model.onnx").is_file():
+        from core.caption_tagger import write_tiny_tagger
+
+        write_tiny_tagger(tagger)
+        done.append(f"wrote the tiny demo tagger to {tagger}")
     demo = settings.datasets_dir / "demo"
     if not demo.is_dir():
         demo.mkdir(parents=True)

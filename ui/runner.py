@@ -240,10 +240,14 @@ class CaptionStatus:
 
 
 class CaptionJob(CliJob):
-    """``python -m core caption`` as a background job whose progress the Dataset tab polls."""
+    """``python -m core caption`` as a background job whose progress the Dataset tab polls.
+
+    ``options`` are the captioner's own (``{"threshold": 0.5}`` for wd14, ``{"task": "caption"}``
+    for florence2), passed as ``--threshold 0.5``; True is a bare flag, False and None are left out.
+    """
 
     def __init__(self, folder: Path, model: str, jobs_dir: Path, captioner: str = "blip", prefix: str = "",
-                 overwrite: bool = False, python: str = sys.executable):
+                 overwrite: bool = False, options: dict | None = None, python: str = sys.executable):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         events_path = jobs_dir / f"caption-{folder.name}-{stamp}.jsonl"
         args = ["caption", str(folder), "--captioner", captioner, "--model", model, "--events", str(events_path)]
@@ -251,4 +255,20 @@ class CaptionJob(CliJob):
             args += ["--prefix", prefix.strip()]
         if overwrite:
             args.append("--overwrite")
+        args += option_args(options or {})
         super().__init__(args, events_path, jobs_dir / f"caption-{folder.name}-{stamp}.log", CaptionStatus(), python)
+
+
+def option_args(options: dict) -> list[str]:
+    """Captioner options as command-line arguments.
+
+    ``{"character_threshold": 0.9, "include_rating": True}`` -> ``["--character-threshold", "0.9", "--include-rating"]``
+    """
+    args = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
