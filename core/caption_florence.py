@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 DEFAULT_FLORENCE2 = "florence-community/Florence-2-base"
 # --task value -> the task prompt Florence-2 was trained with.
 TASKS = {"caption": "<CAPTION>", "detailed": "<DETAILED_CAPTION>", "more-detailed": "<MORE_DETAILED_CAPTION>"}
-_WHAT = "a whole Florence-2 model in the transformers layout (config.json, weights, processor and tokenizer files)"
+_WHAT = ("a whole Florence-2 model in the transformers layout (config.json, weights, processor and tokenizer "
+         "files), such as the florence-community conversions; Microsoft's original remote-code repositories "
+         "do not load natively")
 _NUM_BEAMS = 3
 
 
