@@ -111,6 +111,20 @@ def test_whole_flow(page, server, tmp_path):
     page.click("#dataset-check")
     page.wait_for_function("document.querySelector('#dataset-health').innerText.includes('usable')")
     assert "below the training resolution" in page.inner_text("#dataset-health-table")
+    # Exclude a flagged picture with one click (recorded in dataset.toml, the file stays), then undo it.
+    page.locator("#dataset-health-gallery .thumbnail-item").first.click()
+    page.wait_for_function("document.querySelector('#dataset-health-picked textarea, "
+                           "#dataset-health-picked input').value")
+    picked = page.locator("#dataset-health-picked textarea, #dataset-health-picked input").first.input_value()
+    page.click("#dataset-health-exclude")
+    page.wait_for_function("document.querySelector('#dataset-health-note').innerText.includes('excluded')")
+    manifest = home / "datasets" / "e2e pics" / "dataset.toml"
+    assert f'[images."{picked}"]' in manifest.read_text(encoding="utf-8")
+    assert "excluded" in page.inner_text("#dataset-health-table")
+    assert (home / "datasets" / "e2e pics" / picked).is_file()
+    page.click("#dataset-health-undo")
+    page.wait_for_function("document.querySelector('#dataset-health-note').innerText.includes('removed')")
+    assert picked not in manifest.read_text(encoding="utf-8")
     page.locator("#dataset-gallery .thumbnail-item").first.click()
     page.wait_for_function("document.querySelector('#dataset-selected textarea, #dataset-selected input').value")
     name = page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value()

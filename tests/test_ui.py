@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from core.config import ConfigError
-from tests.conftest import tiny_config, write_dataset
+from tests.conftest import EventLog, tiny_config, write_dataset
 from ui import presets, train_tab
 from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
 from ui.settings import AppSettings, find_loras, find_models
@@ -168,15 +168,70 @@ def test_previewer_keeps_the_pipeline_and_switches_loras(tiny_model, tmp_path):
 def test_health_report_view_lists_flagged_files(tmp_path):
     from PIL import Image
 
-    from ui import dataset_tab
+    from ui import health_panel
 
     folder = write_dataset(tmp_path / "d", n=3, size=(600, 600))
     (folder / "broken.png").write_bytes(b"")
     Image.open(folder / "img1.png").save(folder / "img1 copy.png")
-    report = dataset_tab.health_report(folder)
-    rows = {row[0]: row for row in dataset_tab.health_rows(report)}
-    assert rows["broken.png"][1] == "error" and "empty" in rows["broken.png"][2]
-    assert "img1 copy.png" in rows or "img1.png" in rows  # one of the pair is flagged as the duplicate
+    report = health_panel.check(folder)
+    rows = {row[0]: row for row in health_panel.rows(report)}
+    assert rows["broken.png"][1] == "error" and "empty" in rows["broken.png"][3]
+    assert rows["img1.png"][3].startswith("same pixels as img1 copy.png")  # the later name is the copy
     assert "img 0 ça.png" not in rows  # a clean picture is not flagged
-    summary = dataset_tab.health_summary(report)
+    summary = health_panel.summary(report)
     assert "**1** cannot be used" in summary and "same pixels" in summary
+    shown = health_panel.gallery(report, folder)
+    # unreadable files are only in the table
+    assert [label for _, label in shown] == ["img1 copy.png — caption missing", "img1.png — duplicate"]
+    assert health_panel.shown_files(report) == ["img1 copy.png", "img1.png"]
+
+
+def test_health_decisions_exclude_keep_undo_and_copies(tmp_path, tiny_model):
+    from PIL import Image
+
+    from core import train
+    from core.manifest import load_manifest
+    from ui import dataset_tab, health_panel
+
+    folder = write_dataset(tmp_path / "d", n=4, size=(80, 80))
+    Image.open(folder / "img1.png").save(folder / "img1 again.png")
+    Image.open(folder / "img2.png").save(folder / "img2 again.png")
+    report = health_panel.check(folder)
+    message = health_panel.decide(folder, "img1.png", "exclude", report)
+    assert "excluded from training" in message and (folder / "img1.png").is_file()
+    assert load_manifest(folder).images["img1.png"].reason == "small, duplicate"
+    report = health_panel.with_decisions(report, folder)
+    assert {r[0]: r[2] for r in health_panel.rows(report)}["img1.png"] == "excluded"
+    assert "excluded" in health_panel.details(report, "img1.png")
+    health_panel.decide(folder, "img2.png", "keep", report)
+    health_panel.decide(folder, "img1.png", None, report)
+    assert load_manifest(folder).decision("img1.png") is None
+    assert load_manifest(folder).decision("img2.png") == "keep"
+    # the copy sorted second in each group goes, unless a decision was already made about it
+    assert "Excluded 1 duplicate" in health_panel.exclude_copies(folder, health_panel.check(folder))
+    current = load_manifest(folder)
+    assert current.is_excluded("img1.png") and current.decision("img2.png") == "keep"
+    assert "img1.png (excluded)" in [label for _, label in dataset_tab.gallery_items(folder)]
+    assert "**1** excluded from training" in dataset_tab.counts_text(folder)
+    # the engine trains without them
+    cfg = tiny_config(tiny_model, folder, tmp_path / "out", **{"sample.prompts": [], "train.max_train_steps": 1,
+                                                              "output.save_state": False,
+                                                              "dataset.validation_split": 0.0})
+    log = EventLog()
+    train.run(cfg, log)
+    assert log.of("run_started")[0].num_train_images == 5
+
+
+def test_concept_repeats_table(tmp_path):
+    from core.manifest import ManifestError, load_manifest
+    from ui import health_panel
+
+    folder = write_dataset(tmp_path / "d", n=2)
+    write_dataset(folder / "close ups", n=3)
+    write_dataset(folder / "full body", n=1)
+    assert health_panel.concept_rows(folder) == [["close ups", 3, 1], ["full body", 1, 1]]
+    assert "2 folder(s)" in health_panel.save_concepts(folder, [["close ups", 3, 4], ["full body", 1, 1]])
+    assert load_manifest(folder).concepts == {"close ups": 4}
+    assert health_panel.concept_rows(folder)[0] == ["close ups", 3, 4]
+    with pytest.raises(ManifestError, match="whole number"):
+        health_panel.save_concepts(folder, [["close ups", 3, "lots"]])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from core import caption_edits as edits
 from core import dataset_store as store
+from core.manifest import load_manifest
+from ui import health_panel
 from ui.settings import AppSettings
 
 
@@ -16,14 +18,18 @@ def counts_text(folder: Path | None) -> str:
     if folder is None:
         return "No dataset picked."
     c = store.counts(folder)
+    excluded = sum(1 for d in load_manifest(folder).images.values() if d.decision == "exclude")
+    left_out = f" · **{excluded}** excluded from training" if excluded else ""
     return (f"**{c['images']}** images · **{c['captioned']}** captioned · **{c['uncaptioned']}** without caption"
-            f" — folder: `{folder}`")
+            f"{left_out} — folder: `{folder}`")
 
 
 def gallery_items(folder: Path | None) -> list[tuple[str, str]]:
     if folder is None:
         return []
-    return [(str(img.path), img.name) for img in store.list_images(folder)]
+    current = load_manifest(folder)
+    return [(str(img.path), f"{img.name} (excluded)" if current.is_excluded(img.name) else img.name)
+            for img in store.list_images(folder)]
 
 
 def import_message(report) -> str:
@@ -40,33 +46,6 @@ CAPTIONER_KINDS = [("BLIP: a short sentence", "blip"), ("WD14 tags: booru style"
 HUB_CAPTIONERS = {"blip": DEFAULT_CAPTIONER, "wd14": "SmilingWolf/wd-swinv2-tagger-v3",
                   "florence2": "florence-community/Florence-2-large"}
 FLORENCE_TASKS = [("One sentence", "caption"), ("A few sentences", "detailed"), ("A paragraph", "more-detailed")]
-
-
-def health_report(folder: Path):
-    from core.health import check_dataset
-
-    return check_dataset(folder)
-
-
-def health_summary(report) -> str:
-    """The report's headline numbers and groups, as Markdown."""
-    s = report.summary
-    lines = [f"**{s['usable']}** usable of {s['images']} pictures · **{s['errors']}** cannot be used · "
-             f"**{s['warnings']}** with warnings · {s['duplicate_groups']} exact and "
-             f"{s['near_duplicate_groups']} near-duplicate group(s)"]
-    for group in report.duplicate_groups:
-        lines.append(f"- same pixels: {', '.join(f'`{f}`' for f in group)}")
-    for group in report.near_duplicate_groups:
-        lines.append(f"- nearly the same: {', '.join(f'`{f}`' for f in group)}")
-    if report.tag_frequency:
-        top = ", ".join(f"{tag} ({count})" for tag, count in report.tag_frequency[:10])
-        lines.append(f"Most common caption tags: {top}")
-    return "\n".join(lines)
-
-
-def health_rows(report) -> list[list[str]]:
-    """One row per flagged file: file, status, every problem with what to do."""
-    return [[f.file, f.status, "; ".join(c["message"] for c in f.checks)] for f in report.files]
 
 
 def captioner_models(settings: AppSettings, kind: str = "blip") -> list[str]:
@@ -99,6 +78,14 @@ def caption_options(kind: str, form: dict) -> dict:
 
 def build(settings: AppSettings):
     import gradio as gr
+
+    def folder_of(name: str | None) -> Path | None:
+        if not name:
+            return None
+        try:
+            return store.dataset_path(settings.datasets_dir, name)
+        except store.DatasetStoreError:
+            return None
 
     names = store.list_datasets(settings.datasets_dir)
     with gr.Row():
@@ -146,10 +133,7 @@ def build(settings: AppSettings):
                     stop_caption = gr.Button("Stop", elem_id="dataset-autocaption-stop")
                 caption_progress = gr.Markdown(elem_id="dataset-caption-progress")
             with gr.Accordion("Health report", open=False, elem_id="dataset-health-box"):
-                check = gr.Button("Check this dataset", elem_id="dataset-check")
-                health = gr.Markdown(elem_id="dataset-health")
-                flagged = gr.Dataframe(headers=["file", "status", "problems"], interactive=False, wrap=True,
-                                       elem_id="dataset-health-table")
+                health_panel.build(folder_of, picker)
             with gr.Accordion("Bulk tools", open=False):
                 trigger = gr.Textbox(label="Trigger word (put first in every caption)", elem_id="dataset-trigger")
                 add_trigger = gr.Button("Add trigger word", elem_id="dataset-add-trigger")
@@ -160,14 +144,6 @@ def build(settings: AppSettings):
                 with gr.Row():
                     prepend = gr.Button("Prepend", elem_id="dataset-prepend")
                     append = gr.Button("Append", elem_id="dataset-append")
-
-    def folder_of(name: str | None) -> Path | None:
-        if not name:
-            return None
-        try:
-            return store.dataset_path(settings.datasets_dir, name)
-        except store.DatasetStoreError:
-            return None
 
     def refresh(name):
         folder = folder_of(name)
@@ -276,15 +252,7 @@ def build(settings: AppSettings):
         job.stop()
         return "Stopping after the current batch…"
 
-    def on_check(name):
-        folder = folder_of(name)
-        if folder is None:
-            return "⚠️ create or pick a dataset first", gr.skip()
-        report = health_report(folder)
-        return health_summary(report), health_rows(report)
-
     listing = [gallery, counts]
-    check.click(on_check, picker, [health, flagged])
     caption_kind.change(on_captioner, caption_kind, [caption_model, tagger_box, florence_task])
     autocaption.click(on_autocaption, set(caption_form.values()), [caption_progress, caption_timer])
     caption_timer.tick(on_caption_tick, picker, [caption_progress, caption_timer, *listing],

@@ -17,7 +17,7 @@ from ui.settings import AppSettings, find_models
 
 # Shown first, in this order; everything else goes into the Advanced accordion.
 BASIC = ["dataset.path", "model.path", "output.name", "train.max_train_steps", "train.max_train_epochs",
-         "dataset.repeats", "train.learning_rate", "lora.rank", "lora.alpha", "dataset.resolution",
+         "dataset.repeats", "train.learning_rate", "lora.rank", "lora.alpha", "dataset.resolution", "dataset.buckets",
          "train.batch_size", "sample.prompts", "sample.every_n_steps"]
 HIDDEN = {"output.dir"}  # the app keeps runs in its own outputs folder
 
