@@ -42,7 +42,7 @@ def summary(report) -> str:
         lines.append(f"- nearly the same: {', '.join(f'`{f}`' for f in group)}")
     if report.tag_frequency:
         top = ", ".join(f"{tag} ({count})" for tag, count in report.tag_frequency[:10])
-        lines.append(f"Most common caption tags: {top}")
+        lines.append(f"\nMost common caption tags: {top}")
     return "\n".join(lines)
 
 
@@ -155,7 +155,7 @@ def build(folder_of, picker):
     copies = gr.Button("Exclude all duplicate copies", elem_id="dataset-health-exclude-copies")
     note = gr.Markdown(elem_id="dataset-health-note")
     table = gr.Dataframe(headers=["file", "status", "decision", "problems"], interactive=False, wrap=True,
-                         elem_id="dataset-health-table")
+                         column_widths=["28%", "12%", "14%", "46%"], elem_id="dataset-health-table")
     with gr.Accordion("Folder repeats (concepts)", open=False, elem_id="dataset-concepts-box"):
         gr.Markdown("Each subfolder of the dataset is a concept; give it more repeats to train it more often "
                     "(saved in dataset.toml, folder names stay as they are).")
