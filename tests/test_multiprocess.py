@@ -1,5 +1,6 @@
 """The same train command under `accelerate launch` runs data-parallel on several processes."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,8 +17,12 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, tiny_model):
     accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate's launcher is installed with requirements.txt"
     data = write_dataset(tmp_path / "d", n=6)
+    write_dataset(data / "wide", n=3, size=(40, 120), seed=1)  # (height, width): another bucket
+    # buckets of several sizes, flips and shuffled captions: every process must draw the same batches
     cfg = tiny_config(tiny_model, data, tmp_path / "o", name="ddp",
-                      **{"train.max_train_steps": 4, "sample.every_n_steps": 2, "output.save_every_n_steps": 2})
+                      **{"train.max_train_steps": 4, "sample.every_n_steps": 2, "output.save_every_n_steps": 2,
+                         "dataset.bucket_step": 16, "dataset.random_flip": True, "dataset.shuffle_captions": True,
+                         "train.batch_size": 2})
     path = tmp_path / "run.toml"
     config.save(cfg, path)
     # The users' multi-GPU command, on CPUs (the engine picks gloo when there is no CUDA).
@@ -33,4 +38,6 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, tiny_model):
     assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4]
     assert events[-1]["type"] == "finished" and events[-1]["status"] == "completed"
     assert (cfg.run_dir / "ddp.safetensors").is_file()
+    buckets = json.loads((cfg.run_dir / "buckets.json").read_text(encoding="utf-8"))["buckets"]
+    assert len(buckets) == 2
     assert (cfg.run_dir / "state" / "step-00000004" / "lora_unet.safetensors").is_file()
