@@ -1,4 +1,5 @@
-"""How long data preparation takes: the health report on N pictures, and captioning M with the tiny captioner.
+"""How long data preparation takes: the health report and the training scan on N pictures, and
+captioning M with each tiny captioner.
 
     python benchmarks/bench_dataset.py --images 1000 --caption 100
 
@@ -49,6 +50,19 @@ def make_pictures(folder: Path, n: int, seed: int = 0) -> None:
         (folder / f"{name}.txt").write_text(f"a photo of sks, shapes, picture {i}")
 
 
+def scan_for_training(folder: Path):
+    """What a training run does with the folder before loading the model: scan, split, place in buckets."""
+    from core.config import TrainConfig
+    from core.dataset import load_split
+    from core.train_data import placements
+
+    config = TrainConfig()
+    config.dataset.path = str(folder)
+    split = load_split(folder, ".txt", config.dataset.validation_split, 0)
+    items = split.train + split.validation
+    return items, placements(config, items)
+
+
 def run(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
@@ -62,6 +76,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--caption", type=int, default=100)
+    parser.add_argument("--captioners", default="blip,wd14,florence2", help="comma-separated captioner kinds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -73,15 +88,20 @@ def main() -> int:
         print(f"check-dataset on {summary['images']} pictures: {seconds:.1f} s for the whole command "
               f"({seconds / summary['images'] * 1000:.1f} ms per picture), {summary['duplicate_groups']} duplicate "
               f"groups found")
-        run([sys.executable, "-m", "core", "tiny-captioner", str(tmp / "blip")])
+        started = time.perf_counter()
+        items, places = scan_for_training(tmp / "data")
+        print(f"training scan (decode, hash, split, buckets) of {len(items)} pictures: "
+              f"{time.perf_counter() - started:.1f} s in {len({p.bucket for p in places})} buckets")
         make_pictures(tmp / "to-caption", args.caption, seed=1)
-        for txt in (tmp / "to-caption").glob("*.txt"):
-            txt.unlink()
-        seconds, _ = run([sys.executable, "-m", "core", "caption", str(tmp / "to-caption"), "--model",
-                          str(tmp / "blip"), "--events", str(tmp / "caption.jsonl")])
-        written = len(list((tmp / "to-caption").glob("*.txt")))
-        print(f"caption {written} pictures with the tiny captioner: {seconds:.1f} s for the whole command "
-              f"(including loading)")
+        for kind in args.captioners.split(","):
+            run([sys.executable, "-m", "core", "tiny-captioner", str(tmp / kind), "--kind", kind])
+            for txt in (tmp / "to-caption").glob("*.txt"):
+                txt.unlink()
+            seconds, _ = run([sys.executable, "-m", "core", "caption", str(tmp / "to-caption"), "--captioner", kind,
+                              "--model", str(tmp / kind), "--events", str(tmp / f"caption-{kind}.jsonl")])
+            written = len(list((tmp / "to-caption").glob("*.txt")))
+            print(f"caption {written} pictures with the tiny {kind} captioner: {seconds:.1f} s for the whole "
+                  f"command (including loading)")
     return 0
 
 
