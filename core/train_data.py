@@ -216,6 +216,8 @@ def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit
 
     What the cache lacks is encoded now, one image at a time.
     """
+    if not items:
+        return []
     places = placements(config, items)
     cache_text = text_is_cached(config)
     entries = []

@@ -58,6 +58,12 @@ def test_steps_readout(tmp_path):
                                     "dataset.validation_split": 0.1})
     assert "10 steps per epoch" in text and "**25** steps ≈ 2.5 epochs" in text
     assert "Pick a dataset" in train_tab.steps_readout({"dataset.path": str(tmp_path / "none")})
+    from core.manifest import set_decision
+
+    set_decision(data, "img1.png", "exclude")  # excluded pictures do not count
+    text = train_tab.steps_readout({"dataset.path": str(data), "dataset.repeats": 1, "train.batch_size": 1,
+                                    "train.max_train_epochs": 1, "dataset.validation_split": 0.1})
+    assert "9 images × 1 repeats × 1 epochs / batch 1 = **9**" in text
 
 
 def test_summary_folds_events_and_views_render(tmp_path):

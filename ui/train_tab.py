@@ -71,11 +71,16 @@ def form_to_config(values: dict[str, Any], settings: AppSettings, check_paths: b
 def steps_readout(values: dict[str, Any]) -> str:
     """The "steps = images x repeats x epochs / batch" line, from the dataset folder and the settings."""
     from core.dataset_store import list_images
+    from core.manifest import Manifest, ManifestError, load_manifest
 
     folder = Path(str(values.get("dataset.path") or ""))
     if not folder.is_dir():
         return "Pick a dataset to see how many steps an epoch takes."
-    images = len(list_images(folder))
+    try:
+        decided = load_manifest(folder)
+    except ManifestError:
+        decided = Manifest()  # the engine reports a broken dataset.toml when the run starts
+    images = sum(1 for image in list_images(folder) if not decided.is_excluded(image.name))
     val_split = float(values.get("dataset.validation_split") or 0)
     held_out = 0 if images < 2 or val_split <= 0 else min(images - 1, max(1, round(images * val_split)))
     train_images = images - held_out
