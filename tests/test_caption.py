@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import caption
+from core import caption, caption_blip
 from core.caption import CaptionError, caption_folder
 from core.events import read_events
 from tests.conftest import EventLog, sigterm_once
@@ -22,7 +22,7 @@ ODD_NAME = "mon chat été.png"  # spaces and non-ASCII
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
     """A tiny random-weight BLIP captioner folder, built once per session."""
-    return caption.write_tiny_blip(tmp_path_factory.mktemp("captioners") / "tiny-blip")
+    return caption_blip.write_tiny_blip(tmp_path_factory.mktemp("captioners") / "tiny-blip")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,7 +81,7 @@ def test_tiny_blip_loads_with_transformers_and_captions(tiny_blip):
     assert tokenizer.bos_token == "[DEC]" and len(tokenizer) == text.vocab_size
     assert processor.image_processor.size == {"height": 32, "width": 32}
 
-    captioner = caption.BlipCaptioner(str(tiny_blip), device="cpu")
+    captioner = caption_blip.BlipCaptioner(str(tiny_blip), device="cpu")
     pictures = [Image.new("RGB", (50, 30), colour) for colour in ("red", "white", "navy")]
     texts = captioner.caption(pictures, max_new_tokens=8)
     assert len(texts) == 3
@@ -90,12 +90,12 @@ def test_tiny_blip_loads_with_transformers_and_captions(tiny_blip):
     with pytest.raises(CaptionError, match="closed"):
         captioner.caption(pictures)
     with pytest.raises(FileExistsError, match="not an empty folder"):
-        caption.write_tiny_blip(tiny_blip)
+        caption_blip.write_tiny_blip(tiny_blip)
 
 
 def test_a_hub_model_that_is_not_cached_offline_says_how_to_download_it():
     with pytest.raises(CaptionError, match="HF_HUB_OFFLINE") as info:
-        caption.BlipCaptioner("example-org/no-such-blip-captioner", device="cpu")
+        caption_blip.BlipCaptioner("example-org/no-such-blip-captioner", device="cpu")
     assert "hf download example-org/no-such-blip-captioner --local-dir models/" in str(info.value)
     assert info.value.kind == "model"
 
@@ -106,10 +106,10 @@ def test_a_folder_that_is_not_a_blip_captioner_is_refused(tmp_path, tiny_blip):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BlipForQuestionAnswering"]}))
     with pytest.raises(CaptionError, match="does not write captions"):
-        caption.BlipCaptioner(str(folder), device="cpu")
+        caption_blip.BlipCaptioner(str(folder), device="cpu")
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "clip"}))
     with pytest.raises(CaptionError, match="not BLIP"):
-        caption.BlipCaptioner(str(folder), device="cpu")
+        caption_blip.BlipCaptioner(str(folder), device="cpu")
 
 
 # --------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_tiny_captioner_command_and_sigterm_stops_after_the_batch(tmp_path):
 def test_captioner_runs_in_fp16_on_the_gpu_and_frees_it(tiny_blip):
     import torch
 
-    captioner = caption.BlipCaptioner(str(tiny_blip))  # no device: the GPU is picked
+    captioner = caption_blip.BlipCaptioner(str(tiny_blip))  # no device: the GPU is picked
     assert captioner.device.type == "cuda" and next(captioner.model.parameters()).dtype == torch.float16
     texts = captioner.caption([Image.new("RGB", (50, 30), "red"), Image.new("RGB", (20, 60), "blue")])
     assert len(texts) == 2 and all(texts)

@@ -18,7 +18,7 @@ def make_demo(settings: AppSettings) -> str:
         done.append(f"wrote the tiny demo model to {model}")
     captioner = settings.models_dir / "tiny-blip"
     if not (captioner / "config.json").is_file():
-        from core.caption import write_tiny_blip
+        from core.caption_blip import write_tiny_blip
 
         write_tiny_blip(captioner)
         done.append(f"wrote the tiny demo captioner to {captioner}")
