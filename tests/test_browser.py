@@ -132,6 +132,16 @@ def test_whole_flow(page, server, tmp_path):
     page.click("#dataset-save-caption")
     caption_file = (home / "datasets" / "e2e pics" / name).with_suffix(".txt")
     _wait(lambda: caption_file.read_text(encoding="utf-8") == "sks edited in the browser")
+    # A concept: type a new folder name, drop two pictures into it; they land in that subfolder.
+    _fill(page, "#dataset-folder", "close ups")
+    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('is new')")
+    concept = write_dataset(tmp_path / "concept", n=2, seed=7)
+    page.set_input_files("#dataset-upload input[type=file]", sorted(str(p) for p in concept.iterdir()))
+    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('2 images')")
+    assert sorted(p.name for p in (home / "datasets" / "e2e pics" / "close ups").glob("*.png")) == \
+        ["img 0 ça.png", "img1.png"]
+    _fill(page, "#dataset-folder", "(top level)")
+    page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('5 images')")
     _shot(page, "dataset")
 
     # --- Train tab: a few steps on the tiny model.

@@ -241,3 +241,27 @@ def test_concept_repeats_table(tmp_path):
     assert health_panel.concept_rows(folder)[0] == ["close ups", 3, 4]
     with pytest.raises(ManifestError, match="whole number"):
         health_panel.save_concepts(folder, [["close ups", 3, "lots"]])
+
+
+def test_concept_folders_in_the_dataset_view(tmp_path):
+    from core import dataset_store as store
+    from core.manifest import set_decision
+    from ui import dataset_tab
+
+    root = store.create_dataset(tmp_path / "datasets", "mine")
+    write_dataset(root, n=2)
+    assert dataset_tab.subfolders(root) == [dataset_tab.TOP_LEVEL]
+    view = dataset_tab.view_folder(root, "close ups")
+    assert view == root / "close ups" and not view.exists()
+    assert "is new" in dataset_tab.counts_text(view, root)
+    view.mkdir()
+    report = store.import_files(view, [str(p) for p in sorted(root.glob("img*.png"))])
+    assert len(report.added) == 2 and (view / "img1.png").is_file()
+    assert dataset_tab.subfolders(root) == [dataset_tab.TOP_LEVEL, "close ups"]
+    set_decision(root, "close ups/img1.png", "exclude")
+    labels = [label for _, label in dataset_tab.gallery_items(view, root)]
+    assert labels == ["img 0 ça.png", "img1.png (excluded)"]
+    assert "**1** excluded" in dataset_tab.counts_text(view, root)
+    assert "excluded" not in dataset_tab.counts_text(root)  # the top level has its own pictures
+    with pytest.raises(store.DatasetStoreError):
+        dataset_tab.view_folder(root, "../elsewhere")

@@ -13,22 +13,51 @@ from core.manifest import load_manifest
 from ui import health_panel
 from ui.settings import AppSettings
 
+TOP_LEVEL = "(top level)"  # the dataset folder itself in the Folder dropdown; other entries are subfolders
 
-def counts_text(folder: Path | None) -> str:
+
+def subfolders(root: Path | None) -> list[str]:
+    """The Folder dropdown: the top level, then each visible subfolder (a concept)."""
+    if root is None or not root.is_dir():
+        return [TOP_LEVEL]
+    return [TOP_LEVEL] + sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                                key=str.casefold)
+
+
+def view_folder(root: Path | None, sub: str | None) -> Path | None:
+    """The folder the gallery shows: the dataset itself or one subfolder (validated like a dataset name)."""
+    if root is None:
+        return None
+    if not sub or sub == TOP_LEVEL:
+        return root
+    return root / store.validate_name(sub)
+
+
+def _relative(view: Path, root: Path, name: str) -> str:
+    return (view / name).relative_to(root).as_posix()
+
+
+def counts_text(folder: Path | None, root: Path | None = None) -> str:
     if folder is None:
         return "No dataset picked."
+    root = root or folder
+    if not folder.is_dir():
+        return f"Folder `{folder.relative_to(root)}` is new: drop pictures to create it."
     c = store.counts(folder)
-    excluded = sum(1 for d in load_manifest(folder).images.values() if d.decision == "exclude")
+    decided = load_manifest(root)
+    excluded = sum(decided.is_excluded(_relative(folder, root, img.name)) for img in store.list_images(folder))
     left_out = f" · **{excluded}** excluded from training" if excluded else ""
     return (f"**{c['images']}** images · **{c['captioned']}** captioned · **{c['uncaptioned']}** without caption"
             f"{left_out} — folder: `{folder}`")
 
 
-def gallery_items(folder: Path | None) -> list[tuple[str, str]]:
-    if folder is None:
+def gallery_items(folder: Path | None, root: Path | None = None) -> list[tuple[str, str]]:
+    if folder is None or not folder.is_dir():
         return []
-    current = load_manifest(folder)
-    return [(str(img.path), f"{img.name} (excluded)" if current.is_excluded(img.name) else img.name)
+    root = root or folder
+    decided = load_manifest(root)
+    return [(str(img.path),
+             f"{img.name} (excluded)" if decided.is_excluded(_relative(folder, root, img.name)) else img.name)
             for img in store.list_images(folder)]
 
 
@@ -93,6 +122,10 @@ def build(settings: AppSettings):
                              allow_custom_value=True, scale=3)
         new_name = gr.Textbox(label="New dataset", placeholder="my-character", elem_id="dataset-new-name", scale=3)
         create = gr.Button("Create", elem_id="dataset-create", scale=1)
+        sub = gr.Dropdown(subfolders(folder_of(names[0]) if names else None), value=TOP_LEVEL,
+                          allow_custom_value=True, label="Folder (concept)", scale=3, elem_id="dataset-folder",
+                          info="Pictures in a subfolder train with its own repeats (Health report → Folder "
+                               "repeats). Type a new name to start one.")
     counts = gr.Markdown(elem_id="dataset-counts")
     upload = gr.File(file_count="multiple", label="Drop pictures here (and their .txt captions)",
                      elem_id="dataset-upload")
@@ -145,9 +178,26 @@ def build(settings: AppSettings):
                     prepend = gr.Button("Prepend", elem_id="dataset-prepend")
                     append = gr.Button("Append", elem_id="dataset-append")
 
-    def refresh(name):
-        folder = folder_of(name)
-        return gallery_items(folder), counts_text(folder)
+    def view_of(name, folder_name=TOP_LEVEL) -> Path | None:
+        return view_folder(folder_of(name), folder_name)
+
+    def refresh(name, folder_name=TOP_LEVEL):
+        root = folder_of(name)
+        try:
+            view = view_folder(root, folder_name)
+        except store.DatasetStoreError:
+            view = root
+        return gallery_items(view, root), counts_text(view, root)
+
+    def on_pick(name):
+        return gr.update(choices=subfolders(folder_of(name)), value=TOP_LEVEL), *refresh(name)
+
+    def on_folder(name, folder_name):
+        try:
+            view_of(name, folder_name)
+        except store.DatasetStoreError as exc:
+            return f"⚠️ {exc}", *refresh(name)
+        return "", *refresh(name, folder_name)
 
     def on_create(name):
         try:
@@ -157,60 +207,66 @@ def build(settings: AppSettings):
         return gr.update(choices=store.list_datasets(settings.datasets_dir), value=folder.name), \
             f"Created dataset `{folder.name}`. Drop pictures below."
 
-    def on_upload(name, files):
-        folder = folder_of(name)
+    def on_upload(name, folder_name, files):
+        try:
+            folder = view_of(name, folder_name)
+        except store.DatasetStoreError as exc:
+            return None, f"⚠️ {exc}", gr.skip(), *refresh(name)
         if folder is None:
-            return None, "⚠️ create or pick a dataset first", *refresh(name)
+            return None, "⚠️ create or pick a dataset first", gr.skip(), *refresh(name)
+        folder.mkdir(exist_ok=True)  # a new concept folder
         files = files or []
         paths = [getattr(f, "name", f) for f in files]
         report = store.import_files(folder, paths, [Path(p).name for p in paths])
-        return None, import_message(report), *refresh(name)
+        return (None, import_message(report), gr.update(choices=subfolders(folder_of(name))),
+                *refresh(name, folder_name))
 
-    def on_select(name, evt: gr.SelectData):
-        folder = folder_of(name)
-        images = store.list_images(folder) if folder else []
+    def on_select(name, folder_name, evt: gr.SelectData):
+        folder = view_of(name, folder_name)
+        images = store.list_images(folder) if folder and folder.is_dir() else []
         if evt.index is None or evt.index >= len(images):
             return "", ""
         image = images[evt.index]
         return image.name, image.caption
 
-    def on_save(name, image_name, text):
-        folder = folder_of(name)
+    def on_save(name, folder_name, image_name, text):
+        folder = view_of(name, folder_name)
         try:
             if folder is None or not image_name:
                 raise store.DatasetStoreError("pick a picture in the gallery first")
             edits.save_caption(folder, image_name, text or "")
         except store.DatasetStoreError as exc:
             return f"⚠️ {exc}", gr.skip()
-        return f"Saved the caption of `{image_name}`.", counts_text(folder)
+        return f"Saved the caption of `{image_name}`.", counts_text(folder, folder_of(name))
 
-    def on_remove(name, image_name):
-        folder = folder_of(name)
+    def on_remove(name, folder_name, image_name):
+        folder = view_of(name, folder_name)
         try:
             if folder is None or not image_name:
                 raise store.DatasetStoreError("pick a picture in the gallery first")
             moved = store.remove_image(folder, image_name)
         except store.DatasetStoreError as exc:
-            return f"⚠️ {exc}", *refresh(name), gr.skip(), gr.skip()
-        return f"Removed `{image_name}` (kept in `{moved.parent}`; nothing is deleted).", *refresh(name), "", ""
+            return f"⚠️ {exc}", *refresh(name, folder_name), gr.skip(), gr.skip()
+        return (f"Removed `{image_name}` (kept in `{moved.parent}`; nothing is deleted).",
+                *refresh(name, folder_name), "", "")
 
     def bulk(action):
-        def run(name, *args):
-            folder = folder_of(name)
+        def run(name, folder_name, *args):
             try:
+                folder = view_of(name, folder_name)
                 if folder is None:
                     raise store.DatasetStoreError("create or pick a dataset first")
                 changed = action(folder, *args)
             except store.DatasetStoreError as exc:
-                return f"⚠️ {exc}", *refresh(name)
-            return f"Changed {changed} caption(s).", *refresh(name)
+                return f"⚠️ {exc}", *refresh(name, folder_name)
+            return f"Changed {changed} caption(s) in this folder.", *refresh(name, folder_name)
         return run
 
     jobs: dict = {"caption": None}
     caption_timer = gr.Timer(1.0, active=False)
 
-    caption_form = {"name": picker, "kind": caption_kind, "model": caption_model, "prefix": caption_prefix,
-                    "overwrite": caption_overwrite, "threshold": tag_threshold,
+    caption_form = {"name": picker, "folder": sub, "kind": caption_kind, "model": caption_model,
+                    "prefix": caption_prefix, "overwrite": caption_overwrite, "threshold": tag_threshold,
                     "character_threshold": character_threshold, "exclude_tags": exclude_tags, "task": florence_task}
 
     def on_captioner(kind):
@@ -222,9 +278,12 @@ def build(settings: AppSettings):
         from ui.runner import CaptionJob
 
         form = {key: values[component] for key, component in caption_form.items()}
-        folder = folder_of(form["name"])
+        try:
+            folder = view_of(form["name"], form["folder"])
+        except store.DatasetStoreError as exc:
+            return f"⚠️ {exc}", gr.skip()
         job = jobs["caption"]
-        if folder is None:
+        if folder is None or not folder.is_dir():
             return "⚠️ create or pick a dataset first", gr.skip()
         if job is not None and job.running:
             return "⚠️ a captioning job is already running; stop it or wait", gr.skip()
@@ -236,14 +295,14 @@ def build(settings: AppSettings):
                                      options=caption_options(kind, form))
         return "Loading the captioner…", gr.Timer(active=True)
 
-    def on_caption_tick(name):
+    def on_caption_tick(name, folder_name=TOP_LEVEL):
         job = jobs["caption"]
         if job is None:
             return gr.skip(), gr.Timer(active=False), gr.skip(), gr.skip()
         status = job.poll()
         if job.running:
             return status.text(), gr.skip(), gr.skip(), gr.skip()
-        return status.text(), gr.Timer(active=False), *refresh(name)
+        return status.text(), gr.Timer(active=False), *refresh(name, folder_name)
 
     def on_stop_caption():
         job = jobs["caption"]
@@ -255,18 +314,19 @@ def build(settings: AppSettings):
     listing = [gallery, counts]
     caption_kind.change(on_captioner, caption_kind, [caption_model, tagger_box, florence_task])
     autocaption.click(on_autocaption, set(caption_form.values()), [caption_progress, caption_timer])
-    caption_timer.tick(on_caption_tick, picker, [caption_progress, caption_timer, *listing],
+    caption_timer.tick(on_caption_tick, [picker, sub], [caption_progress, caption_timer, *listing],
                        show_progress="hidden")
     stop_caption.click(on_stop_caption, outputs=caption_progress)
-    picker.change(refresh, picker, listing)
+    picker.change(on_pick, picker, [sub, *listing])
+    sub.change(on_folder, [picker, sub], [message, *listing])
     create.click(on_create, new_name, [picker, message])
-    upload.upload(on_upload, [picker, upload], [upload, message, *listing])
-    gallery.select(on_select, picker, [selected, caption])
-    save.click(on_save, [picker, selected, caption], [message, counts])
-    remove.click(on_remove, [picker, selected], [message, *listing, selected, caption])
-    add_trigger.click(bulk(edits.add_trigger_word), [picker, trigger], [message, *listing])
-    do_replace.click(bulk(edits.find_replace), [picker, find, replace], [message, *listing])
-    prepend.click(bulk(lambda f, t: edits.add_text(f, t, "prepend")), [picker, text], [message, *listing])
-    append.click(bulk(lambda f, t: edits.add_text(f, t, "append")), [picker, text], [message, *listing])
+    upload.upload(on_upload, [picker, sub, upload], [upload, message, sub, *listing])
+    gallery.select(on_select, [picker, sub], [selected, caption])
+    save.click(on_save, [picker, sub, selected, caption], [message, counts])
+    remove.click(on_remove, [picker, sub, selected], [message, *listing, selected, caption])
+    add_trigger.click(bulk(edits.add_trigger_word), [picker, sub, trigger], [message, *listing])
+    do_replace.click(bulk(edits.find_replace), [picker, sub, find, replace], [message, *listing])
+    prepend.click(bulk(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *listing])
+    append.click(bulk(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *listing])
     return {"picker": picker, "refresh": refresh, "listing": listing, "caption_model": caption_model,
             "captioner": caption_kind}
