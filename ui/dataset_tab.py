@@ -165,8 +165,6 @@ def build(settings: AppSettings):
                     autocaption = gr.Button("Caption pictures", variant="primary", elem_id="dataset-autocaption")
                     stop_caption = gr.Button("Stop", elem_id="dataset-autocaption-stop")
                 caption_progress = gr.Markdown(elem_id="dataset-caption-progress")
-            with gr.Accordion("Health report", open=False, elem_id="dataset-health-box"):
-                health_panel.build(folder_of, picker)
             with gr.Accordion("Bulk tools", open=False):
                 trigger = gr.Textbox(label="Trigger word (put first in every caption)", elem_id="dataset-trigger")
                 add_trigger = gr.Button("Add trigger word", elem_id="dataset-add-trigger")
@@ -177,6 +175,8 @@ def build(settings: AppSettings):
                 with gr.Row():
                     prepend = gr.Button("Prepend", elem_id="dataset-prepend")
                     append = gr.Button("Append", elem_id="dataset-append")
+    with gr.Accordion("Health report", open=False, elem_id="dataset-health-box"):
+        health_panel.build(folder_of, picker)
 
     def view_of(name, folder_name=TOP_LEVEL) -> Path | None:
         return view_folder(folder_of(name), folder_name)

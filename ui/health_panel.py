@@ -144,16 +144,19 @@ def build(folder_of, picker):
     state: dict = {"report": None, "folder": None}
     run_check = gr.Button("Check this dataset", elem_id="dataset-check")
     headline = gr.Markdown(elem_id="dataset-health")
-    flagged = gr.Gallery(label="Flagged pictures (click one to decide)", columns=5, height=260,
-                         allow_preview=False, elem_id="dataset-health-gallery")
-    chosen = gr.Textbox(label="Picked", interactive=False, elem_id="dataset-health-picked")
-    chosen_details = gr.Markdown(elem_id="dataset-health-details")
     with gr.Row():
-        exclude = gr.Button("Exclude from training", variant="stop", elem_id="dataset-health-exclude")
-        keep = gr.Button("Keep", elem_id="dataset-health-keep")
-        undo = gr.Button("Undo", elem_id="dataset-health-undo")
-    copies = gr.Button("Exclude all duplicate copies", elem_id="dataset-health-exclude-copies")
-    note = gr.Markdown(elem_id="dataset-health-note")
+        with gr.Column(scale=3):
+            flagged = gr.Gallery(label="Flagged pictures (click one to decide)", columns=8, height=300,
+                                 allow_preview=False, elem_id="dataset-health-gallery")
+        with gr.Column(scale=2):
+            chosen = gr.Textbox(label="Picked", interactive=False, elem_id="dataset-health-picked")
+            chosen_details = gr.Markdown(elem_id="dataset-health-details")
+            with gr.Row():
+                exclude = gr.Button("Exclude from training", variant="stop", elem_id="dataset-health-exclude")
+                keep = gr.Button("Keep", elem_id="dataset-health-keep")
+                undo = gr.Button("Undo", elem_id="dataset-health-undo")
+            copies = gr.Button("Exclude all duplicate copies", elem_id="dataset-health-exclude-copies")
+            note = gr.Markdown(elem_id="dataset-health-note")
     table = gr.Dataframe(headers=["file", "status", "decision", "problems"], interactive=False, wrap=True,
                          column_widths=["28%", "12%", "14%", "46%"], elem_id="dataset-health-table")
     with gr.Accordion("Folder repeats (concepts)", open=False, elem_id="dataset-concepts-box"):
