@@ -19,7 +19,7 @@ from core.fsutil import save_safetensors
 
 # Bump when the way images are prepared changes, so old entries are not reused.
 _LATENT_FORMAT = "fit-lanczos-center-v2"
-_TEXT_FORMAT = "clip-last-hidden-v1"
+_TEXT_FORMAT = "family-conditioning-v2"  # hidden states [+ pooled], per family
 
 
 class FeatureCache:
@@ -63,20 +63,3 @@ def encode_latent_distribution(vae, pixels: torch.Tensor) -> dict[str, torch.Ten
     """VAE posterior of a batch of [-1, 1] images: per-image mean and std (unscaled)."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return {"mean": dist.mean.float(), "std": dist.std.float()}
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    """CLIP last hidden states for captions, padded/truncated to the tokenizer's window."""
-    ids = tokenize(tokenizer, captions).to(text_encoder.device)
-    return text_encoder(ids)[0]
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids

@@ -44,6 +44,7 @@ def opt(default, help: str, *, min=None, max=None, group: str = "advanced", mult
 
 
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
+ModelFamily = Literal["auto", "sd1", "sd2", "sdxl"]
 Optimizer = Literal["adamw8bit", "adamw"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LrScheduler = Literal["constant", "cosine", "linear"]
@@ -56,6 +57,8 @@ class ModelConfig:
     path: str = opt("", "Base model: a local diffusers folder (with model_index.json) or a Hugging Face hub id "
                     "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.", group="basic")
     revision: str = opt("", "Hub revision (branch, tag or commit) when path is a hub id; empty for the default.")
+    family: ModelFamily = opt("auto", "Model family: 'auto' detects SD 1.x, SD 2.x or SDXL from the model's "
+                              "files; set it only if detection is wrong.")
     prediction_type: PredictionType = opt(
         "auto", "What the model predicts. 'auto' reads it from the model's scheduler config; override only "
         "for models whose config is wrong (v-prediction fine-tunes shipped with an epsilon config).")

@@ -36,17 +36,29 @@ TE_PREFIX = "lora_te_"
 _TE_READ_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 _SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# What A1111 / Forge / ComfyUI look at to recognise an SD-1.x LoRA. A1111 calls a
-# LoRA SD1 when ss_v2 is not "True" and the base version does not start with
-# "sdxl_"; Forge additionally wants modelspec.architecture.
-_FAMILY_METADATA = {
-    "ss_network_module": "networks.lora",
-    "ss_base_model_version": "sd_v1",
-    "ss_v2": "False",
-    "modelspec.sai_model_spec": "1.0.0",
-    "modelspec.architecture": "stable-diffusion-v1/lora",
-    "modelspec.implementation": "diffusers",
-}
+
+
+def family_metadata(family: str = "sd1", prediction_type: str = "epsilon", resolution: int | None = None) -> dict:
+    """What A1111 / Forge / ComfyUI look at to recognise a LoRA's model family.
+
+    A1111 calls a LoRA SD1 when ``ss_v2`` is not "True" and the base version
+    does not start with "sdxl_"; Forge additionally wants
+    ``modelspec.architecture``.
+    """
+    from core.families import get_family
+
+    kind = get_family(family)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": kind.base_model_version(prediction_type),
+        "ss_v2": str(kind.name == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": kind.architecture(prediction_type, resolution or kind.native_resolution),
+        "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    return meta
 
 
 class LoraFileError(ValueError):
@@ -160,7 +172,7 @@ def _kohya_name(prefix: str, path: str, model: torch.nn.Module) -> str:
     its paths start at ``encoder.``; kohya and A1111 keys keep the original
     ``text_model_encoder_...`` spelling, which is restored here.
     """
-    flattened = prefix == TE_PREFIX and not hasattr(model, "text_model")
+    flattened = prefix.startswith("lora_te") and not hasattr(model, "text_model")
     if flattened and path.split(".")[0] in ("encoder", "embeddings", "final_layer_norm"):
         path = "text_model." + path
     return prefix + path.replace(".", "_")
@@ -172,13 +184,17 @@ def _copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
 
 
-def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, what: str) -> dict:
-    """kohya tensors (down, up, alpha) for every LoRA layer of one model."""
+def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, what: str, namer=None) -> dict:
+    """kohya tensors (down, up, alpha) for every LoRA layer of one model.
+
+    ``namer(path)`` gives the kohya name of a module path; by default the
+    path itself with dots as underscores after ``prefix``.
+    """
     model = _unwrap(model)
     out: dict[str, torch.Tensor] = {}
     for path, layer in _lora_layers(model, adapter_name, what):
         _check_exportable(path, layer, adapter_name)
-        name = _kohya_name(prefix, path, model)
+        name = namer(path) if namer else _kohya_name(prefix, path, model)
         out[f"{name}.lora_down.weight"] = _copy(layer.lora_A[adapter_name].weight, dtype)
         out[f"{name}.lora_up.weight"] = _copy(layer.lora_B[adapter_name].weight, dtype)
         # alpha stays float32 whatever `dtype` is: it is one number, and fp16
@@ -188,23 +204,40 @@ def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, wha
 
 
 def kohya_state_dict(
-    unet, text_encoder=None, adapter_name: str = "default", dtype=torch.float16
+    unet, text_encoder=None, adapter_name: str = "default", dtype=torch.float16, family: str = "sd1"
 ) -> dict[str, torch.Tensor]:
-    """The adapter ``adapter_name`` of ``unet`` (and ``text_encoder``) as kohya SD-1.x tensors.
+    """The adapter ``adapter_name`` of ``unet`` (and the text encoders) as kohya tensors for ``family``.
 
-    ``unet`` is a diffusers ``UNet2DConditionModel`` and ``text_encoder`` a
-    transformers ``CLIPTextModel``, each with a peft LoRA adapter added (base
-    weights may be fp16/bf16, LoRA weights fp32). Weights are cast to
-    ``dtype`` (fp16 by default, like kohya) and copied to CPU.
+    ``unet`` is a diffusers ``UNet2DConditionModel``; ``text_encoder`` a
+    transformers ``CLIPTextModel`` or a ``core.text.TextEncoders`` (SDXL's
+    two), each with a peft LoRA adapter added (base weights may be fp16/bf16,
+    LoRA weights fp32). Names are those sd-scripts writes: diffusers module
+    names for SD 1.x/2.x (``lora_te_``), the original LDM names for SDXL's
+    UNet (``lora_unet_input_blocks_...``) and ``lora_te1_``/``lora_te2_``.
+    Weights are cast to ``dtype`` (fp16 by default, like kohya) and copied to
+    CPU.
 
     Raises ValueError when a given model lacks the adapter, or the adapter
     uses something kohya LoRA cannot hold (DoRA, LoRA bias, embeddings).
     """
+    from core.families import get_family
+
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
-    tensors = _export_model(unet, UNET_PREFIX, adapter_name, dtype, "UNet")
+    kind = get_family(family)
+    namer = None
+    if kind.ldm_unet_names:
+        from core.kohya_names import kohya_unet_key
+
+        config = _unwrap(unet).config
+        namer = lambda path: kohya_unet_key(path, config, ldm=True)  # noqa: E731
+    tensors = _export_model(unet, UNET_PREFIX, adapter_name, dtype, "UNet", namer)
     if text_encoder is not None:
-        tensors.update(_export_model(text_encoder, TE_PREFIX, adapter_name, dtype, "text encoder"))
+        encoders = list(text_encoder.encoders) if hasattr(text_encoder, "encoders") else [text_encoder]
+        if len(encoders) != len(kind.kohya_text_prefixes):
+            raise ValueError(f"{kind.label} has {len(kind.kohya_text_prefixes)} text encoder(s), got {len(encoders)}")
+        for prefix, encoder in zip(kind.kohya_text_prefixes, encoders, strict=True):
+            tensors.update(_export_model(encoder, prefix + "_", adapter_name, dtype, "text encoder"))
     return tensors
 
 
@@ -252,6 +285,8 @@ def kohya_metadata(
     base_model: str,
     train_text_encoder: bool,
     extra: dict | None = None,
+    family: str = "sd1",
+    prediction_type: str = "epsilon",
 ) -> dict[str, str]:
     """Training metadata in the spelling kohya's sd-scripts writes and A1111/ComfyUI show.
 
@@ -267,7 +302,7 @@ def kohya_metadata(
     now = time.time()
     model_name = Path(base_model).name if base_model and Path(base_model).exists() else base_model
     meta = {
-        **_FAMILY_METADATA,
+        **family_metadata(family, prediction_type, max(width, height)),
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
         "ss_network_args": "{}",
@@ -295,9 +330,11 @@ def _metadata_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     ranks = [t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")]
     alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
     alpha = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"  # kohya's word for mixed
-    unet_only = not any(k.startswith(TE_PREFIX) for k in tensors)
+    unet_only = not any(k.startswith(_TE_READ_PREFIXES) for k in tensors)
+    sdxl = any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
+                             "lora_unet_middle_block")) for k in tensors)
     return {
-        **_FAMILY_METADATA,
+        **family_metadata("sdxl" if sdxl else "sd1"),
         "ss_network_dim": str(max(ranks)),
         "ss_network_alpha": alpha,
         "ss_network_args": "{}",
@@ -312,6 +349,7 @@ def save_kohya_lora(
     metadata: dict[str, str] | None = None,
     dtype=torch.float16,
     adapter_name: str = "default",
+    family: str = "sd1",
 ) -> Path:
     """Write the adapter as one kohya ``.safetensors`` file, atomically; return its path.
 
@@ -327,7 +365,7 @@ def save_kohya_lora(
             f"{path}: kohya LoRA files must end in .safetensors (A1111 reads metadata only from those)"
         )
     user_metadata = stringify_metadata(metadata)
-    tensors = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype)
+    tensors = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype, family=family)
     save_safetensors(path, tensors, {**_metadata_from_tensors(tensors), **user_metadata})
     return path
 

@@ -21,8 +21,8 @@ class ModelError(RuntimeError):
 @dataclass
 class BaseModel:
     path: Path  # local diffusers folder
-    tokenizer: Any
-    text_encoder: Any
+    family: Any  # core.families.Family
+    text: Any  # core.text.TextEncoders: the tokenizer(s) and text encoder(s)
     vae: Any
     unet: Any
     noise_scheduler: Any  # DDPMScheduler with the model's training schedule
@@ -32,7 +32,15 @@ class BaseModel:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def tokenizer(self):
+        """The first tokenizer (the one whose window caption lengths are measured against)."""
+        return self.text.tokenizers[0]
+
     def fingerprint(self, component: str) -> str:
+        """Cache-key identity of a component; "text" covers every text encoder of the family."""
+        if component == "text":
+            return "+".join(component_fingerprint(self.path, name) for name in self.family.text_encoders)
         return component_fingerprint(self.path, component)
 
 
@@ -52,37 +60,59 @@ def resolve_model_path(path: str, revision: str = "") -> Path:
     return Path(snapshot)
 
 
-def load_models(path: str, revision: str = "", prediction_type: str = "auto", dtype=None) -> BaseModel:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen.
+def load_models(path: str, revision: str = "", prediction_type: str = "auto", dtype=None,
+                family: str = "auto") -> BaseModel:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
 
-    ``dtype`` (e.g. bf16 under mixed precision) is applied to the UNet and the text encoder while
-    loading, so their fp32 copies never exist at once (about 1.7 GB less peak memory for SD 1.5).
+    ``family`` ("auto", "sd1", "sd2", "sdxl") picks what to load; "auto" reads
+    it from the model's files. ``dtype`` (e.g. bf16 under mixed precision) is
+    applied to the UNet and the text encoders while loading, so their fp32
+    copies never exist at once (about 1.7 GB less peak memory for SD 1.5).
     The VAE always loads in fp32: fp16 VAEs overflow.
     """
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from core.families import FamilyError, detect_family, get_family
+    from core.text import TextEncoders
 
     folder = resolve_model_path(path, revision)
+    try:
+        kind = detect_family(folder) if family == "auto" else get_family(family)
+    except FamilyError as exc:
+        raise ModelError(str(exc)) from None
     quiet_local_loading()
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype)
+        tokenizers = [transformers.CLIPTokenizer.from_pretrained(folder, subfolder=name) for name in kind.tokenizers]
+        encoders = [_load_text_encoder(folder, name, dtype) for name in kind.text_encoders]
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"model folder {folder} could not be loaded as a Stable Diffusion 1.x diffusers "
-                         f"model: {_first_line(exc)}") from exc
+        raise ModelError(f"model folder {folder} could not be loaded as a {kind.label} diffusers model: "
+                         f"{_first_line(exc)}") from exc
     if prediction_type != "auto":
         noise_scheduler.register_to_config(prediction_type=prediction_type)
     resolved = noise_scheduler.config.prediction_type
     if resolved not in ("epsilon", "v_prediction"):
         raise ModelError(f"model {folder} predicts {resolved!r}; only 'epsilon' and 'v_prediction' can be "
                          f"trained (set model.prediction_type to override a wrong config)")
-    for module in (text_encoder, vae, unet):
+    for module in (*encoders, vae, unet):
         module.requires_grad_(False)
         module.eval()
-    return BaseModel(folder, tokenizer, text_encoder, vae, unet, noise_scheduler, resolved)
+    return BaseModel(folder, kind, TextEncoders(kind, tokenizers, encoders), vae, unet, noise_scheduler, resolved)
+
+
+def _load_text_encoder(folder: Path, name: str, dtype):
+    """The class its own config names (CLIPTextModel, or CLIPTextModelWithProjection for SDXL's second)."""
+    import transformers
+
+    config = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+    architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
+    cls = getattr(transformers, architecture, None)
+    if cls is None:
+        raise ValueError(f"{name} is a {architecture}, which this transformers does not have")
+    return cls.from_pretrained(folder, subfolder=name, dtype=dtype)
 
 
 def quiet_local_loading() -> None:

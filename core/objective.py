@@ -30,22 +30,29 @@ def latents_from_batch(batch: dict, base, generator: torch.Generator | None, dev
     return (latents - shift) * base.vae.config.scaling_factor
 
 
-def text_states(batch: dict, base, text_encoder, device) -> torch.Tensor:
+def text_states(batch: dict, base, text_encoder, device) -> tuple[torch.Tensor, dict | None]:
+    """Cross-attention states and the family's added conditions (SDXL: pooled text, size/crop ids)."""
     if "hidden" in batch:
-        return batch["hidden"].to(device)
-    from core.cache import tokenize
+        hidden, pooled = batch["hidden"].to(device), batch.get("pooled")
+        pooled = pooled.to(device) if pooled is not None else None
+    else:  # encoded now: captions change per draw, or the text encoder trains
+        hidden, pooled = text_encoder(base.text.tokenize(batch["caption"]))
+    time_ids = batch["time_ids"].to(device) if "time_ids" in batch else None
+    return hidden, base.family.added_conditions(pooled, time_ids)
 
-    return text_encoder(tokenize(base.tokenizer, batch["caption"]).to(device))[0]
 
+def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0,
+                   added: dict | None = None) -> torch.Tensor:
+    """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted.
 
-def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted."""
+    ``added`` is the UNet's ``added_cond_kwargs`` (SDXL), None for families without them.
+    """
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    pred = unet(noisy, timesteps, states, return_dict=False)[0]
+    pred = unet(noisy, timesteps, states, added_cond_kwargs=added, return_dict=False)[0]
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         from diffusers.training_utils import compute_snr
@@ -66,9 +73,9 @@ def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generato
             (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
     timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=device)
-    states = text_states(batch, base, text_encoder, device)
+    states, added = text_states(batch, base, text_encoder, device)
     return diffusion_loss(unet, base.noise_scheduler, latents, states, noise, timesteps,
-                          config.train.min_snr_gamma).mean()
+                          config.train.min_snr_gamma, added).mean()
 
 
 # ================================================================ validation
@@ -102,11 +109,18 @@ class Validator:
             batch = collate([example(entry)])
             latents = latents_from_batch(batch, self.base, None, self.device)
             latents = latents.expand(len(self.timesteps), *latents.shape[1:])
-            states = text_states(batch, self.base, text_encoder, self.device)
-            states = states.expand(len(self.timesteps), *states.shape[1:])
+            states, added = text_states(batch, self.base, text_encoder, self.device)
+            states = _repeat(states, len(self.timesteps))
+            if added is not None:
+                added = {key: _repeat(value, len(self.timesteps)) for key, value in added.items()}
             timesteps = torch.tensor(self.timesteps, device=self.device)
             with autocast():
                 loss = diffusion_loss(unet, self.base.noise_scheduler, latents, states,
-                                      noise.to(self.device), timesteps)
+                                      noise.to(self.device), timesteps, added=added)
             losses.append(loss.float().mean().item())
         return sum(losses) / len(losses)
+
+
+def _repeat(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """A batch of one, seen n times (one per validation timestep)."""
+    return tensor.expand(n, *tensor.shape[1:])

@@ -13,10 +13,13 @@ from core.config import ConfigError, TrainConfig
 STOP_FILE = "STOP"
 
 
-def lora_metadata(config: TrainConfig, step: int, data_info: dict) -> dict[str, str]:
+def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str = "sd1",
+                  prediction_type: str = "epsilon") -> dict[str, str]:
     from core.lora_io import kohya_metadata
 
     return kohya_metadata(
+        family=family,
+        prediction_type=prediction_type,
         rank=config.lora.rank,
         alpha=config.lora.alpha,
         output_name=config.output.name,
@@ -41,13 +44,18 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict) -> dict[str, 
     )
 
 
-def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, data_info: dict) -> Path:
+def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, data_info: dict,
+              base=None) -> Path:
+    """The kohya LoRA file of the run so far (``base``: the core.models.BaseModel, for its family)."""
     from core.lora_io import save_kohya_lora
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_precision]
     te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None
+    family = base.family.name if base is not None else "sd1"
+    prediction = base.prediction_type if base is not None else "epsilon"
     return save_kohya_lora(path, accelerator.unwrap_model(unet), te,
-                           metadata=lora_metadata(config, step, data_info), dtype=dtype)
+                           metadata=lora_metadata(config, step, data_info, family, prediction), dtype=dtype,
+                           family=family)
 
 
 def latest_state(run_dir: Path) -> Path | None:

@@ -34,20 +34,22 @@ def make_scheduler(model_folder: str | Path, sampler: str = "default"):
     return cls.from_pretrained(folder, subfolder="scheduler")
 
 
-def pipeline_from_parts(model_folder, vae, text_encoder, tokenizer, unet, sampler: str = "default"):
-    """A pipeline sharing already-loaded modules (no copy), for samples during training."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_from_parts(model_folder, vae, text, unet, sampler: str = "default"):
+    """A pipeline sharing already-loaded modules (no copy), for samples during training.
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=make_scheduler(model_folder, sampler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    ``text`` is the model's ``core.text.TextEncoders``; its family picks the pipeline class.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, text.family.pipeline_class)
+    parts = {"vae": vae, "unet": unet, "scheduler": make_scheduler(model_folder, sampler)}
+    for name, tokenizer, encoder in zip(text.family.text_encoders, text.tokenizers, text.encoders, strict=True):
+        parts[name] = encoder
+        parts[name.replace("text_encoder", "tokenizer")] = tokenizer
+    if text.family.pooled:
+        pipe = cls(**parts, add_watermarker=False)
+    else:
+        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -55,8 +57,9 @@ def pipeline_from_parts(model_folder, vae, text_encoder, tokenizer, unet, sample
 def load_pipeline(model: str, revision: str = "", device: str | None = None, sampler: str = "default",
                   dtype: torch.dtype | None = None):
     """Load a base model for generation, on the GPU when there is one."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from core.families import FamilyError, detect_family
     from core.models import ModelError, quiet_local_loading, resolve_model_path
 
     folder = resolve_model_path(model, revision)
@@ -64,9 +67,12 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    except (OSError, ValueError) as exc:
+        if detect_family(folder).pooled:
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, FamilyError) as exc:
         raise ModelError(f"model {model!r} could not be loaded for sampling: {exc}") from exc
     pipe.scheduler = make_scheduler(folder, sampler)
     pipe.set_progress_bar_config(disable=True)

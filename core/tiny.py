@@ -1,6 +1,6 @@
-"""Build small Stable Diffusion 1.x pipelines with random weights, offline.
+"""Build small Stable Diffusion pipelines (SD 1.x, SD 2.x, SDXL) with random weights, offline.
 
-``python -m core tiny-model DIR`` writes one. Tests, the demo and benchmarks
+``python -m core tiny-model DIR [--family sd15|sd2|sdxl]`` writes one. Tests, the demo and benchmarks
 use it because nothing can be downloaded on CI machines. The weights are
 random, so the pictures are noise, but every code path (loading, LoRA,
 training, sampling, export) is the real one.
@@ -8,7 +8,10 @@ training, sampling, export) is the real one.
 Two shapes exist:
 
 * ``tiny`` -- a few hundred thousand parameters, 64 px, trains at several
-  steps per second on a CPU.
+  steps per second on a CPU. One per family: ``sd15`` (the default), ``sd2``
+  (SD 2.x's linear projections, OpenCLIP-style GELU text encoder and
+  v-prediction) and ``sdxl`` (two text encoders, pooled text and size/crop
+  conditioning).
 * ``sd15`` -- the exact layer shapes of Stable Diffusion 1.5 (859M-parameter
   UNet, CLIP ViT-L text encoder, the 8x VAE), used to measure speed and memory
   of a real-sized run without downloading 4 GB.
@@ -117,20 +120,33 @@ def _configs(shape: str, tokenizer) -> dict:
     raise ValueError(f"unknown model shape {shape!r}; use 'tiny' or 'sd15'")
 
 
-def build_pipeline(shape: str = "tiny", seed: int = 0):
-    """Return a ``StableDiffusionPipeline`` with random weights."""
+TINY_FAMILIES = ("sd15", "sd2", "sdxl")
+
+
+def build_pipeline(shape: str = "tiny", seed: int = 0, family: str = "sd15"):
+    """Return a pipeline with random weights: ``StableDiffusionPipeline`` or, for ``sdxl``, the XL one."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; use one of: {', '.join(TINY_FAMILIES)}")
+    if family != "sd15" and shape != "tiny":
+        raise ValueError(f"shape {shape!r} exists only for sd15; use the tiny shape for {family}")
+    if family == "sdxl":
+        return _build_sdxl(seed)
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer()
     configs = _configs(shape, tokenizer)
+    if family == "sd2":
+        # SD 2.x: linear projections in the transformers, per-block head dims, GELU text encoder.
+        configs["unet"].update(use_linear_projection=True, attention_head_dim=(4, 8))
+        configs["text"].update(hidden_act="gelu")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**configs["unet"])
     vae = AutoencoderKL(**configs["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"]))
-    # The scheduler Stable Diffusion 1.5 ships with.
-    scheduler = PNDMScheduler(
+    scheduler = _sd2_scheduler() if family == "sd2" else PNDMScheduler(
+        # the scheduler Stable Diffusion 1.5 ships with
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -151,7 +167,47 @@ def build_pipeline(shape: str = "tiny", seed: int = 0):
     )
 
 
-def write_tiny_model(directory: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
+def _sd2_scheduler():
+    """What SD 2.x (768-v) ships with: DDIM, v-prediction."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+
+
+def _build_sdxl(seed: int):
+    """A tiny SDXL: CLIP-L-like and CLIP-G-like text encoders (the second with projection), text_time UNet."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer()
+    configs = _configs("tiny", tokenizer)
+    text = configs["text"]
+    unet_config = dict(configs["unet"])
+    time_dim = 8
+    unet_config.update(
+        cross_attention_dim=2 * text["hidden_size"],  # both encoders' states side by side
+        use_linear_projection=True,
+        attention_head_dim=(4, 8),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        # six size/crop numbers, each embedded to time_dim, plus the pooled text
+        projection_class_embeddings_input_dim=6 * time_dim + text["projection_dim"],
+    )
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    vae = AutoencoderKL(**configs["vae"], scaling_factor=0.13025)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "hidden_act": "gelu"}))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=build_tokenizer(), unet=unet,
+                                     scheduler=scheduler, add_watermarker=False)
+
+
+def write_tiny_model(directory: str | Path, shape: str = "tiny", seed: int = 0, family: str = "sd15") -> Path:
     """Write a random-weight pipeline as a diffusers folder and return its path.
 
     The folder is written to a temporary sibling and renamed into place, so an
@@ -160,5 +216,5 @@ def write_tiny_model(directory: str | Path, shape: str = "tiny", seed: int = 0) 
     from core.fsutil import new_folder
 
     with new_folder(directory) as tmp:  # refuses a non-empty folder before the (slow) build
-        build_pipeline(shape, seed).save_pretrained(tmp, safe_serialization=True)
+        build_pipeline(shape, seed, family).save_pretrained(tmp, safe_serialization=True)
     return Path(directory)

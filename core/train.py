@@ -126,9 +126,11 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
 
     emit(Phase("loading model", 0, 0))
     dtype = weight_dtype(accelerator)
-    base = load_models(config.model.path, config.model.revision, config.model.prediction_type, dtype)
+    base = load_models(config.model.path, config.model.revision, config.model.prediction_type, dtype,
+                       config.model.family)
+    emit(Message("info", f"{base.family.label} model ({base.prediction_type}) from {base.path}"))
     base.unet.to(accelerator.device, dtype=dtype)
-    base.text_encoder.to(accelerator.device, dtype=dtype)
+    base.text.to(accelerator.device, dtype=dtype)
     base.vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow; it runs once per image
     return base
 
@@ -165,12 +167,15 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
     unet_params = attach(base.unet, config.lora.target_modules, "UNet", "lora.target_modules")
     te_params = []
     if config.lora.train_text_encoder:
-        te_params = attach(base.text_encoder, config.lora.text_encoder_target_modules, "text encoder",
-                           "lora.text_encoder_target_modules")
+        for encoder in base.text.encoders:  # both of SDXL's
+            te_params += attach(encoder, config.lora.text_encoder_target_modules, "text encoder",
+                                "lora.text_encoder_target_modules")
+        base.text.peft_config = base.text.encoders[0].peft_config  # the resume state saves them as one
     if config.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if config.lora.train_text_encoder:
-            base.text_encoder.gradient_checkpointing_enable()
+            for encoder in base.text.encoders:
+                encoder.gradient_checkpointing_enable()
     return unet_params, te_params
 
 
@@ -234,20 +239,20 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         train_entries = build_entries(config, train_items, base, cache, emit, "training",
                                       flips=config.dataset.random_flip)
         val_entries = build_entries(config, val_items, base, cache, emit, "validation")
-        empty_hidden = (cached_text("", base, cache)
-                        if text_is_cached(config) and config.dataset.caption_dropout else None)
+        empty_text = (cached_text("", base, cache)
+                      if text_is_cached(config) and config.dataset.caption_dropout else None)
     if config.dataset.cache_latents:
         base.vae.to("cpu")  # only sampling needs it again; free the VRAM for training
     buckets = bucket_record(config, train_items, [e.placement for e in train_entries])
     report_buckets(config, buckets, emit, accelerator.is_main_process)
     train_te = config.lora.train_text_encoder
-    dataloader = build_dataloader(config, train_entries, empty_hidden)
+    dataloader = build_dataloader(config, train_entries, empty_text)
     if train_te:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(
-            base.unet, base.text_encoder, optimizer, dataloader)
+            base.unet, base.text, optimizer, dataloader)
     else:
         unet, optimizer, dataloader = accelerator.prepare(base.unet, optimizer, dataloader)
-        text_encoder = base.text_encoder
+        text_encoder = base.text
     steps_per_epoch = math.ceil(len(dataloader) / config.train.gradient_accumulation_steps)
     total = (config.train.max_train_epochs * steps_per_epoch if config.train.max_train_epochs
              else config.train.max_train_steps)
@@ -428,7 +433,7 @@ class _Loop:
             return
         vae_device = self.base.vae.device
         self.base.vae.to(self.accelerator.device)
-        pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, self.base.tokenizer, unet,
+        pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, unet,
                                    c.sample.sampler)
         for i, prompt in enumerate(c.sample.prompts):
             with self.accelerator.autocast():
@@ -446,7 +451,7 @@ class _Loop:
         """The LoRA file (main process) and, if enabled, the resume state (all processes)."""
         acc, c = self.accelerator, self.config
         if acc.is_main_process:
-            save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.data_info)
+            save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.data_info, self.base)
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
         if c.output.save_state:
             self.state.noise_rng = self.generator.get_state()

@@ -35,7 +35,7 @@ class Entry:
     placement: Placement
     latents: Callable[[bool], dict] | None  # flipped -> {"mean", "std"} from the cache
     pixels: Callable[[bool], torch.Tensor] | None  # flipped -> (3, H, W), when latents are not cached
-    hidden: Callable[[], torch.Tensor] | None  # cached text embedding of the caption, if cached
+    text: Callable[[], dict] | None  # cached text conditioning of the caption ({"hidden"[, "pooled"]}), if cached
 
     @property
     def caption(self) -> str:
@@ -43,17 +43,17 @@ class Entry:
 
 
 def example(entry: Entry, flipped: bool = False, caption: str | None = None,
-            hidden: Callable[[], torch.Tensor] | None = None) -> dict:
-    """The tensors of one example; ``caption``/``hidden`` replace the entry's own (augmentation)."""
+            text: Callable[[], dict] | None = None) -> dict:
+    """The tensors of one example; ``caption``/``text`` replace the entry's own (augmentation)."""
     out = {"caption": entry.caption if caption is None else caption,
            "time_ids": torch.tensor(entry.placement.time_ids(flipped), dtype=torch.float32)}
     if entry.latents is not None:
         out.update(entry.latents(flipped))
     else:
         out["pixels"] = entry.pixels(flipped)
-    text = hidden if caption is not None else entry.hidden
+    text = text if caption is not None else entry.text
     if text is not None:
-        out["hidden"] = text()
+        out.update(text())
     return out
 
 
@@ -65,12 +65,12 @@ class Augment:
     shuffle: bool = False
     keep_tokens: int = 0
     dropout: float = 0.0
-    empty_hidden: Callable[[], torch.Tensor] | None = None  # cached embedding of "", for dropped captions
+    empty_text: Callable[[], dict] | None = None  # cached conditioning of "", for dropped captions
 
     @classmethod
-    def from_config(cls, config: TrainConfig, empty_hidden=None) -> Augment:
+    def from_config(cls, config: TrainConfig, empty_text=None) -> Augment:
         d = config.dataset
-        return cls(d.random_flip, d.shuffle_captions, d.keep_tokens, d.caption_dropout, empty_hidden)
+        return cls(d.random_flip, d.shuffle_captions, d.keep_tokens, d.caption_dropout, empty_text)
 
     def __call__(self, entry: Entry, seed: int | None) -> dict:
         if seed is None:
@@ -80,7 +80,7 @@ class Augment:
         flip_draw, drop_draw, shuffle_seed = rng.random(), rng.random(), rng.getrandbits(32)
         flipped = self.flip and flip_draw < 0.5
         if self.dropout and drop_draw < self.dropout:
-            return example(entry, flipped, "", self.empty_hidden)
+            return example(entry, flipped, "", self.empty_text)
         if self.shuffle:
             return example(entry, flipped, shuffle_tags(entry.caption, self.keep_tokens, shuffle_seed), None)
         return example(entry, flipped)
@@ -223,14 +223,14 @@ def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit
     entries = []
     for i, (item, placement) in enumerate(zip(items, places, strict=True)):
         emit(Phase(f"caching {what} latents", i, len(items)))
-        latents = pixels = hidden = None
+        latents = pixels = text = None
         if config.dataset.cache_latents:
             latents = _cached_latents(item.path, placement, base, cache, flips)
         else:
             pixels = _pixels_loader(item.path, placement)
         if cache_text:
-            hidden = cached_text(item.caption, base, cache)
-        entries.append(Entry(item, placement, latents, pixels, hidden))
+            text = cached_text(item.caption, base, cache)
+        entries.append(Entry(item, placement, latents, pixels, text))
     emit(Phase(f"caching {what} latents", len(items), len(items)))
     return entries
 
@@ -260,15 +260,17 @@ def _cached_latents(path: Path, placement: Placement, base, cache, flips: bool) 
     return get
 
 
-def cached_text(caption: str, base, cache) -> Callable[[], torch.Tensor]:
-    """A loader of the caption's cached text embedding (encoding it now if the cache lacks it)."""
-    from core.cache import encode_text
-
-    key = cache.text_key(caption, base.fingerprint("text_encoder"), base.tokenizer.model_max_length)
+def cached_text(caption: str, base, cache) -> Callable[[], dict]:
+    """A loader of the caption's cached text conditioning (encoding it now if the cache lacks it)."""
+    key = cache.text_key(caption, base.fingerprint("text"), base.text.max_length)
+    names = ("hidden", "pooled") if base.family.pooled else ("hidden",)
     if not cache.has("text", key):
-        hidden = encode_text(base.tokenizer, base.text_encoder, [caption])
-        cache.store("text", key, {"hidden": hidden[0].float()})
-    return lambda: _read(cache, "text", key, "hidden")
+        hidden, pooled = base.text.encode([caption])
+        tensors = {"hidden": hidden[0].float()}
+        if pooled is not None:
+            tensors["pooled"] = pooled[0].float()
+        cache.store("text", key, tensors)
+    return lambda: {name: _read(cache, "text", key, name) for name in names}
 
 
 def _read(cache, kind: str, key: str, name: str) -> torch.Tensor:
@@ -295,9 +297,9 @@ def _pixels_loader(path: Path, placement: Placement) -> Callable[[bool], torch.T
     return lambda flipped: _load_pixels(path, placement, flipped)
 
 
-def build_dataloader(config: TrainConfig, entries: list[Entry], empty_hidden=None):
+def build_dataloader(config: TrainConfig, entries: list[Entry], empty_text=None):
     repeats = [entry.item.repeats * config.dataset.repeats for entry in entries]
     sampler = BucketBatchSampler([e.placement.bucket for e in entries], repeats, config.train.batch_size,
                                  config.train.seed)
-    return torch.utils.data.DataLoader(Examples(entries, Augment.from_config(config, empty_hidden)),
+    return torch.utils.data.DataLoader(Examples(entries, Augment.from_config(config, empty_text)),
                                        batch_sampler=sampler, collate_fn=collate)

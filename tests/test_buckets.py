@@ -140,7 +140,7 @@ def _entry(caption="sks, red hat, smiling, outdoors", size=(64, 32)):
     def latents(flipped):
         return {"mean": means[flipped], "std": torch.zeros(4, 4, 8)}
 
-    return Entry(item, fitted(size, size), latents, None, lambda: torch.full((3, 2), 7.0))
+    return Entry(item, fitted(size, size), latents, None, lambda: {"hidden": torch.full((3, 2), 7.0)})
 
 
 def test_shuffle_keeps_the_leading_tags():
@@ -163,8 +163,8 @@ def test_augment_flips_shuffles_and_drops_by_seed():
     for ex, f in zip(flips, flipped, strict=True):
         assert ex["time_ids"].tolist() == entry.placement.time_ids(f)
 
-    empty = lambda: torch.zeros(3, 2)  # noqa: E731
-    drops = [Augment(dropout=0.25, empty_hidden=empty)(entry, seed) for seed in range(400)]
+    empty = lambda: {"hidden": torch.zeros(3, 2)}  # noqa: E731
+    drops = [Augment(dropout=0.25, empty_text=empty)(entry, seed) for seed in range(400)]
     dropped = [ex for ex in drops if ex["caption"] == ""]
     assert 60 < len(dropped) < 140
     assert all(torch.equal(ex["hidden"], torch.zeros(3, 2)) for ex in dropped)

@@ -90,7 +90,7 @@ def test_saved_file_reproduces_the_trained_adapter_and_changes_the_image(trained
 
     cfg, _, result = trained
     base = load_models(str(tiny_model))
-    in_memory = pipeline_from_parts(tiny_model, base.vae, base.text_encoder, base.tokenizer, result.unet)
+    in_memory = pipeline_from_parts(tiny_model, base.vae, base.text, result.unet)
     with_adapter = _image(in_memory)
     pipe = load_pipeline(str(tiny_model), device="cpu")
     without = _image(pipe)
