@@ -1,6 +1,6 @@
 """``python -m core``: the command line the app itself runs as a subprocess.
 
-    python -m core tiny-model DIR
+    python -m core tiny-model DIR [--family sd15|sd2|sdxl] [--shape tiny|sd15]
     python -m core train CONFIG.toml [--set section.key=value ...] [--resume]
     python -m core sample --model MODEL [--lora FILE] [--scale S] --prompt TEXT --seed N --steps K --out FILE.png
     python -m core caption DIR [--captioner blip|wd14|florence2] [--model PATH_OR_HUB_ID] [--prefix TRIGGER]
@@ -42,10 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Stable Diffusion LoRA training engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tiny-model", help="write a small random-weight SD-1.x model (for tests and demos)")
+    p = sub.add_parser("tiny-model", help="write a small random-weight model (for tests and demos)")
     p.add_argument("dir", help="folder to create")
+    p.add_argument("--family", choices=["sd15", "sd2", "sdxl"], default="sd15",
+                   help="SD 1.5, SD 2.x (v-prediction) or SDXL layout (default sd15)")
     p.add_argument("--shape", choices=["tiny", "sd15"], default="tiny",
-                   help="tiny (fast, 64 px) or sd15 (the real SD-1.5 layer shapes, about 4 GB)")
+                   help="tiny (fast, 64 px) or sd15 (the real SD-1.5 layer shapes, about 4 GB; sd15 family only)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
@@ -125,10 +127,10 @@ def cmd_tiny_model(args) -> int:
     from core.tiny import write_tiny_model
 
     try:
-        path = write_tiny_model(args.dir, shape=args.shape, seed=args.seed)
-    except FileExistsError as exc:
+        path = write_tiny_model(args.dir, shape=args.shape, seed=args.seed, family=args.family)
+    except (FileExistsError, ValueError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
-    print(f"wrote a random-weight {args.shape} SD-1.x model to {path}")
+    print(f"wrote a random-weight {args.shape} {args.family} model to {path}")
     return 0
 
 

@@ -35,6 +35,23 @@ def test_tiny_model_command_writes_a_loadable_pipeline(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+@pytest.mark.parametrize("family, pipeline", [("sd2", "StableDiffusionPipeline"),
+                                              ("sdxl", "StableDiffusionXLPipeline")])
+def test_tiny_model_of_each_family(tmp_path, family, pipeline):
+    import diffusers
+
+    from core.families import detect_family
+
+    out = core_cmd("tiny-model", tmp_path / family, "--family", family)
+    assert out.returncode == 0, out.stderr
+    assert detect_family(tmp_path / family).name == family
+    pipe = getattr(diffusers, pipeline).from_pretrained(tmp_path / family)
+    assert pipe("a photo of sks", num_inference_steps=2, height=64, width=64, output_type="np").images[0].shape == \
+        (64, 64, 3)
+    bad = core_cmd("tiny-model", tmp_path / "big", "--family", family, "--shape", "sd15")
+    assert bad.returncode == 2 and "only for sd15" in bad.stderr
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("cli")
