@@ -1,0 +1,89 @@
+"""SD 1.x, SD 2.x and SDXL: detection, conditioning, and a few real training steps on each tiny family."""
+
+import json
+
+import pytest
+import torch
+
+from core import train
+from core.families import FAMILIES, FamilyError, detect_family
+from core.models import load_models
+from tests.conftest import EventLog, tiny_config, write_dataset
+
+
+def test_each_tiny_family_is_detected(tiny_model, tiny_sd2, tiny_sdxl, tmp_path):
+    assert detect_family(tiny_model).name == "sd1"
+    assert detect_family(tiny_sd2).name == "sd2"
+    assert detect_family(tiny_sdxl).name == "sdxl"
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(FamilyError, match="FluxPipeline"):
+        detect_family(other)
+
+
+def test_family_metadata_names():
+    assert FAMILIES["sd1"].base_model_version("epsilon") == "sd_v1"
+    assert FAMILIES["sd2"].base_model_version("v_prediction") == "sd_v2_v"
+    assert FAMILIES["sd2"].base_model_version("epsilon") == "sd_v2"
+    assert FAMILIES["sdxl"].base_model_version("epsilon") == "sdxl_base_v1-0"
+    assert FAMILIES["sd2"].architecture("v_prediction", 768) == "stable-diffusion-v2-768-v/lora"
+    assert FAMILIES["sdxl"].architecture("epsilon", 1024) == "stable-diffusion-xl-v1-base/lora"
+
+
+def test_sdxl_conditioning_uses_both_encoders_and_pooled_text(tiny_sdxl):
+    base = load_models(str(tiny_sdxl))
+    assert base.family.name == "sdxl" and len(base.text.encoders) == 2
+    hidden, pooled = base.text.encode(["a photo of sks", "a cat"])
+    widths = [e.config.hidden_size for e in base.text.encoders]
+    assert hidden.shape == (2, 77, sum(widths)) and pooled.shape == (2, base.text.encoders[1].config.projection_dim)
+    # the penultimate layer of each encoder, side by side
+    ids = base.text.tokenize(["a photo of sks"])
+    first = base.text.encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(base.text.encode(["a photo of sks"])[0][..., :widths[0]], first)
+    # the size/crop ids reach the UNet: other ids, other prediction
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+
+    def predict(time_ids):
+        added = base.family.added_conditions(pooled[:1], torch.tensor([time_ids], dtype=torch.float32))
+        return base.unet(latents, t, hidden[:1], added_cond_kwargs=added).sample
+
+    assert not torch.allclose(predict([64, 64, 0, 0, 64, 64]), predict([512, 256, 0, 32, 64, 64]))
+
+
+def test_sd2_trains_against_the_velocity(tiny_sd2):
+    from core.objective import diffusion_loss
+
+    base = load_models(str(tiny_sd2))
+    assert base.family.name == "sd2" and base.prediction_type == "v_prediction"
+    scheduler = base.noise_scheduler
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([300])
+    hidden, _ = base.text.encode(["a photo of sks"])
+    with torch.no_grad():
+        loss = diffusion_loss(base.unet, scheduler, latents, hidden, noise, t)
+        pred = base.unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+    velocity = scheduler.get_velocity(latents, noise, t)
+    torch.testing.assert_close(loss, ((pred - velocity) ** 2).mean(dim=(1, 2, 3)))
+    assert not torch.allclose(loss, ((pred - noise) ** 2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl, tmp_path):
+    model = {"sd2": tiny_sd2, "sdxl": tiny_sdxl}[family]
+    data = write_dataset(tmp_path / "d", n=4, size=(64, 96))
+    cfg = tiny_config(model, data, tmp_path / "out", name=family, **{
+        "train.max_train_steps": 3, "sample.every_n_steps": 0, "output.save_every_n_steps": 0,
+        "output.save_state": False, "lora.train_text_encoder": True, "dataset.bucket_step": 16,
+        "dataset.random_flip": True})
+    log = EventLog()
+    result = train.run(cfg, log)
+    assert result.status == "completed" and result.step == 3
+    assert any(f"{'SDXL' if family == 'sdxl' else 'SD 2.x'} model" in e.text for e in log.of("message"))
+    assert len(log.of("validation_loss")) == 2 and len(log.of("sample")) == 2
+    assert result.lora_path.is_file()
+    # every text encoder got a trained adapter
+    trained = [n for n, p in result.text_encoder.named_parameters() if "lora_" in n]
+    assert {n.split(".")[1] for n in trained} == ({"0", "1"} if family == "sdxl" else {"0"})
