@@ -145,6 +145,9 @@ def test_find_models(settings, tiny_model):
     shutil.copytree(tiny_model, settings.models_dir / "tiny")
     (settings.models_dir / "not-a-model").mkdir()
     assert find_models(settings.models_dir) == [str(settings.models_dir / "tiny")]
+    from ui.settings import model_choices
+
+    assert model_choices(settings.models_dir) == [("tiny — SD 1.x", str(settings.models_dir / "tiny"))]
 
 
 def test_previewer_keeps_the_pipeline_and_switches_loras(tiny_model, tmp_path):

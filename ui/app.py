@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.sample import Previewer
 from ui.runner import RunManager
-from ui.settings import AppSettings, find_models
+from ui.settings import AppSettings, model_choices
 
 
 def build_app(settings: AppSettings | None = None, manager: RunManager | None = None,
@@ -50,7 +50,7 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
             from ui.demo import make_demo
 
             message = make_demo(settings)
-            models = gr.update(choices=find_models(settings.models_dir), value=str(settings.models_dir / "tiny"))
+            models = gr.update(choices=model_choices(settings.models_dir), value=str(settings.models_dir / "tiny"))
             names = gr.update(choices=dataset_store.list_datasets(settings.datasets_dir), value="demo")
             captioners = gr.update(choices=dataset_tab.captioner_models(settings),
                                    value=str(settings.models_dir / "tiny-blip"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.sample import Previewer
-from ui.settings import AppSettings, find_loras, find_models
+from ui.settings import AppSettings, find_loras, find_models, model_choices
 
 
 def parse_scales(text: str) -> list[float]:
@@ -23,7 +23,8 @@ def build(settings: AppSettings, previewer: Previewer):
     loras = find_loras(settings.outputs_dir)
     with gr.Row():
         with gr.Column(scale=2):
-            model = gr.Dropdown(models, value=models[0] if models else None, allow_custom_value=True,
+            model = gr.Dropdown(model_choices(settings.models_dir), value=models[0] if models else None,
+                                allow_custom_value=True,
                                 label="Base model", elem_id="prompt-model")
             lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA", elem_id="prompt-lora",
                                allow_custom_value=True)
@@ -88,7 +89,7 @@ def build(settings: AppSettings, previewer: Previewer):
 
     def on_refresh():
         files = find_loras(settings.outputs_dir)
-        return (gr.update(choices=find_models(settings.models_dir)), gr.update(choices=files),
+        return (gr.update(choices=model_choices(settings.models_dir)), gr.update(choices=files),
                 gr.update(choices=files))
 
     def on_model(model):

@@ -48,6 +48,20 @@ def find_models(models_dir: Path) -> list[str]:
     return found
 
 
+def model_choices(models_dir: Path) -> list[tuple[str, str]]:
+    """(label, path) for the model dropdowns: the folder name with its detected family."""
+    from core.families import FamilyError, detect_family
+
+    choices = []
+    for path in find_models(models_dir):
+        try:
+            family = detect_family(path).label
+        except FamilyError:
+            family = "not trainable here"
+        choices.append((f"{Path(path).relative_to(models_dir).as_posix()} — {family}", path))
+    return choices
+
+
 def find_loras(outputs_dir: Path) -> list[str]:
     """Every LoRA file of every run: finals and intermediate checkpoints, newest run first."""
     runs = sorted((p.parent for p in outputs_dir.glob("*/events.jsonl")),

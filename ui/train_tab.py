@@ -13,7 +13,7 @@ from core import config as config_mod
 from core.config import ConfigError, TrainConfig
 from ui import presets as presets_mod
 from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
-from ui.settings import AppSettings, find_models
+from ui.settings import AppSettings, model_choices
 
 # Shown first, in this order; everything else goes into the Advanced accordion.
 BASIC = ["dataset.path", "model.path", "output.name", "train.max_train_steps", "train.max_train_epochs",
@@ -252,7 +252,7 @@ def build(settings: AppSettings, manager: RunManager):
         "components": components,
         "runs": runs,
         "refresh": lambda: (gr.update(choices=[str(p) for p in list_runs(settings.outputs_dir)]),
-                            gr.update(choices=find_models(settings.models_dir)),
+                            gr.update(choices=model_choices(settings.models_dir)),
                             gr.update(choices=dataset_choices(settings))),
         "model": components["model.path"],
         "dataset": components["dataset.path"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from ui.settings import AppSettings, find_models
+from ui.settings import AppSettings, find_models, model_choices
 
 LABELS = {
     "dataset.path": "Dataset folder",
@@ -48,7 +48,7 @@ def field_component(key: str, value: Any, settings: AppSettings):
         common["elem_id"] = "train-model"
         models = find_models(settings.models_dir)
         common["value"] = value or (models[0] if models else None)
-        return gr.Dropdown(choices=models, allow_custom_value=True, **common)
+        return gr.Dropdown(choices=model_choices(settings.models_dir), allow_custom_value=True, **common)
     if key == "dataset.path":
         common["elem_id"] = "train-dataset"
         choices = dataset_choices(settings)
