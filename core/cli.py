@@ -8,6 +8,7 @@
                                [--task caption|detailed|more-detailed]
     python -m core tiny-captioner DIR [--kind blip|wd14|florence2]
     python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
+    python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
 one line on stderr that says what went wrong and what to do.
@@ -108,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="which captioner to imitate (default: blip)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_captioner)
+
+    p = sub.add_parser("verify-lora", help="check that a LoRA file maps onto its base model and changes its images")
+    p.add_argument("file", help="the LoRA .safetensors (kohya or diffusers layout)")
+    p.add_argument("--model", required=True, help="the base model (diffusers folder or hub id)")
+    p.add_argument("--family", choices=["auto", "sd1", "sd2", "sdxl"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-image", action="store_true", help="skip generating images (names and shapes only)")
+    p.add_argument("--prompt", default="a photo", help="prompt of the test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4, help="denoising steps of the test images (default 4)")
+    p.add_argument("--size", type=int, default=0, help="test image side in pixels (default: the model's own)")
+    p.set_defaults(func=cmd_verify_lora)
 
     p = sub.add_parser("check-dataset", help="report unreadable, small, blurry, duplicate and badly captioned images")
     p.add_argument("dir", help="dataset folder (images with same-name .txt captions)")
@@ -296,6 +309,26 @@ def cmd_check_dataset(args) -> int:
         return _fail(str(exc), EXIT_BAD_INPUT)
     print(json.dumps(report.to_json(), indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 0
+
+
+def cmd_verify_lora(args) -> int:
+    import json
+
+    from core.lora_io import LoraFileError
+    from core.models import ModelError
+    from core.verify import verify
+
+    try:
+        result = verify(args.file, args.model, family=args.family, image=not args.no_image, prompt=args.prompt,
+                        seed=args.seed, steps=args.steps, size=args.size)
+    except FileNotFoundError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except ModelError as exc:
+        return _fail(f"model: {exc}", EXIT_BAD_INPUT)
+    except LoraFileError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
+    return 0 if result.ok else 1
 
 
 # ================================================================= helpers

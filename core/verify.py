@@ -1,0 +1,215 @@
+"""Checking a LoRA file against its base model: does every key land on a module, and does it change the image?
+
+"My LoRA does nothing in A1111" almost always means its keys do not match
+the names the loader expects, so the loader silently skips them. ``verify``
+answers that before anyone shares the file:
+
+1. **coverage** -- every LoRA module in the file is matched to a Linear or
+   Conv2d module of the base model under the names kohya's sd-scripts uses
+   for that family (or, for a diffusers/peft file, the module paths); the
+   unmatched ones are listed;
+2. **shapes** -- each module's down/up ranks agree, fit the base module's
+   in/out features, and its alpha is a positive finite number;
+3. **loading** -- diffusers' own ``load_lora_weights`` reads the file;
+4. **effect** -- an image at a fixed seed with the LoRA differs from the
+   base model's by a measured amount.
+
+A file that maps to nothing, or changes nothing, fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+@dataclass
+class Verification:
+    file: str
+    family: str
+    layout: str  # "kohya" or "diffusers"
+    modules: int  # LoRA modules in the file
+    matched: int
+    unmatched: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # shape/alpha problems, load failures, no effect
+    loads: bool | None = None  # diffusers' loader read it (None: not checked)
+    mean_change: float | None = None  # mean |LoRA - base| pixel difference, 0-255 (None: not measured)
+    max_change: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.matched > 0 and not self.unmatched and not self.problems and self.loads is not False
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "family": self.family, "layout": self.layout, "ok": self.ok,
+                "modules": self.modules, "matched": self.matched, "unmatched": list(self.unmatched),
+                "problems": list(self.problems), "loads": self.loads, "mean_change": self.mean_change,
+                "max_change": self.max_change}
+
+    def summary(self) -> str:
+        head = "OK" if self.ok else "FAILED"
+        lines = [f"{head}: {self.file} ({self.layout} layout, {self.family})",
+                 f"modules: {self.matched} of {self.modules} map onto the base model"]
+        lines += [f"  not found in the base model: {name}" for name in self.unmatched[:20]]
+        if len(self.unmatched) > 20:
+            lines.append(f"  ... and {len(self.unmatched) - 20} more")
+        if self.loads is not None:
+            lines.append(f"diffusers' loader: {'reads it' if self.loads else 'fails'}")
+        if self.mean_change is not None:
+            lines.append(f"image change at a fixed seed: mean {self.mean_change:.2f}, max {self.max_change:.0f} "
+                         f"(of 255)")
+        lines += [f"problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# names the base model offers
+
+
+def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
+    """Every Linear/Conv2d of the UNet and text encoders, keyed by its kohya name for ``family``."""
+    from core.lora_io import UNET_PREFIX, _kohya_name
+
+    index: dict[str, torch.nn.Module] = {}
+    config = unet.config
+    for path, module in _plain_modules(unet):
+        if family.ldm_unet_names:
+            from core.kohya_names import kohya_unet_key
+
+            try:
+                index[kohya_unet_key(path, config, ldm=True)] = module
+            except ValueError:
+                continue  # a module kohya never trains (e.g. a norm-adjacent projection it cannot name)
+        else:
+            index[_kohya_name(UNET_PREFIX, path, unet)] = module
+    for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders, strict=True):
+        for path, module in _plain_modules(encoder):
+            index[_kohya_name(prefix + "_", path, encoder)] = module
+    return index
+
+
+def peft_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
+    """Every Linear/Conv2d keyed as the diffusers/peft layout names it (``unet.``, ``text_encoder.``...)."""
+    index = {f"unet.{path}": module for path, module in _plain_modules(unet)}
+    for name, encoder in zip(family.text_encoders, text_encoders, strict=True):
+        for path, module in _plain_modules(encoder):
+            index[f"{name}.{path}"] = module
+            if not path.startswith("text_model."):  # files written before transformers 5 flattened CLIP
+                index[f"{name}.text_model.{path}"] = module
+    return index
+
+
+def _plain_modules(model):
+    for path, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in path:
+            yield path, module
+
+
+# --------------------------------------------------------------------------
+# the checks
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], index_kohya, index_peft) -> tuple[str, int, list, list, int]:
+    """(layout, modules, unmatched names, problems, matched) for a file's tensors."""
+    kohya = any(k.endswith(KOHYA_SUFFIXES) for k in tensors)
+    suffixes = KOHYA_SUFFIXES if kohya else PEFT_SUFFIXES
+    down_suffix, up_suffix = suffixes[0], suffixes[1]
+    index = index_kohya if kohya else index_peft
+    names = sorted({k[: -len(s)] for k in tensors for s in suffixes if k.endswith(s)})
+    unmatched, problems, matched = [], [], 0
+    for name in names:
+        module = index.get(name)
+        if module is None:
+            unmatched.append(name)
+            continue
+        matched += 1
+        down, up = tensors.get(name + down_suffix), tensors.get(name + up_suffix)
+        if down is None or up is None:
+            problems.append(f"{name}: has {'no down' if down is None else 'no up'} weight")
+            continue
+        problems += _shape_problems(name, module, down, up)
+        if kohya:
+            alpha = tensors.get(name + ".alpha")
+            if alpha is not None and (alpha.numel() != 1 or not math.isfinite(float(alpha)) or float(alpha) <= 0):
+                problems.append(f"{name}: alpha {alpha.flatten()[:1].tolist()} is not a positive number")
+    return ("kohya" if kohya else "diffusers"), len(names), unmatched, problems, matched
+
+
+def _shape_problems(name: str, module, down: torch.Tensor, up: torch.Tensor) -> list[str]:
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+        return [f"{name}: down has rank {rank} but up has {up.shape[1]}"]
+    if isinstance(module, torch.nn.Linear):
+        want_in, want_out = module.in_features, module.out_features
+    else:
+        want_in, want_out = module.in_channels, module.out_channels
+    if down.shape[1] != want_in or up.shape[0] != want_out:
+        return [f"{name}: LoRA is {down.shape[1]}->{up.shape[0]} but the base module is {want_in}->{want_out}"]
+    return []
+
+
+def verify(file: str | Path, model: str, revision: str = "", family: str = "auto", image: bool = True,
+           prompt: str = "a photo", seed: int = 0, steps: int = 4, size: int = 0, scale: float = 1.0,
+           device: str | None = None) -> Verification:
+    """Check ``file`` against the base ``model`` (see the module docstring)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from core.lora_io import LoraFileError
+    from core.models import load_models
+
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraFileError(f"{path} cannot be read as a .safetensors LoRA file: {exc}") from None
+    base = load_models(model, revision, family=family)
+    encoders = list(base.text.encoders)
+    layout, modules, unmatched, problems, matched = check_tensors(
+        tensors, module_index(base.unet, encoders, base.family), peft_index(base.unet, encoders, base.family))
+    result = Verification(str(path), base.family.name, layout, modules, matched, unmatched, problems)
+    if matched == 0:
+        result.problems.append("no LoRA module of the file maps onto this base model: the LoRA would do nothing "
+                               "(wrong model family, or names no loader understands)")
+    if image:
+        _check_effect(result, base, path, prompt, seed, steps, size, scale, device)
+    return result
+
+
+def _check_effect(result: Verification, base, path: Path, prompt: str, seed: int, steps: int, size: int,
+                  scale: float, device: str | None) -> None:
+    import numpy as np
+
+    from core.sample import apply_lora, generate, pipeline_from_parts
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = pipeline_from_parts(base.path, base.vae, base.text, base.unet).to(device)
+    side = size or min(base.family.native_resolution, _native(base))
+    before = np.asarray(generate(pipe, prompt, seed=seed, steps=steps, width=side, height=side), dtype=np.float64)
+    try:
+        apply_lora(pipe, path, scale)
+    except Exception as exc:  # diffusers raises many kinds for a file it cannot read
+        result.loads = False
+        result.problems.append(f"diffusers' load_lora_weights cannot read it: {type(exc).__name__}: {exc}")
+        return
+    result.loads = True
+    after = np.asarray(generate(pipe, prompt, seed=seed, steps=steps, width=side, height=side), dtype=np.float64)
+    diff = np.abs(after - before)
+    result.mean_change, result.max_change = float(diff.mean()), float(diff.max())
+    if result.max_change < 1.0:
+        result.problems.append(f"the LoRA does not change the image at seed {seed} (largest pixel difference "
+                               f"{result.max_change:.2f} of 255): it was not trained, or its weights are zero")
+
+
+def _native(base) -> int:
+    from core.models import native_resolution
+
+    return native_resolution(base.path) or base.family.native_resolution
