@@ -165,8 +165,13 @@ def cmd_train(args) -> int:
     terminal = _TerminalProgress(disabled=args.no_progress)
     started = False  # events go to the run's file only once the run owns the folder
 
+    held = []  # the engine's "finished" event, written after the final check so it stays the last line
+
     def emit(event):
         nonlocal started
+        if event.type == "finished" and not held:
+            held.append(event)
+            return
         started = started or event.type in ("phase", "run_started", "message")
         if started and _is_main_process():
             writer(event)
@@ -182,7 +187,17 @@ def cmd_train(args) -> int:
     from core.train import run
 
     try:
-        run(config, emit, should_stop=stop, resume=args.resume)
+        result = run(config, emit, should_stop=stop, resume=args.resume)
+        del result  # free the trained models before the check loads the base model again
+        try:
+            check = _final_check(config, emit)
+        finally:
+            for event in held:
+                emit(event)
+        if check is not None and not check.ok:
+            return report(f"check: {check.file} failed verification: " + "; ".join(
+                [f"{len(check.unmatched)} module(s) do not map onto the base model"] * bool(check.unmatched)
+                + check.problems), "check", EXIT_FAILURE)
     except ConfigError as exc:
         return report(f"config: {exc}", "config", EXIT_BAD_INPUT)
     except DatasetError as exc:
@@ -331,6 +346,27 @@ def cmd_verify_lora(args) -> int:
     return 0 if result.ok else 1
 
 
+def _final_check(config, emit):
+    """verify-lora on the run's final file: loads with diffusers, maps fully, changes the image."""
+    import gc
+
+    import torch
+
+    from core.verify import event, verify
+
+    if not _is_main_process():
+        return None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    final = config.run_dir / f"{config.output.name}.safetensors"
+    prompt = config.sample.prompts[0] if config.sample.prompts else "a photo"
+    result = verify(final, config.model.path, config.model.revision, config.model.family, prompt=prompt,
+                    seed=config.sample.seed, steps=min(config.sample.steps, 8))
+    emit(event(result, -1))
+    return result
+
+
 # ================================================================= helpers
 
 
@@ -413,6 +449,11 @@ class _TerminalProgress:
             self._write(f"step {event.step}: validation loss {event.loss:.5f}{' (best)' if event.best else ''}")
         elif kind == "checkpoint" and event.kind == "lora":
             self._write(f"step {event.step}: saved {event.path}")
+        elif kind == "lora_verified":
+            change = f", image change {event.mean_change:.2f} of 255" if event.mean_change is not None else ""
+            verdict = "OK" if event.ok else "FAILED: " + "; ".join(event.problems[:3])
+            self._write(f"check of {os.path.basename(event.path)}: {event.matched}/{event.modules} modules map "
+                        f"onto the base model{change}: {verdict}")
         elif kind == "finished":
             self.close()
             print(f"{event.status} at step {event.step}: {event.lora_path}", file=sys.stderr)

@@ -86,6 +86,20 @@ class CheckpointSaved(Event):
 
 
 @dataclass
+class LoraVerified(Event):
+    """A saved LoRA file checked against the base model (see core.verify)."""
+
+    step: int
+    path: str
+    ok: bool
+    modules: int  # LoRA modules in the file
+    matched: int  # ... that map onto a module of the base model
+    problems: list[str]  # unmatched names (first few), shape/alpha problems, load failures, no effect
+    mean_change: float | None = None  # pixel change at a fixed seed (0-255), when images were compared
+    loads: bool | None = None  # diffusers' loader read it (None: not checked)
+
+
+@dataclass
 class Message(Event):
     level: str  # "info" or "warning"
     text: str
@@ -111,6 +125,7 @@ _TYPES = {
     ValidationLoss: "validation_loss",
     SampleWritten: "sample",
     CheckpointSaved: "checkpoint",
+    LoraVerified: "lora_verified",
     Message: "message",
     RunError: "error",
     Finished: "finished",

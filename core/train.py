@@ -453,11 +453,24 @@ class _Loop:
         if acc.is_main_process:
             save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.data_info, self.base)
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
+            self.check_export(lora_path)
         if c.output.save_state:
             self.state.noise_rng = self.generator.get_state()
             path = save_state(c, acc, self.state.step)
             self.emit(CheckpointSaved(self.state.step, str(path), "state"))
         acc.wait_for_everyone()
+
+    def check_export(self, lora_path: Path) -> None:
+        """Every key of the file just written must land on a module of the base model (cheap: no images)."""
+        from core.verify import event, verify_loaded
+
+        text = self.accelerator.unwrap_model(self.text_encoder)
+        result = verify_loaded(lora_path, self.accelerator.unwrap_model(self.unet), list(text.encoders),
+                               self.base.family)
+        self.emit(event(result, self.state.step))
+        if not result.ok:
+            found = [f"{len(result.unmatched)} module(s) do not map onto the base model"] if result.unmatched else []
+            self.emit(Message("warning", f"{lora_path.name} failed its check: " + "; ".join(found + result.problems)))
 
 
 class _Rate:

@@ -106,9 +106,32 @@ def peft_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
 
 
 def _plain_modules(model):
+    """(path, module) of every Linear/Conv2d; a peft-wrapped one under its own path (not ``.base_layer``)."""
     for path, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in path:
-            yield path, module
+            yield path.removesuffix(".base_layer"), module
+
+
+def event(result: Verification, step: int):
+    """The verification as a LoraVerified event (unmatched names first, at most ten)."""
+    from core.events import LoraVerified
+
+    problems = [f"not in the base model: {name}" for name in result.unmatched[:10]] + result.problems
+    return LoraVerified(step, result.file, result.ok, result.modules, result.matched, problems,
+                        result.mean_change, result.loads)
+
+
+def verify_loaded(file: str | Path, unet, text_encoders, family) -> Verification:
+    """The name and shape checks against models already in memory (used right after each export)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    layout, modules, unmatched, problems, matched = check_tensors(
+        tensors, module_index(unet, text_encoders, family), peft_index(unet, text_encoders, family))
+    result = Verification(str(file), family.name, layout, modules, matched, unmatched, problems)
+    if matched == 0:
+        result.problems.append("no LoRA module of the file maps onto the base model")
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -157,12 +180,18 @@ def _shape_problems(name: str, module, down: torch.Tensor, up: torch.Tensor) -> 
 def verify(file: str | Path, model: str, revision: str = "", family: str = "auto", image: bool = True,
            prompt: str = "a photo", seed: int = 0, steps: int = 4, size: int = 0, scale: float = 1.0,
            device: str | None = None) -> Verification:
-    """Check ``file`` against the base ``model`` (see the module docstring)."""
+    """Check ``file`` against the base ``model`` (see the module docstring).
+
+    The model is loaded once, as the Prompt tab loads it (fp16 on a GPU), and
+    serves both the name checks and the images.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from core.families import FamilyError, detect_family, get_family
     from core.lora_io import LoraFileError
-    from core.models import load_models
+    from core.models import ModelError, resolve_model_path
+    from core.sample import load_pipeline
 
     path = Path(file)
     if not path.is_file():
@@ -171,28 +200,32 @@ def verify(file: str | Path, model: str, revision: str = "", family: str = "auto
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraFileError(f"{path} cannot be read as a .safetensors LoRA file: {exc}") from None
-    base = load_models(model, revision, family=family)
-    encoders = list(base.text.encoders)
+    folder = resolve_model_path(model, revision)
+    try:
+        kind = detect_family(folder) if family == "auto" else get_family(family)
+    except FamilyError as exc:
+        raise ModelError(str(exc)) from None
+    pipe = load_pipeline(str(folder), device=device)
+    encoders = [getattr(pipe, name) for name in kind.text_encoders]
     layout, modules, unmatched, problems, matched = check_tensors(
-        tensors, module_index(base.unet, encoders, base.family), peft_index(base.unet, encoders, base.family))
-    result = Verification(str(path), base.family.name, layout, modules, matched, unmatched, problems)
+        tensors, module_index(pipe.unet, encoders, kind), peft_index(pipe.unet, encoders, kind))
+    result = Verification(str(path), kind.name, layout, modules, matched, unmatched, problems)
     if matched == 0:
         result.problems.append("no LoRA module of the file maps onto this base model: the LoRA would do nothing "
                                "(wrong model family, or names no loader understands)")
-    if image:
-        _check_effect(result, base, path, prompt, seed, steps, size, scale, device)
+    elif image:
+        _check_effect(result, pipe, kind, folder, path, prompt, seed, steps, size, scale)
     return result
 
 
-def _check_effect(result: Verification, base, path: Path, prompt: str, seed: int, steps: int, size: int,
-                  scale: float, device: str | None) -> None:
+def _check_effect(result: Verification, pipe, kind, folder: Path, path: Path, prompt: str, seed: int, steps: int,
+                  size: int, scale: float) -> None:
     import numpy as np
 
-    from core.sample import apply_lora, generate, pipeline_from_parts
+    from core.models import native_resolution
+    from core.sample import apply_lora, generate
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = pipeline_from_parts(base.path, base.vae, base.text, base.unet).to(device)
-    side = size or min(base.family.native_resolution, _native(base))
+    side = size or min(kind.native_resolution, native_resolution(folder) or kind.native_resolution)
     before = np.asarray(generate(pipe, prompt, seed=seed, steps=steps, width=side, height=side), dtype=np.float64)
     try:
         apply_lora(pipe, path, scale)
@@ -207,9 +240,3 @@ def _check_effect(result: Verification, base, path: Path, prompt: str, seed: int
     if result.max_change < 1.0:
         result.problems.append(f"the LoRA does not change the image at seed {seed} (largest pixel difference "
                                f"{result.max_change:.2f} of 255): it was not trained, or its weights are zero")
-
-
-def _native(base) -> int:
-    from core.models import native_resolution
-
-    return native_resolution(base.path) or base.family.native_resolution

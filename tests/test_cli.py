@@ -69,8 +69,15 @@ def test_train_command_trains_and_reports(cli_run):
     assert "completed at step 4" in out.stderr
     assert "4/4" in out.stderr  # the progress bar reached the end
     events, _ = read_events(cfg.run_dir / "events.jsonl")
-    assert events[-1]["type"] == "finished" and events[-1]["step"] == 4
+    finished = [e for e in events if e["type"] == "finished"]
+    assert len(finished) == 1 and finished[0]["step"] == 4
     assert [e["step"] for e in events if e["type"] == "validation_loss"] == [0, 2, 4]
+    # every export is checked against the base model; the final file also through diffusers and an image
+    checks = [e for e in events if e["type"] == "lora_verified"]
+    assert [c["step"] for c in checks] == [3, 4, -1] and all(c["ok"] for c in checks)
+    assert checks[-1]["loads"] is True and checks[-1]["mean_change"] > 0
+    assert checks[0]["matched"] == checks[0]["modules"] > 0
+    assert "modules map onto the base model" in out.stderr
     assert (cfg.run_dir / "cli-lora.safetensors").is_file()
     saved = config.load(cfg.run_dir / "config.toml")
     assert saved.train.max_train_steps == 4  # --set overrides are part of the resolved config

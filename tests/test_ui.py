@@ -84,6 +84,11 @@ def test_summary_folds_events_and_views_render(tmp_path):
     assert sorted(frame["series"]) == ["training", "validation"]
     assert train_tab.sample_gallery(s) == [("/x/a.png", "step 1: p")]
     assert train_tab.error_text(s).startswith("out of GPU memory")
+    s.apply({"type": "lora_verified", "step": -1, "path": "/x/my.safetensors", "ok": False, "modules": 12,
+             "matched": 10, "problems": ["not in the base model: lora_unet_x"], "mean_change": 3.5, "loads": True})
+    html = train_tab.progress_html(s, running=False)
+    assert "check of my.safetensors: 10/12 modules map onto the base model" in html
+    assert "data-ok='false'" in html and "lora_unet_x" in html and "image change 3.50/255" in html
 
 
 def test_presets_builtin_saved_and_refused(settings):

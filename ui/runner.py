@@ -45,6 +45,7 @@ class RunSummary:
     error: str = ""
     finished: str = ""  # "completed" / "stopped" once done
     lora_path: str = ""
+    check: dict | None = None  # the newest lora_verified event (the final file's full check, once done)
 
     def apply(self, event: dict) -> None:
         kind = event["type"]
@@ -63,6 +64,8 @@ class RunSummary:
             self.samples.append((event["step"], event["path"], event["prompt"]))
         elif kind == "checkpoint" and event["kind"] == "lora":
             self.checkpoints.append(event["path"])
+        elif kind == "lora_verified":
+            self.check = event
         elif kind == "message":
             self.messages.append(f"{event['level']}: {event['text']}")
         elif kind == "error":

@@ -111,8 +111,21 @@ def progress_html(summary: RunSummary | None, running: bool) -> str:
         f"data-total='{summary.total_steps}'>"
         f"<b>{html.escape(summary.run_dir.name)}</b> — {html.escape(summary.phase or state)}<br>"
         f"<progress max='{total}' value='{summary.step}' style='width:100%'></progress><br>"
-        f"step {summary.step}/{summary.total_steps} · {summary.it_per_s:.2f} it/s · ETA {eta} · {state}</div>"
+        f"step {summary.step}/{summary.total_steps} · {summary.it_per_s:.2f} it/s · ETA {eta} · {state}"
+        f"{check_html(summary.check)}</div>"
     )
+
+
+def check_html(check: dict | None) -> str:
+    """The newest LoRA file check: how many modules map onto the base model, the image change, problems."""
+    if not check:
+        return ""
+    name = html.escape(Path(check["path"]).name)
+    change = f" · image change {check['mean_change']:.2f}/255" if check.get("mean_change") is not None else ""
+    loads = " · diffusers loads it" if check.get("loads") else ""
+    verdict = "✓" if check["ok"] else "✗ " + html.escape("; ".join(check["problems"][:3]))
+    return (f"<br><span class='lora-check' data-ok='{str(check['ok']).lower()}'>check of {name}: "
+            f"{check['matched']}/{check['modules']} modules map onto the base model{loads}{change} {verdict}</span>")
 
 
 def loss_frame(summary: RunSummary | None):
