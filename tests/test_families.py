@@ -84,6 +84,50 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     assert any(f"{'SDXL' if family == 'sdxl' else 'SD 2.x'} model" in e.text for e in log.of("message"))
     assert len(log.of("validation_loss")) == 2 and len(log.of("sample")) == 2
     assert result.lora_path.is_file()
+    checks = log.of("lora_verified")
+    assert checks and all(c.ok and c.matched == c.modules > 0 for c in checks)
     # every text encoder got a trained adapter
     trained = [n for n, p in result.text_encoder.named_parameters() if "lora_" in n]
     assert {n.split(".")[1] for n in trained} == ({"0", "1"} if family == "sdxl" else {"0"})
+
+    # the exported file, through diffusers' own loader, gives the trained adapter's image back
+    from safetensors import safe_open
+
+    from core.sample import apply_lora, load_pipeline, pipeline_from_parts
+
+    with safe_open(result.lora_path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    prefixes = {k.split(".")[0].split("_text_model")[0] for k in keys if k.startswith("lora_te")}
+    if family == "sdxl":
+        assert prefixes == {"lora_te1", "lora_te2"}
+        assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+        assert not any(k.startswith("lora_unet_down_blocks_") for k in keys)
+        assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sdxl_base_v1-0", "False")
+    else:
+        assert prefixes == {"lora_te"} and any(k.startswith("lora_unet_down_blocks_") for k in keys)
+        assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v2_v", "True")
+        assert meta["modelspec.prediction_type"] == "v"
+    base = load_models(str(model))
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+    in_memory = pipeline_from_parts(model, base.vae, result.text_encoder, result.unet)
+    trained_image = in_memory("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    pipe = load_pipeline(str(model), device="cpu")
+    base_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    apply_lora(pipe, result.lora_path)
+    loaded_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    assert abs(trained_image - base_image).max() > 1e-4, "the LoRA does not change the image"
+    torch.testing.assert_close(torch.tensor(loaded_image), torch.tensor(trained_image), atol=2e-3, rtol=0)
+
+
+def test_verify_lora_on_each_family(tiny_sd2, tiny_sdxl, tmp_path):
+    from core.verify import verify
+
+    for family, model in (("sd2", tiny_sd2), ("sdxl", tiny_sdxl)):
+        data = write_dataset(tmp_path / family / "d", n=2)
+        cfg = tiny_config(model, data, tmp_path / family / "out", **{
+            "train.max_train_steps": 2, "sample.prompts": [], "output.save_state": False,
+            "train.learning_rate": 1e-2, "dataset.validation_split": 0.0})
+        lora = train.run(cfg, EventLog()).lora_path
+        result = verify(lora, str(model), steps=2)
+        assert result.ok and result.family == family and result.loads, result.summary()
+        assert result.matched == result.modules > 0 and result.max_change >= 1.0
