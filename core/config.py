@@ -54,8 +54,9 @@ SavePrecision = Literal["fp16", "bf16", "fp32"]
 
 @dataclass
 class ModelConfig:
-    path: str = opt("", "Base model: a local diffusers folder (with model_index.json) or a Hugging Face hub id "
-                    "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.", group="basic")
+    path: str = opt("", "Base model: a single-file checkpoint (.safetensors/.ckpt, converted once), a local "
+                    "diffusers folder (with model_index.json) or a Hugging Face hub id such as "
+                    "'stable-diffusion-v1-5/stable-diffusion-v1-5'.", group="basic")
     revision: str = opt("", "Hub revision (branch, tag or commit) when path is a hub id; empty for the default.")
     family: ModelFamily = opt("auto", "Model family: 'auto' detects SD 1.x, SD 2.x or SDXL from the model's "
                               "files; set it only if detection is wrong.")
@@ -394,10 +395,11 @@ def _check_paths(config: TrainConfig) -> None:
         raise ConfigError("model.path is empty; set it to a diffusers model folder or a hub id")
     model = Path(config.model.path).expanduser()
     if model.exists():
-        if not model.is_dir():
-            raise ConfigError(f"model.path = {config.model.path!r} is a file; single-file checkpoints are not "
-                              f"supported yet, use a diffusers folder (with model_index.json) or a hub id")
-        if not (model / "model_index.json").is_file() and not (model / "unet" / "config.json").is_file():
+        if model.is_file():
+            if model.suffix.lower() not in (".safetensors", ".ckpt"):
+                raise ConfigError(f"model.path = {config.model.path!r} is a file but not a checkpoint; use a "
+                                  f".safetensors/.ckpt checkpoint, a diffusers folder or a hub id")
+        elif not (model / "model_index.json").is_file() and not (model / "unet" / "config.json").is_file():
             raise ConfigError(f"model.path = {config.model.path!r} is not a diffusers model folder (no "
                               f"model_index.json or unet/config.json inside)")
     elif not _HUB_ID.match(config.model.path):

@@ -45,14 +45,25 @@ class BaseModel:
 
 
 def resolve_model_path(path: str, revision: str = "") -> Path:
-    """A local folder as given, or the local snapshot of a hub id (downloading it if needed)."""
+    """A local diffusers folder: as given, converted once from a single-file checkpoint, or the local
+    snapshot of a hub id (downloading it if needed)."""
+    from core.checkpoints import CheckpointError, convert, is_single_file
+
     local = Path(path).expanduser()
     if local.is_dir():
         return local.resolve()
-    from diffusers import StableDiffusionPipeline
+    if is_single_file(local):
+        try:
+            return convert(local)
+        except CheckpointError as exc:
+            raise ModelError(str(exc)) from None
+    if local.exists():
+        raise ModelError(f"{path} is a file but not a checkpoint (.safetensors or .ckpt); pass a diffusers folder, "
+                         f"a single-file checkpoint or a hub id")
+    from diffusers import DiffusionPipeline
 
     try:
-        snapshot = StableDiffusionPipeline.download(path, revision=revision or None)
+        snapshot = DiffusionPipeline.download(path, revision=revision or None)
     except Exception as exc:  # hub errors come in many classes; all mean "could not fetch"
         raise ModelError(f"could not get model {path!r} from the Hugging Face hub ({type(exc).__name__}: "
                          f"{_first_line(exc)}). Check the id and your connection, or download the model into "

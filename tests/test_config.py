@@ -183,3 +183,13 @@ def test_bad_override_syntax(tmp_path, paths):
     config.save(config.from_dict(paths), path)
     with pytest.raises(ConfigError, match="expected section.key=value"):
         config.load(path, ["learning_rate=1"])
+
+
+def test_model_path_may_be_a_single_file_checkpoint(paths, tmp_path):
+    ckpt = tmp_path / "my model.safetensors"
+    ckpt.write_bytes(b"x")
+    assert config.from_dict({**paths, "model": {"path": str(ckpt)}}).model.path == str(ckpt)
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(ConfigError, match="is a file but not a checkpoint"):
+        config.from_dict({**paths, "model": {"path": str(other)}})

@@ -48,7 +48,8 @@ def test_a_lora_for_another_family_maps_to_nothing(trained_sd1, tiny_sdxl):
 
 
 def test_zero_weights_change_nothing_and_fail(trained_sd1, tiny_model, tmp_path):
-    tensors = {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v) for k, v in load_file(trained_sd1).items()}
+    tensors = {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v)
+               for k, v in load_file(trained_sd1).items()}
     zero = tmp_path / "zero.safetensors"
     save_file(tensors, zero)
     result = verify(zero, str(tiny_model), steps=2)
