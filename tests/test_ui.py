@@ -153,6 +153,17 @@ def test_find_models(settings, tiny_model):
     from ui.settings import model_choices
 
     assert model_choices(settings.models_dir) == [("tiny — SD 1.x", str(settings.models_dir / "tiny"))]
+    # single files: base checkpoints are listed with their family; LoRAs and converted copies are not
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.1.model.token_embedding.weight": torch.zeros(1)},
+              settings.models_dir / "pony xl.safetensors")
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, settings.models_dir / "a lora.safetensors")
+    shutil.copytree(tiny_model, settings.models_dir / ".diffusers" / "pony xl-123")
+    assert model_choices(settings.models_dir) == [
+        ("tiny — SD 1.x", str(settings.models_dir / "tiny")),
+        ("pony xl.safetensors — SDXL, single file", str(settings.models_dir / "pony xl.safetensors"))]
 
 
 def test_previewer_keeps_the_pipeline_and_switches_loras(tiny_model, tmp_path):

@@ -41,11 +41,34 @@ class AppSettings:
 
 
 def find_models(models_dir: Path) -> list[str]:
-    """Diffusers model folders under models/ (one level, or two for owner/name layouts)."""
+    """Base models under models/: diffusers folders (one level, or two for owner/name layouts), then
+    single-file checkpoints (.safetensors/.ckpt) of a family this app trains. Hidden folders (the converted
+    copies of single files) are skipped."""
     found = []
     for index in sorted(models_dir.glob("*/model_index.json")) + sorted(models_dir.glob("*/*/model_index.json")):
-        found.append(str(index.parent))
+        if not any(part.startswith(".") for part in index.parent.relative_to(models_dir).parts):
+            found.append(str(index.parent))
+    files = [p for pattern in ("*", "*/*") for p in sorted(models_dir.glob(pattern))
+             if p.suffix.lower() in (".safetensors", ".ckpt") and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(models_dir).parts)]
+    found += [str(p) for p in files if _checkpoint_label(p)]
     return found
+
+
+_LABELS: dict[tuple[str, int], str] = {}  # (path, mtime) -> family label of a single file ("" if not a model)
+
+
+def _checkpoint_label(path: Path) -> str:
+    from core.checkpoints import CheckpointError, checkpoint_family
+    from core.families import get_family
+
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _LABELS:
+        try:
+            _LABELS[key] = get_family(checkpoint_family(path)).label
+        except CheckpointError:
+            _LABELS[key] = ""  # a LoRA, a VAE, an embedding...: not a base model
+    return _LABELS[key]
 
 
 def model_choices(models_dir: Path) -> list[tuple[str, str]]:
@@ -54,10 +77,13 @@ def model_choices(models_dir: Path) -> list[tuple[str, str]]:
 
     choices = []
     for path in find_models(models_dir):
-        try:
-            family = detect_family(path).label
-        except FamilyError:
-            family = "not trainable here"
+        if Path(path).is_file():
+            family = f"{_checkpoint_label(Path(path))}, single file"
+        else:
+            try:
+                family = detect_family(path).label
+            except FamilyError:
+                family = "not trainable here"
         choices.append((f"{Path(path).relative_to(models_dir).as_posix()} — {family}", path))
     return choices
 
