@@ -168,6 +168,14 @@ def _first_line(exc: BaseException) -> str:
 def native_resolution(model: str | Path) -> int | None:
     """The picture size a local diffusers model was made for (UNet sample size × VAE factor), from its configs."""
     folder = Path(model)
+    if folder.is_file():  # a single-file checkpoint: its family's size (the file holds no config)
+        from core.checkpoints import CheckpointError, checkpoint_family
+        from core.families import get_family
+
+        try:
+            return get_family(checkpoint_family(folder)).native_resolution
+        except CheckpointError:
+            return None
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
