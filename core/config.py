@@ -180,6 +180,8 @@ class OutputConfig:
                                   "0: only at the end.", min=0, max=10_000_000)
     save_precision: SavePrecision = opt("fp16", "Precision of the saved LoRA weights (fp16 is what A1111 "
                                         "and ComfyUI users expect; fp32 doubles the file).")
+    save_diffusers_format: bool = opt(False, "Also write the final LoRA in the diffusers/peft layout "
+                                      "(NAME-diffusers/pytorch_lora_weights.safetensors), for diffusers scripts.")
     save_state: bool = opt(True, "Save optimizer and data-order state with each checkpoint so "
                            "--resume can continue the run.")
     keep_states: int = opt(1, "How many resume states to keep (oldest are removed).", min=1, max=1000)

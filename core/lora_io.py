@@ -478,3 +478,48 @@ def read_lora_info(path) -> dict:
         "format": fmt,
     }
 
+
+
+# ---------------------------------------------------------------------------
+# the diffusers / peft layout (optional second output)
+# ---------------------------------------------------------------------------
+
+
+def save_diffusers_lora(path, unet, text_encoder=None, family: str = "sd1", dtype=torch.float16) -> Path:
+    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors`` (peft names), atomically.
+
+    Each model's peft config (rank, alpha, targets) goes into the file's
+    adapter metadata, so ``load_lora_weights`` restores the real alpha (without
+    it diffusers assumes alpha = rank). ``text_encoder`` is a CLIPTextModel or
+    a ``core.text.TextEncoders`` (SDXL's two, saved as text_encoder and
+    text_encoder_2).
+    """
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from core.families import get_family
+    from core.fsutil import atomic_path
+
+    kind = get_family(family)
+    unet = _unwrap(unet)
+    layers = {"unet_lora_layers": _cast(get_peft_model_state_dict(unet), dtype),
+              "unet_lora_adapter_metadata": _adapter_metadata(unet)}
+    if text_encoder is not None:
+        encoders = list(text_encoder.encoders) if hasattr(text_encoder, "encoders") else [text_encoder]
+        for name, encoder in zip(kind.text_encoders, encoders, strict=True):
+            layers[f"{name}_lora_layers"] = _cast(get_peft_model_state_dict(encoder), dtype)
+            layers[f"{name}_lora_adapter_metadata"] = _adapter_metadata(encoder)
+    pipeline = getattr(diffusers, kind.pipeline_class)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pipeline.save_lora_weights(str(tmp.parent), weight_name=tmp.name, safe_serialization=True, **layers)
+    return path
+
+
+def _cast(tensors: dict, dtype) -> dict:
+    return {k: _copy(v, dtype) for k, v in tensors.items()}
+
+
+def _adapter_metadata(model) -> dict:
+    (config,) = model.peft_config.values()
+    return config.to_dict()

@@ -49,13 +49,17 @@ def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, 
     """The kohya LoRA file of the run so far (``base``: the core.models.BaseModel, for its family)."""
     from core.lora_io import save_kohya_lora
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_precision]
+    dtype = save_dtype(config)
     te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None
     family = base.family.name if base is not None else "sd1"
     prediction = base.prediction_type if base is not None else "epsilon"
     return save_kohya_lora(path, accelerator.unwrap_model(unet), te,
                            metadata=lora_metadata(config, step, data_info, family, prediction), dtype=dtype,
                            family=family)
+
+
+def save_dtype(config: TrainConfig) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_precision]
 
 
 def latest_state(run_dir: Path) -> Path | None:

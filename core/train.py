@@ -340,6 +340,8 @@ class _Loop:
         if not stopped:
             self.evaluate()
         self.save(lora_path)
+        if c.output.save_diffusers_format and acc.is_main_process:
+            self.save_diffusers(c.run_dir / f"{c.output.name}-diffusers" / "pytorch_lora_weights.safetensors")
         status = "stopped" if stopped else "completed"
         self.emit(Finished(status, state.step, str(lora_path)))
         acc.end_training()
@@ -459,6 +461,16 @@ class _Loop:
             path = save_state(c, acc, self.state.step)
             self.emit(CheckpointSaved(self.state.step, str(path), "state"))
         acc.wait_for_everyone()
+
+    def save_diffusers(self, path: Path) -> None:
+        from core.lora_io import save_diffusers_lora
+        from core.run_folder import save_dtype
+
+        acc, c = self.accelerator, self.config
+        text = acc.unwrap_model(self.text_encoder) if c.lora.train_text_encoder else None
+        save_diffusers_lora(path, acc.unwrap_model(self.unet), text, self.base.family.name, save_dtype(c))
+        self.emit(CheckpointSaved(self.state.step, str(path), "lora"))
+        self.check_export(path)
 
     def check_export(self, lora_path: Path) -> None:
         """Every key of the file just written must land on a module of the base model (cheap: no images)."""

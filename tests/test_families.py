@@ -77,7 +77,7 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     cfg = tiny_config(model, data, tmp_path / "out", name=family, **{
         "train.max_train_steps": 3, "sample.every_n_steps": 0, "output.save_every_n_steps": 0,
         "output.save_state": False, "lora.train_text_encoder": True, "dataset.bucket_step": 16,
-        "dataset.random_flip": True})
+        "dataset.random_flip": True, "output.save_diffusers_format": True, "lora.alpha": 2.0})
     log = EventLog()
     result = train.run(cfg, log)
     assert result.status == "completed" and result.step == 3
@@ -85,7 +85,7 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     assert len(log.of("validation_loss")) == 2 and len(log.of("sample")) == 2
     assert result.lora_path.is_file()
     checks = log.of("lora_verified")
-    assert checks and all(c.ok and c.matched == c.modules > 0 for c in checks)
+    assert len(checks) == 2 and all(c.ok and c.matched == c.modules > 0 for c in checks)  # kohya and diffusers
     # every text encoder got a trained adapter
     trained = [n for n, p in result.text_encoder.named_parameters() if "lora_" in n]
     assert {n.split(".")[1] for n in trained} == ({"0", "1"} if family == "sdxl" else {"0"})
@@ -117,6 +117,12 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     loaded_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
     assert abs(trained_image - base_image).max() > 1e-4, "the LoRA does not change the image"
     torch.testing.assert_close(torch.tensor(loaded_image), torch.tensor(trained_image), atol=2e-3, rtol=0)
+    # the optional diffusers/peft layout gives the same image (alpha 2 with rank 4 survives its metadata)
+    diffusers_file = result.run_dir / f"{family}-diffusers" / "pytorch_lora_weights.safetensors"
+    pipe = load_pipeline(str(model), device="cpu")
+    apply_lora(pipe, diffusers_file)
+    peft_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    torch.testing.assert_close(torch.tensor(peft_image), torch.tensor(trained_image), atol=2e-3, rtol=0)
 
 
 def test_verify_lora_on_each_family(tiny_sd2, tiny_sdxl, tmp_path):
