@@ -184,22 +184,25 @@ def _build_sdxl(seed: int):
     tokenizer = build_tokenizer()
     configs = _configs("tiny", tokenizer)
     text = configs["text"]
+    # The second encoder is wider than the first, as bigG (1280) is wider than CLIP-L (768): single-file
+    # loaders tell the two apart by width.
+    text_2 = {**text, "hidden_size": 64, "intermediate_size": 74, "projection_dim": 64, "hidden_act": "gelu"}
     unet_config = dict(configs["unet"])
     time_dim = 8
     unet_config.update(
-        cross_attention_dim=2 * text["hidden_size"],  # both encoders' states side by side
+        cross_attention_dim=text["hidden_size"] + text_2["hidden_size"],  # both encoders' states side by side
         use_linear_projection=True,
         attention_head_dim=(4, 8),
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         # six size/crop numbers, each embedded to time_dim, plus the pooled text
-        projection_class_embeddings_input_dim=6 * time_dim + text["projection_dim"],
+        projection_class_embeddings_input_dim=6 * time_dim + text_2["projection_dim"],
     )
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config)
     vae = AutoencoderKL(**configs["vae"], scaling_factor=0.13025)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "hidden_act": "gelu"}))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
