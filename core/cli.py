@@ -9,6 +9,7 @@
     python -m core tiny-captioner DIR [--kind blip|wd14|florence2]
     python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
     python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
+    python -m core merge --model MODEL --lora FILE --scale S --out MERGED.safetensors [--precision fp16|bf16|fp32]
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
 one line on stderr that says what went wrong and what to do.
@@ -121,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the test images (default 4)")
     p.add_argument("--size", type=int, default=0, help="test image side in pixels (default: the model's own)")
     p.set_defaults(func=cmd_verify_lora)
+
+    p = sub.add_parser("merge", help="fuse a LoRA into its base model and save one single-file checkpoint")
+    p.add_argument("--model", required=True, help="the base model (single file, diffusers folder or hub id)")
+    p.add_argument("--lora", required=True, help="the LoRA .safetensors")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength to fuse in (default 1.0)")
+    p.add_argument("--out", required=True, help="the merged .safetensors to write")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("check-dataset", help="report unreadable, small, blurry, duplicate and badly captioned images")
     p.add_argument("dir", help="dataset folder (images with same-name .txt captions)")
@@ -365,6 +374,23 @@ def _final_check(config, emit):
                     seed=config.sample.seed, steps=min(config.sample.steps, 8))
     emit(event(result, -1))
     return result
+
+
+def cmd_merge(args) -> int:
+    from core.merge import merge
+    from core.models import ModelError
+    from core.single_file import SingleFileError
+
+    try:
+        path = merge(args.model, args.lora, args.scale, args.out, args.precision)
+    except FileNotFoundError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except ModelError as exc:
+        return _fail(f"model: {exc}", EXIT_BAD_INPUT)
+    except (SingleFileError, ValueError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {args.model} with {args.lora} at {args.scale:g}")
+    return 0
 
 
 # ================================================================= helpers
