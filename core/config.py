@@ -176,6 +176,8 @@ class SampleConfig:
 class OutputConfig:
     dir: str = opt("outputs", "Folder that holds the runs.", group="basic")
     name: str = opt("my-lora", "Run name: the run folder and the LoRA file are named after it.", group="basic")
+    trigger_phrase: str = opt("", "The word(s) that call up the LoRA (e.g. 'sks dog'); recorded in the file "
+                              "(modelspec.trigger_phrase) so A1111/ComfyUI users see it.")
     save_every_n_steps: int = opt(500, "Save an intermediate LoRA (and the resume state) every N steps; "
                                   "0: only at the end.", min=0, max=10_000_000)
     save_precision: SavePrecision = opt("fp16", "Precision of the saved LoRA weights (fp16 is what A1111 "

@@ -342,6 +342,23 @@ def _metadata_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     }
 
 
+def model_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """``sshs_model_hash``: sha256 of the file's tensor data (everything after the header).
+
+    The tensor bytes do not depend on the metadata, so the hash identifies the
+    weights however the header changes; it is what kohya's trainer and the
+    A1111 additional-networks extension compute and show.
+    """
+    import hashlib
+    import struct
+
+    from safetensors.torch import save
+
+    data = save(tensors)
+    (header_length,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + header_length:]).hexdigest()
+
+
 def save_kohya_lora(
     path,
     unet,
@@ -366,7 +383,8 @@ def save_kohya_lora(
         )
     user_metadata = stringify_metadata(metadata)
     tensors = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype, family=family)
-    save_safetensors(path, tensors, {**_metadata_from_tensors(tensors), **user_metadata})
+    hashes = {"sshs_model_hash": model_hash(tensors)}
+    save_safetensors(path, tensors, {**_metadata_from_tensors(tensors), **user_metadata, **hashes})
     return path
 
 

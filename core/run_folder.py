@@ -29,6 +29,7 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
         base_model=config.model.path,
         train_text_encoder=config.lora.train_text_encoder,
         extra={
+            "modelspec.trigger_phrase": config.output.trigger_phrase,
             "ss_seed": config.train.seed,
             **data_info,
             "ss_batch_size_per_device": config.train.batch_size,

@@ -1,5 +1,6 @@
 """SD 1.x, SD 2.x and SDXL: detection, conditioning, and a few real training steps on each tiny family."""
 
+import hashlib
 import json
 
 import pytest
@@ -77,7 +78,8 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     cfg = tiny_config(model, data, tmp_path / "out", name=family, **{
         "train.max_train_steps": 3, "sample.every_n_steps": 0, "output.save_every_n_steps": 0,
         "output.save_state": False, "lora.train_text_encoder": True, "dataset.bucket_step": 16,
-        "dataset.random_flip": True, "output.save_diffusers_format": True, "lora.alpha": 2.0})
+        "dataset.random_flip": True, "output.save_diffusers_format": True, "lora.alpha": 2.0,
+        "output.trigger_phrase": "sks dog"})
     log = EventLog()
     result = train.run(cfg, log)
     assert result.status == "completed" and result.step == 3
@@ -107,6 +109,16 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
         assert prefixes == {"lora_te"} and any(k.startswith("lora_unet_down_blocks_") for k in keys)
         assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v2_v", "True")
         assert meta["modelspec.prediction_type"] == "v"
+    required = ["ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
+                "ss_v2", "ss_output_name", "ss_tag_frequency", "ss_resolution", "sshs_model_hash",
+                "modelspec.architecture", "modelspec.title", "modelspec.resolution", "modelspec.prediction_type",
+                "modelspec.trigger_phrase"]
+    assert not [k for k in required if k not in meta]
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert meta["modelspec.trigger_phrase"] == "sks dog"
+    data = result.lora_path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header:]).hexdigest()
     base = load_models(str(model))
     kw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
     in_memory = pipeline_from_parts(model, base.vae, result.text_encoder, result.unet)
