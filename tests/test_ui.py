@@ -166,14 +166,16 @@ def test_find_models(settings, tiny_model):
         ("pony xl.safetensors — SDXL, single file", str(settings.models_dir / "pony xl.safetensors"))]
 
 
-def test_previewer_keeps_the_pipeline_and_switches_loras(tiny_model, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_previewer_keeps_the_pipeline_and_switches_loras(family, tiny_model, tiny_sdxl, tmp_path):
     from core import train
     from core.sample import Previewer
     from tests.conftest import EventLog
 
+    tiny_model = tiny_sdxl if family == "sdxl" else tiny_model  # the Prompt tab's engine, per family
     result = train.run(tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), tmp_path / "o",
                                    **{"sample.prompts": [], "output.save_every_n_steps": 3,
-                                      "output.save_state": False}), EventLog())
+                                      "output.save_state": False, "train.learning_rate": 1e-2}), EventLog())
     previewer = Previewer(device="cpu")
     kw = dict(seed=1, steps=2, width=64, height=64)
     base = np.asarray(previewer.generate(str(tiny_model), "a photo of sks", **kw), dtype=np.int16)
