@@ -286,3 +286,16 @@ def test_concept_folders_in_the_dataset_view(tmp_path):
     assert "excluded" not in dataset_tab.counts_text(root)  # the top level has its own pictures
     with pytest.raises(store.DatasetStoreError):
         dataset_tab.view_folder(root, "../elsewhere")
+
+
+def test_resolution_follows_the_model_family(tiny_model, tiny_sdxl, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    xl_file = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.1.model.token_embedding.weight": torch.zeros(1)}, xl_file)
+    assert train_tab.resolution_for(str(xl_file), 512) == 1024  # a single SDXL file: its family's size
+    assert train_tab.resolution_for(str(tiny_model), 512) == 64  # the tiny demo model's own size
+    assert train_tab.resolution_for(str(tiny_model), 640) is None  # a size the user chose is kept
+    assert train_tab.resolution_for(str(tiny_model), 64) is None
+    assert train_tab.resolution_for("", 512) is None

@@ -97,6 +97,28 @@ def steps_readout(values: dict[str, Any]) -> str:
             f"**{steps}** steps ≈ {epochs_f:.1f} epochs ({held_out} held out for validation)")
 
 
+# Sizes the resolution field holds when nobody chose otherwise: a family's native size (or the tiny demo's).
+_NATIVE_SIZES = {64, 512, 768, 1024}
+
+
+def resolution_for(model: str | None, current) -> int | None:
+    """The model's native training size when the field still holds some family's default, else None.
+
+    Picking an SDXL model moves 512 to 1024 and picking an SD 1.5 model moves
+    1024 to 512; a size the user typed (say 640) is kept.
+    """
+    from core.models import native_resolution
+
+    size = native_resolution(model) if model else None
+    try:
+        current = int(current)
+    except (TypeError, ValueError):
+        current = None
+    if size and current in _NATIVE_SIZES and size != current:
+        return size
+    return None
+
+
 # --------------------------------------------------------------- live view
 
 
@@ -261,6 +283,13 @@ def build(settings: AppSettings, manager: RunManager):
                                               "dataset.validation_split", "train.gradient_accumulation_steps")]
     for comp in readout_inputs:
         comp.change(lambda data: steps_readout(as_values(data)), inputs=set(readout_inputs), outputs=readout)
+
+    def on_model(model, current):
+        size = resolution_for(model, current)
+        return gr.update(value=size) if size else gr.skip()
+
+    components["model.path"].change(on_model, [components["model.path"], components["dataset.resolution"]],
+                                    components["dataset.resolution"])
     return {
         "components": components,
         "runs": runs,
