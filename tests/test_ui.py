@@ -133,6 +133,20 @@ def test_run_manager_trains_refuses_a_second_run_and_stops(settings, tiny_model,
     assert not manager.stop()  # nothing running any more
 
 
+def test_the_app_trains_an_sdxl_lora_and_shows_its_check(settings, tiny_sdxl, tmp_path):
+    manager = RunManager(settings.outputs_dir)
+    cfg = tiny_config(tiny_sdxl, write_dataset(tmp_path / "d", n=3), settings.outputs_dir, name="xl-run",
+                      **{"train.max_train_steps": 2, "sample.every_n_steps": 0, "output.save_state": False})
+    run = manager.start(cfg)
+    assert manager.wait(timeout=600) == 0, run.log_tail()
+    summary = run.poll()
+    assert summary.finished == "completed" and summary.error == ""
+    assert summary.check["ok"] and summary.check["step"] == -1 and summary.check["loads"]
+    html = train_tab.progress_html(summary, running=False)
+    assert "check of xl-run.safetensors" in html and "data-ok='true'" in html
+    assert len(summary.samples) == 2  # before the first step and at the end
+
+
 def test_failed_run_shows_the_engine_error_line(settings, tiny_model, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
