@@ -58,3 +58,13 @@ def test_offline_without_configs_says_what_to_download(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="configs and tokenizers"):
         resolve_model_path(str(ckpt))
     assert not converted_folder(ckpt).exists()  # nothing half-made is left behind
+
+
+def test_ckpt_files_are_read_without_running_code(tmp_path):
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {KEYS["sd2"]: torch.zeros(2, 2)}}, ckpt)
+    assert checkpoint_family(ckpt) == "sd2"
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read as a .ckpt"):
+        checkpoint_family(bad)
