@@ -70,7 +70,7 @@ class LoraFileError(ValueError):
 # ---------------------------------------------------------------------------
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def strip_wrappers(model: torch.nn.Module) -> torch.nn.Module:
     """Strip wrappers that only rename modules (torch.compile, DDP, PeftModel).
 
     Their prefixes (``_orig_mod.``, ``module.``, ``base_model.model.``) would
@@ -100,7 +100,7 @@ def _lora_layers(model: torch.nn.Module, adapter_name: str, what: str) -> list[t
     from peft.tuners.lora import LoraLayer
 
     found, names = [], set()
-    for path, module in _unwrap(model).named_modules():
+    for path, module in strip_wrappers(model).named_modules():
         if not isinstance(module, LoraLayer):
             continue
         names.update(module.lora_A.keys(), module.lora_embedding_A.keys())
@@ -165,7 +165,7 @@ def _module_alpha(layer: Any, adapter_name: str) -> float:
     return alpha
 
 
-def _kohya_name(prefix: str, path: str, model: torch.nn.Module) -> str:
+def kohya_module_name(prefix: str, path: str, model: torch.nn.Module) -> str:
     """``lora_unet_`` + module path with dots as underscores.
 
     transformers 5 flattened ``CLIPTextModel`` (no ``text_model`` submodule), so
@@ -178,7 +178,7 @@ def _kohya_name(prefix: str, path: str, model: torch.nn.Module) -> str:
     return prefix + path.replace(".", "_")
 
 
-def _copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cpu_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # copy=True: the result must not share memory with a live parameter that
     # training keeps updating, nor with another tensor (safetensors refuses that).
     return tensor.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
@@ -190,13 +190,13 @@ def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, wha
     ``namer(path)`` gives the kohya name of a module path; by default the
     path itself with dots as underscores after ``prefix``.
     """
-    model = _unwrap(model)
+    model = strip_wrappers(model)
     out: dict[str, torch.Tensor] = {}
     for path, layer in _lora_layers(model, adapter_name, what):
         _check_exportable(path, layer, adapter_name)
-        name = namer(path) if namer else _kohya_name(prefix, path, model)
-        out[f"{name}.lora_down.weight"] = _copy(layer.lora_A[adapter_name].weight, dtype)
-        out[f"{name}.lora_up.weight"] = _copy(layer.lora_B[adapter_name].weight, dtype)
+        name = namer(path) if namer else kohya_module_name(prefix, path, model)
+        out[f"{name}.lora_down.weight"] = cpu_copy(layer.lora_A[adapter_name].weight, dtype)
+        out[f"{name}.lora_up.weight"] = cpu_copy(layer.lora_B[adapter_name].weight, dtype)
         # alpha stays float32 whatever `dtype` is: it is one number, and fp16
         # would round values such as 0.3, changing the scale it encodes.
         out[f"{name}.alpha"] = torch.tensor(_module_alpha(layer, adapter_name), dtype=torch.float32)
@@ -229,7 +229,7 @@ def kohya_state_dict(
     if kind.ldm_unet_names:
         from core.kohya_names import kohya_unet_key
 
-        config = _unwrap(unet).config
+        config = strip_wrappers(unet).config
         namer = lambda path: kohya_unet_key(path, config, ldm=True)  # noqa: E731
     tensors = _export_model(unet, UNET_PREFIX, adapter_name, dtype, "UNet", namer)
     if text_encoder is not None:
@@ -495,49 +495,3 @@ def read_lora_info(path) -> dict:
         "unet": any(not _is_text_encoder_key(k, fmt) for k in down),
         "format": fmt,
     }
-
-
-
-# ---------------------------------------------------------------------------
-# the diffusers / peft layout (optional second output)
-# ---------------------------------------------------------------------------
-
-
-def save_diffusers_lora(path, unet, text_encoder=None, family: str = "sd1", dtype=torch.float16) -> Path:
-    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors`` (peft names), atomically.
-
-    Each model's peft config (rank, alpha, targets) goes into the file's
-    adapter metadata, so ``load_lora_weights`` restores the real alpha (without
-    it diffusers assumes alpha = rank). ``text_encoder`` is a CLIPTextModel or
-    a ``core.text.TextEncoders`` (SDXL's two, saved as text_encoder and
-    text_encoder_2).
-    """
-    import diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    from core.families import get_family
-    from core.fsutil import atomic_path
-
-    kind = get_family(family)
-    unet = _unwrap(unet)
-    layers = {"unet_lora_layers": _cast(get_peft_model_state_dict(unet), dtype),
-              "unet_lora_adapter_metadata": _adapter_metadata(unet)}
-    if text_encoder is not None:
-        encoders = list(text_encoder.encoders) if hasattr(text_encoder, "encoders") else [text_encoder]
-        for name, encoder in zip(kind.text_encoders, encoders, strict=True):
-            layers[f"{name}_lora_layers"] = _cast(get_peft_model_state_dict(encoder), dtype)
-            layers[f"{name}_lora_adapter_metadata"] = _adapter_metadata(encoder)
-    pipeline = getattr(diffusers, kind.pipeline_class)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        pipeline.save_lora_weights(str(tmp.parent), weight_name=tmp.name, safe_serialization=True, **layers)
-    return path
-
-
-def _cast(tensors: dict, dtype) -> dict:
-    return {k: _copy(v, dtype) for k, v in tensors.items()}
-
-
-def _adapter_metadata(model) -> dict:
-    (config,) = model.peft_config.values()
-    return config.to_dict()

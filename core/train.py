@@ -463,7 +463,7 @@ class _Loop:
         acc.wait_for_everyone()
 
     def save_diffusers(self, path: Path) -> None:
-        from core.lora_io import save_diffusers_lora
+        from core.lora_diffusers import save_diffusers_lora
         from core.run_folder import save_dtype
 
         acc, c = self.accelerator, self.config

@@ -74,7 +74,7 @@ class Verification:
 
 def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
     """Every Linear/Conv2d of the UNet and text encoders, keyed by its kohya name for ``family``."""
-    from core.lora_io import UNET_PREFIX, _kohya_name
+    from core.lora_io import UNET_PREFIX, kohya_module_name
 
     index: dict[str, torch.nn.Module] = {}
     config = unet.config
@@ -87,10 +87,10 @@ def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
             except ValueError:
                 continue  # a module kohya never trains (e.g. a norm-adjacent projection it cannot name)
         else:
-            index[_kohya_name(UNET_PREFIX, path, unet)] = module
+            index[kohya_module_name(UNET_PREFIX, path, unet)] = module
     for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders, strict=True):
         for path, module in _plain_modules(encoder):
-            index[_kohya_name(prefix + "_", path, encoder)] = module
+            index[kohya_module_name(prefix + "_", path, encoder)] = module
     return index
 
 
