@@ -313,3 +313,24 @@ def test_resolution_follows_the_model_family(tiny_model, tiny_sdxl, tmp_path):
     assert train_tab.resolution_for(str(tiny_model), 640) is None  # a size the user chose is kept
     assert train_tab.resolution_for(str(tiny_model), 64) is None
     assert train_tab.resolution_for("", 512) is None
+
+
+def test_merge_from_the_prompt_tab(settings, tiny_model, tmp_path):
+    import shutil
+
+    from core import train
+    from tests.conftest import EventLog
+    from ui.prompt_tab import merge_into_model
+    from ui.settings import model_choices
+
+    shutil.copytree(tiny_model, settings.models_dir / "tiny")
+    lora = train.run(tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), tmp_path / "o", **{
+        "train.max_train_steps": 2, "sample.prompts": [], "output.save_state": False}), EventLog()).lora_path
+    message = merge_into_model(settings, str(settings.models_dir / "tiny"), str(lora), 0.5, "tiny merged")
+    assert message.startswith("wrote") and (settings.models_dir / "tiny merged.safetensors").is_file()
+    merged = str(settings.models_dir / "tiny merged.safetensors")
+    assert ("tiny merged.safetensors — SD 1.x, single file", merged) in model_choices(settings.models_dir)
+    base = str(settings.models_dir / "tiny")
+    assert "already exists" in merge_into_model(settings, base, str(lora), 1, "tiny merged")
+    assert "pick a base model" in merge_into_model(settings, "", str(lora), 1, "x")
+    assert "merge failed" in merge_into_model(settings, base, str(tmp_path / "no.safetensors"), 1, "other")

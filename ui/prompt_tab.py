@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from core.sample import Previewer
 from ui.settings import AppSettings, find_loras, find_models, model_choices
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_scales(text: str) -> list[float]:
@@ -14,6 +21,30 @@ def parse_scales(text: str) -> list[float]:
     if not scales:
         raise ValueError("enter at least one strength, e.g. 0.5, 1")
     return scales
+
+
+def merge_into_model(settings: AppSettings, model: str, lora: str, scale: float, name: str,
+                     precision: str = "fp16") -> str:
+    """Run ``python -m core merge`` (a subprocess: a model in fp32 must not take the app down) into models/NAME."""
+    from core.dataset_store import DatasetStoreError, validate_name
+
+    if not model or not lora:
+        return "⚠️ pick a base model and a LoRA first"
+    try:
+        name = validate_name(name or "")
+    except DatasetStoreError as exc:
+        return f"⚠️ merged model name: {exc}"
+    out = settings.models_dir / f"{name}.safetensors"
+    if out.exists():
+        return f"⚠️ {out} already exists; pick another name"
+    proc = subprocess.run([sys.executable, "-m", "core", "merge", "--model", str(model), "--lora", str(lora),
+                           "--scale", f"{float(scale):g}", "--out", str(out), "--precision", precision],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        return f"⚠️ merge failed: {errors[-1] if errors else proc.stderr.strip()[-500:]}"
+    return f"{proc.stdout.strip()}. It is in the model lists now (Refresh lists)."
 
 
 def build(settings: AppSettings, previewer: Previewer):
@@ -44,6 +75,14 @@ def build(settings: AppSettings, previewer: Previewer):
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="prompt-generate")
                 compare = gr.Button("Compare with base", elem_id="prompt-compare")
+            with gr.Accordion("Merge into the model", open=False, elem_id="prompt-merge-box"):
+                gr.Markdown("Fuse the LoRA at the strength above into the base model and save one single-file "
+                            "checkpoint in models/ (the layout A1111 and ComfyUI load).")
+                merge_name = gr.Textbox(label="Name of the merged model", placeholder="my-model-merged",
+                                        elem_id="prompt-merge-name")
+                merge_precision = gr.Radio(["fp16", "bf16", "fp32"], value="fp16", label="Precision",
+                                           elem_id="prompt-merge-precision")
+                merge_button = gr.Button("Merge and save", elem_id="prompt-merge")
             with gr.Accordion("Checkpoints × strengths grid", open=False):
                 grid_loras = gr.Dropdown(loras, multiselect=True, label="LoRA files", elem_id="prompt-grid-loras")
                 grid_scales = gr.Textbox("0.5, 0.75, 1.0", label="Strengths", elem_id="prompt-grid-scales")
@@ -105,4 +144,6 @@ def build(settings: AppSettings, previewer: Previewer):
     compare.click(on_compare, [model, lora, scale, *common], [pair, message])
     grid.click(on_grid, [model, grid_loras, grid_scales, *common], [grid_out, message])
     refresh.click(on_refresh, outputs=[model, lora, grid_loras])
+    merge_button.click(lambda m, lo, sc, n, pr: merge_into_model(settings, m, lo, sc, n, pr),
+                       [model, lora, scale, merge_name, merge_precision], message)
     return {"refresh": on_refresh, "refresh_outputs": [model, lora, grid_loras]}
