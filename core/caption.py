@@ -163,7 +163,14 @@ class CaptionerBase:
         self.close()
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Free the model (and the GPU memory it held); the captioner cannot be used afterwards.
+
+        This default serves the transformers captioners (``model`` + ``processor``); others override it.
+        """
+        if getattr(self, "model", None) is None:
+            return
+        self.model = self.processor = None
+        free_memory(self.device)
 
 
 def _flag(option: str) -> str:

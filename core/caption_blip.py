@@ -18,7 +18,6 @@ from core.caption import (
     CaptionError,
     check_all_weights,
     clean_caption,
-    free_memory,
     load_failure,
     model_source,
     pick_device,
@@ -84,13 +83,6 @@ class BlipCaptioner(CaptionerBase):
             ids = self.model.generate(pixel_values=pixels.to(self.device, self.dtype),
                                       max_new_tokens=max(1, min(wanted, room)))
         return [clean_caption(text) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
-
-    def close(self) -> None:
-        """Free the model (and the GPU memory it held); the captioner cannot be used afterwards."""
-        if self.model is None:
-            return
-        self.model = self.processor = None
-        free_memory(self.device)
 
 
 def _check_blip_config(config, model: str) -> None:

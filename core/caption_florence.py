@@ -24,7 +24,6 @@ from core.caption import (
     CaptionError,
     check_all_weights,
     clean_caption,
-    free_memory,
     load_failure,
     model_source,
     pick_device,
@@ -108,13 +107,6 @@ class Florence2Captioner(CaptionerBase):
                                       pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
                                       max_new_tokens=wanted, num_beams=_NUM_BEAMS, do_sample=False)
         return [clean_caption(text) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
-
-    def close(self) -> None:
-        """Free the model (and the GPU memory it held); the captioner cannot be used afterwards."""
-        if self.model is None:
-            return
-        self.model = self.processor = None
-        free_memory(self.device)
 
 
 def _check_config(config, model: str) -> None:

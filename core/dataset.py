@@ -93,15 +93,7 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path
     recorded for bucketing and the split). Hidden files and folders are
     skipped, and so is the subfolder ``skip`` (an explicit validation folder).
     """
-    from core.manifest import ManifestError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"dataset folder {folder} does not exist or is not a folder")
-    try:
-        manifest = load_manifest(folder)
-    except ManifestError as exc:
-        raise DatasetError(str(exc)) from None
+    folder, manifest = open_dataset(folder)
     result = ScanResult(folder, manifest=manifest)
     for path in walk_files(folder):
         suffix = path.suffix.lower()
@@ -130,6 +122,19 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path
         if not has_caption:
             result.missing_captions.append(path)
     return result
+
+
+def open_dataset(folder: str | Path) -> tuple[Path, Manifest]:
+    """The dataset folder and its manifest; DatasetError when there is no folder or dataset.toml is bad."""
+    from core.manifest import ManifestError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"dataset folder {folder} does not exist or is not a folder")
+    try:
+        return folder, load_manifest(folder)
+    except ManifestError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def walk_files(folder: Path):

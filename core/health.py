@@ -37,7 +37,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.dataset import NEAR_THRESHOLD, SIDECAR_SUFFIXES, DatasetError, read_caption, similar_groups, walk_files
+from core.dataset import (
+    NEAR_THRESHOLD,
+    SIDECAR_SUFFIXES,
+    open_dataset,
+    read_caption,
+    similar_groups,
+    walk_files,
+)
 from core.images import ImageError, dhash, is_image_extension, load_image
 
 __all__ = ["NEAR_THRESHOLD", "dhash", "check_dataset", "format_report", "tag_frequency"]
@@ -130,15 +137,7 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
     ``tokenizer`` (a CLIP tokenizer) enables the caption length check;
     ``trigger`` enables the trigger word check.
     """
-    from core.manifest import ManifestError, load_manifest
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"dataset folder {folder} does not exist or is not a folder")
-    try:
-        manifest = load_manifest(folder)
-    except ManifestError as exc:
-        raise DatasetError(str(exc)) from None
+    folder, manifest = open_dataset(folder)
     findings: dict[str, list[dict]] = {}
     errors: set[str] = set()
     images: list[_Image] = []
