@@ -13,6 +13,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,7 +91,9 @@ def test_fp32_file_reads_back_exactly(name, models, pipes, files):
         assert ours.keys() == theirs.keys(), component
         different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
         assert not different, f"{component}: {different[:5]}"
-    assert (_image(pipe) == _image(back)).all()
+    # Same weights, same image; the modules diffusers builds from a single file may pick other CPU kernels
+    # (attention implementation, memory layout), which move a pixel by ~1e-6 on some processors.
+    np.testing.assert_allclose(_image(pipe), _image(back), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
