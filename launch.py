@@ -7,14 +7,13 @@ Serves the app on 127.0.0.1 (only this computer) at the first free port from
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 
-# Before gradio or huggingface_hub are imported: a desktop app does not phone home.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from core.privacy import no_telemetry
+
+# Before gradio, huggingface_hub or onnxruntime are imported: a desktop app does not phone home.
+no_telemetry()
 
 
 def free_port(host: str, start: int, tries: int = 100) -> int:
@@ -34,12 +33,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--listen", action="store_true",
                    help="serve on all network interfaces (other computers can connect; use --auth)")
     p.add_argument("--auth", help="user:password required to open the app (with --listen)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="with --listen: a host name of this computer that other computers use to open the app "
+                        "(IP addresses work without it; repeatable)")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link (off unless asked)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     p.add_argument("--demo", action="store_true", help="create the tiny demo model and a demo dataset first")
     args = p.parse_args(argv)
     if args.auth and ":" not in args.auth:
         p.error("--auth must be user:password")
+    if args.allow_host and not args.listen:
+        p.error("--allow-host only matters with --listen (without it only this computer can connect)")
     return args
 
 
@@ -47,6 +51,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ui.app import build_app
     from ui.demo import make_demo
+    from ui.guard import HostPolicy
+    from ui.server import launch_options
     from ui.settings import AppSettings
 
     settings = AppSettings.from_env()
@@ -58,14 +64,21 @@ def main(argv=None) -> int:
         print("warning: --listen serves the app to every computer that can reach this one"
               + ("" if args.auth else "; add --auth user:password"), file=sys.stderr)
     port = free_port(host, args.port)
+    # Requests must name this app's own address (no DNS rebinding) and come from its own pages.
+    policy = HostPolicy(port, listen=args.listen)
+    for name in args.allow_host:
+        policy.allow(name, port)
     app = build_app(settings)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     app.queue().launch(server_name=host, server_port=port, auth=auth, share=args.share,
-                       inbrowser=not args.no_browser, quiet=True, footer_links=[],
-                       allowed_paths=[str(settings.root)], prevent_thread_lock=True)
+                       inbrowser=not args.no_browser, quiet=True, footer_links=[], prevent_thread_lock=True,
+                       **launch_options(settings, policy))
     # Printed once the server answers, so whoever reads it (a person, a test) can connect at once.
     print(f"LoRA Studio is running at http://127.0.0.1:{port}  (Ctrl+C to quit)", flush=True)
     if args.share and getattr(app, "share_url", None):
+        from urllib.parse import urlsplit
+
+        policy.allow(urlsplit(app.share_url).hostname or "")  # the tunnel forwards the public host name
         print(f"public link: {app.share_url}", flush=True)
     try:
         app.block_thread()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from core.sample import Previewer
 from ui.runner import RunManager
+from ui.server import served_paths
 from ui.settings import AppSettings, model_choices
 
 
@@ -16,6 +17,9 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
 
     settings = settings or AppSettings.from_env()
     settings.ensure()
+    # Pictures in the datasets and runs are served where they are, not copied into Gradio's temp folder
+    # (a gallery of a thousand pictures would otherwise leave a thousand copies there).
+    gr.set_static_paths(served_paths(settings))
     manager = manager or RunManager(settings.outputs_dir)
     previewer = previewer or Previewer()
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:

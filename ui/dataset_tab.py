@@ -11,6 +11,7 @@ from core import caption_edits as edits
 from core import dataset_store as store
 from core.manifest import load_manifest
 from ui import health_panel
+from ui.server import discard_uploads
 from ui.settings import AppSettings
 
 TOP_LEVEL = "(top level)"  # the dataset folder itself in the Folder dropdown; other entries are subfolders
@@ -217,7 +218,10 @@ def build(settings: AppSettings):
         folder.mkdir(exist_ok=True)  # a new concept folder
         files = files or []
         paths = [getattr(f, "name", f) for f in files]
-        report = store.import_files(folder, paths, [Path(p).name for p in paths])
+        try:
+            report = store.import_files(folder, paths, [Path(p).name for p in paths])
+        finally:
+            discard_uploads(paths)  # the dataset holds its own copies now; Gradio's temp ones go
         return (None, import_message(report), gr.update(choices=subfolders(folder_of(name))),
                 *refresh(name, folder_name))
 
