@@ -152,7 +152,8 @@ def read_events(path: str | os.PathLike, start: int = 0) -> tuple[list[dict[str,
 
     Returns the events and the offset to pass next time, so a poller reads
     only what is new. A last line still being written (no newline yet) is left
-    for the next call.
+    for the next call. A line that is not a whole event (written when the disk
+    filled up, or cut by a kill) becomes a warning message in its place.
     """
     try:
         with open(path, "rb") as f:
@@ -163,6 +164,16 @@ def read_events(path: str | os.PathLike, start: int = 0) -> tuple[list[dict[str,
     end = data.rfind(b"\n") + 1
     events = []
     for line in data[:end].splitlines():
-        if line.strip():
-            events.append(json.loads(line))
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:  # a line cut short by a full disk or a kill: skip it, say so, read on
+            event = None
+        if isinstance(event, dict) and isinstance(event.get("type"), str):
+            events.append(event)
+        else:
+            events.append({"type": "message", "level": "warning", "time": time.time(),
+                           "text": f"skipped a damaged line in {Path(path).name} ({len(line)} bytes: "
+                                   f"{line[:60].decode('utf-8', 'replace')!r}...)"})
     return events, start + end

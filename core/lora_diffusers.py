@@ -37,9 +37,15 @@ def save_diffusers_lora(path, unet, text_encoder=None, family: str = "sd1", dtyp
         for name, encoder in zip(kind.text_encoders, encoders, strict=True):
             layers[f"{name}_lora_layers"] = _cast(get_peft_model_state_dict(encoder), dtype)
             layers[f"{name}_lora_adapter_metadata"] = _adapter_metadata(encoder)
+    from core.lora_io import NonFiniteWeightsError, nonfinite_counts
+
+    bad = {k: n for key, tensors in layers.items() if key.endswith("_layers")
+           for k, n in nonfinite_counts(tensors).items()}
+    if bad:
+        raise NonFiniteWeightsError(bad)
     pipeline = getattr(diffusers, kind.pipeline_class)
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=True) as tmp:
         pipeline.save_lora_weights(str(tmp.parent), weight_name=tmp.name, safe_serialization=True, **layers)
     return path
 

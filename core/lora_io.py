@@ -383,9 +383,35 @@ def save_kohya_lora(
         )
     user_metadata = stringify_metadata(metadata)
     tensors = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype, family=family)
+    bad = nonfinite_counts(tensors)
+    if bad:
+        raise NonFiniteWeightsError(bad)
     hashes = {"sshs_model_hash": model_hash(tensors)}
-    save_safetensors(path, tensors, {**_metadata_from_tensors(tensors), **user_metadata, **hashes})
+    save_safetensors(path, tensors, {**_metadata_from_tensors(tensors), **user_metadata, **hashes}, durable=True)
     return path
+
+
+class NonFiniteWeightsError(ValueError):
+    """LoRA weights hold NaN or infinity; such a file is never written (it would turn every image black)."""
+
+    def __init__(self, counts: dict[str, int]):
+        self.counts = counts
+        total = sum(counts.values())
+        names = ", ".join(list(counts)[:3]) + (" ..." if len(counts) > 3 else "")
+        super().__init__(f"{total:,} LoRA weight value(s) are NaN or infinite, in {len(counts)} tensor(s) ({names})")
+
+
+def nonfinite_counts(tensors: dict) -> dict[str, int]:
+    """{name: number of NaN/inf values} of the tensors that hold any (empty when all are finite)."""
+    import torch
+
+    counts = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                counts[name] = bad
+    return counts
 
 
 # ---------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def save_single_file(path, unet, vae, text_encoders: list, family: str, dtype: t
     state = to_single_file_state_dict(unet, vae, text_encoders, family, dtype)
     # safetensors writes from CPU memory
     state = {k: v.to("cpu") for k, v in state.items()}
-    save_safetensors(path, state, metadata=dict(metadata) if metadata else None)
+    save_safetensors(path, state, metadata=dict(metadata) if metadata else None, durable=True)
     return path
 
 

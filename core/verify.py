@@ -8,8 +8,9 @@ answers that before anyone shares the file:
    Conv2d module of the base model under the names kohya's sd-scripts uses
    for that family (or, for a diffusers/peft file, the module paths); the
    unmatched ones are listed;
-2. **shapes** -- each module's down/up ranks agree, fit the base module's
-   in/out features, and its alpha is a positive finite number;
+2. **shapes and values** -- each module's down/up ranks agree, fit the base
+   module's in/out features, its alpha is a positive finite number, and no
+   weight is NaN or infinite;
 3. **loading** -- diffusers' own ``load_lora_weights`` reads the file;
 4. **effect** -- an image at a fixed seed with the LoRA differs from the
    base model's by a measured amount.
@@ -161,7 +162,20 @@ def check_tensors(tensors: dict[str, torch.Tensor], index_kohya, index_peft) -> 
             alpha = tensors.get(name + ".alpha")
             if alpha is not None and (alpha.numel() != 1 or not math.isfinite(float(alpha)) or float(alpha) <= 0):
                 problems.append(f"{name}: alpha {alpha.flatten()[:1].tolist()} is not a positive number")
+    problems += nonfinite_problems(tensors)
     return ("kohya" if kohya else "diffusers"), len(names), unmatched, problems, matched
+
+
+def nonfinite_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """One problem naming how many values are NaN or infinite (a diverged run), or none."""
+    from core.lora_io import nonfinite_counts
+
+    counts = nonfinite_counts(tensors)
+    if not counts:
+        return []
+    names = ", ".join(list(counts)[:3]) + (", ..." if len(counts) > 3 else "")
+    return [f"{sum(counts.values()):,} weight value(s) are NaN or infinite, in {len(counts)} of {len(tensors)} "
+            f"tensors ({names}): the training diverged; this file would turn images black or to noise"]
 
 
 def _shape_problems(name: str, module, down: torch.Tensor, up: torch.Tensor) -> list[str]:
