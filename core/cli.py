@@ -18,6 +18,7 @@ one line on stderr that says what went wrong and what to do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -58,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.learning_rate=5e-5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest saved state")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (events still go to events.jsonl)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or step lines (warnings and results are still printed; events still go "
+                        "to events.jsonl)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate one image with a base model and an optional LoRA")
@@ -171,7 +174,7 @@ def cmd_train(args) -> int:
         return _fail(f"config: {exc}", EXIT_BAD_INPUT)
     events_path = config.run_dir / "events.jsonl"
     writer = jsonl_writer(events_path)
-    terminal = _TerminalProgress(disabled=args.no_progress)
+    terminal = _TerminalProgress(no_bar=args.no_progress)
     started = False  # events go to the run's file only once the run owns the folder
 
     held = []  # the engine's "finished" event, written after the final check so it stays the last line
@@ -187,15 +190,23 @@ def cmd_train(args) -> int:
         terminal(event)
 
     def report(message: str, kind: str, code: int) -> int:
+        """The one error line, on the terminal and (best effort: the disk may be full) in events.jsonl."""
         if started and _is_main_process():
-            writer(RunError(message, kind))
+            try:
+                writer(RunError(message, kind))
+            except OSError as exc:
+                print(f"warning: could not record the error in {events_path} ({exc.strerror or exc})",
+                      file=sys.stderr)
         terminal.close()
         return _fail(message, code)
 
     stop = _StopSignal()
-    from core.train import run
+    from core.run_folder import trainer_lock
+    from core.train import TrainingError, out_of_memory_advice, run
 
+    lock = contextlib.ExitStack()  # held through the run and the final check: the app sees a live trainer
     try:
+        lock.enter_context(trainer_lock(config.run_dir))
         result = run(config, emit, should_stop=stop, resume=args.resume)
         del result  # free the trained models before the check loads the base model again
         try:
@@ -213,21 +224,56 @@ def cmd_train(args) -> int:
         return report(f"dataset: {exc}", "dataset", EXIT_BAD_INPUT)
     except ModelError as exc:
         return report(f"model: {exc}", "model", EXIT_BAD_INPUT)
+    except TrainingError as exc:
+        return report(str(exc), exc.kind, EXIT_FAILURE)
     except torch.OutOfMemoryError:
-        return report("out of GPU memory: lower train.batch_size or dataset.resolution, or set "
-                      "train.gradient_checkpointing = true and train.mixed_precision = 'bf16' (or 'fp16')",
-                      "out_of_memory", EXIT_FAILURE)
+        return report(out_of_memory_advice(config), "out_of_memory", EXIT_FAILURE)
     except KeyboardInterrupt:
         return report("interrupted twice: stopped without saving", "error", 130)
     except Exception as exc:  # the engine's unexpected failures still end with one clear line
-        trace = config.run_dir / "traceback.txt"
-        if config.run_dir.is_dir():
-            from core.fsutil import write_text
-
-            write_text(trace, traceback.format_exc())
-        return report(f"{type(exc).__name__}: {exc} (details in {trace})", "error", EXIT_FAILURE)
+        if _disk_full(exc, config.run_dir):
+            return report(f"the disk is full: {_one_line(exc)}. Free space on the drive that holds "
+                          f"{config.output.dir}, then continue with --resume (from the last saved step)",
+                          "disk_full", EXIT_FAILURE)
+        return report(f"{type(exc).__name__}: {_one_line(exc)}{_keep_traceback(config.run_dir)}", "error",
+                      EXIT_FAILURE)
+    finally:
+        lock.close()  # the run folder is free again; temporary files of a cut-short save are removed
     terminal.close()
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]
+
+
+def _disk_full(exc: BaseException, folder) -> bool:
+    """A write failed because the disk is full (some writers, safetensors and torch.save, only say it in words)."""
+    import errno
+    import shutil
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    if "No space left" in str(exc) or "StorageFull" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _keep_traceback(run_dir) -> str:
+    """Write traceback.txt into the run folder (best effort) and say where it is."""
+    trace = run_dir / "traceback.txt"
+    if not run_dir.is_dir():
+        return ""
+    try:
+        from core.fsutil import write_text
+
+        write_text(trace, traceback.format_exc())
+    except OSError:
+        return " (the details could not be written to the run folder)"
+    return f" (details in {trace})"
 
 
 def cmd_sample(args) -> int:
@@ -407,8 +453,9 @@ def _is_main_process() -> bool:
 
 def _quiet_environment() -> None:
     """No telemetry, and no library chatter that buries the progress bar."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from core.privacy import no_telemetry
+
+    no_telemetry()
     import logging
     import warnings
 
@@ -440,11 +487,12 @@ class _StopSignal:
 class _TerminalProgress:
     """A tqdm bar fed by events: step, loss, it/s and ETA; other events as lines above it."""
 
-    def __init__(self, disabled: bool = False):
+    def __init__(self, no_bar: bool = False):
         self.bar = None
         self.phase = None
         self.last_line = 0.0
-        self.disabled = disabled or not _is_main_process()
+        self.no_bar = no_bar  # --no-progress: everything but the bar and the step lines
+        self.disabled = not _is_main_process()
 
     def __call__(self, event) -> None:
         if self.disabled:
@@ -458,8 +506,10 @@ class _TerminalProgress:
                 self._write(f"{event.name}...")
             elif event.total and event.done == event.total:
                 self._write(f"{event.name}: {event.done}/{event.total} done")
-        elif kind == "run_started" and sys.stderr.isatty():
+        elif kind == "run_started" and sys.stderr.isatty() and not self.no_bar:
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
+        elif kind == "progress" and self.no_bar:
+            return
         elif kind == "progress" and self.bar is not None:
             self.bar.update(event.step - self.bar.n)
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)

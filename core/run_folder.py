@@ -1,16 +1,34 @@
-"""The run folder: refusing to mix runs, LoRA files, resume state (what a run leaves behind)."""
+"""The run folder: refusing to mix runs, LoRA files, resume state, who is training it and how it ended.
+
+While a process trains a run, the folder holds ``trainer.lock`` with that
+process's PID (and its start time, so a recycled PID is not mistaken for it).
+The app finds live runs by it after a restart, and refuses a second trainer on
+the same folder. What a run's state *is* comes from what is true on disk:
+running (a live trainer), completed or stopped (its last event), failed (an
+error event), or interrupted (no process, no ending) and resumable from the
+newest saved state.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
+from core.fsutil import TEMP_MARK, fsync_path, fsync_tree
 
 STOP_FILE = "STOP"
+LOCK_FILE = "trainer.lock"
+EVENTS_FILE = "events.jsonl"
+APP_LOG_ENV = "LORA_STUDIO_LOG"  # set by the app: where the trainer's output goes (recorded in the lock)
 
 
 def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str = "sd1",
@@ -76,9 +94,11 @@ def save_state(config: TrainConfig, accelerator, step: int) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_tree(tmp)  # on the disk before it becomes the state a resume trusts
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)  # a folder cannot be os.replace'd over; a crash leaves only the .tmp one
+        fsync_path(state_root)
         for old in sorted(state_root.glob("step-*"))[:-config.output.keep_states]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -115,23 +135,45 @@ def register_lora_state_hooks(accelerator, unet, text_encoder) -> None:
 
 
 def check_run_dir(config: TrainConfig, resume: bool) -> None:
-    """Refuse to mix a new run into an old one unless asked (read-only; safe on every process)."""
+    """Refuse to mix a new run into an old one unless asked (read-only; safe on every process).
+
+    A folder left by a run that never trained a step (it failed while
+    loading, say) holds nothing worth keeping and is reused without asking.
+    """
     run_dir = config.run_dir
+    refuse_if_live(run_dir)
     if resume:
         if not latest_state(run_dir):
             raise ConfigError(f"--resume: no saved state in {run_dir / 'state'}; the run never reached a "
                               f"checkpoint (output.save_every_n_steps) or output.save_state was false")
         _check_resumable(config, run_dir / "config.toml")
         return
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not _contents(run_dir):
         return
-    if not ((run_dir / "events.jsonl").exists() or (run_dir / "config.toml").exists()):
+    if not ((run_dir / EVENTS_FILE).exists() or (run_dir / "config.toml").exists()):
         raise ConfigError(f"output folder {run_dir} already exists and was not made by this app; choose "
                           f"another output.name or output.dir")
-    if not config.output.overwrite:
+    if not config.output.overwrite and has_progress(run_dir):
         raise ConfigError(f"output folder {run_dir} already holds a run named {config.output.name!r}; pass "
                           f"--resume to continue it, pick another output.name, or set output.overwrite = true "
                           f"to replace it")
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What a run folder holds, apart from the lock of the process that is about to use it."""
+    if not run_dir.is_dir():
+        return []
+    return [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+
+
+def has_progress(run_dir: Path) -> bool:
+    """True once a run has something to lose: a trained step, a LoRA file or a resume state."""
+    from core.events import read_events
+
+    if latest_state(run_dir) or any(not p.name.startswith(".") for p in run_dir.glob("*.safetensors")):
+        return True
+    events, _ = read_events(run_dir / EVENTS_FILE)
+    return any(e["type"] == "progress" for e in events)
 
 
 # Settings that shape the saved weights and optimizer state: a resumed run must keep them.
@@ -151,10 +193,174 @@ def _check_resumable(config: TrainConfig, saved_path: Path) -> None:
 
 
 def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    """Create (or, with output.overwrite, empty) the run folder; call on the main process only."""
+    """Create (or empty, for a new run over an old one) the run folder; call on the main process only."""
     run_dir = config.run_dir
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)  # check_run_dir made sure it is one of our runs and overwrite is on
+    if not resume:
+        for path in _contents(run_dir):  # check_run_dir made sure it is one of our runs and may go
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
+    remove_temporary_files(run_dir)
     return run_dir
+
+
+def remove_temporary_files(run_dir: Path) -> list[Path]:
+    """Delete what saves cut short left behind (``.NAME.xxxx.tmp.safetensors``, ``state/.tmp-step-*``).
+
+    Call only while no process is writing into the run folder. Returns what was removed.
+    """
+    removed = []
+    for folder in (run_dir, run_dir / "samples", *run_dir.glob("*-diffusers")):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.name.startswith(".") and TEMP_MARK in path.name and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    if (run_dir / "state").is_dir():
+        for path in (run_dir / "state").glob(".tmp-step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------ who trains it
+
+
+@dataclass
+class TrainerLock:
+    """The content of ``trainer.lock``: which process trains the run, since when, where its output goes."""
+
+    pid: int
+    created: float  # the process's start time (psutil), so a recycled PID does not count as this trainer
+    started: float
+    log: str = ""  # the app's log file of this run's output, if the app started it
+
+    def alive(self) -> bool:
+        import psutil
+
+        try:
+            process = psutil.Process(self.pid)
+            return abs(process.create_time() - self.created) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+
+def read_lock(run_dir: Path) -> TrainerLock | None:
+    try:
+        data = json.loads((run_dir / LOCK_FILE).read_text(encoding="utf-8"))
+        return TrainerLock(int(data["pid"]), float(data["created"]), float(data["started"]), str(data.get("log", "")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no lock, or a damaged one: nobody provably trains the run
+
+
+def live_lock(run_dir: Path) -> TrainerLock | None:
+    """The lock of the process training this run right now, if any."""
+    lock = read_lock(run_dir)
+    return lock if lock is not None and lock.alive() else None
+
+
+def refuse_if_live(run_dir: Path) -> None:
+    lock = live_lock(run_dir)
+    if lock is not None and lock.pid != os.getpid():
+        raise ConfigError(f"run folder {run_dir} is being trained right now by process {lock.pid} (started "
+                          f"{time.strftime('%H:%M', time.localtime(lock.started))}); stop it first (Stop in the "
+                          f"app, or Ctrl+C where it runs) or pick another output.name")
+
+
+@contextlib.contextmanager
+def trainer_lock(run_dir: Path):
+    """Mark ``run_dir`` as trained by this process for the duration of the block.
+
+    Re-entrant within one process (the command line holds it across the run
+    and the final check; ``train.run`` takes it again). On leaving, the lock
+    goes and so do temporary files of saves that were cut short. Only the
+    main process of a multi-GPU launch takes it.
+    """
+    import psutil
+
+    if os.environ.get("RANK", "0") != "0" or (read_lock(run_dir) or TrainerLock(-1, 0, 0)).pid == os.getpid():
+        yield
+        return
+    refuse_if_live(run_dir)
+    from core.fsutil import write_json
+
+    lock = TrainerLock(os.getpid(), psutil.Process().create_time(), time.time(), os.environ.get(APP_LOG_ENV, ""))
+    write_json(run_dir / LOCK_FILE, lock.__dict__)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if (read_lock(run_dir) or lock).pid == os.getpid():
+                (run_dir / LOCK_FILE).unlink()
+        remove_temporary_files(run_dir)
+
+
+# ------------------------------------------------------------ how it stands
+
+
+@dataclass
+class RunStatus:
+    """A run as it truly stands (see the module docstring)."""
+
+    state: str  # "running", "completed", "stopped", "failed", "interrupted" or "new" (nothing happened yet)
+    step: int  # the newest trained step
+    total: int  # the run's planned steps (0 if it never started training)
+    resumable_from: int | None  # the step of the newest resume state
+    error: str = ""
+    pid: int | None = None
+    log: str = ""
+
+    @property
+    def resumable(self) -> bool:
+        return self.state != "running" and self.resumable_from is not None
+
+    def label(self) -> str:
+        if self.state == "running":
+            return f"training, step {self.step}/{self.total}" if self.total else "starting"
+        if self.state == "completed":
+            return f"completed, {self.step} steps"
+        where = f" at step {self.step}" if self.step else ""
+        resume = f", resumable from step {self.resumable_from}" if self.resumable_from is not None else ""
+        return {"stopped": f"stopped{where}{resume}", "failed": f"failed{where}{resume}",
+                "interrupted": f"interrupted{where}{resume}", "new": "never trained"}[self.state]
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    from core.events import read_events
+
+    events, _ = read_events(run_dir / EVENTS_FILE)
+    step = total = 0
+    ending, error = "", ""
+    for event in events:
+        kind = event["type"]
+        if kind == "run_started":
+            total, step, ending, error = event["total_steps"], event["start_step"], "", ""
+        elif kind == "progress":
+            step, total = event["step"], event["total_steps"]
+        elif kind == "finished":
+            ending = event["status"]
+        elif kind == "error":
+            ending, error = "failed", event["message"]
+    state = latest_state(run_dir)
+    resumable = int(state.name.removeprefix("step-")) if state is not None else None
+    lock = live_lock(run_dir)
+    if lock is not None:
+        return RunStatus("running", step, total, resumable, pid=lock.pid, log=lock.log)
+    if not ending:
+        ending = "interrupted" if (step or total or resumable is not None) else "new"
+    return RunStatus(ending, step, total, resumable, error)
+
+
+def list_runs(outputs_dir: str | Path) -> list[Path]:
+    """Run folders (newest first) under the outputs folder: those with an events file, a config or a trainer."""
+    root = Path(outputs_dir)
+    marks = (EVENTS_FILE, "config.toml", LOCK_FILE)
+    runs = {p.parent for mark in marks for p in root.glob(f"*/{mark}") if not p.parent.name.startswith(".")}
+
+    def newest(run: Path) -> float:
+        files = [run / mark for mark in marks]
+        return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
+
+    return sorted(runs, key=newest, reverse=True)

@@ -45,8 +45,17 @@ from core.run_folder import (
     register_lora_state_hooks,
     save_lora,
     save_state,
+    trainer_lock,
 )
 from core.train_data import bucket_record, build_dataloader, build_entries, cached_text, text_is_cached
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to change. ``kind`` goes into the error event."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -218,13 +227,14 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
     config = config_mod.resolve_paths(config)
     config_mod.validate(config)
     check_run_dir(config, resume)
-    accelerator = build_accelerator(config, emit)
-    main_emit = emit if accelerator.is_main_process else (lambda event: None)
-    if accelerator.is_main_process:
-        prepare_run_dir(config, resume)
-        config_mod.save(config, config.run_dir / "config.toml")
-    accelerator.wait_for_everyone()
-    return _train(config, accelerator, main_emit, should_stop, resume)
+    with trainer_lock(config.run_dir):
+        accelerator = build_accelerator(config, emit)
+        main_emit = emit if accelerator.is_main_process else (lambda event: None)
+        if accelerator.is_main_process:
+            prepare_run_dir(config, resume)
+            config_mod.save(config, config.run_dir / "config.toml")
+        accelerator.wait_for_everyone()
+        return _train(config, accelerator, main_emit, should_stop, resume)
 
 
 def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bool) -> RunResult:
@@ -302,8 +312,21 @@ def data_metadata(items: list[ImageItem], buckets: dict) -> dict:
                                                 "count": row["per_epoch"]}
                                        for i, row in enumerate(buckets["buckets"])},
                            "mean_img_ar_error": buckets["mean_aspect_error"]},
-        "ss_tag_frequency": {folder: dict(tag_frequency(captions)) for folder, captions in folders.items()},
+        "ss_tag_frequency": {folder: _capped(tag_frequency(captions)) for folder, captions in folders.items()},
     }
+
+
+# What the metadata keeps of a folder's tags: the most common ones, each cut to a readable length. Every
+# intermediate LoRA file carries it, so a pathological caption must not grow each file by megabytes.
+MAX_METADATA_TAGS = 1000
+MAX_TAG_CHARS = 100
+
+
+def _capped(frequency: list[tuple[str, int]]) -> dict[str, int]:
+    tags: dict[str, int] = {}
+    for tag, count in frequency[:MAX_METADATA_TAGS]:
+        tags[tag[:MAX_TAG_CHARS]] = tags.get(tag[:MAX_TAG_CHARS], 0) + count
+    return tags
 
 
 @dataclass
@@ -326,6 +349,9 @@ class _Loop:
     data_info: dict  # what the LoRA's metadata records about the data (ss_num_train_images, buckets, tags)
     validator: Validator
     validation_losses: dict[int, float] = field(default_factory=dict)
+    last_batch: list[str] = field(default_factory=list)  # image paths of the newest batch
+    last_saved: tuple[int, Path] | None = None  # (step, LoRA file) of the newest save
+    updating: bool = False  # inside optimizer.step()
 
     @property
     def stop_file(self) -> Path:
@@ -333,9 +359,13 @@ class _Loop:
 
     def run(self, resume: bool) -> RunResult:
         c, acc, state = self.config, self.accelerator, self.state
-        if not resume and c.sample.at_start:
-            self.evaluate()
-        stopped = self.state.step < self.total and self.train()
+        try:
+            if not resume and c.sample.at_start:
+                self.evaluate()
+            stopped = self.state.step < self.total and self.train()
+        except torch.OutOfMemoryError:
+            saved = self.rescue()
+            raise TrainingError(out_of_memory_advice(c, state.step, saved), "out_of_memory") from None
         lora_path = c.run_dir / f"{c.output.name}.safetensors"
         if not stopped:
             self.evaluate()
@@ -362,6 +392,7 @@ class _Loop:
             batches = (acc.skip_first_batches(self.dataloader, state.batches_in_epoch)
                        if state.batches_in_epoch else self.dataloader)
             for batch in batches:
+                self.last_batch = list(batch.get("path", []))
                 # forward, backward, update (accelerate decides when accumulation is complete)
                 with acc.accumulate(*models):
                     loss = training_loss(c, self.base, self.unet, self.text_encoder, batch, self.generator,
@@ -369,7 +400,9 @@ class _Loop:
                     acc.backward(loss)
                     if acc.sync_gradients and c.train.max_grad_norm:
                         acc.clip_grad_norm_(params, c.train.max_grad_norm)
+                    self.updating = True  # an error from here on leaves the weights half updated
                     self.optimizer.step()
+                    self.updating = False
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += 1
@@ -389,8 +422,7 @@ class _Loop:
     def report(self, loss: torch.Tensor, rate: float) -> None:
         loss = self.accelerator.gather(loss[None]).mean().item()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss} at step {self.state.step}; lower "
-                                     f"train.learning_rate or use train.mixed_precision = 'bf16' instead of fp16")
+            raise TrainingError(self.divergence(f"the training loss became {loss}"), "diverged")
         remaining = self.total - self.state.step
         self.emit(Progress(self.state.step, self.total, self.state.epoch, loss,
                            self.lr_scheduler.get_last_lr()[0], rate, remaining / rate if rate else 0.0))
@@ -450,17 +482,73 @@ class _Loop:
         self.base.vae.to(vae_device)
 
     def save(self, lora_path: Path) -> None:
-        """The LoRA file (main process) and, if enabled, the resume state (all processes)."""
+        """The LoRA file (main process) and, if enabled, the resume state (all processes).
+
+        Weights that hold NaN or infinity are never written: neither as a LoRA
+        file nor as the resume state a later --resume would trust.
+        """
         acc, c = self.accelerator, self.config
+        self.require_finite()
         if acc.is_main_process:
             save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.data_info, self.base)
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
+            self.last_saved = (self.state.step, lora_path)
             self.check_export(lora_path)
         if c.output.save_state:
             self.state.noise_rng = self.generator.get_state()
             path = save_state(c, acc, self.state.step)
             self.emit(CheckpointSaved(self.state.step, str(path), "state"))
         acc.wait_for_everyone()
+
+    def require_finite(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in params)
+        if bad:
+            raise TrainingError(self.divergence(f"{bad:,} LoRA weight values became NaN or infinite"), "diverged")
+
+    def divergence(self, what: str) -> str:
+        """What went wrong when training diverged, the likely causes (with this run's values) and what is kept."""
+        c = self.config
+        precision = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(self.accelerator.mixed_precision, "fp32")
+        causes = [f"train.learning_rate = {c.train.learning_rate:g} is too high (try {c.train.learning_rate / 10:g})"]
+        scale = c.lora.alpha / c.lora.rank
+        if scale > 1:
+            causes.append(f"lora.alpha = {c.lora.alpha:g} over lora.rank = {c.lora.rank} multiplies every update "
+                          f"by {scale:g} (keep alpha at or below the rank)")
+        if precision == "fp16":
+            causes.append("fp16 overflows easily: use train.mixed_precision = 'bf16' if the GPU has it")
+        names = ", ".join(Path(p).name for p in self.last_batch) or "unknown"
+        causes.append(f"a broken picture in the last batch ({names}): check it with the health report")
+        if self.last_saved:
+            step, path = self.last_saved
+            kept = f"The last good LoRA is {path.name} (step {step})"
+            kept += "; --resume continues from the state saved with it." if c.output.save_state else "."
+        else:
+            kept = "No LoRA had been saved yet."
+        return (f"{what} at step {self.state.step}, training in {precision}; nothing was saved at this step. "
+                f"Likely causes: {'; '.join(causes)}. {kept}")
+
+    def rescue(self) -> Path | None:
+        """After running out of memory: free what the failed step held and save the last completed step.
+
+        Nothing is saved when the error came in the middle of the optimizer
+        update (the weights are then half old, half new).
+        """
+        import gc
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.updating or self.state.step == 0:
+            return None
+        c = self.config
+        path = c.run_dir / f"{c.output.name}-step{self.state.step:06d}.safetensors"
+        try:
+            self.save(path)
+        except (torch.OutOfMemoryError, TrainingError):
+            return None
+        return path
 
     def save_diffusers(self, path: Path) -> None:
         from core.lora_diffusers import save_diffusers_lora
@@ -483,6 +571,34 @@ class _Loop:
         if not result.ok:
             found = [f"{len(result.unmatched)} module(s) do not map onto the base model"] if result.unmatched else []
             self.emit(Message("warning", f"{lora_path.name} failed its check: " + "; ".join(found + result.problems)))
+
+
+def out_of_memory_advice(config: TrainConfig, step: int | None = None, saved: Path | None = None) -> str:
+    """One line: what ran out, what to change first (only settings that would help this run), what was kept."""
+    t, d, lo = config.train, config.dataset, config.lora
+    where = f" at step {step}" if step else ""
+    options = []
+    if not t.gradient_checkpointing:
+        options.append("train.gradient_checkpointing = true (much less memory, about 20% slower)")
+    if t.mixed_precision == "no":
+        options.append("train.mixed_precision = 'bf16' ('fp16' on GPUs without bf16)")
+    if t.batch_size > 1:
+        options.append(f"train.batch_size = {t.batch_size // 2} with train.gradient_accumulation_steps = "
+                       f"{t.gradient_accumulation_steps * 2} (the same effective batch)")
+    if lo.train_text_encoder:
+        options.append("lora.train_text_encoder = false")
+    if not d.cache_latents:
+        options.append("dataset.cache_latents = true")
+    if d.resolution > 512:
+        options.append(f"dataset.resolution = {max(512, d.resolution * 3 // 4 // 64 * 64)}")
+    options.append("closing other programs that use the GPU")
+    kept = f" The LoRA of step {step} is saved as {saved.name}" if saved else ""
+    if saved and config.output.save_state:
+        kept += "; --resume continues from it with the new settings."
+    elif saved:
+        kept += "."
+    return (f"out of GPU memory{where} (batch {t.batch_size}, {d.resolution} px). Try, in this order: "
+            f"{'; '.join(options)}.{kept}")
 
 
 class _Rate:

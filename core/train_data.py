@@ -46,6 +46,7 @@ def example(entry: Entry, flipped: bool = False, caption: str | None = None,
             text: Callable[[], dict] | None = None) -> dict:
     """The tensors of one example; ``caption``/``text`` replace the entry's own (augmentation)."""
     out = {"caption": entry.caption if caption is None else caption,
+           "path": str(entry.item.path),  # named in the error when a step diverges
            "time_ids": torch.tensor(entry.placement.time_ids(flipped), dtype=torch.float32)}
     if entry.latents is not None:
         out.update(entry.latents(flipped))
@@ -286,7 +287,8 @@ def _load_pixels(path: Path, placement: Placement, flipped: bool) -> torch.Tenso
 
     from core.images import fit_image, load_image, to_tensor
 
-    with load_image(path) as image:
+    # A giant picture is decoded at twice the bucket's size (enough to cover it at any aspect), not in full.
+    with load_image(path, max_side=2 * max(placement.bucket)) as image:
         fitted_image = fit_image(image, *placement.bucket)[0]
     if flipped:
         fitted_image = fitted_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
