@@ -8,6 +8,7 @@ process, never the app. Nothing here imports gradio, so it is tested directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,8 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import config as config_mod
-from core.config import TrainConfig
+from core.config import ConfigError, TrainConfig
 from core.events import read_events
+from core.run_folder import (
+    APP_LOG_ENV,
+    EVENTS_FILE,
+    STOP_FILE,
+    TrainerLock,
+    list_runs,
+    live_lock,
+    remove_temporary_files,
+    run_status,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,13 +94,6 @@ def summarize(run_dir: str | Path) -> RunSummary:
     return summary
 
 
-def list_runs(outputs_dir: str | Path) -> list[Path]:
-    """Run folders (newest first) under the outputs folder."""
-    root = Path(outputs_dir)
-    runs = [p.parent for p in root.glob("*/events.jsonl")]
-    return sorted(runs, key=lambda p: (p / "events.jsonl").stat().st_mtime, reverse=True)
-
-
 class CliJob:
     """``python -m core ARGS`` as a background subprocess whose events file is read as it grows.
 
@@ -98,7 +102,8 @@ class CliJob:
     (killed, crashed hard) gets its last output line as the error.
     """
 
-    def __init__(self, args: list[str], events_path: Path, log_path: Path, status, python: str = sys.executable):
+    def __init__(self, args: list[str], events_path: Path, log_path: Path, status, python: str = sys.executable,
+                 env: dict[str, str] | None = None):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.events_path = events_path
         self.log_path = log_path
@@ -109,7 +114,7 @@ class CliJob:
             self.process = subprocess.Popen(
                 [python, "-m", "core", *args],
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -154,12 +159,13 @@ class CliJob:
 
 
 class ActiveRun(CliJob):
-    """One training subprocess (``python -m core train``) and its folded events."""
+    """One training subprocess (``python -m core train ...``) and its folded events."""
 
-    def __init__(self, run_dir: Path, config_path: Path, log_path: Path, python: str = sys.executable):
+    def __init__(self, run_dir: Path, args: list[str], log_path: Path, python: str = sys.executable):
         self.run_dir = run_dir
-        super().__init__(["train", str(config_path)], run_dir / "events.jsonl", log_path, RunSummary(run_dir),
-                         python)
+        # The trainer records where its output goes in its lock, so an app restarted later finds the log.
+        super().__init__(args, run_dir / EVENTS_FILE, log_path, RunSummary(run_dir), python,
+                         env={APP_LOG_ENV: str(log_path)})
 
     @property
     def summary(self) -> RunSummary:
@@ -171,39 +177,152 @@ class ActiveRun(CliJob):
         # Elsewhere terminating would kill the run without saving; the STOP file (RunManager.stop) asks it.
 
 
+class AttachedRun(ActiveRun):
+    """A trainer this app did not start: it outlived an app restart, or was started from the command line.
+
+    It is followed through its lock (alive or not) and its events; Stop reaches it
+    through the STOP file and a signal to its PID.
+    """
+
+    def __init__(self, run_dir: Path, lock: TrainerLock):
+        self.run_dir = run_dir
+        self.lock = lock
+        self.events_path = run_dir / EVENTS_FILE
+        self.log_path = Path(lock.log) if lock.log else run_dir / "no-log"
+        self.status = RunSummary(run_dir)
+        self.offset = 0
+        self.started_at = lock.started
+        self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.lock.alive()
+
+    def poll(self):
+        events, self.offset = read_events(self.events_path, self.offset)
+        for event in events:
+            self.status.apply(event)
+        if not self.running and not (self.status.finished or self.status.error):
+            found = run_status(self.run_dir)
+            if found.state in ("completed", "stopped"):
+                self.status.finished = found.state
+            else:
+                resume = (f"; Resume continues from step {found.resumable_from}" if found.resumable_from is not None
+                          else "")
+                self.status.error = f"the training process {self.lock.pid} ended without finishing{resume}"
+        return self.status
+
+    def stop(self) -> None:
+        if os.name == "posix" and self.running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.lock.pid, signal.SIGTERM)
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.lock.log:
+            return "(started outside the app: its output is in the terminal that started it)"
+        return super().log_tail(lines)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.time() + timeout
+        while self.running:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.lock.pid}", timeout)
+            time.sleep(0.2)
+        return None
+
+
 class RunManager:
-    """Starts and stops training subprocesses, one at a time, and keeps the active one across page reloads."""
+    """Starts, resumes and stops training subprocesses, one at a time.
+
+    The active run survives page reloads (it lives here) and app restarts: on
+    start the manager looks for a live trainer under the outputs folder and
+    follows it again. Temporary files that killed saves left in other runs are
+    removed then too.
+    """
 
     def __init__(self, outputs_dir: str | Path, python: str = sys.executable):
         self.outputs_dir = Path(outputs_dir)
         self.python = python
         self.active: ActiveRun | None = None
+        for run_dir in list_runs(self.outputs_dir):
+            lock = live_lock(run_dir)
+            if lock is not None and self.active is None:
+                self.active = AttachedRun(run_dir, lock)
+            elif lock is None:
+                remove_temporary_files(run_dir)
+
+    def busy(self) -> str | None:
+        """Why no run can start now (one is training), or None."""
+        if self.active and self.active.running:
+            return f"a run is already training ({self.active.run_dir.name})"
+        for run_dir in list_runs(self.outputs_dir):
+            lock = live_lock(run_dir)
+            if lock is not None:
+                self.active = AttachedRun(run_dir, lock)  # follow it: Stop can reach it from here
+                return f"a run is already training ({run_dir.name}, process {lock.pid})"
+        return None
 
     def start(self, config: TrainConfig) -> ActiveRun:
-        if self.active and self.active.running:
-            raise RunBusyError(f"a run is already training ({self.active.run_dir.name}); stop it or wait for it "
-                               f"to finish before starting another")
+        reason = self.busy()
+        if reason:
+            raise RunBusyError(f"{reason}; stop it or wait for it to finish before starting another")
         config = config_mod.resolve_paths(config)
         config_mod.validate(config)
+        config_path, log_path = self._job_files(config.output.name)
+        config_mod.save(config, config_path)
+        self.active = ActiveRun(config.run_dir, ["train", str(config_path)], log_path, self.python)
+        return self.active
+
+    def resume(self, run_dir: str | Path, total_steps: int = 0) -> ActiveRun:
+        """Continue a stopped, interrupted or failed run from its newest saved state (``--resume``).
+
+        ``total_steps`` (0: the run's own total) trains it up to that step instead, so a finished
+        run can go further.
+        """
+        run_dir = Path(run_dir)
+        reason = self.busy()
+        if reason:
+            raise RunBusyError(f"{reason}; stop it or wait for it to finish before resuming another")
+        status = run_status(run_dir)
+        if status.resumable_from is None:
+            raise ConfigError(f"run {run_dir.name} has no saved state to resume from (it never reached a save, "
+                              f"or output.save_state was off); start it again instead")
+        if not (run_dir / "config.toml").is_file():
+            raise ConfigError(f"run {run_dir.name} has no config.toml; start it again instead")
+        total_steps = int(total_steps or 0)
+        if total_steps and total_steps <= status.resumable_from:
+            raise ConfigError(f"run {run_dir.name} is saved at step {status.resumable_from}; to train it up to a "
+                              f"step, enter one after that (or 0 for its own total of {status.total})")
+        if status.state == "completed" and not total_steps:
+            raise ConfigError(f"run {run_dir.name} already completed its {status.total} steps; enter a larger "
+                              f"total under 'Train up to step' to train it further")
+        args = ["train", str(run_dir / "config.toml"), "--resume"]
+        if total_steps:
+            args += ["--set", "train.max_train_epochs=0", "--set", f"train.max_train_steps={total_steps}"]
+        _, log_path = self._job_files(run_dir.name)
+        self.active = ActiveRun(run_dir, args, log_path, self.python)
+        return self.active
+
+    def _job_files(self, name: str) -> tuple[Path, Path]:
         jobs = self.outputs_dir / ".app"
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        config_path = jobs / f"{config.output.name}-{stamp}.toml"
-        log_path = jobs / f"{config.output.name}-{stamp}.log"
-        config_mod.save(config, config_path)
-        self.active = ActiveRun(config.run_dir, config_path, log_path, self.python)
-        return self.active
+        return jobs / f"{name}-{stamp}.toml", jobs / f"{name}-{stamp}.log"
 
     def stop(self) -> bool:
         """Ask the active run to stop after its current step and save; False if none is running."""
         if not (self.active and self.active.running):
             return False
         if self.active.run_dir.is_dir():
-            (self.active.run_dir / "STOP").touch()  # honoured on every platform
+            (self.active.run_dir / STOP_FILE).touch()  # honoured on every platform
         self.active.stop()  # SIGTERM also covers the time before the run folder exists
         return True
 
     def wait(self, timeout: float | None = None) -> int | None:
-        return self.active.process.wait(timeout) if self.active else None
+        if self.active is None:
+            return None
+        if self.active.process is None:
+            return self.active.wait(timeout)
+        return self.active.process.wait(timeout)
 
 
 @dataclass

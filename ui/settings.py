@@ -89,10 +89,13 @@ def model_choices(models_dir: Path) -> list[tuple[str, str]]:
 
 
 def find_loras(outputs_dir: Path) -> list[str]:
-    """Every LoRA file of every run: finals and intermediate checkpoints, newest run first."""
-    runs = sorted((p.parent for p in outputs_dir.glob("*/events.jsonl")),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
+    """Every LoRA file of every run: finals and intermediate checkpoints, newest run first.
+
+    Hidden files (a save in progress, or one a kill cut short) are never offered.
+    """
+    from core.run_folder import list_runs
+
     files = []
-    for run in runs:
-        files += sorted(str(p) for p in run.glob("*.safetensors"))
+    for run in list_runs(outputs_dir):
+        files += sorted(str(p) for p in run.glob("*.safetensors") if not p.name.startswith("."))
     return files

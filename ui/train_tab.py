@@ -167,8 +167,8 @@ def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[st
 
 
 def run_files_text(run_dir: Path) -> str:
-    """The LoRA files of a run, newest step last, for the Past runs view."""
-    files = sorted(run_dir.glob("*.safetensors"))
+    """The LoRA files of a run, newest step last, for the Past runs view (never a save in progress)."""
+    files = sorted(p for p in run_dir.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
         return f"Run `{run_dir.name}` has no LoRA file yet."
     lines = [f"- `{p}` ({p.stat().st_size / 1e6:.1f} MB)" for p in files]
@@ -177,6 +177,31 @@ def run_files_text(run_dir: Path) -> str:
 
 def error_text(summary: RunSummary | None) -> str:
     return summary.error if summary and summary.error else ""
+
+
+def status_text(summary: RunSummary | None, running: bool) -> str:
+    """The line above the progress: "Starting…" until the trainer reports, then what is true."""
+    if summary is None:
+        return ""
+    name = f"**{summary.run_dir.name}**"
+    if summary.error:
+        return f"⚠️ {name} failed: see the error below."
+    if summary.finished == "completed":
+        return f"{name} completed: `{summary.lora_path}`"
+    if summary.finished == "stopped":
+        return f"{name} stopped at step {summary.step} and saved; **Resume** under Past runs continues it."
+    if not running:
+        return f"{name} ended without finishing; **Resume** under Past runs continues from its last save."
+    if summary.total_steps:
+        return f"Training {name}."
+    return f"Starting {name}… {summary.phase or '(loading the engine)'}"
+
+
+def run_choices(outputs_dir: Path) -> list[tuple[str, str]]:
+    """(label, path) of every run, newest first, with how it stands ("stopped at step 40, resumable ...")."""
+    from core.run_folder import run_status
+
+    return [(f"{run.name} — {run_status(run).label()}", str(run)) for run in list_runs(outputs_dir)]
 
 
 # ------------------------------------------------------------------ gradio
@@ -217,9 +242,15 @@ def build(settings: AppSettings, manager: RunManager):
                                elem_id="train-loss-plot", height=260)
             samples = gr.Gallery(label="Newest samples", columns=4, height=260, elem_id="train-samples")
             log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
-            with gr.Accordion("Past runs", open=False):
+            with gr.Accordion("Past runs", open=False, elem_id="train-past-runs"):
                 runs = gr.Dropdown(label="Open a past run", choices=[], elem_id="train-runs")
-                open_run = gr.Button("Open", elem_id="train-open-run")
+                with gr.Row():
+                    open_run = gr.Button("Open", elem_id="train-open-run")
+                    resume_run = gr.Button("Resume", elem_id="train-resume-run")
+                    resume_steps = gr.Number(0, precision=0, minimum=0, label="Train up to step",
+                                             info="0: the run's own total. Another number trains it up to "
+                                                  "that step instead (a finished run further).",
+                                             elem_id="train-resume-steps")
     timer = gr.Timer(1.0)
     inputs = set(components.values())
     keys = {comp: key for key, comp in components.items()}
@@ -231,8 +262,17 @@ def build(settings: AppSettings, manager: RunManager):
         try:
             run = manager.start(form_to_config(as_values(data), settings))
         except (ConfigError, RunBusyError) as exc:
-            return f"⚠️ {exc}"
-        return f"Started **{run.run_dir.name}** (`python -m core train`); the log and progress follow below."
+            return f"⚠️ {exc}", gr.skip()
+        return f"Starting **{run.run_dir.name}**… (`python -m core train`)", ""
+
+    def on_resume(run_dir, steps):
+        if not run_dir:
+            return "⚠️ pick a run under Past runs first", gr.skip()
+        try:
+            run = manager.resume(run_dir, int(steps or 0))
+        except (ConfigError, RunBusyError) as exc:
+            return f"⚠️ {exc}", gr.skip()
+        return f"Starting **{run.run_dir.name}** again from its last save… (`python -m core train --resume`)", ""
 
     def on_stop():
         return "Stopping after the current step and saving…" if manager.stop() else "No run is training."
@@ -240,16 +280,20 @@ def build(settings: AppSettings, manager: RunManager):
     def on_tick():
         active = manager.active
         if active is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         summary = active.poll()
-        return (progress_html(summary, active.running), loss_frame(summary), sample_gallery(summary),
-                active.log_tail(), error_text(summary))
+        running = active.running
+        return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary),
+                active.log_tail(), error_text(summary), status_text(summary, running))
 
     def on_open(run_dir):
         if not run_dir:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        from core.run_folder import run_status
+
         summary = summarize(run_dir)
-        return (progress_html(summary, False), loss_frame(summary), sample_gallery(summary), error_text(summary),
+        running = run_status(Path(run_dir)).state == "running"
+        return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), error_text(summary),
                 run_files_text(Path(run_dir)))
 
     def on_apply_preset(name):
@@ -272,10 +316,11 @@ def build(settings: AppSettings, manager: RunManager):
             return f"⚠️ {exc}", gr.skip()
         return f"Saved preset to {path}", gr.update(choices=presets_mod.list_presets(settings.presets_dir))
 
-    start.click(on_start, inputs=inputs, outputs=status)
+    start.click(on_start, inputs=inputs, outputs=[status, error])
     stop.click(on_stop, outputs=status)
-    timer.tick(on_tick, outputs=[progress, plot, samples, log, error], show_progress="hidden")
+    timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status], show_progress="hidden")
     open_run.click(on_open, inputs=runs, outputs=[progress, plot, samples, error, status])
+    resume_run.click(on_resume, inputs=[runs, resume_steps], outputs=[status, error])
     load_preset.click(on_apply_preset, inputs=preset, outputs=list(components.values()))
     save_preset.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
     readout_inputs = [components[k] for k in ("dataset.path", "dataset.repeats", "train.batch_size",
@@ -293,12 +338,12 @@ def build(settings: AppSettings, manager: RunManager):
     return {
         "components": components,
         "runs": runs,
-        "refresh": lambda: (gr.update(choices=[str(p) for p in list_runs(settings.outputs_dir)]),
+        "refresh": lambda: (gr.update(choices=run_choices(settings.outputs_dir)),
                             gr.update(choices=model_choices(settings.models_dir)),
                             gr.update(choices=dataset_choices(settings))),
         "model": components["model.path"],
         "dataset": components["dataset.path"],
         "timer": timer,
         "on_tick": on_tick,
-        "tick_outputs": [progress, plot, samples, log, error],
+        "tick_outputs": [progress, plot, samples, log, error, status],
     }
