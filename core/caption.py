@@ -404,7 +404,7 @@ def _caption_all(engine: CaptionerBase, todo: list[DatasetImage], prefix: str, b
         batch, pictures = [], []
         for image in todo[start:start + batch_size]:
             try:
-                pictures.append(load_image(image.path))
+                pictures.append(load_image(image.path, max_side=1024))  # captioners see 384-1024 px
                 batch.append(image)
             except ImageError as e:
                 failed(image.name, e.reason)

@@ -339,6 +339,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 # ------------------------------------------------------------- validation
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CAPTION_EXTENSION = re.compile(r"\.[A-Za-z0-9_-]{1,15}")
+# The run's longest file name is ".NAME-step000000.XXXXXXXX.tmp.safetensors" (a save in progress):
+# 40 bytes around the name, within the 255 bytes file systems allow.
+MAX_NAME_BYTES = 128
 _BAD_NAME_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
 
 
@@ -372,9 +376,13 @@ def _check_rules(config: TrainConfig) -> None:
     if not name.strip() or name != name.strip() or name in {".", ".."} or set(name) & _BAD_NAME_CHARS:
         raise ConfigError(f"output.name = {name!r} cannot be used as a file name; use letters, digits, "
                           f"spaces, '-', '_' or '.' (no / \\ : * ? \" < > |)")
-    if not config.dataset.caption_extension.startswith("."):
-        raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start "
-                          f"with a dot, e.g. '.txt'")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(f"output.name is {len(name)} characters ({len(name.encode('utf-8'))} bytes) long; use at "
+                          f"most {MAX_NAME_BYTES} bytes (about {MAX_NAME_BYTES} letters): file names such as "
+                          f"NAME-step000500.safetensors must fit the file system's 255-byte limit")
+    if not _CAPTION_EXTENSION.fullmatch(config.dataset.caption_extension):
+        raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "
+                          f"dot followed by 1-15 letters or digits, e.g. '.txt' or '.caption'")
     if not config.lora.target_modules:
         raise ConfigError("lora.target_modules is empty; list at least one UNet module, e.g. [\"to_q\"]")
     if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
@@ -409,6 +417,13 @@ def _check_paths(config: TrainConfig) -> None:
     elif not _HUB_ID.match(config.model.path):
         raise ConfigError(f"model.path = {config.model.path!r}: no such folder, and it is not a hub id of the "
                           f"form 'owner/name'")
+    out = Path(config.output.dir).expanduser()
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output.dir = {config.output.dir!r}: {parent} is a file, not a folder; point "
+                                  f"output.dir at a folder (it is created if missing)")
+            break
     if not config.dataset.path:
         raise ConfigError("dataset.path is empty; set it to the folder of your training images")
     dataset = Path(config.dataset.path).expanduser()

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.images import ImageError, dhash, is_image_extension, load_image
+from core.images import ImageError, dhash, load_image, looks_like_picture
 from core.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 # Files that are expected beside images and are not images themselves.
@@ -26,6 +26,11 @@ SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md"
 # as near-duplicates. Unrelated images differ in ~32 bits; re-encodes, small
 # resizes and brightness changes stay within 0-3. 5 is the usual cut-off.
 NEAR_THRESHOLD = 5
+# A caption is a line of text; past this a .txt is something else, and only its start is read (the app's
+# import refuses such files outright). A 10 MB "caption" would otherwise take a minute to tokenise.
+MAX_CAPTION_BYTES = 1 << 20
+# A giant picture is decoded for the scan with about this many pixels on its short side (the hash needs 9x8).
+SCAN_SIDE = 512
 
 
 class DatasetError(ValueError):
@@ -54,6 +59,7 @@ class ScanResult:
     ignored: list[Path] = field(default_factory=list)  # other files that are not images
     missing_captions: list[Path] = field(default_factory=list)
     excluded: list[Path] = field(default_factory=list)  # excluded in dataset.toml (never read)
+    long_captions: list[Path] = field(default_factory=list)  # caption files over MAX_CAPTION_BYTES (cut)
     manifest: Manifest = field(default_factory=Manifest)
 
     def notes(self) -> list[str]:
@@ -82,6 +88,10 @@ class ScanResult:
         if self.ignored:
             names = ", ".join(str(p.relative_to(self.folder)) for p in self.ignored)
             out.append(f"ignored {len(self.ignored)} file(s) that are not images: {names}")
+        if self.long_captions:
+            names = ", ".join(str(p.relative_to(self.folder)) for p in self.long_captions)
+            out.append(f"{len(self.long_captions)} caption file(s) are over {MAX_CAPTION_BYTES >> 20} MB and only "
+                       f"their first {MAX_CAPTION_BYTES >> 20} MB is read: {names}; a caption is a line of text")
         return out
 
 
@@ -95,7 +105,7 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path
     """
     folder, manifest = open_dataset(folder)
     result = ScanResult(folder, manifest=manifest)
-    for path in walk_files(folder):
+    for path in walk_files(folder, result.skipped):
         suffix = path.suffix.lower()
         if suffix == caption_extension.lower() or suffix in SIDECAR_SUFFIXES:
             continue
@@ -106,10 +116,10 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path
             result.excluded.append(path)
             continue
         try:
-            with load_image(path) as image:
-                size, phash = image.size, dhash(image)
+            with load_image(path, max_side=SCAN_SIDE) as image:
+                size, phash = image.info["original_size"], dhash(image)
         except ImageError as exc:
-            if is_image_extension(path):
+            if looks_like_picture(path):
                 result.skipped.append((path, exc.reason))
             else:
                 result.ignored.append(path)
@@ -117,6 +127,8 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path
         caption_path = path.with_suffix(caption_extension)
         has_caption = caption_path.is_file()
         caption = read_caption(caption_path) if has_caption else ""
+        if has_caption and caption_path.stat().st_size > MAX_CAPTION_BYTES:
+            result.long_captions.append(caption_path)
         result.items.append(ImageItem(path, caption, caption_path if has_caption else None, size, phash,
                                       manifest.repeats_for(rel)))
         if not has_caption:
@@ -137,24 +149,57 @@ def open_dataset(folder: str | Path) -> tuple[Path, Manifest]:
         raise DatasetError(str(exc)) from None
 
 
-def walk_files(folder: Path):
-    """All files under folder, sorted, skipping hidden entries (.cache, .DS_Store, ...)."""
+def walk_files(folder: Path, unusable: list[tuple[Path, str]] | None = None):
+    """All files under folder, sorted, skipping hidden entries (.cache, .DS_Store, ...).
+
+    Symbolic links are followed only to files inside the dataset: a link to a
+    file elsewhere would let the dataset (and the app's gallery, which serves
+    it) expose that file, so it is skipped; broken links and link loops are
+    skipped too. Each skipped link is added to ``unusable`` with the reason.
+    Links to folders are not descended into.
+    """
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
+            continue
+        problem = link_problem(path, folder)
+        if problem is not None:
+            if unusable is not None:
+                unusable.append((path, problem))
             continue
         if path.is_file():
             yield path
 
 
+def link_problem(path: Path, root: Path) -> str | None:
+    """Why a symbolic link in a dataset cannot be used, or None (a plain entry, or a link to a file inside)."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return "a broken link: the file it points to does not exist"
+    except (RuntimeError, OSError):  # Python 3.11 says RuntimeError for a loop, newer ones OSError(ELOOP)
+        return "a link that points back to itself (a link loop)"
+    if not target.is_relative_to(root.resolve()):
+        return f"a link to {target}, outside the dataset: copy the file into the dataset instead"
+    if target.is_dir():
+        return "a link to a folder: folders are not followed through links; copy the pictures in instead"
+    return None
+
+
 def read_caption(path: Path) -> str:
-    """A caption file as one line of text (UTF-8, with or without BOM)."""
-    data = path.read_bytes()
+    """A caption file as one line of text (UTF-8, with or without BOM); at most MAX_CAPTION_BYTES are read."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_CAPTION_BYTES)
     try:
         text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        # Captions written by Windows tools are sometimes cp1252.
-        text = data.decode("cp1252", errors="replace")
+    except UnicodeDecodeError as exc:
+        if len(data) < MAX_CAPTION_BYTES or exc.start < len(data) - 3:
+            # Captions written by Windows tools are sometimes cp1252.
+            text = data.decode("cp1252", errors="replace")
+        else:  # only the cut went through a character
+            text = data[: exc.start].decode("utf-8-sig")
     return " ".join(text.split())
 
 

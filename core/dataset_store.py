@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import fsutil
-from core.dataset import read_caption
+from core.dataset import MAX_CAPTION_BYTES, read_caption
 from core.images import ImageError, file_digest, is_image_extension, load_image
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ REMOVED_DIR = ".removed"  # hidden, so scan_dataset and list_images skip it
 # Inside REMOVED_DIR: {name in .removed: name it had in the dataset}, so undo restores the original name.
 _REMOVED_INDEX = ".names.json"
 _MAX_NAME_CHARS = 100
-_MAX_CAPTION_BYTES = 1 << 20  # a caption is a line of text; a bigger .txt is not a caption
 # Names Windows reserves for devices: a folder called "con" cannot be created there.
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
@@ -183,7 +182,7 @@ def _import_image(folder: Path, index: dict[str, list[Path]], src: Path, name: s
     if any(ord(c) < 32 for c in name):
         raise _Rejected("the file name contains control characters; rename it and upload it again")
     try:
-        load_image(src).close()
+        load_image(src, max_side=1024).close()  # decodes every byte (a truncated file fails), giant ones small
     except ImageError as e:
         hint = "" if is_image_extension(name) else "; only images and .txt captions can be imported"
         raise _Rejected(e.reason + hint) from e
@@ -270,9 +269,9 @@ def _read_uploaded_caption(src: Path) -> str:
     """Read a caption file as text, refusing files that are clearly not captions."""
     try:
         size = src.stat().st_size
-        if size > _MAX_CAPTION_BYTES:
+        if size > MAX_CAPTION_BYTES:
             raise _Rejected(f"the file is {size:,} bytes, too large for a caption (at most "
-                            f"{_MAX_CAPTION_BYTES:,}); a caption is one line of text")
+                            f"{MAX_CAPTION_BYTES:,}); a caption is one line of text")
         data = src.read_bytes()
     except OSError as e:
         raise _Rejected(f"cannot read the file ({e.strerror or e})") from e
@@ -450,9 +449,16 @@ def image_in(folder: Path, image_name: str) -> Path:
 
 
 def visible_files(folder: Path) -> dict[str, Path]:
-    """Plain files directly in ``folder`` by name, hidden ones (temporary files, .DS_Store) skipped."""
+    """Plain files directly in ``folder`` by name, hidden ones (temporary files, .DS_Store) skipped.
+
+    A link is listed only if it points to a file inside ``folder`` (see core.dataset.link_problem):
+    the gallery serves what is listed here, and must never serve a file from elsewhere.
+    """
+    from core.dataset import link_problem
+
     with os.scandir(folder) as entries:
-        return {e.name: Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file()}
+        return {e.name: Path(e.path) for e in entries
+                if not e.name.startswith(".") and link_problem(Path(e.path), folder) is None and e.is_file()}
 
 
 def _stem_index(folder: Path) -> dict[str, list[Path]]:

@@ -8,7 +8,7 @@ what to do about it:
 =================  =======  ==================================================
 check              status   when
 =================  =======  ==================================================
-``unreadable``     error    the decoder fails (truncated, empty, not an image)
+``unreadable``     error    undecodable (truncated, empty, HEIC, SVG, RAW) or a bad link
 ``small``          warning  shorter side below the training resolution
 ``aspect``         warning  longer side over 2.5 times the shorter
 ``duplicate``      warning  same pixels as an earlier file (after EXIF rotation)
@@ -45,10 +45,12 @@ from core.dataset import (
     similar_groups,
     walk_files,
 )
-from core.images import ImageError, dhash, is_image_extension, load_image
+from core.images import ImageError, dhash, load_image, looks_like_picture
 
 __all__ = ["NEAR_THRESHOLD", "dhash", "check_dataset", "format_report", "tag_frequency"]
 
+# Giant pictures are decoded with about this many pixels on the short side (blur is measured at 512 px).
+DECODE_SIDE = 1024
 JSON_VERSION = 1
 CAPTION_SUFFIX = ".txt"
 CLIP_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS
@@ -148,14 +150,15 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
         findings.setdefault(rel, []).append({"check": check, "message": message})
 
     specials = len(tokenizer("")["input_ids"]) if tokenizer is not None else 0
-    for path in walk_files(folder):
+    links: list[tuple[Path, str]] = []  # symbolic links that are not used, and why
+    for path in walk_files(folder, links):
         if path.suffix.lower() in SIDECAR_SUFFIXES or path.suffix.lower() == CAPTION_SUFFIX:
             continue
         rel = path.relative_to(folder).as_posix()
         try:
-            image = load_image(path)
+            image = load_image(path, max_side=DECODE_SIDE)
         except ImageError as exc:
-            if is_image_extension(path):  # other files that do not decode are simply not images
+            if looks_like_picture(path):  # other files that do not decode are simply not pictures
                 flag(rel, "unreadable", f"cannot be used: {exc.reason}")
                 errors.add(rel)
             continue
@@ -170,6 +173,11 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
         if caption is not None:
             captioned += 1
             captions.append(caption)
+
+    for path, reason in links:
+        rel = path.relative_to(folder).as_posix()
+        flag(rel, "unreadable", f"skipped: {reason}")
+        errors.add(rel)
 
     excluded = {info.rel for info in images if manifest.is_excluded(info.rel)}
     training = [info for info in images if info.rel not in excluded]
@@ -264,12 +272,13 @@ def tag_frequency(captions: list[str]) -> list[tuple[str, int]]:
 
 
 def _measure(rel: str, image: Image.Image) -> _Image:
-    """Hash and measure one upright RGB image."""
-    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    """Hash and measure one upright RGB image (a giant one decoded reduced; its true size is in its info)."""
+    size = image.info.get("original_size", image.size)
+    digest = hashlib.sha256(f"{size[0]}x{size[1]}:".encode())
     digest.update(image.tobytes())
     grey = image.convert("L")
     small = np.asarray(_measure_copy(grey), dtype=np.float64)
-    return _Image(rel, image.size, digest.hexdigest(), dhash(grey), laplacian_variance(small), float(small.std()))
+    return _Image(rel, size, digest.hexdigest(), dhash(grey), laplacian_variance(small), float(small.std()))
 
 
 def _measure_copy(grey: Image.Image) -> Image.Image:

@@ -16,13 +16,16 @@ functions that need it, so importing this module stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,8 +47,23 @@ _UNSUPPORTED_HINTS = {
     ".heic": "HEIC photos need the pillow-heif package, or export them as JPEG",
     ".heif": "HEIF photos need the pillow-heif package, or export them as JPEG",
     ".svg": "SVG is a vector format; export it as PNG first",
+    ".jxl": "JPEG XL needs a Pillow plugin (pillow-jxl-plugin), or export it as PNG or JPEG",
+    **{ext: "a camera RAW file needs developing first: export it as JPEG or PNG"
+       for ext in (".cr2", ".cr3", ".nef", ".nrw", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef", ".srw")},
 }
 _DIGEST_CHUNK = 1 << 20
+# No picture for training needs more than this; past it (a 14,000-pixel square) decoding alone takes
+# gigabytes, so the file is refused with its size rather than decoded.
+MAX_PIXELS = 200_000_000
+# Above this a picture is decoded at reduced size when the caller needs less (a JPEG straight from the
+# file at 1/2, 1/4 or 1/8 scale, other formats reduced right after decoding), so every copy made after
+# (orientation, colour conversion) is small. Below it nothing changes: the same pixels as always.
+LARGE_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check: it refuses twice this before reading pixels
+_ORIENTATION = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 
 class ImageError(Exception):
@@ -90,6 +108,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def looks_like_picture(path: str | os.PathLike) -> bool:
+    """An extension of a picture format, readable here or not (HEIC, SVG, camera RAW): worth a reason when
+    it cannot be used, where other files are simply not pictures."""
+    return is_image_extension(path) or Path(path).suffix.lower() in _UNSUPPORTED_HINTS
+
+
 def is_image_extension(path: str | os.PathLike) -> bool:
     """True if the file's extension is one Pillow can open (case-insensitive).
 
@@ -103,20 +127,38 @@ def is_image_extension(path: str | os.PathLike) -> bool:
 # loading
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
     """Decode ``path`` fully into an upright 8-bit RGB image.
 
     The format is detected from the content, not the extension. Every pixel
     is decoded here (``.load()``), so a truncated file fails now, with its
     name, and not later in a data-loader worker. Raises ``ImageError``.
+
+    ``max_side``: the caller needs no more than this many pixels on the
+    picture's short side. A picture over ``LARGE_PIXELS`` is then decoded
+    reduced (its short side never below ``max_side``, so a crop to any size
+    up to that still fits); ``image.info["original_size"]`` always holds the
+    upright size of the picture in the file. Pictures over ``MAX_PIXELS`` are
+    refused.
     """
     with _open_file(path) as f:
         try:
-            with Image.open(f) as im:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit says it better
+                im = Image.open(f)
+            with im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(path, _too_many_pixels(width * height))
+                large = max_side is not None and width * height > LARGE_PIXELS
+                if large:
+                    return _load_reduced(im, max_side)
                 im.load()  # the first frame of an animation
                 # In place: we own `im`, and a big photo is not copied for nothing.
                 ImageOps.exif_transpose(im, in_place=True)
-                return to_rgb(im)
+                rgb = to_rgb(im)
+                rgb.info["original_size"] = rgb.size
+                return rgb
         except Image.DecompressionBombError as e:
             raise ImageError(path, _too_large_reason(e)) from e
         except UnidentifiedImageError as e:
@@ -124,6 +166,37 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as e:
             # Pillow's decoders signal damaged data with any of these.
             raise ImageError(path, _decode_reason(e)) from e
+        except MemoryError as e:
+            # A damaged or hostile header (JPEG 2000, TIFF) can ask for more memory than any picture needs.
+            raise ImageError(path, "the file asks for more memory than a picture of its size needs (a damaged "
+                                   "or hostile header); re-export it") from e
+        except Exception as e:  # noqa: BLE001 - any other decoder failure is this file's problem, not a crash
+            raise ImageError(path, _decode_reason(e)) from e
+
+
+def _load_reduced(im: Image.Image, max_side: int) -> Image.Image:
+    """A large picture decoded at the smallest size that keeps ``max_side`` pixels on its short side."""
+    width, height = im.size
+    orientation = im.getexif().get(_ORIENTATION, 1)
+    scale = max_side / min(width, height)
+    if scale < 1:
+        # JPEG: the decoder itself scales by 1/2, 1/4 or 1/8 (at least the requested size); others ignore it.
+        im.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+    im.load()
+    factor = min(im.size) // max_side
+    if factor >= 2:
+        with contextlib.suppress(ValueError):  # modes reduce() does not know keep their decoded size
+            im = im.reduce(factor)
+    if orientation in _TRANSPOSE:
+        im = im.transpose(_TRANSPOSE[orientation])
+    rgb = to_rgb(im)
+    rgb.info["original_size"] = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return rgb
+
+
+def _too_many_pixels(pixels: int, limit: int = MAX_PIXELS) -> str:
+    return (f"image is too large ({pixels:,} pixels; limit {limit:,}): scale it down (training uses 1 to 4 "
+            f"megapixels)")
 
 
 def _open_file(path: str | os.PathLike):
@@ -158,8 +231,9 @@ def _too_large_reason(error: Exception) -> str:
     """
     limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # the error is only raised while a limit is set
     found = re.search(r"\((\d+) pixels\)", str(error))
-    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-    return f"image is too large ({size}; limit {limit:,})"
+    if found:
+        return _too_many_pixels(int(found.group(1)), limit)
+    return f"image is too large (limit {limit:,} pixels): scale it down"
 
 
 def _unidentified_reason(path: str | os.PathLike) -> str:

@@ -99,6 +99,9 @@ BAD = [
     ("dataset", "resolution", 32, ["dataset.resolution", "64 to 4096"]),
     ("dataset", "validation_split", 1.5, ["dataset.validation_split", "0.0 to 0.9"]),
     ("dataset", "caption_extension", "txt", ["dataset.caption_extension", "start with a dot"]),
+    ("dataset", "caption_extension", ".txt/../../x", ["dataset.caption_extension", "letters or digits"]),
+    ("output", "name", "n" * 240, ["output.name", "240 characters", "at most 128 bytes"]),
+    ("output", "name", "é" * 100, ["output.name", "200 bytes"]),
     ("train", "optimizer", "sgd", ["train.optimizer", "'sgd'", "'adamw8bit'", "'adamw'"]),
     ("train", "mixed_precision", "fp8", ["train.mixed_precision", "'bf16'"]),
     ("train", "learning_rate", float("nan"), ["train.learning_rate", "finite"]),
@@ -123,6 +126,13 @@ def test_bad_value_is_named_in_the_error(paths, section, key, value, words):
         config.from_dict(raw)
     for word in words:
         assert word in str(info.value)
+
+
+def test_output_dir_that_is_a_file_is_a_config_error(paths, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "runs"):
+        with pytest.raises(ConfigError, match=r"output.dir = .*is a file, not a folder"):
+            config.from_dict({**paths, "output": {"dir": str(out)}})
 
 
 def test_unknown_section(paths):
