@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import re
 import signal
@@ -15,6 +17,55 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def request(port: int, method: str, path: str, host: str | None = None, origin: str | None = None,
+            body: bytes | None = None, headers: dict | None = None, timeout: float = 60) -> tuple[int, bytes]:
+    """One HTTP request to the app with every header chosen here (Host and Origin included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", f"127.0.0.1:{port}" if host is None else host)
+        if origin is not None:
+            conn.putheader("Origin", origin)
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        conn.putheader("Content-Length", str(len(body or b"")))
+        conn.endheaders(body or b"")
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def multipart(name: str, data: bytes, more: list[tuple[str, bytes]] = ()) -> tuple[bytes, dict]:
+    """A multipart body of one or more files, as the page uploads them."""
+    boundary = "----lora-studio-test"
+    body = b""
+    for file_name, content in [(name, data), *more]:
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{file_name}\"\r\n"
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def join_body(fn_index: int, data: list, session: str = "testsession") -> bytes:
+    """The body the app's own page posts to run an event handler through the queue."""
+    return json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
+                       "trigger_id": None}).encode()
+
+
+def call(port: int, fn_index: int, data: list, session: str, timeout: float = 300) -> tuple[int, list[dict]]:
+    """Run one event handler through the queue as the app's page does; (HTTP status, the stream's messages)."""
+    own = f"http://127.0.0.1:{port}"
+    status, _ = request(port, "POST", "/gradio_api/queue/join", origin=own,
+                        body=join_body(fn_index, data, session), headers={"Content-Type": "application/json"},
+                        timeout=timeout)
+    if status != 200:
+        return status, []
+    status, stream = request(port, "GET", f"/gradio_api/queue/data?session_hash={session}", timeout=timeout)
+    messages = [json.loads(line[5:]) for line in stream.decode("utf-8").splitlines() if line.startswith("data:")]
+    return status, messages
 
 
 def free_port() -> int:
@@ -72,3 +123,52 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
             os.killpg(proc.pid, signum)
     else:
         proc.kill()
+
+
+def drive_load(port: int, fn: dict[str, int], dataset: str, pictures: list[Path], calls: int = 50,
+               drops: int = 3, workers: int = 16) -> dict[str, list[tuple[float, bool]]]:
+    """What a busy user (or several tabs) does at once: drop ``pictures`` into ``dataset`` in ``drops`` drops
+    (uploaded ten files a request, then imported by the Dataset tab's handler) while ``calls`` other
+    handlers run concurrently (the gallery listing, the Train tab's poll, the Prompt tab's lists).
+
+    Returns {"drop": [...], "on_pick": [...], ...}: (seconds, succeeded) per request.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def done(messages: list[dict]) -> bool:
+        return any(m.get("msg") == "process_completed" and m.get("success") for m in messages)
+
+    def drop(batch: list[Path], i: int) -> tuple[str, float, bool]:
+        started = time.perf_counter()
+        uploaded: list[str] = []
+        for at in range(0, len(batch), 10):
+            chunk = batch[at: at + 10]
+            body, headers = multipart(chunk[0].name, chunk[0].read_bytes(),
+                                      [(p.name, p.read_bytes()) for p in chunk[1:]])
+            status, answer = request(port, "POST", "/gradio_api/upload", origin=f"http://127.0.0.1:{port}",
+                                     body=body, headers=headers, timeout=300)
+            if status != 200:
+                return "drop", time.perf_counter() - started, False
+            uploaded += json.loads(answer)
+        files = [{"path": path, "orig_name": src.name, "meta": {"_type": "gradio.FileData"}}
+                 for path, src in zip(uploaded, batch, strict=True)]
+        status, messages = call(port, fn["on_upload"], [dataset, "(top level)", files], f"drop-{i}")
+        return "drop", time.perf_counter() - started, status == 200 and done(messages)
+
+    handlers = [("on_pick", [dataset]), ("on_tick", []), ("on_refresh", [])]
+
+    def handler(i: int) -> tuple[str, float, bool]:
+        name, data = handlers[i % len(handlers)]
+        started = time.perf_counter()
+        status, messages = call(port, fn[name], data, f"call-{i}")
+        return name, time.perf_counter() - started, status == 200 and done(messages)
+
+    size = -(-len(pictures) // drops)
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(drop, pictures[at: at + size], i) for i, at in enumerate(range(0, len(pictures), size))]
+        futures += [pool.submit(handler, i) for i in range(calls)]
+        results: dict[str, list[tuple[float, bool]]] = {}
+        for future in futures:
+            kind, seconds, ok = future.result()
+            results.setdefault(kind, []).append((seconds, ok))
+    return results

@@ -14,8 +14,7 @@ import time
 import pytest
 
 from core.privacy import ENVIRONMENT
-from tests.app_server import ROOT, running_app
-from tests.test_server_security import join_body, request
+from tests.app_server import ROOT, join_body, request, running_app
 
 ADDRESS = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"')
 
@@ -73,6 +72,7 @@ def test_the_app_connects_to_nothing_but_itself(tmp_path):
     print(f"{len(addresses)} connection(s) traced, all to this computer")
 
 
+@pytest.mark.slow  # 15 s of waiting; the app test above already fails if the app leaves telemetry on
 @pytest.mark.skipif(not _strace_works(), reason="needs strace that may trace child processes")
 def test_onnxruntime_telemetry_is_off_in_the_engines_processes(tmp_path):
     """diffusers imports onnxruntime when a pipeline is saved or loaded; a few seconds later onnxruntime starts

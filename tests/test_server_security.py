@@ -7,7 +7,6 @@ LORA_STUDIO_HOME is not set), requests made with http.client so that every heade
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import time
@@ -15,44 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import ROOT, running_app
+from tests.app_server import ROOT, join_body, multipart, request, running_app
 from tests.conftest import write_dataset
 from ui.guard import HostPolicy, split_host
 
 FOREIGN_HOSTS = ["evil.example:{port}", "127.0.0.1.evil.example:{port}", "localhost:{other}", "192.168.1.20:{port}",
                  "", "127.0.0.1:{port}@evil.example"]
 FOREIGN_ORIGINS = ["http://evil.example", "http://127.0.0.1:{other}", "null", "https://127.0.0.1:{port}.evil.example"]
-
-
-def request(port: int, method: str, path: str, host: str | None = None, origin: str | None = None,
-            body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", f"127.0.0.1:{port}" if host is None else host)
-        if origin is not None:
-            conn.putheader("Origin", origin)
-        for key, value in (headers or {}).items():
-            conn.putheader(key, value)
-        conn.putheader("Content-Length", str(len(body or b"")))
-        conn.endheaders(body or b"")
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def multipart(name: str, data: bytes) -> tuple[bytes, dict]:
-    boundary = "----lora-studio-test"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-def join_body(fn_index: int, data: list) -> bytes:
-    """The body the app's own page posts to run an event handler through the queue."""
-    return json.dumps({"data": data, "fn_index": fn_index, "session_hash": "testsession", "event_data": None,
-                       "trigger_id": None}).encode()
 
 
 @pytest.fixture(scope="module")
