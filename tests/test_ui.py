@@ -334,3 +334,44 @@ def test_merge_from_the_prompt_tab(settings, tiny_model, tmp_path):
     assert "already exists" in merge_into_model(settings, base, str(lora), 1, "tiny merged")
     assert "pick a base model" in merge_into_model(settings, "", str(lora), 1, "x")
     assert "merge failed" in merge_into_model(settings, base, str(tmp_path / "no.safetensors"), 1, "other")
+
+
+def test_the_status_line_says_starting_until_the_trainer_reports(tmp_path):
+    from pathlib import Path
+
+    summary = RunSummary(Path(tmp_path / "my-run"))
+    assert train_tab.status_text(summary, running=True).startswith("Starting **my-run**…")
+    summary.apply({"type": "phase", "name": "caching training latents", "done": 3, "total": 9})
+    assert "caching training latents 3/9" in train_tab.status_text(summary, running=True)
+    summary.apply({"type": "run_started", "total_steps": 10, "start_step": 0})
+    assert train_tab.status_text(summary, running=True) == "Training **my-run**."
+    assert "ended without finishing" in train_tab.status_text(summary, running=False)
+    summary.apply({"type": "finished", "status": "stopped", "step": 4, "lora_path": "x.safetensors"})
+    assert "stopped at step" in train_tab.status_text(summary, running=False)
+    summary.error = "dataset: no readable image"
+    assert "failed" in train_tab.status_text(summary, running=False)
+
+
+def test_past_runs_say_how_each_run_stands(settings, tiny_model, tmp_path):
+    from core import train
+    from core.events import jsonl_writer
+
+    data = write_dataset(tmp_path / "d", n=2)
+    done = tiny_config(tiny_model, data, settings.outputs_dir, name="done-run",
+                       **{"train.max_train_steps": 2, "sample.prompts": []})
+    train.run(done, jsonl_writer(done.run_dir / "events.jsonl"))
+    stopped = tiny_config(tiny_model, data, settings.outputs_dir, name="stopped-run",
+                          **{"train.max_train_steps": 50, "sample.prompts": [], "output.save_every_n_steps": 0})
+    write, steps = jsonl_writer(stopped.run_dir / "events.jsonl"), []
+
+    def emit(event):
+        write(event)
+        if event.type == "progress":
+            steps.append(event.step)
+
+    train.run(stopped, emit, should_stop=lambda: len(steps) >= 3)
+    labels = {path.split("/")[-1]: label for label, path in train_tab.run_choices(settings.outputs_dir)}
+    assert labels == {"done-run": "done-run — completed, 2 steps",
+                      "stopped-run": "stopped-run — stopped at step 3, resumable from step 3"}
+    with pytest.raises(ConfigError, match="already completed its 2 steps"):
+        RunManager(settings.outputs_dir).resume(settings.outputs_dir / "done-run")
