@@ -172,7 +172,9 @@ def cmd_train(args) -> int:
         config = config_mod.resolve_paths(config_mod.load(args.config, args.overrides))
     except ConfigError as exc:
         return _fail(f"config: {exc}", EXIT_BAD_INPUT)
-    events_path = config.run_dir / "events.jsonl"
+    from core.run_folder import RunPaths
+
+    events_path = RunPaths.of(config).events
     writer = jsonl_writer(events_path)
     terminal = _TerminalProgress(no_bar=args.no_progress)
     started = False  # events go to the run's file only once the run owns the folder
@@ -264,7 +266,9 @@ def _disk_full(exc: BaseException, folder) -> bool:
 
 def _keep_traceback(run_dir) -> str:
     """Write traceback.txt into the run folder (best effort) and say where it is."""
-    trace = run_dir / "traceback.txt"
+    from core.run_folder import RunPaths
+
+    trace = RunPaths(run_dir).traceback
     if not run_dir.is_dir():
         return ""
     try:
@@ -414,7 +418,9 @@ def _final_check(config, emit):
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    final = config.run_dir / f"{config.output.name}.safetensors"
+    from core.run_folder import RunPaths
+
+    final = RunPaths.of(config).final_lora
     prompt = config.sample.prompts[0] if config.sample.prompts else "a photo"
     result = verify(final, config.model.path, config.model.revision, config.model.family, prompt=prompt,
                     seed=config.sample.seed, steps=min(config.sample.steps, 8))

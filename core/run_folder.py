@@ -28,7 +28,80 @@ from core.fsutil import TEMP_MARK, fsync_path, fsync_tree
 STOP_FILE = "STOP"
 LOCK_FILE = "trainer.lock"
 EVENTS_FILE = "events.jsonl"
+CONFIG_FILE = "config.toml"
 APP_LOG_ENV = "LORA_STUDIO_LOG"  # set by the app: where the trainer's output goes (recorded in the lock)
+LORA_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The names of everything in a run folder: the protocol between the trainer and whoever reads it.
+
+    The folder is ``output.dir / output.name``; the LoRA files are named after the run.
+    """
+
+    dir: Path
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> RunPaths:
+        return cls(Path(config.run_dir))
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def events(self) -> Path:  # one JSON object per line (core.events)
+        return self.dir / EVENTS_FILE
+
+    @property
+    def config(self) -> Path:  # the resolved config, written before step 0
+        return self.dir / CONFIG_FILE
+
+    @property
+    def stop(self) -> Path:  # created by whoever wants the run to stop after its current step
+        return self.dir / STOP_FILE
+
+    @property
+    def lock(self) -> Path:  # while a process trains the run: its PID (see TrainerLock)
+        return self.dir / LOCK_FILE
+
+    @property
+    def traceback(self) -> Path:
+        return self.dir / "traceback.txt"
+
+    @property
+    def buckets(self) -> Path:
+        return self.dir / "buckets.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.dir / "samples"
+
+    @property
+    def states(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def final_lora(self) -> Path:
+        return self.dir / f"{self.name}{LORA_SUFFIX}"
+
+    def step_lora(self, step: int) -> Path:
+        return self.dir / f"{self.name}-step{step:06d}{LORA_SUFFIX}"
+
+    @property
+    def diffusers_lora(self) -> Path:
+        return self.dir / f"{self.name}-diffusers" / f"pytorch_lora_weights{LORA_SUFFIX}"
+
+    def sample(self, step: int, index: int) -> Path:
+        return self.samples / f"step{step:06d}-{index:02d}.png"
+
+    def state(self, step: int) -> Path:
+        return self.states / f"step-{step:08d}"
+
+    def lora_files(self) -> list[Path]:
+        """The run's LoRA files, final and intermediate, sorted (never a hidden save in progress)."""
+        return sorted(p for p in self.dir.glob(f"*{LORA_SUFFIX}") if not p.name.startswith("."))
 
 
 def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str = "sd1",
@@ -82,15 +155,16 @@ def save_dtype(config: TrainConfig) -> torch.dtype:
 
 
 def latest_state(run_dir: Path) -> Path | None:
-    states = sorted((run_dir / "state").glob("step-*")) if (run_dir / "state").is_dir() else []
+    root = RunPaths(run_dir).states
+    states = sorted(root.glob("step-*")) if root.is_dir() else []
     return states[-1] if states else None
 
 
 def save_state(config: TrainConfig, accelerator, step: int) -> Path:
     """Save accelerate's state (LoRA weights, optimizer, scheduler, RNG, progress); keep the newest few."""
-    state_root = config.run_dir / "state"
-    final = state_root / f"step-{step:08d}"
-    tmp = state_root / f".tmp-step-{step:08d}"
+    paths = RunPaths.of(config)
+    state_root, final = paths.states, paths.state(step)
+    tmp = final.with_name(f".tmp-{final.name}")
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -140,17 +214,17 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
     A folder left by a run that never trained a step (it failed while
     loading, say) holds nothing worth keeping and is reused without asking.
     """
-    run_dir = config.run_dir
+    run_dir, paths = config.run_dir, RunPaths.of(config)
     refuse_if_live(run_dir)
     if resume:
         if not latest_state(run_dir):
-            raise ConfigError(f"--resume: no saved state in {run_dir / 'state'}; the run never reached a "
+            raise ConfigError(f"--resume: no saved state in {paths.states}; the run never reached a "
                               f"checkpoint (output.save_every_n_steps) or output.save_state was false")
-        _check_resumable(config, run_dir / "config.toml")
+        _check_resumable(config, paths.config)
         return
     if not _contents(run_dir):
         return
-    if not ((run_dir / EVENTS_FILE).exists() or (run_dir / "config.toml").exists()):
+    if not (paths.events.exists() or paths.config.exists()):
         raise ConfigError(f"output folder {run_dir} already exists and was not made by this app; choose "
                           f"another output.name or output.dir")
     if not config.output.overwrite and has_progress(run_dir):
@@ -170,9 +244,9 @@ def has_progress(run_dir: Path) -> bool:
     """True once a run has something to lose: a trained step, a LoRA file or a resume state."""
     from core.events import read_events
 
-    if latest_state(run_dir) or any(not p.name.startswith(".") for p in run_dir.glob("*.safetensors")):
+    if latest_state(run_dir) or RunPaths(run_dir).lora_files():
         return True
-    events, _ = read_events(run_dir / EVENTS_FILE)
+    events, _ = read_events(RunPaths(run_dir).events)
     return any(e["type"] == "progress" for e in events)
 
 
@@ -199,7 +273,7 @@ def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
         for path in _contents(run_dir):  # check_run_dir made sure it is one of our runs and may go
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    RunPaths(run_dir).stop.unlink(missing_ok=True)
     remove_temporary_files(run_dir)
     return run_dir
 
@@ -209,8 +283,9 @@ def remove_temporary_files(run_dir: Path) -> list[Path]:
 
     Call only while no process is writing into the run folder. Returns what was removed.
     """
+    paths = RunPaths(run_dir)
     removed = []
-    for folder in (run_dir, run_dir / "samples", *run_dir.glob("*-diffusers")):
+    for folder in (run_dir, paths.samples, paths.diffusers_lora.parent):
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
@@ -218,8 +293,8 @@ def remove_temporary_files(run_dir: Path) -> list[Path]:
                 with contextlib.suppress(OSError):
                     path.unlink()
                     removed.append(path)
-    if (run_dir / "state").is_dir():
-        for path in (run_dir / "state").glob(".tmp-step-*"):
+    if paths.states.is_dir():
+        for path in paths.states.glob(".tmp-step-*"):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -249,7 +324,7 @@ class TrainerLock:
 
 def read_lock(run_dir: Path) -> TrainerLock | None:
     try:
-        data = json.loads((run_dir / LOCK_FILE).read_text(encoding="utf-8"))
+        data = json.loads(RunPaths(run_dir).lock.read_text(encoding="utf-8"))
         return TrainerLock(int(data["pid"]), float(data["created"]), float(data["started"]), str(data.get("log", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no lock, or a damaged one: nobody provably trains the run
@@ -287,13 +362,13 @@ def trainer_lock(run_dir: Path):
     from core.fsutil import write_json
 
     lock = TrainerLock(os.getpid(), psutil.Process().create_time(), time.time(), os.environ.get(APP_LOG_ENV, ""))
-    write_json(run_dir / LOCK_FILE, lock.__dict__)
+    write_json(RunPaths(run_dir).lock, lock.__dict__)
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
             if (read_lock(run_dir) or lock).pid == os.getpid():
-                (run_dir / LOCK_FILE).unlink()
+                RunPaths(run_dir).lock.unlink()
         remove_temporary_files(run_dir)
 
 
@@ -330,7 +405,7 @@ class RunStatus:
 def run_status(run_dir: Path) -> RunStatus:
     from core.events import read_events
 
-    events, _ = read_events(run_dir / EVENTS_FILE)
+    events, _ = read_events(RunPaths(run_dir).events)
     step = total = 0
     ending, error = "", ""
     for event in events:
@@ -356,7 +431,7 @@ def run_status(run_dir: Path) -> RunStatus:
 def list_runs(outputs_dir: str | Path) -> list[Path]:
     """Run folders (newest first) under the outputs folder: those with an events file, a config or a trainer."""
     root = Path(outputs_dir)
-    marks = (EVENTS_FILE, "config.toml", LOCK_FILE)
+    marks = (EVENTS_FILE, CONFIG_FILE, LOCK_FILE)
     runs = {p.parent for mark in marks for p in root.glob(f"*/{mark}") if not p.parent.name.startswith(".")}
 
     def newest(run: Path) -> float:

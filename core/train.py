@@ -38,7 +38,7 @@ from core.events import (
 )
 from core.objective import Validator, training_loss
 from core.run_folder import (
-    STOP_FILE,
+    RunPaths,
     check_run_dir,
     latest_state,
     prepare_run_dir,
@@ -232,7 +232,7 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
         main_emit = emit if accelerator.is_main_process else (lambda event: None)
         if accelerator.is_main_process:
             prepare_run_dir(config, resume)
-            config_mod.save(config, config.run_dir / "config.toml")
+            config_mod.save(config, RunPaths.of(config).config)
         accelerator.wait_for_everyone()
         return _train(config, accelerator, main_emit, should_stop, resume)
 
@@ -291,7 +291,7 @@ def report_buckets(config: TrainConfig, record: dict, emit: Emit, main: bool) ->
 
     if not main:
         return
-    write_json(config.run_dir / "buckets.json", record)
+    write_json(RunPaths.of(config).buckets, record)
     if config.dataset.buckets:
         emit(Message("info", f"{len(record['buckets'])} bucket(s), mean aspect error "
                              f"{record['mean_aspect_error']:.3f}:\n{format_table(record['buckets'])}"))
@@ -354,8 +354,8 @@ class _Loop:
     updating: bool = False  # inside optimizer.step()
 
     @property
-    def stop_file(self) -> Path:
-        return self.config.run_dir / STOP_FILE
+    def paths(self) -> RunPaths:
+        return RunPaths.of(self.config)
 
     def run(self, resume: bool) -> RunResult:
         c, acc, state = self.config, self.accelerator, self.state
@@ -366,12 +366,12 @@ class _Loop:
         except torch.OutOfMemoryError:
             saved = self.rescue()
             raise TrainingError(out_of_memory_advice(c, state.step, saved), "out_of_memory") from None
-        lora_path = c.run_dir / f"{c.output.name}.safetensors"
+        lora_path = self.paths.final_lora
         if not stopped:
             self.evaluate()
         self.save(lora_path)
         if c.output.save_diffusers_format and acc.is_main_process:
-            self.save_diffusers(c.run_dir / f"{c.output.name}-diffusers" / "pytorch_lora_weights.safetensors")
+            self.save_diffusers(self.paths.diffusers_lora)
         status = "stopped" if stopped else "completed"
         self.emit(Finished(status, state.step, str(lora_path)))
         acc.end_training()
@@ -433,8 +433,8 @@ class _Loop:
         if c.sample.every_n_steps and step % c.sample.every_n_steps == 0 and step < self.total:
             self.evaluate()
         if c.output.save_every_n_steps and step % c.output.save_every_n_steps == 0 and step < self.total:
-            self.save(c.run_dir / f"{c.output.name}-step{step:06d}.safetensors")
-        if self.should_stop() or self.stop_file.exists():
+            self.save(self.paths.step_lora(step))
+        if self.should_stop() or self.paths.stop.exists():
             self.accelerator.set_trigger()
         return self.accelerator.check_trigger()
 
@@ -476,7 +476,7 @@ class _Loop:
                                  width=c.sample.width or c.dataset.resolution,
                                  height=c.sample.height or c.dataset.resolution,
                                  negative_prompt=c.sample.negative_prompt)
-            path = c.run_dir / "samples" / f"step{self.state.step:06d}-{i:02d}.png"
+            path = self.paths.sample(self.state.step, i)
             save_image(path, image)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
         self.base.vae.to(vae_device)
@@ -542,8 +542,7 @@ class _Loop:
             torch.cuda.empty_cache()
         if self.updating or self.state.step == 0:
             return None
-        c = self.config
-        path = c.run_dir / f"{c.output.name}-step{self.state.step:06d}.safetensors"
+        path = self.paths.step_lora(self.state.step)
         try:
             self.save(path)
         except (torch.OutOfMemoryError, TrainingError):

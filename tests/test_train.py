@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from core import objective, train
 from core.config import ConfigError
 from core.events import jsonl_writer, read_events
+from core.run_folder import RunPaths
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 
@@ -173,7 +174,7 @@ def test_stop_file_is_honoured_within_one_step_and_resume_matches_a_straight_run
 
     def touch_stop(event):
         if event.type == "progress" and event.step == 2:
-            (cfg.run_dir / train.STOP_FILE).touch()
+            RunPaths.of(cfg).stop.touch()
 
     stopped = train.run(cfg, EventLog(touch_stop))
     assert stopped.status == "stopped" and stopped.step == 2

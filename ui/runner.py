@@ -22,8 +22,7 @@ from core.config import ConfigError, TrainConfig
 from core.events import read_events
 from core.run_folder import (
     APP_LOG_ENV,
-    EVENTS_FILE,
-    STOP_FILE,
+    RunPaths,
     TrainerLock,
     list_runs,
     live_lock,
@@ -88,7 +87,7 @@ class RunSummary:
 def summarize(run_dir: str | Path) -> RunSummary:
     """A finished or running run's summary from its whole events file."""
     summary = RunSummary(Path(run_dir))
-    events, _ = read_events(Path(run_dir) / "events.jsonl")
+    events, _ = read_events(RunPaths(Path(run_dir)).events)
     for event in events:
         summary.apply(event)
     return summary
@@ -164,7 +163,7 @@ class ActiveRun(CliJob):
     def __init__(self, run_dir: Path, args: list[str], log_path: Path, python: str = sys.executable):
         self.run_dir = run_dir
         # The trainer records where its output goes in its lock, so an app restarted later finds the log.
-        super().__init__(args, run_dir / EVENTS_FILE, log_path, RunSummary(run_dir), python,
+        super().__init__(args, RunPaths(run_dir).events, log_path, RunSummary(run_dir), python,
                          env={APP_LOG_ENV: str(log_path)})
 
     @property
@@ -187,7 +186,7 @@ class AttachedRun(ActiveRun):
     def __init__(self, run_dir: Path, lock: TrainerLock):
         self.run_dir = run_dir
         self.lock = lock
-        self.events_path = run_dir / EVENTS_FILE
+        self.events_path = RunPaths(run_dir).events
         self.log_path = Path(lock.log) if lock.log else run_dir / "no-log"
         self.status = RunSummary(run_dir)
         self.offset = 0
@@ -287,8 +286,9 @@ class RunManager:
         if status.resumable_from is None:
             raise ConfigError(f"run {run_dir.name} has no saved state to resume from (it never reached a save, "
                               f"or output.save_state was off); start it again instead")
-        if not (run_dir / "config.toml").is_file():
-            raise ConfigError(f"run {run_dir.name} has no config.toml; start it again instead")
+        config = RunPaths(run_dir).config
+        if not config.is_file():
+            raise ConfigError(f"run {run_dir.name} has no {config.name}; start it again instead")
         total_steps = int(total_steps or 0)
         if total_steps and total_steps <= status.resumable_from:
             raise ConfigError(f"run {run_dir.name} is saved at step {status.resumable_from}; to train it up to a "
@@ -296,7 +296,7 @@ class RunManager:
         if status.state == "completed" and not total_steps:
             raise ConfigError(f"run {run_dir.name} already completed its {status.total} steps; enter a larger "
                               f"total under 'Train up to step' to train it further")
-        args = ["train", str(run_dir / "config.toml"), "--resume"]
+        args = ["train", str(config), "--resume"]
         if total_steps:
             args += ["--set", "train.max_train_epochs=0", "--set", f"train.max_train_steps={total_steps}"]
         _, log_path = self._job_files(run_dir.name)
@@ -313,7 +313,7 @@ class RunManager:
         if not (self.active and self.active.running):
             return False
         if self.active.run_dir.is_dir():
-            (self.active.run_dir / STOP_FILE).touch()  # honoured on every platform
+            RunPaths(self.active.run_dir).stop.touch()  # honoured on every platform
         self.active.stop()  # SIGTERM also covers the time before the run folder exists
         return True
 

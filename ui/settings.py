@@ -93,9 +93,6 @@ def find_loras(outputs_dir: Path) -> list[str]:
 
     Hidden files (a save in progress, or one a kill cut short) are never offered.
     """
-    from core.run_folder import list_runs
+    from core.run_folder import RunPaths, list_runs
 
-    files = []
-    for run in list_runs(outputs_dir):
-        files += sorted(str(p) for p in run.glob("*.safetensors") if not p.name.startswith("."))
-    return files
+    return [str(path) for run in list_runs(outputs_dir) for path in RunPaths(run).lora_files()]

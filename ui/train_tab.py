@@ -168,7 +168,9 @@ def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[st
 
 def run_files_text(run_dir: Path) -> str:
     """The LoRA files of a run, newest step last, for the Past runs view (never a save in progress)."""
-    files = sorted(p for p in run_dir.glob("*.safetensors") if not p.name.startswith("."))
+    from core.run_folder import RunPaths
+
+    files = RunPaths(run_dir).lora_files()
     if not files:
         return f"Run `{run_dir.name}` has no LoRA file yet."
     lines = [f"- `{p}` ({p.stat().st_size / 1e6:.1f} MB)" for p in files]
