@@ -10,7 +10,11 @@ import argparse
 import socket
 import sys
 
-from core.privacy import no_telemetry
+if sys.version_info < (3, 11):  # noqa: UP036 - checked for whoever starts it with an older Python
+    sys.exit(f"error: LoRA Studio needs Python 3.11 or newer; this is {sys.version.split()[0]}. Install 3.11+ "
+             f"and start again (or double-click start.sh / start.bat, which check this for you).")
+
+from core.privacy import no_telemetry  # noqa: E402 - after the version check
 
 # Before gradio, huggingface_hub or onnxruntime are imported: a desktop app does not phone home.
 no_telemetry()

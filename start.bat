@@ -6,7 +6,8 @@ cd /d "%~dp0"
 if "%LORA_STUDIO_VENV%"=="" set LORA_STUDIO_VENV=.venv
 if not exist "%LORA_STUDIO_VENV%\Scripts\python.exe" (
   echo LoRA Studio: first start. Creating a Python environment in %LORA_STUDIO_VENV% ...
-  py -3 -m venv "%LORA_STUDIO_VENV%" 2>nul || python -m venv "%LORA_STUDIO_VENV%"
+  py -3 -c "import sys; sys.exit(sys.version_info < (3, 11))" 2>nul && py -3 -m venv "%LORA_STUDIO_VENV%" 2>nul
+  if errorlevel 1 python -c "import sys; sys.exit(sys.version_info < (3, 11))" && python -m venv "%LORA_STUDIO_VENV%"
   if errorlevel 1 goto :nopython
 )
 if not exist "%LORA_STUDIO_VENV%\.lora-studio-installed" (
@@ -21,7 +22,7 @@ if not exist "%LORA_STUDIO_VENV%\.lora-studio-installed" (
 "%LORA_STUDIO_VENV%\Scripts\python.exe" launch.py %*
 goto :end
 :nopython
-echo error: Python 3.10 or newer was not found. Install it from https://www.python.org (tick "Add to PATH") and start again.
+echo error: Python 3.11 or newer was not found. Install it from https://www.python.org (tick "Add to PATH") and start again.
 goto :end
 :failed
 echo error: installing the requirements failed (see above). Check your internet connection and disk space, then start again.

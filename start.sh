@@ -10,9 +10,15 @@ PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.lora-studio-requirements"
 
 if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    found="$("$PYTHON" --version 2>&1 || echo "no $PYTHON")"
+    echo "error: LoRA Studio needs Python 3.11 or newer, and $PYTHON is ${found#Python }; install Python 3.11+" \
+         "(or point PYTHON at one: PYTHON=python3.12 ./start.sh) and start again" >&2
+    exit 1
+  fi
   echo "LoRA Studio: first start. Creating a Python environment in $VENV ..."
   if ! "$PYTHON" -m venv "$VENV"; then
-    echo "error: could not create a virtual environment with $PYTHON; install Python 3.10+ with venv" \
+    echo "error: could not create a virtual environment with $PYTHON; install Python 3.11+ with venv" \
          "(Debian/Ubuntu: sudo apt install python3-venv) and start again" >&2
     exit 1
   fi

@@ -16,12 +16,11 @@ import difflib
 import math
 import os
 import re
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 CONFIG_VERSION = 1
 

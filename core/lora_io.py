@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -315,7 +315,7 @@ def kohya_metadata(
         "ss_training_finished_at": str(now),
         "modelspec.title": output_name,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": datetime.fromtimestamp(int(now), tz=timezone.utc).isoformat(),
+        "modelspec.date": datetime.fromtimestamp(int(now), tz=UTC).isoformat(),
     }
     meta.update(stringify_metadata(extra))
     return meta

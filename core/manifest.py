@@ -22,10 +22,9 @@ Paths are relative to the dataset folder, with ``/`` separators.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-
-import tomllib
 
 MANIFEST_NAME = "dataset.toml"
 MANIFEST_VERSION = 1

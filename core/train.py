@@ -1,4 +1,4 @@
-"""LoRA training for Stable Diffusion 1.x, as a plain function the app and CLI share.
+"""LoRA training for Stable Diffusion 1.x, 2.x and SDXL, as a plain function the app and CLI share.
 
 ``run(config, emit, should_stop)`` reads top to bottom like the diffusers
 LoRA example -- load, freeze, add adapter, optimizer, data, loop, save -- but

@@ -1,7 +1,8 @@
 """The TOML config: round trip, overrides, and one test per validation error."""
 
-import pytest
 import tomllib
+
+import pytest
 
 from core import config
 from core.config import ConfigError

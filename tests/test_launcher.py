@@ -80,3 +80,28 @@ def test_demo_creates_the_tiny_model_and_dataset(tmp_path):
     assert (settings.models_dir / "tiny" / "model_index.json").is_file()
     assert len(list((settings.datasets_dir / "demo").glob("*.png"))) == 6
     assert make_demo(settings) == "the demo model and dataset are already there"
+
+
+def _older_python() -> str | None:
+    """A Python older than 3.11 on this machine, if there is one (pyenv keeps several)."""
+    import glob
+    import shutil
+
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3.10")))
+    for candidate in [shutil.which("python3.10"), *pyenv]:
+        if candidate and subprocess.run([candidate, "--version"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(_older_python() is None, reason="no Python older than 3.11 on this machine")
+def test_an_older_python_gets_a_clear_message(tmp_path):
+    old = _older_python()
+    done = subprocess.run([old, "launch.py", "--no-browser"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "needs Python 3.11 or newer; this is 3.10" in done.stderr
+    if sys.platform != "win32":
+        env = {**os.environ, "LORA_STUDIO_VENV": str(tmp_path / "venv"), "PYTHON": old}
+        done = subprocess.run(["bash", "start.sh", "--no-browser"], cwd=ROOT, env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 1 and "needs Python 3.11 or newer, and" in done.stderr
+        assert not (tmp_path / "venv").exists()
