@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from core import fsutil
-from core.events import Event, Message, Phase
+from core.events import CaptionFinished, CaptionProgress, Event, Message, Phase
 
 if TYPE_CHECKING:
     from core.dataset_store import DatasetImage
@@ -73,34 +73,7 @@ class CaptionError(RuntimeError):
 
 
 # --------------------------------------------------------------------------
-# events (the CLI writes them to --events FILE; the app polls that file)
-
-
-@dataclass
-class CaptionProgress(Event):
-    """One image is done: captioned (``caption``) or failed (``error`` says why)."""
-
-    done: int
-    total: int  # images this job captions (those already captioned and kept are not counted)
-    image: str  # file name in the folder
-    caption: str  # as written, trigger word included; "" when it failed
-    error: str = ""
-
-    @property
-    def type(self) -> str:
-        return "caption_progress"
-
-
-@dataclass
-class CaptionFinished(Event):
-    written: list[str]  # image names whose caption was written
-    skipped: list[str]  # image names that kept their existing caption
-    failed: list[tuple[str, str]]  # (image name, reason)
-    stopped: bool  # True when should_stop() ended the job early
-
-    @property
-    def type(self) -> str:
-        return "caption_finished"
+# events (core.events; the CLI writes them to --events FILE; the app polls that file)
 
 
 def terminal_line(event: Event) -> str | None:

@@ -118,6 +118,25 @@ class Finished(Event):
     lora_path: str
 
 
+@dataclass
+class CaptionProgress(Event):
+    """One image is done: captioned (``caption``) or failed (``error`` says why)."""
+
+    done: int
+    total: int  # images this job captions (those already captioned and kept are not counted)
+    image: str  # file name in the folder
+    caption: str  # as written, trigger word included; "" when it failed
+    error: str = ""
+
+
+@dataclass
+class CaptionFinished(Event):
+    written: list[str]  # image names whose caption was written
+    skipped: list[str]  # image names that kept their existing caption
+    failed: list[tuple[str, str]]  # (image name, reason)
+    stopped: bool  # True when should_stop() ended the job early
+
+
 _TYPES = {
     RunStarted: "run_started",
     Phase: "phase",
@@ -129,7 +148,10 @@ _TYPES = {
     Message: "message",
     RunError: "error",
     Finished: "finished",
+    CaptionProgress: "caption_progress",
+    CaptionFinished: "caption_finished",
 }
+_CLASSES = {name: cls for cls, name in _TYPES.items()}
 
 Emit = Callable[[Event], None]
 
@@ -145,6 +167,36 @@ def jsonl_writer(path: str | os.PathLike) -> Emit:
         append_line(path, event.to_json())
 
     return write
+
+
+def parse(obj: dict[str, Any]) -> Event:
+    """The event a JSON object of an events file stands for.
+
+    Raises ValueError for an unknown type or a missing field, so a field
+    renamed on the writing side fails loudly instead of reading as 0. Fields
+    the class does not have (written by a newer version) are left out.
+    """
+    cls = _CLASSES.get(obj.get("type"))
+    if cls is None:
+        raise ValueError(f"unknown event type {obj.get('type')!r}")
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in obj and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"a {obj['type']} event without {', '.join(missing)}")
+    return cls(**{f.name: obj[f.name] for f in fields if f.name in obj})
+
+
+def read_typed(path: str | os.PathLike, start: int = 0) -> tuple[list[Event], int]:
+    """``read_events`` as event objects; an event that cannot be read becomes a warning Message."""
+    events, end = read_events(path, start)
+    typed = []
+    for obj in events:
+        try:
+            typed.append(parse(obj))
+        except (ValueError, TypeError) as exc:
+            typed.append(Message("warning", f"skipped an event this version cannot read ({exc})"))
+    return typed, end
 
 
 def read_events(path: str | os.PathLike, start: int = 0) -> tuple[list[dict[str, Any]], int]:

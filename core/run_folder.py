@@ -242,12 +242,12 @@ def _contents(run_dir: Path) -> list[Path]:
 
 def has_progress(run_dir: Path) -> bool:
     """True once a run has something to lose: a trained step, a LoRA file or a resume state."""
-    from core.events import read_events
+    from core.events import Progress, read_typed
 
     if latest_state(run_dir) or RunPaths(run_dir).lora_files():
         return True
-    events, _ = read_events(RunPaths(run_dir).events)
-    return any(e["type"] == "progress" for e in events)
+    events, _ = read_typed(RunPaths(run_dir).events)
+    return any(isinstance(e, Progress) for e in events)
 
 
 # Settings that shape the saved weights and optimizer state: a resumed run must keep them.
@@ -403,21 +403,21 @@ class RunStatus:
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    from core.events import read_events
+    from core.events import Finished, Progress, RunError, RunStarted, read_typed
 
-    events, _ = read_events(RunPaths(run_dir).events)
+    events, _ = read_typed(RunPaths(run_dir).events)
     step = total = 0
     ending, error = "", ""
     for event in events:
-        kind = event["type"]
-        if kind == "run_started":
-            total, step, ending, error = event["total_steps"], event["start_step"], "", ""
-        elif kind == "progress":
-            step, total = event["step"], event["total_steps"]
-        elif kind == "finished":
-            ending = event["status"]
-        elif kind == "error":
-            ending, error = "failed", event["message"]
+        match event:
+            case RunStarted():
+                total, step, ending, error = event.total_steps, event.start_step, "", ""
+            case Progress():
+                step, total = event.step, event.total_steps
+            case Finished():
+                ending = event.status
+            case RunError():
+                ending, error = "failed", event.message
     state = latest_state(run_dir)
     resumable = int(state.name.removeprefix("step-")) if state is not None else None
     lock = live_lock(run_dir)

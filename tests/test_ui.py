@@ -67,14 +67,16 @@ def test_steps_readout(tmp_path):
 
 
 def test_summary_folds_events_and_views_render(tmp_path):
+    from core.events import LoraVerified, Phase, Progress, RunError, RunStarted, SampleWritten, ValidationLoss
+
     s = RunSummary(tmp_path / "run")
     for event in [
-        {"type": "phase", "name": "caching training latents", "done": 2, "total": 5},
-        {"type": "run_started", "total_steps": 10, "start_step": 0},
-        {"type": "validation_loss", "step": 0, "loss": 1.2, "best": True},
-        {"type": "progress", "step": 1, "total_steps": 10, "loss": 1.1, "lr": 1e-4, "it_per_s": 2.0, "eta_s": 4.5},
-        {"type": "sample", "step": 1, "path": "/x/a.png", "prompt": "p", "seed": 0},
-        {"type": "error", "message": "out of GPU memory: lower train.batch_size", "kind": "out_of_memory"},
+        Phase("caching training latents", 2, 5),
+        RunStarted(str(tmp_path / "run"), 10, 0, 5, 1, 1, 1, "cpu"),
+        ValidationLoss(0, 1.2, True),
+        Progress(1, 10, 0, 1.1, 1e-4, 2.0, 4.5),
+        SampleWritten(1, "/x/a.png", "p", 0),
+        RunError("out of GPU memory: lower train.batch_size", "out_of_memory"),
     ]:
         s.apply(event)
     assert s.step == 1 and s.total_steps == 10 and s.losses == [(1, 1.1)] and s.validation == [(0, 1.2)]
@@ -84,8 +86,7 @@ def test_summary_folds_events_and_views_render(tmp_path):
     assert sorted(frame["series"]) == ["training", "validation"]
     assert train_tab.sample_gallery(s) == [("/x/a.png", "step 1: p")]
     assert train_tab.error_text(s).startswith("out of GPU memory")
-    s.apply({"type": "lora_verified", "step": -1, "path": "/x/my.safetensors", "ok": False, "modules": 12,
-             "matched": 10, "problems": ["not in the base model: lora_unet_x"], "mean_change": 3.5, "loads": True})
+    s.apply(LoraVerified(-1, "/x/my.safetensors", False, 12, 10, ["not in the base model: lora_unet_x"], 3.5, True))
     html = train_tab.progress_html(s, running=False)
     assert "check of my.safetensors: 10/12 modules map onto the base model" in html
     assert "data-ok='false'" in html and "lora_unet_x" in html and "image change 3.50/255" in html
@@ -141,7 +142,7 @@ def test_the_app_trains_an_sdxl_lora_and_shows_its_check(settings, tiny_sdxl, tm
     assert manager.wait(timeout=600) == 0, run.log_tail()
     summary = run.poll()
     assert summary.finished == "completed" and summary.error == ""
-    assert summary.check["ok"] and summary.check["step"] == -1 and summary.check["loads"]
+    assert summary.check.ok and summary.check.step == -1 and summary.check.loads
     html = train_tab.progress_html(summary, running=False)
     assert "check of xl-run.safetensors" in html and "data-ok='true'" in html
     assert len(summary.samples) == 2  # before the first step and at the end
@@ -339,14 +340,16 @@ def test_merge_from_the_prompt_tab(settings, tiny_model, tmp_path):
 def test_the_status_line_says_starting_until_the_trainer_reports(tmp_path):
     from pathlib import Path
 
+    from core.events import Finished, Phase, RunStarted
+
     summary = RunSummary(Path(tmp_path / "my-run"))
     assert train_tab.status_text(summary, running=True).startswith("Starting **my-run**…")
-    summary.apply({"type": "phase", "name": "caching training latents", "done": 3, "total": 9})
+    summary.apply(Phase("caching training latents", 3, 9))
     assert "caching training latents 3/9" in train_tab.status_text(summary, running=True)
-    summary.apply({"type": "run_started", "total_steps": 10, "start_step": 0})
+    summary.apply(RunStarted(str(tmp_path / "my-run"), 10, 0, 5, 1, 1, 1, "cpu"))
     assert train_tab.status_text(summary, running=True) == "Training **my-run**."
     assert "ended without finishing" in train_tab.status_text(summary, running=False)
-    summary.apply({"type": "finished", "status": "stopped", "step": 4, "lora_path": "x.safetensors"})
+    summary.apply(Finished("stopped", 4, "x.safetensors"))
     assert "stopped at step" in train_tab.status_text(summary, running=False)
     summary.error = "dataset: no readable image"
     assert "failed" in train_tab.status_text(summary, running=False)
@@ -375,3 +378,21 @@ def test_past_runs_say_how_each_run_stands(settings, tiny_model, tmp_path):
                       "stopped-run": "stopped-run — stopped at step 3, resumable from step 3"}
     with pytest.raises(ConfigError, match="already completed its 2 steps"):
         RunManager(settings.outputs_dir).resume(settings.outputs_dir / "done-run")
+
+
+def test_events_read_back_as_their_classes_and_a_renamed_field_is_loud(tmp_path):
+    from core.events import Progress, jsonl_writer, parse, read_typed
+
+    path = tmp_path / "events.jsonl"
+    write = jsonl_writer(path)
+    write(Progress(3, 10, 0, 0.5, 1e-4, 2.0, 3.5))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"type": "progress", "stepp": 4, "total_steps": 10, "epoch": 0, "loss": 0.4, "lr": 0.0001, '
+                '"it_per_s": 2.0, "eta_s": 3.0, "time": 0}\n')
+    events, _ = read_typed(path)
+    assert isinstance(events[0], Progress) and events[0].step == 3
+    assert events[1].type == "message" and "progress event without step" in events[1].text
+    with pytest.raises(ValueError, match="without step"):
+        parse({"type": "progress", "stepp": 4})
+    summary = summarize(tmp_path)
+    assert summary.step == 3 and summary.messages[-1].startswith("warning: skipped an event")

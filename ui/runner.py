@@ -19,7 +19,22 @@ from pathlib import Path
 
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
-from core.events import read_events
+from core.events import (
+    CaptionFinished,
+    CaptionProgress,
+    CheckpointSaved,
+    Event,
+    Finished,
+    LoraVerified,
+    Message,
+    Phase,
+    Progress,
+    RunError,
+    RunStarted,
+    SampleWritten,
+    ValidationLoss,
+    read_typed,
+)
 from core.run_folder import (
     APP_LOG_ENV,
     RunPaths,
@@ -55,39 +70,39 @@ class RunSummary:
     error: str = ""
     finished: str = ""  # "completed" / "stopped" once done
     lora_path: str = ""
-    check: dict | None = None  # the newest lora_verified event (the final file's full check, once done)
+    check: LoraVerified | None = None  # the newest check of a LoRA file (the final file's full check, once done)
 
-    def apply(self, event: dict) -> None:
-        kind = event["type"]
-        if kind == "phase":
-            total = f" {event['done']}/{event['total']}" if event["total"] else ""
-            self.phase = f"{event['name']}{total}"
-        elif kind == "run_started":
-            self.total_steps, self.step, self.phase = event["total_steps"], event["start_step"], "training"
-        elif kind == "progress":
-            self.step, self.total_steps = event["step"], event["total_steps"]
-            self.it_per_s, self.eta_s = event["it_per_s"], event["eta_s"]
-            self.losses.append((event["step"], event["loss"]))
-        elif kind == "validation_loss":
-            self.validation.append((event["step"], event["loss"]))
-        elif kind == "sample":
-            self.samples.append((event["step"], event["path"], event["prompt"]))
-        elif kind == "checkpoint" and event["kind"] == "lora":
-            self.checkpoints.append(event["path"])
-        elif kind == "lora_verified":
-            self.check = event
-        elif kind == "message":
-            self.messages.append(f"{event['level']}: {event['text']}")
-        elif kind == "error":
-            self.error = event["message"]
-        elif kind == "finished":
-            self.finished, self.lora_path, self.phase = event["status"], event["lora_path"], event["status"]
+    def apply(self, event: Event) -> None:
+        match event:
+            case Phase():
+                total = f" {event.done}/{event.total}" if event.total else ""
+                self.phase = f"{event.name}{total}"
+            case RunStarted():
+                self.total_steps, self.step, self.phase = event.total_steps, event.start_step, "training"
+            case Progress():
+                self.step, self.total_steps = event.step, event.total_steps
+                self.it_per_s, self.eta_s = event.it_per_s, event.eta_s
+                self.losses.append((event.step, event.loss))
+            case ValidationLoss():
+                self.validation.append((event.step, event.loss))
+            case SampleWritten():
+                self.samples.append((event.step, event.path, event.prompt))
+            case CheckpointSaved(kind="lora"):
+                self.checkpoints.append(event.path)
+            case LoraVerified():
+                self.check = event
+            case Message():
+                self.messages.append(f"{event.level}: {event.text}")
+            case RunError():
+                self.error = event.message
+            case Finished():
+                self.finished, self.lora_path, self.phase = event.status, event.lora_path, event.status
 
 
 def summarize(run_dir: str | Path) -> RunSummary:
     """A finished or running run's summary from its whole events file."""
     summary = RunSummary(Path(run_dir))
-    events, _ = read_events(RunPaths(Path(run_dir)).events)
+    events, _ = read_typed(RunPaths(Path(run_dir)).events)
     for event in events:
         summary.apply(event)
     return summary
@@ -124,7 +139,7 @@ class CliJob:
         return self.process.poll() is None
 
     def poll(self):
-        events, self.offset = read_events(self.events_path, self.offset)
+        events, self.offset = read_typed(self.events_path, self.offset)
         for event in events:
             self.status.apply(event)
         code = self.process.poll()
@@ -198,7 +213,7 @@ class AttachedRun(ActiveRun):
         return self.lock.alive()
 
     def poll(self):
-        events, self.offset = read_events(self.events_path, self.offset)
+        events, self.offset = read_typed(self.events_path, self.offset)
         for event in events:
             self.status.apply(event)
         if not self.running and not (self.status.finished or self.status.error):
@@ -337,17 +352,17 @@ class CaptionStatus:
     failed: list[str] = field(default_factory=list)
     error: str = ""
 
-    def apply(self, event: dict) -> None:
-        kind = event["type"]
-        if kind == "caption_progress":
-            self.done, self.total = event["done"], event["total"]
-            self.last = f"{event['image']}: {event['caption']}"
-        elif kind == "caption_finished":
-            self.finished, self.stopped = True, event.get("stopped", False)
-            self.written, self.skipped = len(event["written"]), len(event["skipped"])
-            self.failed = [f"{name} ({reason})" for name, reason in event["failed"]]
-        elif kind == "error":
-            self.error = event["message"]
+    def apply(self, event: Event) -> None:
+        match event:
+            case CaptionProgress():
+                self.done, self.total = event.done, event.total
+                self.last = f"{event.image}: {event.caption}"
+            case CaptionFinished():
+                self.finished, self.stopped = True, event.stopped
+                self.written, self.skipped = len(event.written), len(event.skipped)
+                self.failed = [f"{name} ({reason})" for name, reason in event.failed]
+            case RunError():
+                self.error = event.message
 
     def text(self) -> str:
         if self.error:

@@ -11,6 +11,7 @@ from typing import Any
 
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
+from core.events import LoraVerified
 from ui import presets as presets_mod
 from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
 from ui.settings import AppSettings, model_choices
@@ -138,16 +139,16 @@ def progress_html(summary: RunSummary | None, running: bool) -> str:
     )
 
 
-def check_html(check: dict | None) -> str:
+def check_html(check: LoraVerified | None) -> str:
     """The newest LoRA file check: how many modules map onto the base model, the image change, problems."""
     if not check:
         return ""
-    name = html.escape(Path(check["path"]).name)
-    change = f" · image change {check['mean_change']:.2f}/255" if check.get("mean_change") is not None else ""
-    loads = " · diffusers loads it" if check.get("loads") else ""
-    verdict = "✓" if check["ok"] else "✗ " + html.escape("; ".join(check["problems"][:3]))
-    return (f"<br><span class='lora-check' data-ok='{str(check['ok']).lower()}'>check of {name}: "
-            f"{check['matched']}/{check['modules']} modules map onto the base model{loads}{change} {verdict}</span>")
+    name = html.escape(Path(check.path).name)
+    change = f" · image change {check.mean_change:.2f}/255" if check.mean_change is not None else ""
+    loads = " · diffusers loads it" if check.loads else ""
+    verdict = "✓" if check.ok else "✗ " + html.escape("; ".join(check.problems[:3]))
+    return (f"<br><span class='lora-check' data-ok='{str(check.ok).lower()}'>check of {name}: "
+            f"{check.matched}/{check.modules} modules map onto the base model{loads}{change} {verdict}</span>")
 
 
 def loss_frame(summary: RunSummary | None):
