@@ -11,6 +11,7 @@ key, the value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -440,8 +441,8 @@ def _check_paths(config: TrainConfig) -> None:
 
 
 def resolve_paths(config: TrainConfig) -> TrainConfig:
-    """Return a copy with local paths made absolute (hub ids are kept as they are)."""
-    config = from_dict(to_raw(config), check_paths=False)
+    """Return a copy with local paths made absolute (hub ids are kept as they are); nothing is re-validated."""
+    config = copy.deepcopy(config)
     if Path(config.model.path).expanduser().exists():
         config.model.path = str(Path(config.model.path).expanduser().resolve())
     config.dataset.path = str(Path(config.dataset.path).expanduser().resolve())

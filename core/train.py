@@ -218,14 +218,14 @@ def build_lr_scheduler(config: TrainConfig, optimizer, total_steps: int, num_pro
 
 def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambda: False,
         resume: bool = False) -> RunResult:
-    """Train a LoRA as ``config`` says. Raises ConfigError/DatasetError/ModelError on bad input.
+    """Train a LoRA as ``config`` says (a config from ``core.config.load``/``from_dict``, which validate it).
+    Raises ConfigError/DatasetError/ModelError on bad input.
 
     ``should_stop`` is polled after every optimizer step (as is a file named
     STOP in the run folder); when it says so, the LoRA and the resume state
     are saved and the function returns with status "stopped".
     """
-    config = config_mod.resolve_paths(config)
-    config_mod.validate(config)
+    config = config_mod.resolve_paths(config)  # validated where it entered the process (the CLI, the form)
     check_run_dir(config, resume)
     with trainer_lock(config.run_dir):
         accelerator = build_accelerator(config, emit)

@@ -204,3 +204,20 @@ def test_model_path_may_be_a_single_file_checkpoint(paths, tmp_path):
     other.write_text("x")
     with pytest.raises(ConfigError, match="is a file but not a checkpoint"):
         config.from_dict({**paths, "model": {"path": str(other)}})
+
+
+def test_a_config_is_validated_once_per_process_on_the_way_to_training(paths, tmp_path, monkeypatch):
+    """The form (or the CLI) validates; copying the paths and starting the run trust it."""
+    from core import train
+
+    calls = []
+    real = config.validate
+    monkeypatch.setattr(config, "validate", lambda cfg, **kw: (calls.append(1), real(cfg, **kw))[1])
+    cfg = config.from_dict({**paths, "output": {"dir": str(tmp_path / "out")}})
+    assert len(calls) == 1
+    resolved = config.resolve_paths(cfg)
+    assert resolved is not cfg and resolved.lora is not cfg.lora and len(calls) == 1
+    monkeypatch.setattr(train, "check_run_dir", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        train.run(cfg, lambda event: None)
+    assert len(calls) == 1

@@ -280,8 +280,7 @@ class RunManager:
         reason = self.busy()
         if reason:
             raise RunBusyError(f"{reason}; stop it or wait for it to finish before starting another")
-        config = config_mod.resolve_paths(config)
-        config_mod.validate(config)
+        config = config_mod.resolve_paths(config)  # validated by the form (and again by the training process)
         config_path, log_path = self._job_files(config.output.name)
         config_mod.save(config, config_path)
         self.active = ActiveRun(config.run_dir, ["train", str(config_path)], log_path, self.python)
