@@ -110,7 +110,7 @@ class LoraConfig:
     rank: int = opt(16, "LoRA rank (network dim): capacity of the adapter. 4-32 for a character or style.",
                     min=1, max=1024, group="basic")
     alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/rank. alpha = rank is neutral; "
-                       "alpha = rank/2 halves the effective learning rate.", min=1e-6, max=100000.0)
+                       "alpha = rank/2 halves the effective learning rate.", min=1e-6, max=100000.0, group="basic")
     dropout: float = opt(0.0, "Dropout on the LoRA path during training.", min=0.0, max=0.9)
     target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"],
                                     "UNet modules that get LoRA (names or name suffixes). The default covers "
@@ -159,7 +159,7 @@ class SampleConfig:
                              group="basic")
     negative_prompt: str = opt("", "Negative prompt for the sample images.")
     every_n_steps: int = opt(200, "Validation loss and samples every N steps (and always at the end); "
-                             "0: only at the end.", min=0, max=10_000_000)
+                             "0: only at the end.", min=0, max=10_000_000, group="basic")
     at_start: bool = opt(True, "Also validate and sample before the first step (the base model's baseline).")
     steps: int = opt(20, "Denoising steps per sample image.", min=1, max=1000)
     guidance_scale: float = opt(7.5, "Classifier-free guidance scale of the samples.", min=0.0, max=50.0)

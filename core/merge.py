@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from core.precision import NAMES, torch_dtype
 
 
 def merge(model: str, lora: str | Path, scale: float, out: str | Path, precision: str = "fp16",
@@ -28,8 +28,8 @@ def merge(model: str, lora: str | Path, scale: float, out: str | Path, precision
     lora = Path(lora)
     if not lora.is_file():
         raise FileNotFoundError(f"LoRA file {lora} does not exist")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in NAMES:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(NAMES)}")
     folder = resolve_model_path(model, revision)
     family = detect_family(folder)
     pipe = load_pipeline(str(folder), device="cpu", dtype=torch.float32)  # fuse in fp32, round once when saving
@@ -40,7 +40,7 @@ def merge(model: str, lora: str | Path, scale: float, out: str | Path, precision
     metadata = {"modelspec.title": Path(out).stem, "modelspec.architecture": _architecture(family),
                 "lora_studio.merged_lora": lora.name, "lora_studio.merged_scale": f"{scale:g}",
                 "lora_studio.base_model": folder.name}
-    return save_single_file(out, pipe.unet, pipe.vae, encoders, family.name, PRECISIONS[precision], metadata)
+    return save_single_file(out, pipe.unet, pipe.vae, encoders, family.name, torch_dtype(precision), metadata)
 
 
 def _architecture(family) -> str:

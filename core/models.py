@@ -154,12 +154,6 @@ def component_fingerprint(folder: Path, component: str) -> str:
     return h.hexdigest()[:16]
 
 
-def model_info(folder: Path) -> dict[str, Any]:
-    """What the model_index.json says (class name, components), for metadata."""
-    index = Path(folder) / "model_index.json"
-    return json.loads(index.read_text()) if index.is_file() else {}
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

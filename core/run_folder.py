@@ -151,7 +151,9 @@ def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, 
 
 
 def save_dtype(config: TrainConfig) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_precision]
+    from core.precision import torch_dtype
+
+    return torch_dtype(config.output.save_precision)
 
 
 def latest_state(run_dir: Path) -> Path | None:

@@ -145,7 +145,9 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
 
 
 def weight_dtype(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    from core.precision import torch_dtype
+
+    return torch_dtype(accelerator.mixed_precision)
 
 
 def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -509,7 +511,9 @@ class _Loop:
     def divergence(self, what: str) -> str:
         """What went wrong when training diverged, the likely causes (with this run's values) and what is kept."""
         c = self.config
-        precision = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(self.accelerator.mixed_precision, "fp32")
+        from core.precision import label
+
+        precision = label(self.accelerator.mixed_precision)
         causes = [f"train.learning_rate = {c.train.learning_rate:g} is too high (try {c.train.learning_rate / 10:g})"]
         scale = c.lora.alpha / c.lora.rank
         if scale > 1:

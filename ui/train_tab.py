@@ -16,10 +16,6 @@ from ui import presets as presets_mod
 from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
 from ui.settings import AppSettings, model_choices
 
-# Shown first, in this order; everything else goes into the Advanced accordion.
-BASIC = ["dataset.path", "model.path", "output.name", "train.max_train_steps", "train.max_train_epochs",
-         "dataset.repeats", "train.learning_rate", "lora.rank", "lora.alpha", "dataset.resolution", "dataset.buckets",
-         "train.batch_size", "sample.prompts", "sample.every_n_steps"]
 HIDDEN = {"output.dir"}  # the app keeps runs in its own outputs folder
 
 
@@ -29,13 +25,19 @@ def all_fields() -> list[str]:
     return [k for k in keys if k not in HIDDEN]
 
 
-def advanced_fields() -> list[str]:
-    return [k for k in all_fields() if k not in BASIC]
-
-
 def _info(key: str) -> dict:
     section, name = key.split(".")
     return config_mod.field_info(section, name)
+
+
+def basic_fields() -> list[str]:
+    """Shown first: the fields the config marks ``group="basic"``, in its order."""
+    return [k for k in all_fields() if _info(k)["group"] == "basic"]
+
+
+def advanced_fields() -> list[str]:
+    """Under the Advanced accordion: everything else."""
+    return [k for k in all_fields() if _info(k)["group"] != "basic"]
 
 
 # ------------------------------------------------------------ form <-> config
@@ -228,7 +230,7 @@ def build(settings: AppSettings, manager: RunManager):
         save_preset = gr.Button("Save preset", elem_id="train-save-preset", scale=1)
     with gr.Row():
         with gr.Column(scale=2):
-            for key in BASIC:
+            for key in basic_fields():
                 components[key] = field_component(key, defaults[key], settings)
             readout = gr.Markdown(elem_id="train-steps-readout")
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
