@@ -33,13 +33,12 @@ only inside them.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -128,6 +127,11 @@ class CaptionerBase:
                 where = f"it belongs to the {' and '.join(owners)} captioner" if owners else "no captioner has it"
                 raise CaptionError(f"the {cls.name} captioner has no option {_flag(key)} ({where})", kind="config")
         return {**cls.options, **options}
+
+    @staticmethod
+    def write_tiny(directory: str | os.PathLike, seed: int = 0) -> Path:
+        """Write a random-weight model of this kind (for tests and the demo) and return its folder."""
+        raise NotImplementedError
 
     def __enter__(self):
         return self
@@ -248,20 +252,6 @@ def download_hint(model: str, default_model: str = DEFAULT_BLIP, files: str = ""
     hub_id = model if is_hub_id(model) and "/" in model else default_model
     folder = f"models/{hub_id.split('/')[-1]}"
     return f"`hf download {hub_id}{' ' + files if files else ''} --local-dir {folder}` then --model {folder}"
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No per-file progress bars while loading or saving (they would bury the job's own lines)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------
@@ -423,16 +413,4 @@ def with_prefix(caption: str, prefix: str) -> str:
 
 def write_tiny_captioner(directory: str | os.PathLike, kind: str = "blip", seed: int = 0) -> Path:
     """Write a random-weight captioner of ``kind`` (blip, wd14 or florence2) for tests and the demo."""
-    if kind == "blip":
-        from core.caption_blip import write_tiny_blip
-
-        return write_tiny_blip(directory, seed)
-    if kind == "wd14":
-        from core.caption_tagger import write_tiny_tagger
-
-        return write_tiny_tagger(directory, seed)
-    if kind == "florence2":
-        from core.caption_florence import write_tiny_florence2
-
-        return write_tiny_florence2(directory, seed)
-    raise CaptionError(f"unknown captioner {kind!r}; choose one of: {', '.join(sorted(CAPTIONERS))}", kind="config")
+    return captioner_class(kind).write_tiny(directory, seed)

@@ -21,8 +21,8 @@ from core.caption import (
     load_failure,
     model_source,
     pick_device,
-    quiet_transformers,
 )
+from core.quiet import quiet_transformers
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,6 +36,10 @@ class BlipCaptioner(CaptionerBase):
     fp32 (a few seconds per image with the base model). Loading raises
     ``CaptionError`` with what to do, never a bare library traceback.
     """
+
+    @staticmethod
+    def write_tiny(directory, seed: int = 0) -> Path:
+        return write_tiny_blip(directory, seed)
 
     name = "blip"
     default_model = DEFAULT_BLIP

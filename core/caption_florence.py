@@ -27,8 +27,8 @@ from core.caption import (
     load_failure,
     model_source,
     pick_device,
-    quiet_transformers,
 )
+from core.quiet import quiet_transformers
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,6 +49,10 @@ class Florence2Captioner(CaptionerBase):
     0.5 GB; ``florence-community/Florence-2-large`` writes better captions).
     Loading raises ``CaptionError`` with what to do, never a bare library traceback.
     """
+
+    @staticmethod
+    def write_tiny(directory, seed: int = 0) -> Path:
+        return write_tiny_florence2(directory, seed)
 
     name = "florence2"
     default_model = DEFAULT_FLORENCE2

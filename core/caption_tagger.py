@@ -168,6 +168,10 @@ class WdTagger(CaptionerBase):
     onnxruntime-gpu build sees one, else the CPU; "cpu" or "cuda[:N]" force one.
     """
 
+    @staticmethod
+    def write_tiny(directory, seed: int = 0) -> Path:
+        return write_tiny_tagger(directory, seed)
+
     name = "wd14"
     default_model = DEFAULT_WD14
     options = {"threshold": 0.35, "character_threshold": 0.85, "exclude_tags": "", "include_rating": False}

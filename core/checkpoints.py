@@ -135,7 +135,7 @@ def _convert(path: Path, family: str, config: str, target: Path, offline: bool) 
     import diffusers
 
     from core.fsutil import new_folder
-    from core.models import quiet_local_loading
+    from core.quiet import quiet_local_loading
 
     cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}

@@ -460,16 +460,10 @@ def _is_main_process() -> bool:
 def _quiet_environment() -> None:
     """No telemetry, and no library chatter that buries the progress bar."""
     from core.privacy import no_telemetry
+    from core.quiet import quiet_libraries
 
     no_telemetry()
-    import logging
-    import warnings
-
-    for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*kernels.*")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    quiet_libraries()
 
 
 class _StopSignal:

@@ -85,6 +85,7 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto", dt
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from core.families import FamilyError, detect_family, get_family
+    from core.quiet import quiet_local_loading
     from core.text import TextEncoders
 
     folder = resolve_model_path(path, revision)
@@ -124,15 +125,6 @@ def _load_text_encoder(folder: Path, name: str, dtype):
     if cls is None:
         raise ValueError(f"{name} is a {architecture}, which this transformers does not have")
     return cls.from_pretrained(folder, subfolder=name, dtype=dtype)
-
-
-def quiet_local_loading() -> None:
-    """Turn off per-file "Loading weights" bars (after any download, whose bar is worth seeing)."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def component_fingerprint(folder: Path, component: str) -> str:

@@ -55,6 +55,12 @@ def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_g
     pred = unet(noisy, timesteps, states, added_cond_kwargs=added, return_dict=False)[0]
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
+        # Min-SNR-gamma (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", ICCV
+        # 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma) / SNR for a noise target. For a
+        # velocity target the weight is min(SNR, gamma) / (SNR + 1), as kohya's sd-scripts write it
+        # (apply_snr_weight), which is what users of A1111-era trainers expect; the diffusers example
+        # instead adds one before clamping, min(SNR + 1, gamma) / (SNR + 1), which weights the noisiest
+        # steps differently.
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)

@@ -60,7 +60,8 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from core.families import FamilyError, detect_family
-    from core.models import ModelError, quiet_local_loading, resolve_model_path
+    from core.models import ModelError, resolve_model_path
+    from core.quiet import quiet_local_loading
 
     folder = resolve_model_path(model, revision)
     quiet_local_loading()

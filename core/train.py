@@ -278,9 +278,10 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         accelerator.load_state(str(latest_state(config.run_dir)))
         generator.set_state(state.noise_rng)
         emit(Message("info", f"resumed from step {state.step} ({latest_state(config.run_dir).name})"))
-    loop = _Loop(config, accelerator, emit, should_stop, base, unet, text_encoder, optimizer, lr_scheduler,
-                 dataloader, state, generator, total, data_metadata(train_items, buckets),
-                 Validator(config, val_entries, base, accelerator.device))
+    loop = _Loop(config=config, accelerator=accelerator, emit=emit, should_stop=should_stop, base=base, unet=unet,
+                 text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
+                 state=state, generator=generator, total=total, data_info=data_metadata(train_items, buckets),
+                 validator=Validator(config, val_entries, base, accelerator.device))
     emit(RunStarted(str(config.run_dir), total, state.step, len(train_items), len(val_items),
                     config.train.batch_size, accelerator.num_processes, str(accelerator.device), resume))
     return loop.run(resume)
@@ -331,7 +332,7 @@ def _capped(frequency: list[tuple[str, int]]) -> dict[str, int]:
     return tags
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Loop:
     """The training loop and what it does between steps (validate, sample, save, stop)."""
 

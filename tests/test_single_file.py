@@ -51,7 +51,7 @@ def models(tiny_model, tiny_sd2, tiny_sdxl) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def pipes(models) -> dict:
-    from core.models import quiet_local_loading
+    from core.quiet import quiet_local_loading
 
     quiet_local_loading()
     return {name: _pipeline_class(name).from_pretrained(folder) for name, folder in models.items()}
