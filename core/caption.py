@@ -107,7 +107,8 @@ class CaptionerBase:
     """
 
     name: ClassVar[str] = ""
-    default_model: ClassVar[str] = ""
+    default_model: ClassVar[str] = ""  # what the command line uses when no --model is given
+    suggested_model: ClassVar[str] = ""  # what the app offers first (better captions, a larger download)
     options: ClassVar[dict[str, Any]] = {}  # option name -> default value
     default_max_new_tokens: ClassVar[int | None] = None  # None: it does not generate text
     # Why a picture got no caption, for the job's report.

@@ -43,6 +43,7 @@ class BlipCaptioner(CaptionerBase):
 
     name = "blip"
     default_model = DEFAULT_BLIP
+    suggested_model = "Salesforce/blip-image-captioning-large"
     default_max_new_tokens = 40
 
     def __init__(self, model: str = "", device: str | None = None):

@@ -56,6 +56,7 @@ class Florence2Captioner(CaptionerBase):
 
     name = "florence2"
     default_model = DEFAULT_FLORENCE2
+    suggested_model = "florence-community/Florence-2-large"
     options = {"task": "more-detailed"}
     default_max_new_tokens = 256  # a "more detailed" paragraph stays well under it
 

@@ -173,7 +173,7 @@ class WdTagger(CaptionerBase):
         return write_tiny_tagger(directory, seed)
 
     name = "wd14"
-    default_model = DEFAULT_WD14
+    default_model = suggested_model = DEFAULT_WD14
     options = {"threshold": 0.35, "character_threshold": 0.85, "exclude_tags": "", "include_rating": False}
     empty_reason = "no tag scored above the threshold (lower --threshold to get more tags)"
 

@@ -396,3 +396,26 @@ def test_events_read_back_as_their_classes_and_a_renamed_field_is_loud(tmp_path)
         parse({"type": "progress", "stepp": 4})
     summary = summarize(tmp_path)
     assert summary.step == 3 and summary.messages[-1].startswith("warning: skipped an event")
+
+
+def test_dataset_tab_handlers_are_plain_functions(settings, tmp_path):
+    from core.caption_edits import add_trigger_word
+    from ui import dataset_tab as tab
+
+    _, created = tab.on_create(settings, "pets")
+    assert "Created dataset `pets`" in created
+    drop = write_dataset(tmp_path / "drop", n=2)
+    files = sorted(str(p) for p in drop.iterdir())
+    cleared, message, _, gallery, counts = tab.on_upload(settings, "pets", tab.TOP_LEVEL, files)
+    assert cleared is None and "Added 2 image(s) and 2 caption file(s)" in message and len(gallery) == 2
+    assert tab.selected_picture(settings, "pets", tab.TOP_LEVEL, 1) == ("img1.png", "a photo of sks dog number 1")
+    message, counts = tab.on_save(settings, "pets", tab.TOP_LEVEL, "img1.png", "  sks on a sofa ")
+    assert message == "Saved the caption of `img1.png`." and "**2** captioned" in counts
+    message, _, _ = tab.bulk(settings, add_trigger_word, "pets", tab.TOP_LEVEL, "zzk")
+    assert message == "Changed 2 caption(s) in this folder."
+    message, gallery, _, picked, caption = tab.on_remove(settings, "pets", tab.TOP_LEVEL, "img1.png")
+    assert message.startswith("Removed `img1.png`") and len(gallery) == 1 and (picked, caption) == ("", "")
+    # Every failure is a message on screen, whatever the handler: no dataset, a bad folder name, no picture.
+    assert tab.on_save(settings, None, tab.TOP_LEVEL, "x.png", "t")[0] == "⚠️ create or pick a dataset first"
+    assert tab.on_upload(settings, "pets", "../escape", files)[1].startswith("⚠️")
+    assert tab.on_remove(settings, "pets", tab.TOP_LEVEL, "")[0] == "⚠️ pick a picture in the gallery first"

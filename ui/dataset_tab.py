@@ -5,7 +5,9 @@
 
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from core import caption_edits as edits
 from core import dataset_store as store
@@ -69,20 +71,19 @@ def import_message(report) -> str:
     return "\n".join(lines)
 
 
-DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
-# (label, name) of the captioners the Auto-caption box offers, and the hub model each suggests.
+# (label, name) of the captioners the Auto-caption box offers.
 CAPTIONER_KINDS = [("BLIP: a short sentence", "blip"), ("WD14 tags: booru style", "wd14"),
                    ("Florence-2: a detailed paragraph", "florence2")]
-HUB_CAPTIONERS = {"blip": DEFAULT_CAPTIONER, "wd14": "SmilingWolf/wd-swinv2-tagger-v3",
-                  "florence2": "florence-community/Florence-2-large"}
 FLORENCE_TASKS = [("One sentence", "caption"), ("A few sentences", "detailed"), ("A paragraph", "more-detailed")]
 
 
 def captioner_models(settings: AppSettings, kind: str = "blip") -> list[str]:
-    """Model folders of that kind of captioner under models/ first (offline), then the usual hub id
-    (downloaded on first use)."""
+    """Model folders of that kind of captioner under models/ first (offline), then the hub id the
+    captioner suggests (downloaded on first use)."""
+    from core.caption import captioner_class
+
     folders = sorted(settings.models_dir.iterdir()) if settings.models_dir.is_dir() else []
-    return [str(p) for p in folders if _captioner_kind(p) == kind] + [HUB_CAPTIONERS[kind]]
+    return [str(p) for p in folders if _captioner_kind(p) == kind] + [captioner_class(kind).suggested_model]
 
 
 def _captioner_kind(folder: Path) -> str | None:
@@ -102,28 +103,239 @@ def caption_options(kind: str, form: dict) -> dict:
         return {"threshold": form["threshold"], "character_threshold": form["character_threshold"],
                 "exclude_tags": (form.get("exclude_tags") or "").strip() or None}
     if kind == "florence2":
-        return {"task": form.get("task") or "more-detailed"}
+        return {"task": form.get("task") or _defaults("florence2")["task"]}
     return {}
 
 
-def build(settings: AppSettings):
+def _defaults(kind: str) -> dict:
+    """The captioner's own option defaults (core's, so the app and the command line agree)."""
+    from core.caption import captioner_class
+
+    return captioner_class(kind).options
+
+
+# ------------------------------------------------------------ handlers (plain functions; build() wires them)
+
+
+def folder_of(settings: AppSettings, name: str | None) -> Path | None:
+    """The dataset folder of a name from the picker, or None (no name, or no such dataset)."""
+    if not name:
+        return None
+    try:
+        return store.dataset_path(settings.datasets_dir, name)
+    except store.DatasetStoreError:
+        return None
+
+
+def view_of(settings: AppSettings, name: str | None, sub: str | None = TOP_LEVEL) -> Path | None:
+    """The folder the tab works on: the dataset or one of its concept subfolders (DatasetStoreError if bad)."""
+    return view_folder(folder_of(settings, name), sub)
+
+
+def listing(settings: AppSettings, name: str | None, sub: str | None = TOP_LEVEL) -> tuple[list, str]:
+    """(gallery items, counts line) of the folder in view; a bad folder name shows the dataset itself."""
+    root = folder_of(settings, name)
+    try:
+        view = view_folder(root, sub)
+    except store.DatasetStoreError:
+        view = root
+    return gallery_items(view, root), counts_text(view, root)
+
+
+class Outcome(NamedTuple):
+    """What an action on the folder in view leaves on screen."""
+
+    message: str
+    gallery: list
+    counts: str
+    ok: bool
+
+
+def in_folder(settings: AppSettings, name, sub, action) -> Outcome:
+    """Run ``action(folder) -> message`` on the folder in view, then list it again.
+
+    The one place that turns a DatasetStoreError (no dataset picked, a bad name, a refused edit) into a
+    message on screen.
+    """
+    try:
+        folder = view_of(settings, name, sub)
+        if folder is None:
+            raise store.DatasetStoreError("create or pick a dataset first")
+        message, ok = action(folder), True
+    except store.DatasetStoreError as exc:
+        message, ok = f"⚠️ {exc}", False
+    return Outcome(message, *listing(settings, name, sub), ok)
+
+
+def on_pick(settings: AppSettings, name):
     import gradio as gr
 
-    def folder_of(name: str | None) -> Path | None:
-        if not name:
-            return None
+    return gr.update(choices=subfolders(folder_of(settings, name)), value=TOP_LEVEL), *listing(settings, name)
+
+
+def on_folder(settings: AppSettings, name, sub):
+    try:
+        view_of(settings, name, sub)
+    except store.DatasetStoreError as exc:
+        return f"⚠️ {exc}", *listing(settings, name)
+    return "", *listing(settings, name, sub)
+
+
+def on_create(settings: AppSettings, name):
+    import gradio as gr
+
+    try:
+        folder = store.create_dataset(settings.datasets_dir, name or "")
+    except store.DatasetStoreError as exc:
+        return gr.skip(), f"⚠️ {exc}"
+    return (gr.update(choices=store.list_datasets(settings.datasets_dir), value=folder.name),
+            f"Created dataset `{folder.name}`. Drop pictures below.")
+
+
+def on_upload(settings: AppSettings, name, sub, files):
+    """Copy dropped files into the folder in view (a new concept folder is made); Gradio's copies go."""
+    import gradio as gr
+
+    paths = [getattr(f, "name", f) for f in files or []]
+
+    def add(folder: Path) -> str:
+        folder.mkdir(exist_ok=True)  # a new concept folder
         try:
-            return store.dataset_path(settings.datasets_dir, name)
-        except store.DatasetStoreError:
-            return None
+            return import_message(store.import_files(folder, paths, [Path(p).name for p in paths]))
+        finally:
+            discard_uploads(paths)  # the dataset holds its own copies now; Gradio's temp ones go
+
+    out = in_folder(settings, name, sub, add)
+    return None, out.message, gr.update(choices=subfolders(folder_of(settings, name))), out.gallery, out.counts
+
+
+def selected_picture(settings: AppSettings, name, sub, index: int | None) -> tuple[str, str]:
+    """(file name, caption) of the gallery's picture at ``index``; empty when there is none."""
+    folder = view_of(settings, name, sub)
+    images = store.list_images(folder) if folder and folder.is_dir() else []
+    if index is None or index >= len(images):
+        return "", ""
+    return images[index].name, images[index].caption
+
+
+def on_save(settings: AppSettings, name, sub, image_name, text):
+    def save(folder: Path) -> str:
+        if not image_name:
+            raise store.DatasetStoreError("pick a picture in the gallery first")
+        edits.save_caption(folder, image_name, text or "")
+        return f"Saved the caption of `{image_name}`."
+
+    out = in_folder(settings, name, sub, save)
+    return out.message, out.counts
+
+
+def on_remove(settings: AppSettings, name, sub, image_name):
+    def remove(folder: Path) -> str:
+        if not image_name:
+            raise store.DatasetStoreError("pick a picture in the gallery first")
+        moved = store.remove_image(folder, image_name)
+        return f"Removed `{image_name}` (kept in `{moved.parent}`; nothing is deleted)."
+
+    import gradio as gr
+
+    out = in_folder(settings, name, sub, remove)
+    cleared = ("", "") if out.ok else (gr.skip(), gr.skip())  # the picked picture and its caption
+    return out.message, out.gallery, out.counts, *cleared
+
+
+def bulk(settings: AppSettings, action, name, sub, *args):
+    """A bulk caption tool on the folder in view: (message, gallery, counts)."""
+    out = in_folder(settings, name, sub, lambda folder: f"Changed {action(folder, *args)} caption(s) in this folder.")
+    return out.message, out.gallery, out.counts
+
+
+def on_captioner(settings: AppSettings, kind):
+    import gradio as gr
+
+    models = captioner_models(settings, kind)
+    return (gr.update(choices=models, value=models[0]), gr.update(visible=kind == "wd14"),
+            gr.update(visible=kind == "florence2"))
+
+
+class CaptionJobs:
+    """The Auto-caption job of this app (one at a time), started and followed by the tab's handlers."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.job = None
+
+    def start(self, form: dict):
+        """``form``: the Auto-caption box's values by name (see CAPTION_FORM). -> (message, timer update)."""
+        import gradio as gr
+
+        from ui.runner import CaptionJob
+
+        try:
+            folder = view_of(self.settings, form["name"], form["folder"])
+        except store.DatasetStoreError as exc:
+            return f"⚠️ {exc}", gr.skip()
+        if folder is None or not folder.is_dir():
+            return "⚠️ create or pick a dataset first", gr.skip()
+        if self.job is not None and self.job.running:
+            return "⚠️ a captioning job is already running; stop it or wait", gr.skip()
+        if not form["model"]:
+            return "⚠️ enter a captioner model folder or hub id", gr.skip()
+        kind = form["kind"] or "blip"
+        self.job = CaptionJob(folder, form["model"], self.settings.outputs_dir / ".app", captioner=kind,
+                              prefix=form["prefix"] or "", overwrite=bool(form["overwrite"]),
+                              options=caption_options(kind, form))
+        return "Loading the captioner…", gr.Timer(active=True)
+
+    def tick(self, name, sub=TOP_LEVEL):
+        """-> (progress text, timer update, gallery, counts); the listing refreshes when the job ends."""
+        import gradio as gr
+
+        if self.job is None:
+            return gr.skip(), gr.Timer(active=False), gr.skip(), gr.skip()
+        status = self.job.poll()
+        if self.job.running:
+            return status.text(), gr.skip(), gr.skip(), gr.skip()
+        return status.text(), gr.Timer(active=False), *listing(self.settings, name, sub)
+
+    def stop(self) -> str:
+        if self.job is None or not self.job.running:
+            return "No captioning job is running."
+        self.job.stop()
+        return "Stopping after the current batch…"
+
+
+# Names of the Auto-caption box's inputs, as CaptionJobs.start reads them.
+CAPTION_FORM = ("name", "folder", "kind", "model", "prefix", "overwrite", "threshold", "character_threshold",
+                "exclude_tags", "task")
+
+
+# ------------------------------------------------------------------ layout
+
+
+def handler(fn, *first, name: str | None = None):
+    """``fn`` with its first arguments given, for gradio: it keeps a name (gradio's API name for the event,
+    which tests and scripts call it by) and shows gradio only the remaining arguments."""
+
+    def call(*args):
+        return fn(*first, *args)
+
+    call.__name__ = call.__qualname__ = name or fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
+def build(settings: AppSettings):
+    """The Dataset tab's layout and wiring (called inside a gr.Blocks); the handlers are the functions above."""
+    import gradio as gr
 
     names = store.list_datasets(settings.datasets_dir)
+    tagger = _defaults("wd14")
     with gr.Row():
         picker = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="dataset-name",
                              allow_custom_value=True, scale=3)
         new_name = gr.Textbox(label="New dataset", placeholder="my-character", elem_id="dataset-new-name", scale=3)
         create = gr.Button("Create", elem_id="dataset-create", scale=1)
-        sub = gr.Dropdown(subfolders(folder_of(names[0]) if names else None), value=TOP_LEVEL,
+        sub = gr.Dropdown(subfolders(folder_of(settings, names[0]) if names else None), value=TOP_LEVEL,
                           allow_custom_value=True, label="Folder (concept)", scale=3, elem_id="dataset-folder",
                           info="Pictures in a subfolder train with its own repeats (Health report → Folder "
                                "repeats). Type a new name to start one.")
@@ -149,16 +361,16 @@ def build(settings: AppSettings):
                                             allow_custom_value=True, label="Captioner model (folder or hub id)",
                                             elem_id="dataset-captioner-model")
                 with gr.Group(visible=False) as tagger_box:
-                    tag_threshold = gr.Slider(0.05, 1.0, value=0.35, step=0.01, label="Tag threshold",
+                    tag_threshold = gr.Slider(0.05, 1.0, value=tagger["threshold"], step=0.01, label="Tag threshold",
                                               info="Keep tags scoring above this; higher gives fewer, surer tags.",
                                               elem_id="dataset-tag-threshold")
-                    character_threshold = gr.Slider(0.05, 1.0, value=0.85, step=0.01,
+                    character_threshold = gr.Slider(0.05, 1.0, value=tagger["character_threshold"], step=0.01,
                                                     label="Character tag threshold",
                                                     elem_id="dataset-character-threshold")
                     exclude_tags = gr.Textbox(label="Tags to leave out (comma-separated)",
                                               placeholder="simple background, solo", elem_id="dataset-exclude-tags")
-                florence_task = gr.Dropdown(FLORENCE_TASKS, value="more-detailed", label="Caption length",
-                                            visible=False, elem_id="dataset-florence-task")
+                florence_task = gr.Dropdown(FLORENCE_TASKS, value=_defaults("florence2")["task"],
+                                            label="Caption length", visible=False, elem_id="dataset-florence-task")
                 caption_prefix = gr.Textbox(label="Trigger word to put first", elem_id="dataset-caption-prefix")
                 caption_overwrite = gr.Checkbox(False, label="Replace existing captions",
                                                 elem_id="dataset-caption-overwrite")
@@ -177,160 +389,39 @@ def build(settings: AppSettings):
                     prepend = gr.Button("Prepend", elem_id="dataset-prepend")
                     append = gr.Button("Append", elem_id="dataset-append")
     with gr.Accordion("Health report", open=False, elem_id="dataset-health-box"):
-        health_panel.build(folder_of, picker)
+        health_panel.build(partial(folder_of, settings), picker)
 
-    def view_of(name, folder_name=TOP_LEVEL) -> Path | None:
-        return view_folder(folder_of(name), folder_name)
-
-    def refresh(name, folder_name=TOP_LEVEL):
-        root = folder_of(name)
-        try:
-            view = view_folder(root, folder_name)
-        except store.DatasetStoreError:
-            view = root
-        return gallery_items(view, root), counts_text(view, root)
-
-    def on_pick(name):
-        return gr.update(choices=subfolders(folder_of(name)), value=TOP_LEVEL), *refresh(name)
-
-    def on_folder(name, folder_name):
-        try:
-            view_of(name, folder_name)
-        except store.DatasetStoreError as exc:
-            return f"⚠️ {exc}", *refresh(name)
-        return "", *refresh(name, folder_name)
-
-    def on_create(name):
-        try:
-            folder = store.create_dataset(settings.datasets_dir, name or "")
-        except store.DatasetStoreError as exc:
-            return gr.skip(), f"⚠️ {exc}"
-        return gr.update(choices=store.list_datasets(settings.datasets_dir), value=folder.name), \
-            f"Created dataset `{folder.name}`. Drop pictures below."
-
-    def on_upload(name, folder_name, files):
-        try:
-            folder = view_of(name, folder_name)
-        except store.DatasetStoreError as exc:
-            return None, f"⚠️ {exc}", gr.skip(), *refresh(name)
-        if folder is None:
-            return None, "⚠️ create or pick a dataset first", gr.skip(), *refresh(name)
-        folder.mkdir(exist_ok=True)  # a new concept folder
-        files = files or []
-        paths = [getattr(f, "name", f) for f in files]
-        try:
-            report = store.import_files(folder, paths, [Path(p).name for p in paths])
-        finally:
-            discard_uploads(paths)  # the dataset holds its own copies now; Gradio's temp ones go
-        return (None, import_message(report), gr.update(choices=subfolders(folder_of(name))),
-                *refresh(name, folder_name))
-
-    def on_select(name, folder_name, evt: gr.SelectData):
-        folder = view_of(name, folder_name)
-        images = store.list_images(folder) if folder and folder.is_dir() else []
-        if evt.index is None or evt.index >= len(images):
-            return "", ""
-        image = images[evt.index]
-        return image.name, image.caption
-
-    def on_save(name, folder_name, image_name, text):
-        folder = view_of(name, folder_name)
-        try:
-            if folder is None or not image_name:
-                raise store.DatasetStoreError("pick a picture in the gallery first")
-            edits.save_caption(folder, image_name, text or "")
-        except store.DatasetStoreError as exc:
-            return f"⚠️ {exc}", gr.skip()
-        return f"Saved the caption of `{image_name}`.", counts_text(folder, folder_of(name))
-
-    def on_remove(name, folder_name, image_name):
-        folder = view_of(name, folder_name)
-        try:
-            if folder is None or not image_name:
-                raise store.DatasetStoreError("pick a picture in the gallery first")
-            moved = store.remove_image(folder, image_name)
-        except store.DatasetStoreError as exc:
-            return f"⚠️ {exc}", *refresh(name, folder_name), gr.skip(), gr.skip()
-        return (f"Removed `{image_name}` (kept in `{moved.parent}`; nothing is deleted).",
-                *refresh(name, folder_name), "", "")
-
-    def bulk(action):
-        def run(name, folder_name, *args):
-            try:
-                folder = view_of(name, folder_name)
-                if folder is None:
-                    raise store.DatasetStoreError("create or pick a dataset first")
-                changed = action(folder, *args)
-            except store.DatasetStoreError as exc:
-                return f"⚠️ {exc}", *refresh(name, folder_name)
-            return f"Changed {changed} caption(s) in this folder.", *refresh(name, folder_name)
-        return run
-
-    jobs: dict = {"caption": None}
+    jobs = CaptionJobs(settings)
     caption_timer = gr.Timer(1.0, active=False)
+    caption_form = dict(zip(CAPTION_FORM, [picker, sub, caption_kind, caption_model, caption_prefix, caption_overwrite,
+                                           tag_threshold, character_threshold, exclude_tags, florence_task],
+                            strict=True))
 
-    caption_form = {"name": picker, "folder": sub, "kind": caption_kind, "model": caption_model,
-                    "prefix": caption_prefix, "overwrite": caption_overwrite, "threshold": tag_threshold,
-                    "character_threshold": character_threshold, "exclude_tags": exclude_tags, "task": florence_task}
-
-    def on_captioner(kind):
-        models = captioner_models(settings, kind)
-        return (gr.update(choices=models, value=models[0]), gr.update(visible=kind == "wd14"),
-                gr.update(visible=kind == "florence2"))
+    def on_select(name, folder_name, evt: gr.SelectData):  # gradio reads this annotation: defined here
+        return selected_picture(settings, name, folder_name, evt.index)
 
     def on_autocaption(values):
-        from ui.runner import CaptionJob
+        return jobs.start({key: values[component] for key, component in caption_form.items()})
 
-        form = {key: values[component] for key, component in caption_form.items()}
-        try:
-            folder = view_of(form["name"], form["folder"])
-        except store.DatasetStoreError as exc:
-            return f"⚠️ {exc}", gr.skip()
-        job = jobs["caption"]
-        if folder is None or not folder.is_dir():
-            return "⚠️ create or pick a dataset first", gr.skip()
-        if job is not None and job.running:
-            return "⚠️ a captioning job is already running; stop it or wait", gr.skip()
-        if not form["model"]:
-            return "⚠️ enter a captioner model folder or hub id", gr.skip()
-        kind = form["kind"] or "blip"
-        jobs["caption"] = CaptionJob(folder, form["model"], settings.outputs_dir / ".app", captioner=kind,
-                                     prefix=form["prefix"] or "", overwrite=bool(form["overwrite"]),
-                                     options=caption_options(kind, form))
-        return "Loading the captioner…", gr.Timer(active=True)
+    def tool(action):
+        return handler(bulk, settings, action, name="run")
 
-    def on_caption_tick(name, folder_name=TOP_LEVEL):
-        job = jobs["caption"]
-        if job is None:
-            return gr.skip(), gr.Timer(active=False), gr.skip(), gr.skip()
-        status = job.poll()
-        if job.running:
-            return status.text(), gr.skip(), gr.skip(), gr.skip()
-        return status.text(), gr.Timer(active=False), *refresh(name, folder_name)
-
-    def on_stop_caption():
-        job = jobs["caption"]
-        if job is None or not job.running:
-            return "No captioning job is running."
-        job.stop()
-        return "Stopping after the current batch…"
-
-    listing = [gallery, counts]
-    caption_kind.change(on_captioner, caption_kind, [caption_model, tagger_box, florence_task])
+    shown = [gallery, counts]
+    caption_kind.change(handler(on_captioner, settings), caption_kind, [caption_model, tagger_box, florence_task])
     autocaption.click(on_autocaption, set(caption_form.values()), [caption_progress, caption_timer])
-    caption_timer.tick(on_caption_tick, [picker, sub], [caption_progress, caption_timer, *listing],
-                       show_progress="hidden")
-    stop_caption.click(on_stop_caption, outputs=caption_progress)
-    picker.change(on_pick, picker, [sub, *listing])
-    sub.change(on_folder, [picker, sub], [message, *listing])
-    create.click(on_create, new_name, [picker, message])
-    upload.upload(on_upload, [picker, sub, upload], [upload, message, sub, *listing])
+    caption_timer.tick(handler(jobs.tick, name="on_caption_tick"), [picker, sub],
+                       [caption_progress, caption_timer, *shown], show_progress="hidden")
+    stop_caption.click(handler(jobs.stop, name="on_stop_caption"), outputs=caption_progress)
+    picker.change(handler(on_pick, settings), picker, [sub, *shown])
+    sub.change(handler(on_folder, settings), [picker, sub], [message, *shown])
+    create.click(handler(on_create, settings), new_name, [picker, message])
+    upload.upload(handler(on_upload, settings), [picker, sub, upload], [upload, message, sub, *shown])
     gallery.select(on_select, [picker, sub], [selected, caption])
-    save.click(on_save, [picker, sub, selected, caption], [message, counts])
-    remove.click(on_remove, [picker, sub, selected], [message, *listing, selected, caption])
-    add_trigger.click(bulk(edits.add_trigger_word), [picker, sub, trigger], [message, *listing])
-    do_replace.click(bulk(edits.find_replace), [picker, sub, find, replace], [message, *listing])
-    prepend.click(bulk(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *listing])
-    append.click(bulk(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *listing])
-    return {"picker": picker, "refresh": refresh, "listing": listing, "caption_model": caption_model,
+    save.click(handler(on_save, settings), [picker, sub, selected, caption], [message, counts])
+    remove.click(handler(on_remove, settings), [picker, sub, selected], [message, *shown, selected, caption])
+    add_trigger.click(tool(edits.add_trigger_word), [picker, sub, trigger], [message, *shown])
+    do_replace.click(tool(edits.find_replace), [picker, sub, find, replace], [message, *shown])
+    prepend.click(tool(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *shown])
+    append.click(tool(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *shown])
+    return {"picker": picker, "refresh": partial(listing, settings), "listing": shown, "caption_model": caption_model,
             "captioner": caption_kind}
