@@ -419,3 +419,20 @@ def test_dataset_tab_handlers_are_plain_functions(settings, tmp_path):
     assert tab.on_save(settings, None, tab.TOP_LEVEL, "x.png", "t")[0] == "⚠️ create or pick a dataset first"
     assert tab.on_upload(settings, "pets", "../escape", files)[1].startswith("⚠️")
     assert tab.on_remove(settings, "pets", tab.TOP_LEVEL, "")[0] == "⚠️ pick a picture in the gallery first"
+
+
+def test_a_saved_preset_keeps_every_changed_setting_and_applies_back(settings, tiny_model, tmp_path):
+    values = train_tab.form_defaults()
+    values.update({"dataset.path": str(tmp_path), "output.name": "mine", "lora.rank": 8.0,
+                   "train.lr_scheduler": "cosine", "sample.prompts": "a photo of sks\nsks at the beach",
+                   "dataset.random_flip": True, "train.noise_offset": 0.05})
+    raw = train_tab.preset_values(values)
+    assert raw == {"lora": {"rank": 8}, "train": {"lr_scheduler": "cosine", "noise_offset": 0.05},
+                   "sample": {"prompts": ["a photo of sks", "sks at the beach"]}, "dataset": {"random_flip": True}}
+    message, _ = train_tab.save_preset(settings, "my style", values)
+    assert message.startswith("Saved preset")
+    keys = train_tab.all_fields()
+    updates = dict(zip(keys, train_tab.apply_preset(settings, keys, "my style"), strict=True))
+    assert updates["train.lr_scheduler"]["value"] == "cosine" and updates["lora.rank"]["value"] == 8
+    assert updates["sample.prompts"]["value"] == "a photo of sks\nsks at the beach"
+    assert "value" not in updates["dataset.path"] and "value" not in updates["train.optimizer"]  # left alone

@@ -212,14 +212,135 @@ def run_choices(outputs_dir: Path) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------ gradio
 
 
+# ------------------------------------------------------------ handlers (plain functions; build() wires them)
+
+# What a preset leaves out: the run's own choices (its pictures, its model and its name), not settings.
+NOT_IN_PRESETS = ("dataset.path", "model.path", "output.name")
+
+
+def form_defaults() -> dict[str, Any]:
+    """What the form shows before the user changes anything."""
+    values = config_to_form(TrainConfig())
+    values["train.max_train_steps"] = 500
+    return values
+
+
+def preset_values(values: dict[str, Any]) -> dict:
+    """The settings the user changed from the form's defaults, as a partial config {"section": {key: value}}.
+
+    Values are read as the config reads them (8.0 from a number field is 8; a list field is one item per line).
+    """
+    defaults = form_defaults()
+    raw: dict = {}
+    for key, value in values.items():
+        hint = _info(key)["type"]
+        if hint is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if key in NOT_IN_PRESETS or value is None or value == defaults.get(key):
+            continue
+        if typing.get_origin(hint) is list:
+            value = [line.strip() for line in str(value).splitlines() if line.strip()]
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def start_run(settings: AppSettings, manager: RunManager, values: dict[str, Any]):
+    """Train with the form's settings: (status line, error box)."""
+    import gradio as gr
+
+    try:
+        run = manager.start(form_to_config(values, settings))
+    except (ConfigError, RunBusyError) as exc:
+        return f"⚠️ {exc}", gr.skip()
+    return f"Starting **{run.run_dir.name}**… (`python -m core train`)", ""
+
+
+def resume_run(manager: RunManager, run_dir, steps):
+    """Continue a past run from its last save: (status line, error box)."""
+    import gradio as gr
+
+    if not run_dir:
+        return "⚠️ pick a run under Past runs first", gr.skip()
+    try:
+        run = manager.resume(run_dir, int(steps or 0))
+    except (ConfigError, RunBusyError) as exc:
+        return f"⚠️ {exc}", gr.skip()
+    return f"Starting **{run.run_dir.name}** again from its last save… (`python -m core train --resume`)", ""
+
+
+def stop_run(manager: RunManager) -> str:
+    return "Stopping after the current step and saving…" if manager.stop() else "No run is training."
+
+
+def follow_run(manager: RunManager):
+    """The live view of the active run: (progress, plot, samples, log, error, status); nothing when none."""
+    import gradio as gr
+
+    active = manager.active
+    if active is None:
+        return (gr.skip(),) * 6
+    summary = active.poll()
+    running = active.running
+    return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), active.log_tail(),
+            error_text(summary), status_text(summary, running))
+
+
+def open_run(run_dir):
+    """A past run's view: (progress, plot, samples, error, its files)."""
+    import gradio as gr
+
+    from core.run_folder import run_status
+
+    if not run_dir:
+        return (gr.skip(),) * 5
+    summary = summarize(run_dir)
+    running = run_status(Path(run_dir)).state == "running"
+    return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), error_text(summary),
+            run_files_text(Path(run_dir)))
+
+
+def apply_preset(settings: AppSettings, keys: list[str], name):
+    """The form's new values from a preset, in the order of ``keys`` (untouched fields skipped)."""
+    import gradio as gr
+
+    if not name:
+        return [gr.skip()] * len(keys)
+    flat = {f"{s}.{k}": v for s, d in presets_mod.load_preset(settings.presets_dir, name).items()
+            for k, v in d.items()}
+    return [gr.update(value="\n".join(flat[key]) if isinstance(flat.get(key), list) else flat[key])
+            if key in flat else gr.skip() for key in keys]
+
+
+def save_preset(settings: AppSettings, name, values: dict[str, Any]):
+    """Save every setting the user changed as a preset: (status line, preset dropdown)."""
+    import gradio as gr
+
+    try:
+        path = presets_mod.save_preset(settings.presets_dir, name or "", preset_values(values))
+    except ConfigError as exc:
+        return f"⚠️ {exc}", gr.skip()
+    return f"Saved preset to {path}", gr.update(choices=presets_mod.list_presets(settings.presets_dir))
+
+
+def model_picked(model, current):
+    """Picking a model moves the resolution to its family's native size (unless the user chose another)."""
+    import gradio as gr
+
+    size = resolution_for(model, current)
+    return gr.update(value=size) if size else gr.skip()
+
+
+# ------------------------------------------------------------------ layout
+
+
 def build(settings: AppSettings, manager: RunManager):
     """The Train tab's components and events (called inside a gr.Blocks)."""
     import gradio as gr
 
     from ui.widgets import dataset_choices, field_component
 
-    defaults = config_to_form(TrainConfig())
-    defaults["train.max_train_steps"] = 500
+    defaults = form_defaults()
     components: dict[str, Any] = {}
     with gr.Row():
         preset = gr.Dropdown(presets_mod.list_presets(settings.presets_dir), label="Preset", value=None,
@@ -227,7 +348,7 @@ def build(settings: AppSettings, manager: RunManager):
         load_preset = gr.Button("Apply preset", elem_id="train-apply-preset", scale=1)
         preset_name = gr.Textbox(label="Save settings as preset", placeholder="my preset", scale=3,
                                  elem_id="train-preset-name")
-        save_preset = gr.Button("Save preset", elem_id="train-save-preset", scale=1)
+        save_preset_button = gr.Button("Save preset", elem_id="train-save-preset", scale=1)
     with gr.Row():
         with gr.Column(scale=2):
             for key in basic_fields():
@@ -250,8 +371,8 @@ def build(settings: AppSettings, manager: RunManager):
             with gr.Accordion("Past runs", open=False, elem_id="train-past-runs"):
                 runs = gr.Dropdown(label="Open a past run", choices=[], elem_id="train-runs")
                 with gr.Row():
-                    open_run = gr.Button("Open", elem_id="train-open-run")
-                    resume_run = gr.Button("Resume", elem_id="train-resume-run")
+                    open_button = gr.Button("Open", elem_id="train-open-run")
+                    resume_button = gr.Button("Resume", elem_id="train-resume-run")
                     resume_steps = gr.Number(0, precision=0, minimum=0, label="Train up to step",
                                              info="0: the run's own total. Another number trains it up to "
                                                   "that step instead (a finished run further).",
@@ -263,82 +384,38 @@ def build(settings: AppSettings, manager: RunManager):
     def as_values(data: dict) -> dict[str, Any]:
         return {keys[c]: v for c, v in data.items() if c in keys}
 
+    # Named functions: gradio's API names for the events (scripts and tests call them by these).
     def on_start(data):
-        try:
-            run = manager.start(form_to_config(as_values(data), settings))
-        except (ConfigError, RunBusyError) as exc:
-            return f"⚠️ {exc}", gr.skip()
-        return f"Starting **{run.run_dir.name}**… (`python -m core train`)", ""
+        return start_run(settings, manager, as_values(data))
 
     def on_resume(run_dir, steps):
-        if not run_dir:
-            return "⚠️ pick a run under Past runs first", gr.skip()
-        try:
-            run = manager.resume(run_dir, int(steps or 0))
-        except (ConfigError, RunBusyError) as exc:
-            return f"⚠️ {exc}", gr.skip()
-        return f"Starting **{run.run_dir.name}** again from its last save… (`python -m core train --resume`)", ""
+        return resume_run(manager, run_dir, steps)
 
     def on_stop():
-        return "Stopping after the current step and saving…" if manager.stop() else "No run is training."
+        return stop_run(manager)
 
     def on_tick():
-        active = manager.active
-        if active is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        summary = active.poll()
-        running = active.running
-        return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary),
-                active.log_tail(), error_text(summary), status_text(summary, running))
-
-    def on_open(run_dir):
-        if not run_dir:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        from core.run_folder import run_status
-
-        summary = summarize(run_dir)
-        running = run_status(Path(run_dir)).state == "running"
-        return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), error_text(summary),
-                run_files_text(Path(run_dir)))
+        return follow_run(manager)
 
     def on_apply_preset(name):
-        if not name:
-            return [gr.skip()] * len(components)
-        preset_values = presets_mod.load_preset(settings.presets_dir, name)
-        flat = {f"{s}.{k}": v for s, d in preset_values.items() for k, v in d.items()}
-        return [gr.update(value=flat[key]) if key in flat else gr.skip() for key in components]
+        return apply_preset(settings, list(components), name)
 
     def on_save_preset(data):
-        name, values = data.get(preset_name), as_values(data)
-        raw: dict = {}
-        for key in ("lora.rank", "lora.alpha", "dataset.resolution", "train.batch_size", "train.learning_rate",
-                    "train.mixed_precision", "train.gradient_checkpointing", "train.optimizer"):
-            section, field = key.split(".")
-            raw.setdefault(section, {})[field] = values[key]
-        try:
-            path = presets_mod.save_preset(settings.presets_dir, name or "", raw)
-        except ConfigError as exc:
-            return f"⚠️ {exc}", gr.skip()
-        return f"Saved preset to {path}", gr.update(choices=presets_mod.list_presets(settings.presets_dir))
+        return save_preset(settings, data.get(preset_name), as_values(data))
 
     start.click(on_start, inputs=inputs, outputs=[status, error])
     stop.click(on_stop, outputs=status)
     timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status], show_progress="hidden")
-    open_run.click(on_open, inputs=runs, outputs=[progress, plot, samples, error, status])
-    resume_run.click(on_resume, inputs=[runs, resume_steps], outputs=[status, error])
+    open_button.click(open_run, inputs=runs, outputs=[progress, plot, samples, error, status])
+    resume_button.click(on_resume, inputs=[runs, resume_steps], outputs=[status, error])
     load_preset.click(on_apply_preset, inputs=preset, outputs=list(components.values()))
-    save_preset.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
+    save_preset_button.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
     readout_inputs = [components[k] for k in ("dataset.path", "dataset.repeats", "train.batch_size",
                                               "train.max_train_epochs", "train.max_train_steps",
                                               "dataset.validation_split", "train.gradient_accumulation_steps")]
     for comp in readout_inputs:
         comp.change(lambda data: steps_readout(as_values(data)), inputs=set(readout_inputs), outputs=readout)
-
-    def on_model(model, current):
-        size = resolution_for(model, current)
-        return gr.update(value=size) if size else gr.skip()
-
-    components["model.path"].change(on_model, [components["model.path"], components["dataset.resolution"]],
+    components["model.path"].change(model_picked, [components["model.path"], components["dataset.resolution"]],
                                     components["dataset.resolution"])
     return {
         "components": components,
