@@ -55,6 +55,15 @@ def join_body(fn_index: int, data: list, session: str = "testsession") -> bytes:
                        "trigger_id": None}).encode()
 
 
+def handler_inputs(config: dict, api_name: str, values: dict) -> tuple[int, list]:
+    """(fn index, data) to run a handler through the queue, its inputs given by elem_id; an input not
+    given keeps the value the page starts with."""
+    dependency = next(d for d in config["dependencies"] if d["api_name"] == api_name)
+    components = {c["id"]: c.get("props", {}) for c in config["components"]}
+    data = [values.get(components[cid].get("elem_id"), components[cid].get("value")) for cid in dependency["inputs"]]
+    return dependency["id"], data
+
+
 def call(port: int, fn_index: int, data: list, session: str, timeout: float = 300) -> tuple[int, list[dict]]:
     """Run one event handler through the queue as the app's page does; (HTTP status, the stream's messages)."""
     own = f"http://127.0.0.1:{port}"

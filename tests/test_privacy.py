@@ -14,7 +14,7 @@ import time
 import pytest
 
 from core.privacy import ENVIRONMENT
-from tests.app_server import ROOT, join_body, request, running_app
+from tests.app_server import ROOT, handler_inputs, join_body, request, running_app
 
 ADDRESS = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"')
 
@@ -54,11 +54,12 @@ def test_the_app_connects_to_nothing_but_itself(tmp_path):
     with running_app(home, prefix=trace, unset=tuple(ENVIRONMENT)) as app:
         port = app["port"]
         config = json.loads(request(port, "GET", "/config")[1])
-        fn = {d["api_name"]: d["id"] for d in config["dependencies"]}
         # The Prompt tab's Generate: load the pipeline, make an image.
-        inputs = [str(model), None, 1.0, "a photo of sks", "", 0, 2, 7.5, 64, 64]
+        fn, inputs = handler_inputs(config, "on_generate", {
+            "prompt-model": str(model), "prompt-lora": None, "prompt-text": "a photo of sks", "prompt-steps": 2,
+            "prompt-width": 64, "prompt-height": 64})
         status, _ = request(port, "POST", "/gradio_api/queue/join", origin=f"http://127.0.0.1:{port}",
-                            body=join_body(fn["on_generate"], inputs), headers={"Content-Type": "application/json"})
+                            body=join_body(fn, inputs), headers={"Content-Type": "application/json"})
         assert status == 200
         status, stream = request(port, "GET", "/gradio_api/queue/data?session_hash=testsession")
         assert status == 200 and b"process_completed" in stream and b"Generated with" in stream, stream[-2000:]

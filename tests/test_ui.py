@@ -436,3 +436,18 @@ def test_a_saved_preset_keeps_every_changed_setting_and_applies_back(settings, t
     assert updates["train.lr_scheduler"]["value"] == "cosine" and updates["lora.rank"]["value"] == 8
     assert updates["sample.prompts"]["value"] == "a photo of sks\nsks at the beach"
     assert "value" not in updates["dataset.path"] and "value" not in updates["train.optimizer"]  # left alone
+
+
+def test_prompt_tab_handlers_take_the_form(tiny_model):
+    from core.sample import Previewer
+    from ui import prompt_tab
+
+    form = {"model": str(tiny_model), "lora": None, "scale": 1.0, "prompt": "a photo of sks", "negative": "",
+            "seed": 3, "steps": 2, "guidance": 7.5, "width": 64, "height": 64, "grid_loras": [],
+            "grid_scales": "0.5, 1"}
+    previewer = Previewer(device="cpu")
+    image, message = prompt_tab.generate(previewer, form)
+    assert image.size == (64, 64) and message == "Generated with the base model at seed 3."
+    assert prompt_tab.compare(previewer, form)[1] == "⚠️ pick a LoRA to compare with the base model"
+    assert prompt_tab.grid(previewer, form)[1] == "⚠️ pick one or more LoRA files for the grid"
+    assert prompt_tab.image_options({**form, "width": 70})["width"] == 64

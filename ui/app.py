@@ -35,9 +35,6 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
             with gr.Tab("Prompt", id="prompt", elem_id="tab-prompt"):
                 prompt = prompt_tab.build(settings, previewer)
 
-        def on_load(name):
-            return (*dataset["refresh"](name), *train["refresh"](), *prompt["refresh"](), *train["on_tick"]())
-
         def follow_dataset(name):
             """The Train tab trains the dataset picked in the Dataset tab."""
             from ui.widgets import dataset_choices
@@ -60,13 +57,12 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
                                    value=str(settings.models_dir / "tiny-blip"))
             return (f"Demo ready: {message}. Pick the `demo` dataset, train on the `tiny` model at resolution 64, "
                     f"then try the LoRA in the Prompt tab (width and height 64).", names, models, "blip", captioners,
-                    *prompt["refresh"]())
+                    *prompt["lists"].fn())
 
         demo.click(on_demo, outputs=[demo_message, dataset["picker"], train["model"], dataset["captioner"],
-                                     dataset["caption_model"], *prompt["refresh_outputs"]])
-        # A reload re-reads every list and re-attaches to the run in progress.
-        app.load(on_load, dataset["picker"],
-                 [*dataset["listing"], train["runs"], train["model"], train["dataset"], *prompt["refresh_outputs"],
-                  *train["tick_outputs"]])
+                                     dataset["caption_model"], *prompt["lists"].outputs])
+        # A page load re-reads what each tab lists (and the Train tab re-attaches to the run in progress).
+        for refresh in (*dataset["on_load"], *train["on_load"], *prompt["on_load"]):
+            app.load(refresh.fn, refresh.inputs, refresh.outputs)
     app.lora_studio = {"settings": settings, "manager": manager, "previewer": previewer}
     return app

@@ -15,6 +15,7 @@ from core.manifest import load_manifest
 from ui import health_panel
 from ui.server import discard_uploads
 from ui.settings import AppSettings
+from ui.widgets import Refresh
 
 TOP_LEVEL = "(top level)"  # the dataset folder itself in the Folder dropdown; other entries are subfolders
 
@@ -423,5 +424,5 @@ def build(settings: AppSettings):
     do_replace.click(tool(edits.find_replace), [picker, sub, find, replace], [message, *shown])
     prepend.click(tool(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *shown])
     append.click(tool(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *shown])
-    return {"picker": picker, "refresh": partial(listing, settings), "listing": shown, "caption_model": caption_model,
-            "captioner": caption_kind}
+    return {"picker": picker, "caption_model": caption_model, "captioner": caption_kind,
+            "on_load": [Refresh(handler(listing, settings, name="on_load_dataset"), [picker], shown)]}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from core.sample import Previewer
 from ui.settings import AppSettings, find_loras, find_models, model_choices
+from ui.widgets import Refresh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,85 @@ def merge_into_model(settings: AppSettings, model: str, lora: str, scale: float,
     return f"{proc.stdout.strip()}. It is in the model lists now (Refresh lists)."
 
 
+# ------------------------------------------------------------ handlers (plain functions; build() wires them)
+
+# The Prompt tab's settings, as the handlers read them from the form.
+FORM = ("model", "lora", "scale", "prompt", "negative", "seed", "steps", "guidance", "width", "height",
+        "grid_loras", "grid_scales")
+
+
+def image_options(form: dict) -> dict:
+    """Seed, steps, guidance, size and negative prompt as Previewer.generate takes them."""
+    return dict(seed=int(form["seed"] or 0), steps=int(form["steps"] or 20),
+                guidance_scale=float(form["guidance"] or 0), width=int(form["width"] or 512) // 8 * 8,
+                height=int(form["height"] or 512) // 8 * 8, negative_prompt=form["negative"])
+
+
+def generate(previewer: Previewer, form: dict):
+    """One image with the picked LoRA (or the base model): (image, message)."""
+    import gradio as gr
+
+    lora = form["lora"]
+    try:
+        image = previewer.generate(form["model"], form["prompt"], lora=lora or None, scale=float(form["scale"]),
+                                   **image_options(form))
+    except (OSError, ValueError) as exc:
+        return gr.skip(), f"⚠️ {exc}"
+    return image, f"Generated with {'LoRA ' + lora if lora else 'the base model'} at seed {int(form['seed'] or 0)}."
+
+
+def compare(previewer: Previewer, form: dict):
+    """The base model and the LoRA side by side at the same seed: (pair, message)."""
+    import gradio as gr
+
+    if not form["lora"]:
+        return gr.skip(), "⚠️ pick a LoRA to compare with the base model"
+    options = image_options(form)
+    try:
+        base = previewer.generate(form["model"], form["prompt"], lora=None, **options)
+        with_lora = previewer.generate(form["model"], form["prompt"], lora=form["lora"],
+                                       scale=float(form["scale"]), **options)
+    except (OSError, ValueError) as exc:
+        return gr.skip(), f"⚠️ {exc}"
+    return [(base, "base model"), (with_lora, f"with LoRA at {float(form['scale']):g}")], "Same seed, same settings."
+
+
+def grid(previewer: Previewer, form: dict):
+    """Checkpoints x strengths in one picture: (grid image, message)."""
+    import gradio as gr
+
+    files = form["grid_loras"]
+    try:
+        if not files:
+            raise ValueError("pick one or more LoRA files for the grid")
+        scales = parse_scales(form["grid_scales"])
+        image = previewer.grid(form["model"], form["prompt"], list(files), scales, **image_options(form))
+    except (OSError, ValueError) as exc:
+        return gr.skip(), f"⚠️ {exc}"
+    return image, f"{len(files)} files × {len(scales)} strengths at seed {int(form['seed'] or 0)}."
+
+
+def lists(settings: AppSettings):
+    """Fresh model and LoRA lists: (model, lora, grid LoRAs) updates."""
+    import gradio as gr
+
+    files = find_loras(settings.outputs_dir)
+    return gr.update(choices=model_choices(settings.models_dir)), gr.update(choices=files), gr.update(choices=files)
+
+
+def model_size(model):
+    """Default the size to what the model was made for (512 for SD 1.5, 64 for the tiny demo model)."""
+    import gradio as gr
+
+    from core.models import native_resolution
+
+    size = native_resolution(model) if model else None
+    return (gr.update(value=size), gr.update(value=size)) if size else (gr.skip(), gr.skip())
+
+
+# ------------------------------------------------------------------ layout
+
+
 def build(settings: AppSettings, previewer: Previewer):
     import gradio as gr
 
@@ -73,8 +153,8 @@ def build(settings: AppSettings, previewer: Previewer):
                 height = gr.Number(512, precision=0, minimum=64, maximum=2048, step=8, label="Height",
                                    elem_id="prompt-height")
             with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="prompt-generate")
-                compare = gr.Button("Compare with base", elem_id="prompt-compare")
+                generate_button = gr.Button("Generate", variant="primary", elem_id="prompt-generate")
+                compare_button = gr.Button("Compare with base", elem_id="prompt-compare")
             with gr.Accordion("Merge into the model", open=False, elem_id="prompt-merge-box"):
                 gr.Markdown("Fuse the LoRA at the strength above into the base model and save one single-file "
                             "checkpoint in models/ (the layout A1111 and ComfyUI load).")
@@ -86,64 +166,39 @@ def build(settings: AppSettings, previewer: Previewer):
             with gr.Accordion("Checkpoints × strengths grid", open=False):
                 grid_loras = gr.Dropdown(loras, multiselect=True, label="LoRA files", elem_id="prompt-grid-loras")
                 grid_scales = gr.Textbox("0.5, 0.75, 1.0", label="Strengths", elem_id="prompt-grid-scales")
-                grid = gr.Button("Make grid", elem_id="prompt-grid")
+                grid_button = gr.Button("Make grid", elem_id="prompt-grid")
         with gr.Column(scale=3):
             message = gr.Markdown(elem_id="prompt-message")
             output = gr.Image(label="Result", type="pil", elem_id="prompt-output", format="png")
             pair = gr.Gallery(label="Base | LoRA (same seed)", columns=2, elem_id="prompt-compare-output")
             grid_out = gr.Image(label="Grid", type="pil", elem_id="prompt-grid-output", format="png")
 
-    def opts(seed, steps, guidance, width, height, negative):
-        return dict(seed=int(seed or 0), steps=int(steps or 20), guidance_scale=float(guidance or 0),
-                    width=int(width or 512) // 8 * 8, height=int(height or 512) // 8 * 8, negative_prompt=negative)
+    form = dict(zip(FORM, [model, lora, scale, prompt, negative, seed, steps, guidance, width, height, grid_loras,
+                           grid_scales], strict=True))
+    inputs = set(form.values())
 
-    def on_generate(model, lora, scale, prompt, negative, seed, steps, guidance, width, height):
-        try:
-            image = previewer.generate(model, prompt, lora=lora or None, scale=float(scale),
-                                       **opts(seed, steps, guidance, width, height, negative))
-        except (OSError, ValueError) as exc:
-            return gr.skip(), f"⚠️ {exc}"
-        return image, f"Generated with {'LoRA ' + lora if lora else 'the base model'} at seed {int(seed or 0)}."
+    def values(data: dict) -> dict:
+        return {name: data[component] for name, component in form.items()}
 
-    def on_compare(model, lora, scale, prompt, negative, seed, steps, guidance, width, height):
-        if not lora:
-            return gr.skip(), "⚠️ pick a LoRA to compare with the base model"
-        kw = opts(seed, steps, guidance, width, height, negative)
-        try:
-            base = previewer.generate(model, prompt, lora=None, **kw)
-            with_lora = previewer.generate(model, prompt, lora=lora, scale=float(scale), **kw)
-        except (OSError, ValueError) as exc:
-            return gr.skip(), f"⚠️ {exc}"
-        return [(base, "base model"), (with_lora, f"with LoRA at {float(scale):g}")], "Same seed, same settings."
+    # Named functions: gradio's API names for the events (scripts and tests call them by these).
+    def on_generate(data):
+        return generate(previewer, values(data))
 
-    def on_grid(model, files, scales, prompt, negative, seed, steps, guidance, width, height):
-        try:
-            if not files:
-                raise ValueError("pick one or more LoRA files for the grid")
-            image = previewer.grid(model, prompt, list(files), parse_scales(scales),
-                                   **opts(seed, steps, guidance, width, height, negative))
-        except (OSError, ValueError) as exc:
-            return gr.skip(), f"⚠️ {exc}"
-        return image, f"{len(files)} files × {len(parse_scales(scales))} strengths at seed {int(seed or 0)}."
+    def on_compare(data):
+        return compare(previewer, values(data))
+
+    def on_grid(data):
+        return grid(previewer, values(data))
 
     def on_refresh():
-        files = find_loras(settings.outputs_dir)
-        return (gr.update(choices=model_choices(settings.models_dir)), gr.update(choices=files),
-                gr.update(choices=files))
+        return lists(settings)
 
-    def on_model(model):
-        """Default the size to what the model was made for (512 for SD 1.5, 64 for the tiny demo model)."""
-        from core.models import native_resolution
-
-        size = native_resolution(model) if model else None
-        return (gr.update(value=size), gr.update(value=size)) if size else (gr.skip(), gr.skip())
-
-    common = [prompt, negative, seed, steps, guidance, width, height]
-    model.change(on_model, model, [width, height])
-    generate.click(on_generate, [model, lora, scale, *common], [output, message])
-    compare.click(on_compare, [model, lora, scale, *common], [pair, message])
-    grid.click(on_grid, [model, grid_loras, grid_scales, *common], [grid_out, message])
+    model.change(model_size, model, [width, height])
+    generate_button.click(on_generate, inputs, [output, message])
+    compare_button.click(on_compare, inputs, [pair, message])
+    grid_button.click(on_grid, inputs, [grid_out, message])
     refresh.click(on_refresh, outputs=[model, lora, grid_loras])
     merge_button.click(lambda m, lo, sc, n, pr: merge_into_model(settings, m, lo, sc, n, pr),
                        [model, lora, scale, merge_name, merge_precision], message)
-    return {"refresh": on_refresh, "refresh_outputs": [model, lora, grid_loras]}
+    return {"lists": Refresh(on_refresh, [], [model, lora, grid_loras]),
+            "on_load": [Refresh(on_refresh, [], [model, lora, grid_loras])]}

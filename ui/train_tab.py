@@ -15,6 +15,7 @@ from core.events import LoraVerified
 from ui import presets as presets_mod
 from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
 from ui.settings import AppSettings, model_choices
+from ui.widgets import Refresh
 
 HIDDEN = {"output.dir"}  # the app keeps runs in its own outputs folder
 
@@ -417,15 +418,17 @@ def build(settings: AppSettings, manager: RunManager):
         comp.change(lambda data: steps_readout(as_values(data)), inputs=set(readout_inputs), outputs=readout)
     components["model.path"].change(model_picked, [components["model.path"], components["dataset.resolution"]],
                                     components["dataset.resolution"])
+
+    def on_load_lists():
+        return (gr.update(choices=run_choices(settings.outputs_dir)),
+                gr.update(choices=model_choices(settings.models_dir)), gr.update(choices=dataset_choices(settings)))
+
     return {
         "components": components,
-        "runs": runs,
-        "refresh": lambda: (gr.update(choices=run_choices(settings.outputs_dir)),
-                            gr.update(choices=model_choices(settings.models_dir)),
-                            gr.update(choices=dataset_choices(settings))),
         "model": components["model.path"],
         "dataset": components["dataset.path"],
         "timer": timer,
-        "on_tick": on_tick,
-        "tick_outputs": [progress, plot, samples, log, error, status],
+        # A page load re-reads the lists and re-attaches to the run in progress.
+        "on_load": [Refresh(on_load_lists, [], [runs, components["model.path"], components["dataset.path"]]),
+                    Refresh(on_tick, [], [progress, plot, samples, log, error, status])],
     }

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import typing
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from ui.settings import AppSettings, find_models, model_choices
+
+
+class Refresh(NamedTuple):
+    """What a tab shows afresh when a page loads: ``fn(*inputs)`` fills ``outputs``, in their order."""
+
+    fn: Callable
+    inputs: list
+    outputs: list
+
 
 LABELS = {
     "dataset.path": "Dataset folder",
