@@ -79,33 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .png")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("caption", help="write a .txt caption beside every image in a folder with a captioning model")
-    p.add_argument("dir", help="folder of images (only its top level is captioned)")
-    p.add_argument("--captioner", default="blip",
-                   help="blip (a short sentence, the default), wd14 (booru tags) or florence2 (a detailed paragraph)")
-    p.add_argument("--model", default="",
-                   help="model folder or hub id (default: Salesforce/blip-image-captioning-base, "
-                        "SmilingWolf/wd-swinv2-tagger-v3 or florence-community/Florence-2-base)")
-    p.add_argument("--prefix", default="", help="trigger word put first in every caption: 'TRIGGER, caption'")
-    p.add_argument("--overwrite", action="store_true", help="replace existing captions (default: keep them)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest caption in tokens, blip and florence2 (default 40 and 256)")
-    p.add_argument("--events", help="append progress events to this .jsonl file (what the app polls)")
-    tagger = p.add_argument_group("wd14 tagger options")
-    tagger.add_argument("--threshold", type=float, default=None,
-                        help="keep general tags scoring above this (0-1, default 0.35; higher: fewer, surer tags)")
-    tagger.add_argument("--character-threshold", type=float, default=None,
-                        help="keep character tags scoring above this (0-1, default 0.85)")
-    tagger.add_argument("--exclude-tags", default=None,
-                        help="comma-separated tags never to write, e.g. 'simple background, solo'")
-    tagger.add_argument("--include-rating", action="store_true", default=None,
-                        help="put the rating tag (general, sensitive, ...) first; left out by default")
-    florence = p.add_argument_group("florence2 options")
-    florence.add_argument("--task", default=None,
-                          help="caption (one sentence), detailed or more-detailed (a paragraph, the default)")
-    p.set_defaults(func=cmd_caption)
+    _add_caption_command(sub)
 
     p = sub.add_parser("tiny-captioner", help="write a small random-weight captioner (for tests and demos)")
     p.add_argument("dir", help="folder to create")
@@ -143,6 +117,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON (version 1 layout)")
     p.set_defaults(func=cmd_check_dataset)
     return parser
+
+
+def _add_caption_command(sub) -> None:
+    """``python -m core caption``: the options every captioner has, then each captioner's own."""
+    p = sub.add_parser("caption", help="write a .txt caption beside every image in a folder with a captioning model")
+    p.add_argument("dir", help="folder of images (only its top level is captioned)")
+    p.add_argument("--captioner", default="blip",
+                   help="blip (a short sentence, the default), wd14 (booru tags) or florence2 (a detailed paragraph)")
+    p.add_argument("--model", default="",
+                   help="model folder or hub id (default: Salesforce/blip-image-captioning-base, "
+                        "SmilingWolf/wd-swinv2-tagger-v3 or florence-community/Florence-2-base)")
+    p.add_argument("--prefix", default="", help="trigger word put first in every caption: 'TRIGGER, caption'")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions (default: keep them)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest caption in tokens, blip and florence2 (default 40 and 256)")
+    p.add_argument("--events", help="append progress events to this .jsonl file (what the app polls)")
+    tagger = p.add_argument_group("wd14 tagger options")
+    tagger.add_argument("--threshold", type=float, default=None,
+                        help="keep general tags scoring above this (0-1, default 0.35; higher: fewer, surer tags)")
+    tagger.add_argument("--character-threshold", type=float, default=None,
+                        help="keep character tags scoring above this (0-1, default 0.85)")
+    tagger.add_argument("--exclude-tags", default=None,
+                        help="comma-separated tags never to write, e.g. 'simple background, solo'")
+    tagger.add_argument("--include-rating", action="store_true", default=None,
+                        help="put the rating tag (general, sensitive, ...) first; left out by default")
+    florence = p.add_argument_group("florence2 options")
+    florence.add_argument("--task", default=None,
+                          help="caption (one sentence), detailed or more-detailed (a paragraph, the default)")
+    p.set_defaults(func=cmd_caption)
 
 
 # ================================================================ commands

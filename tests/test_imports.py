@@ -108,3 +108,14 @@ def test_core_has_no_import_circles():
     graph = core_import_graph()
     assert len(graph) > 20
     assert import_cycles(graph) == []
+
+
+def test_no_function_outside_the_tests_is_over_100_lines():
+    import ast
+
+    long = []
+    for path in [*(ROOT / "core").rglob("*.py"), *(ROOT / "ui").rglob("*.py"), ROOT / "launch.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []

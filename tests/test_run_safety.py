@@ -260,79 +260,53 @@ def _wait_for(condition, timeout: float = 300, proc=None):
     raise AssertionError("timed out")
 
 
-def test_a_killed_trainer_is_interrupted_and_resumes_in_the_app(tiny_model, tmp_path):
+def test_a_trainer_outlives_the_app_is_found_again_killed_resumed_and_stopped(tiny_model, tmp_path):
+    """One run through what happens to a trainer the app does not own: started from the command line (or by
+    an app that has since closed), found by an app that starts now, refused a twin, killed, resumed from the
+    app, found again by the next app start and stopped from there."""
     from ui.runner import RunManager, summarize
 
     outputs = tmp_path / "outputs"
     data = write_dataset(tmp_path / "d", n=3)
-    cfg = tiny_config(tiny_model, data, outputs, name="killed",
+    cfg = tiny_config(tiny_model, data, outputs, name="outside",
                       **{"train.max_train_steps": 100000, "output.save_every_n_steps": 2, "sample.prompts": []})
-    proc = subprocess.Popen([sys.executable, "-m", "core", "train", str(_save(cfg, tmp_path / "k.toml")),
-                             "--no-progress"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = _save(cfg, tmp_path / "o.toml")
+    log = tmp_path / "outside.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "core", "train", str(path)], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "LORA_STUDIO_LOG": str(log)})
     _wait_for(lambda: (latest_state(cfg.run_dir) or Path("step-00000000")).name >= "step-00000004", proc=proc)
-    assert read_lock(cfg.run_dir).pid == proc.pid
-    assert run_status(cfg.run_dir).state == "running"
-    # Re-attached by an app that starts now; a second run is refused while it lives.
+    assert read_lock(cfg.run_dir).pid == proc.pid and run_status(cfg.run_dir).state == "running"
+    # A second trainer on the live run is refused, even with overwrite, and names the process.
+    twin = _cli(["train", str(path), "--set", "output.overwrite=true"])
+    assert twin.returncode == 2 and f"being trained right now by process {proc.pid}" in twin.stderr
+    # An app that starts now follows it (with its log) and refuses to start another run beside it.
     manager = RunManager(outputs)
-    assert manager.active is not None and manager.active.run_dir == cfg.run_dir and manager.active.running
+    assert manager.active.run_dir == cfg.run_dir and manager.active.running and manager.active.lock.log == str(log)
+    assert "step" in manager.active.log_tail()
     with pytest.raises(Exception, match="already training"):
         manager.start(tiny_config(tiny_model, data, outputs, name="second"))
+    # Killed (no chance to clean up): interrupted, resumable from its last save.
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     status = run_status(cfg.run_dir)
     assert status.state == "interrupted" and status.resumable_from >= 4
     assert "resumable from step" in status.label()
-    summary = manager.active.poll()
-    assert "ended without finishing" in summary.error and not manager.active.running
-    # Resume in the app, up to 4 steps past the save (its own total of 100000 would never end here).
-    target = status.resumable_from + 4
-    run = manager.resume(cfg.run_dir, target)
-    assert manager.wait(timeout=300) == 0, run.log_tail()
-    assert run_status(cfg.run_dir).state == "completed"
+    assert "ended without finishing" in manager.active.poll().error and not manager.active.running
+    # Resumed from the app; the next app start (this one closed) finds that run and stops it cleanly.
+    saved = status.resumable_from
+    resumed = manager.resume(cfg.run_dir, saved + 1000)
+    _wait_for(lambda: summarize(cfg.run_dir).step >= saved + 2, proc=resumed.process)
+    restarted = RunManager(outputs)
+    assert restarted.active.running and restarted.active.lock.pid == resumed.process.pid
+    assert restarted.stop()
+    assert resumed.process.wait(timeout=120) == 0
+    restarted.wait(timeout=30)
+    assert restarted.active.poll().finished == "stopped" and run_status(cfg.run_dir).state == "stopped"
     steps = [s for s, _ in summarize(cfg.run_dir).losses]
-    assert steps[-1] == target and status.resumable_from + 1 in steps  # the curve continues
+    assert saved + 1 in steps and saved + 2 in steps  # the curve carries on from the save
     assert not (cfg.run_dir / LOCK_FILE).exists()
-
-
-def test_stop_reaches_a_trainer_the_app_did_not_start(tiny_model, tmp_path):
-    from ui.runner import RunManager
-
-    outputs = tmp_path / "outputs"
-    data = write_dataset(tmp_path / "d", n=3)
-    cfg = tiny_config(tiny_model, data, outputs, name="outside",
-                      **{"train.max_train_steps": 100000, "output.save_every_n_steps": 0, "sample.prompts": []})
-    log = tmp_path / "outside.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "core", "train", str(_save(cfg, tmp_path / "o.toml"))],
-                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "LORA_STUDIO_LOG": str(log)},
-                                stdout=out, stderr=subprocess.STDOUT)
-        _wait_for(lambda: any(e["type"] == "progress" for e in read_events(cfg.run_dir / "events.jsonl")[0]),
-                  proc=proc)
-        manager = RunManager(outputs)
-        assert manager.active.running and manager.active.lock.log == str(log)
-        assert manager.stop()
-        assert proc.wait(timeout=120) == 0
-    manager.wait(timeout=30)
-    assert manager.active.poll().finished == "stopped"
-    assert run_status(cfg.run_dir).state == "stopped"
-
-
-def test_a_second_trainer_on_a_live_run_is_refused(tiny_model, tmp_path):
-    data = write_dataset(tmp_path / "d", n=3)
-    cfg = tiny_config(tiny_model, data, tmp_path / "out", name="busy",
-                      **{"train.max_train_steps": 100000, "output.save_every_n_steps": 0, "sample.prompts": []})
-    path = _save(cfg, tmp_path / "b.toml")
-    proc = subprocess.Popen([sys.executable, "-m", "core", "train", str(path), "--no-progress"], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(lambda: run_status(cfg.run_dir).state == "running", proc=proc)
-        second = _cli(["train", str(path), "--set", "output.overwrite=true"])
-        assert second.returncode == 2 and f"being trained right now by process {proc.pid}" in second.stderr
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 def test_leftovers_of_killed_saves_are_never_offered_and_are_cleaned(tiny_model, tmp_path):

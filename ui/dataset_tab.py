@@ -325,12 +325,47 @@ def handler(fn, *first, name: str | None = None):
     return call
 
 
+def autocaption_box(settings: AppSettings) -> dict:
+    """The Auto-caption accordion's components by name (CAPTION_FORM's, the buttons, the progress line)."""
+    import gradio as gr
+
+    tagger = _defaults("wd14")
+    with gr.Accordion("Auto-caption", open=False, elem_id="dataset-autocaption-box"):
+        caption_kind = gr.Dropdown(CAPTIONER_KINDS, value="blip", label="Captioner",
+                                   info="Sentences for photo models, tags for anime-style ones. "
+                                        "Runs on the GPU when present.", elem_id="dataset-captioner")
+        caption_model = gr.Dropdown(captioner_models(settings), value=captioner_models(settings)[0],
+                                    allow_custom_value=True, label="Captioner model (folder or hub id)",
+                                    elem_id="dataset-captioner-model")
+        with gr.Group(visible=False) as tagger_box:
+            tag_threshold = gr.Slider(0.05, 1.0, value=tagger["threshold"], step=0.01, label="Tag threshold",
+                                      info="Keep tags scoring above this; higher gives fewer, surer tags.",
+                                      elem_id="dataset-tag-threshold")
+            character_threshold = gr.Slider(0.05, 1.0, value=tagger["character_threshold"], step=0.01,
+                                            label="Character tag threshold",
+                                            elem_id="dataset-character-threshold")
+            exclude_tags = gr.Textbox(label="Tags to leave out (comma-separated)",
+                                      placeholder="simple background, solo", elem_id="dataset-exclude-tags")
+        florence_task = gr.Dropdown(FLORENCE_TASKS, value=_defaults("florence2")["task"],
+                                    label="Caption length", visible=False, elem_id="dataset-florence-task")
+        caption_prefix = gr.Textbox(label="Trigger word to put first", elem_id="dataset-caption-prefix")
+        caption_overwrite = gr.Checkbox(False, label="Replace existing captions",
+                                        elem_id="dataset-caption-overwrite")
+        with gr.Row():
+            autocaption = gr.Button("Caption pictures", variant="primary", elem_id="dataset-autocaption")
+            stop_caption = gr.Button("Stop", elem_id="dataset-autocaption-stop")
+        caption_progress = gr.Markdown(elem_id="dataset-caption-progress")
+    return {"kind": caption_kind, "model": caption_model, "prefix": caption_prefix, "overwrite": caption_overwrite,
+            "threshold": tag_threshold, "character_threshold": character_threshold, "exclude_tags": exclude_tags,
+            "task": florence_task, "tagger_box": tagger_box, "start": autocaption, "stop": stop_caption,
+            "progress": caption_progress}
+
+
 def build(settings: AppSettings):
     """The Dataset tab's layout and wiring (called inside a gr.Blocks); the handlers are the functions above."""
     import gradio as gr
 
     names = store.list_datasets(settings.datasets_dir)
-    tagger = _defaults("wd14")
     with gr.Row():
         picker = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="dataset-name",
                              allow_custom_value=True, scale=3)
@@ -354,31 +389,7 @@ def build(settings: AppSettings):
             with gr.Row():
                 save = gr.Button("Save caption", variant="primary", elem_id="dataset-save-caption")
                 remove = gr.Button("Remove from dataset", variant="stop", elem_id="dataset-remove")
-            with gr.Accordion("Auto-caption", open=False, elem_id="dataset-autocaption-box"):
-                caption_kind = gr.Dropdown(CAPTIONER_KINDS, value="blip", label="Captioner",
-                                           info="Sentences for photo models, tags for anime-style ones. "
-                                                "Runs on the GPU when present.", elem_id="dataset-captioner")
-                caption_model = gr.Dropdown(captioner_models(settings), value=captioner_models(settings)[0],
-                                            allow_custom_value=True, label="Captioner model (folder or hub id)",
-                                            elem_id="dataset-captioner-model")
-                with gr.Group(visible=False) as tagger_box:
-                    tag_threshold = gr.Slider(0.05, 1.0, value=tagger["threshold"], step=0.01, label="Tag threshold",
-                                              info="Keep tags scoring above this; higher gives fewer, surer tags.",
-                                              elem_id="dataset-tag-threshold")
-                    character_threshold = gr.Slider(0.05, 1.0, value=tagger["character_threshold"], step=0.01,
-                                                    label="Character tag threshold",
-                                                    elem_id="dataset-character-threshold")
-                    exclude_tags = gr.Textbox(label="Tags to leave out (comma-separated)",
-                                              placeholder="simple background, solo", elem_id="dataset-exclude-tags")
-                florence_task = gr.Dropdown(FLORENCE_TASKS, value=_defaults("florence2")["task"],
-                                            label="Caption length", visible=False, elem_id="dataset-florence-task")
-                caption_prefix = gr.Textbox(label="Trigger word to put first", elem_id="dataset-caption-prefix")
-                caption_overwrite = gr.Checkbox(False, label="Replace existing captions",
-                                                elem_id="dataset-caption-overwrite")
-                with gr.Row():
-                    autocaption = gr.Button("Caption pictures", variant="primary", elem_id="dataset-autocaption")
-                    stop_caption = gr.Button("Stop", elem_id="dataset-autocaption-stop")
-                caption_progress = gr.Markdown(elem_id="dataset-caption-progress")
+            box = autocaption_box(settings)
             with gr.Accordion("Bulk tools", open=False):
                 trigger = gr.Textbox(label="Trigger word (put first in every caption)", elem_id="dataset-trigger")
                 add_trigger = gr.Button("Add trigger word", elem_id="dataset-add-trigger")
@@ -394,9 +405,7 @@ def build(settings: AppSettings):
 
     jobs = CaptionJobs(settings)
     caption_timer = gr.Timer(1.0, active=False)
-    caption_form = dict(zip(CAPTION_FORM, [picker, sub, caption_kind, caption_model, caption_prefix, caption_overwrite,
-                                           tag_threshold, character_threshold, exclude_tags, florence_task],
-                            strict=True))
+    caption_form = {"name": picker, "folder": sub, **{key: box[key] for key in CAPTION_FORM[2:]}}
 
     def on_select(name, folder_name, evt: gr.SelectData):  # gradio reads this annotation: defined here
         return selected_picture(settings, name, folder_name, evt.index)
@@ -408,11 +417,11 @@ def build(settings: AppSettings):
         return handler(bulk, settings, action, name="run")
 
     shown = [gallery, counts]
-    caption_kind.change(handler(on_captioner, settings), caption_kind, [caption_model, tagger_box, florence_task])
-    autocaption.click(on_autocaption, set(caption_form.values()), [caption_progress, caption_timer])
+    box["kind"].change(handler(on_captioner, settings), box["kind"], [box["model"], box["tagger_box"], box["task"]])
+    box["start"].click(on_autocaption, set(caption_form.values()), [box["progress"], caption_timer])
     caption_timer.tick(handler(jobs.tick, name="on_caption_tick"), [picker, sub],
-                       [caption_progress, caption_timer, *shown], show_progress="hidden")
-    stop_caption.click(handler(jobs.stop, name="on_stop_caption"), outputs=caption_progress)
+                       [box["progress"], caption_timer, *shown], show_progress="hidden")
+    box["stop"].click(handler(jobs.stop, name="on_stop_caption"), outputs=box["progress"])
     picker.change(handler(on_pick, settings), picker, [sub, *shown])
     sub.change(handler(on_folder, settings), [picker, sub], [message, *shown])
     create.click(handler(on_create, settings), new_name, [picker, message])
@@ -424,5 +433,5 @@ def build(settings: AppSettings):
     do_replace.click(tool(edits.find_replace), [picker, sub, find, replace], [message, *shown])
     prepend.click(tool(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *shown])
     append.click(tool(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *shown])
-    return {"picker": picker, "caption_model": caption_model, "captioner": caption_kind,
+    return {"picker": picker, "caption_model": box["model"], "captioner": box["kind"],
             "on_load": [Refresh(handler(listing, settings, name="on_load_dataset"), [picker], shown)]}
