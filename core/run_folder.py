@@ -339,6 +339,10 @@ def live_lock(run_dir: Path) -> TrainerLock | None:
 
 
 def refuse_if_live(run_dir: Path) -> None:
+    """ConfigError when another process trains the run. In a multi-GPU launch only the main process asks:
+    the others belong to the trainer its lock names."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     lock = live_lock(run_dir)
     if lock is not None and lock.pid != os.getpid():
         raise ConfigError(f"run folder {run_dir} is being trained right now by process {lock.pid} (started "

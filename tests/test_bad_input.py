@@ -167,21 +167,6 @@ def _fake_size(path: Path, width: int, height: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_no_progress_hides_the_bar_but_not_the_warnings(tiny_model, tmp_path):
-    from core import config as config_mod
-    from tests.conftest import tiny_config
-
-    data = write_dataset(tmp_path / "d", n=2)
-    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    cfg = tiny_config(tiny_model, data, tmp_path / "out", **{"train.max_train_steps": 1, "sample.prompts": []})
-    config_mod.save(cfg, tmp_path / "c.toml")
-    done = subprocess.run([sys.executable, "-m", "core", "train", str(tmp_path / "c.toml"), "--no-progress"],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr
-    assert "warning: skipped 1 unreadable image file(s): broken.png" in done.stderr
-    assert "it/s" not in done.stderr  # no progress bar or step lines
-
-
 def test_files_the_app_writes_get_the_users_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
