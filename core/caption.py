@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from core import fsutil
+from core.dataset import CAPTION_EXTENSION, caption_path
 from core.events import CaptionFinished, CaptionProgress, Event, Message, Phase
 
 if TYPE_CHECKING:
     from core.dataset_store import DatasetImage
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
-CAPTION_SUFFIX = ".txt"  # what core.dataset.scan_dataset reads
 # A hub id: "name" or "owner/name" (letters, digits, "-", "_", "."); anything else must be a folder.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # What may follow a trigger word at the start of a caption for it to count as already there.
@@ -269,10 +269,12 @@ class CaptionReport:
 def caption_folder(folder: str | os.PathLike, captioner: str = "blip", model: str = "", prefix: str = "",
                    overwrite: bool = False, batch_size: int = 4, emit: Callable[[Event], None] | None = None,
                    should_stop: Callable[[], bool] | None = None, device: str | None = None,
-                   max_new_tokens: int | None = None, options: dict[str, Any] | None = None) -> CaptionReport:
-    """Caption every top-level image of ``folder`` that has no caption yet (every one with ``overwrite``).
+                   max_new_tokens: int | None = None, options: dict[str, Any] | None = None,
+                   caption_extension: str = CAPTION_EXTENSION) -> CaptionReport:
+    """Caption every picture of ``folder`` and its subfolders (as training reads them) that has no caption
+    yet (every one with ``overwrite``).
 
-    Each caption is written beside its image as UTF-8 ``<stem>.txt``, with
+    Each caption is written beside its image as UTF-8 ``<stem><caption_extension>``, with
     ``prefix`` (a trigger word) first: "prefix, caption". ``captioner`` is a
     name in ``CAPTIONERS``, ``model`` a folder or hub id ("" picks the
     captioner's default), ``device`` e.g. "cpu" or "cuda" (None: the GPU if
@@ -299,7 +301,7 @@ def caption_folder(folder: str | os.PathLike, captioner: str = "blip", model: st
     options = kind.check_options(dict(options or {}))
     if model:
         kind.check_model(model)  # a missing folder fails now, not after the folder is scanned
-    todo, report = _plan(folder, overwrite)
+    todo, report = _plan(folder, overwrite, caption_extension)
     if report.skipped:
         emit(Message("info", f"{len(report.skipped)} image(s) already have a caption and keep it "
                              "(overwrite replaces them)"))
@@ -309,7 +311,7 @@ def caption_folder(folder: str | os.PathLike, captioner: str = "blip", model: st
         engine = kind(model, device=device, **options)
         try:
             stopped = _caption_all(engine, todo, _clean_prefix(prefix), batch_size, max_new_tokens,
-                                   report, emit, should_stop)
+                                   report, emit, should_stop, caption_extension)
         finally:
             engine.close()
     emit(CaptionFinished(list(report.written), list(report.skipped), list(report.failed), stopped))
@@ -324,8 +326,9 @@ def _never() -> bool:
     return False
 
 
-def _plan(folder: str | os.PathLike, overwrite: bool) -> tuple[list[DatasetImage], CaptionReport]:
-    """The images to caption, and a report already holding the skipped ones."""
+def _plan(folder: str | os.PathLike, overwrite: bool,
+          caption_extension: str = CAPTION_EXTENSION) -> tuple[list[DatasetImage], CaptionReport]:
+    """The images to caption (subfolders included), and a report already holding the skipped ones."""
     from core.dataset_store import list_images
 
     if not Path(folder).is_dir():
@@ -334,12 +337,13 @@ def _plan(folder: str | os.PathLike, overwrite: bool) -> tuple[list[DatasetImage
     report = CaptionReport()
     todo = []
     owners: dict[str, str] = {}  # caption file key -> image that owns it
-    for image in list_images(folder):
+    for image in list_images(folder, recursive=True, caption_extension=caption_extension):
         # a.png and a.jpg would share a.txt (A.txt and a.txt are one file on Windows and macOS).
-        key = unicodedata.normalize("NFC", image.path.stem).casefold()
+        key = unicodedata.normalize("NFC", str(caption_path(image.path, caption_extension))).casefold()
         if key in owners:
-            report.failed.append((image.name, f"it would share its caption file {image.path.stem}{CAPTION_SUFFIX} "
-                                              f"with {owners[key]}; rename one of the two"))
+            report.failed.append((image.name, f"it would share its caption file "
+                                              f"{caption_path(image.path, caption_extension).name} with "
+                                              f"{owners[key]}; rename one of the two"))
             continue
         owners[key] = image.name
         if image.has_caption and not overwrite:
@@ -350,7 +354,8 @@ def _plan(folder: str | os.PathLike, overwrite: bool) -> tuple[list[DatasetImage
 
 
 def _caption_all(engine: CaptionerBase, todo: list[DatasetImage], prefix: str, batch_size: int,
-                 max_new_tokens: int | None, report: CaptionReport, emit, should_stop) -> bool:
+                 max_new_tokens: int | None, report: CaptionReport, emit, should_stop,
+                 caption_extension: str = CAPTION_EXTENSION) -> bool:
     """Caption ``todo`` batch by batch; return True if stopped before the end."""
     from core.images import ImageError, load_image
 
@@ -382,7 +387,7 @@ def _caption_all(engine: CaptionerBase, todo: list[DatasetImage], prefix: str, b
                 continue
             text = with_prefix(text, prefix)
             try:
-                fsutil.write_text(image.path.with_suffix(CAPTION_SUFFIX), text)
+                fsutil.write_text(caption_path(image.path, caption_extension), text)
             except OSError as e:
                 failed(image.name, f"could not write its caption ({e.strerror or e}); check the folder's "
                                    "permissions and free space")

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 from core import fsutil
+from core.dataset import decode_caption
 from core.dataset_store import (
     DatasetStoreError,
     caption_file_name,
-    decode_text,
     existing_dir,
     image_in,
     sort_key,
@@ -119,7 +119,7 @@ def _edit_captions(dataset_dir: str | os.PathLike, edit: Callable[[str], str]) -
         if caption_name in seen:
             continue
         seen.add(caption_name)
-        old = decode_text(files[caption_name].read_bytes()).strip() if caption_name in files else ""
+        old = decode_caption(files[caption_name].read_bytes()).strip() if caption_name in files else ""
         new = edit(old)
         if new != old:
             fsutil.write_text(folder / caption_name, new)

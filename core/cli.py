@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from core.dataset import CAPTION_EXTENSION
     parser = argparse.ArgumentParser(prog="python -m core", description="Stable Diffusion LoRA training engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -114,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="",
                    help="diffusers model folder: its CLIP tokenizer checks caption length (else not checked)")
     p.add_argument("--trigger", default="", help="warn about captions that lack this trigger word")
+    p.add_argument("--caption-extension", default=CAPTION_EXTENSION,
+                   help="extension of the caption files (default .txt; the training config's "
+                        "dataset.caption_extension)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (version 1 layout)")
     p.set_defaults(func=cmd_check_dataset)
     return parser
@@ -121,8 +125,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_caption_command(sub) -> None:
     """``python -m core caption``: the options every captioner has, then each captioner's own."""
+    from core.dataset import CAPTION_EXTENSION
+
     p = sub.add_parser("caption", help="write a .txt caption beside every image in a folder with a captioning model")
-    p.add_argument("dir", help="folder of images (only its top level is captioned)")
+    p.add_argument("dir", help="folder of images (its subfolders too, as training reads them)")
     p.add_argument("--captioner", default="blip",
                    help="blip (a short sentence, the default), wd14 (booru tags) or florence2 (a detailed paragraph)")
     p.add_argument("--model", default="",
@@ -135,6 +141,9 @@ def _add_caption_command(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest caption in tokens, blip and florence2 (default 40 and 256)")
     p.add_argument("--events", help="append progress events to this .jsonl file (what the app polls)")
+    p.add_argument("--caption-extension", default=CAPTION_EXTENSION,
+                   help="extension of the caption files to write and to look for (default .txt; the training "
+                        "config's dataset.caption_extension)")
     tagger = p.add_argument_group("wd14 tagger options")
     tagger.add_argument("--threshold", type=float, default=None,
                         help="keep general tags scoring above this (0-1, default 0.35; higher: fewer, surer tags)")
@@ -324,6 +333,11 @@ def cmd_caption(args) -> int:
             writer(RunError(message, kind))
         return _fail(message, code)
 
+    from core.dataset import is_caption_extension
+
+    if not is_caption_extension(args.caption_extension):
+        return _fail(f"--caption-extension {args.caption_extension!r}: use a dot and 1-15 letters or digits, "
+                     f"e.g. .txt", EXIT_BAD_INPUT)
     # Only the options given on the command line: one that does not fit the captioner is an error.
     names = ("threshold", "character_threshold", "exclude_tags", "include_rating", "task")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -331,7 +345,8 @@ def cmd_caption(args) -> int:
     try:
         caption_folder(args.dir, captioner=args.captioner, model=args.model, prefix=args.prefix,
                        overwrite=args.overwrite, batch_size=args.batch_size, emit=emit, should_stop=stop,
-                       device=args.device, max_new_tokens=args.max_new_tokens, options=options)
+                       device=args.device, max_new_tokens=args.max_new_tokens, options=options,
+                       caption_extension=args.caption_extension)
     except CaptionError as exc:
         return report(str(exc), exc.kind, EXIT_BAD_INPUT)
     except KeyboardInterrupt:
@@ -361,11 +376,14 @@ def cmd_tiny_captioner(args) -> int:
 def cmd_check_dataset(args) -> int:
     import json
 
-    from core.dataset import DatasetError
+    from core.dataset import DatasetError, is_caption_extension
     from core.health import check_dataset, format_report
 
     if args.resolution <= 0:
         return _fail(f"--resolution must be positive, got {args.resolution}", EXIT_BAD_INPUT)
+    if not is_caption_extension(args.caption_extension):
+        return _fail(f"--caption-extension {args.caption_extension!r}: use a dot and 1-15 letters or digits, "
+                     f"e.g. .txt", EXIT_BAD_INPUT)
     tokenizer = None
     if args.model:
         from pathlib import Path
@@ -383,7 +401,8 @@ def cmd_check_dataset(args) -> int:
             return _fail(f"cannot load the CLIP tokenizer from {args.model}/tokenizer ({message}); pass a "
                          "diffusers model folder", EXIT_BAD_INPUT)
     try:
-        report = check_dataset(args.dir, resolution=args.resolution, tokenizer=tokenizer, trigger=args.trigger)
+        report = check_dataset(args.dir, resolution=args.resolution, tokenizer=tokenizer, trigger=args.trigger,
+                               caption_extension=args.caption_extension)
     except DatasetError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     print(json.dumps(report.to_json(), indent=2, ensure_ascii=False) if args.json else format_report(report))

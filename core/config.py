@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from core.dataset import CAPTION_EXTENSION
+
 CONFIG_VERSION = 1
 
 
@@ -99,7 +101,9 @@ class DatasetConfig:
                            "trigger word first).", min=0, max=255)
     caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption (helps the "
                                  "LoRA work without its trigger; 0.05-0.1 is usual).", min=0.0, max=1.0)
-    caption_extension: str = opt(".txt", "Extension of caption files beside the images.")
+    caption_extension: str = opt(CAPTION_EXTENSION, "Extension of caption files beside the images (the "
+                                 "app's Dataset tab writes .txt; check-dataset and caption take "
+                                 "--caption-extension).")
     cache_latents: bool = opt(True, "Encode each image with the VAE once and reuse the latents (much faster, "
                               "less VRAM). Turn off only to debug.")
     cache_dir: str = opt("", "Where latent and text-embedding caches live. Empty: OUTPUT_DIR/.cache.")
@@ -339,7 +343,6 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 # ------------------------------------------------------------- validation
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CAPTION_EXTENSION = re.compile(r"\.[A-Za-z0-9_-]{1,15}")
 # The run's longest file name is ".NAME-step000000.XXXXXXXX.tmp.safetensors" (a save in progress):
 # 40 bytes around the name, within the 255 bytes file systems allow.
 MAX_NAME_BYTES = 128
@@ -380,7 +383,9 @@ def _check_rules(config: TrainConfig) -> None:
         raise ConfigError(f"output.name is {len(name)} characters ({len(name.encode('utf-8'))} bytes) long; use at "
                           f"most {MAX_NAME_BYTES} bytes (about {MAX_NAME_BYTES} letters): file names such as "
                           f"NAME-step000500.safetensors must fit the file system's 255-byte limit")
-    if not _CAPTION_EXTENSION.fullmatch(config.dataset.caption_extension):
+    from core.dataset import is_caption_extension
+
+    if not is_caption_extension(config.dataset.caption_extension):
         raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "
                           f"dot followed by 1-15 letters or digits, e.g. '.txt' or '.caption'")
     if not config.lora.target_modules:

@@ -14,14 +14,18 @@ which would make the validation loss measure memorisation.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.images import ImageError, dhash, load_image, looks_like_picture
+from core.images import ImageError, dhash, is_image_extension, load_image, looks_like_picture
 from core.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 # Files that are expected beside images and are not images themselves.
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md", ".npz", ".safetensors"}
+# The caption of a picture is the file beside it with the same stem and this extension (a.png -> a.txt):
+# dataset.caption_extension's default, and what the app's own datasets always use.
+CAPTION_EXTENSION = ".txt"
 # Hamming distance between 64-bit dHashes at or below which two images count
 # as near-duplicates. Unrelated images differ in ~32 bits; re-encodes, small
 # resizes and brightness changes stay within 0-3. 5 is the usual cut-off.
@@ -95,7 +99,55 @@ class ScanResult:
         return out
 
 
-def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path | None = None) -> ScanResult:
+def is_caption_extension(extension: str) -> bool:
+    """A dot and 1-15 letters, digits, '-' or '_' (".txt", ".caption"): never a path."""
+    return re.fullmatch(r"\.[A-Za-z0-9_-]{1,15}", extension) is not None
+
+
+def caption_path(picture: Path, extension: str = CAPTION_EXTENSION) -> Path:
+    """Where a picture's caption is: beside it, same stem, the caption extension (the one rule for it)."""
+    return picture.with_suffix(extension)
+
+
+def is_companion(path: Path, caption_extension: str = CAPTION_EXTENSION) -> bool:
+    """A caption or another sidecar file (metadata, a cached latent): expected beside pictures, never one."""
+    suffix = path.suffix.lower()
+    return suffix == caption_extension.lower() or suffix in SIDECAR_SUFFIXES
+
+
+def candidate_files(folder: Path, caption_extension: str = CAPTION_EXTENSION, recursive: bool = True,
+                    unusable: list[tuple[Path, str]] | None = None):
+    """The files of a dataset that may be pictures, sorted: everything visible but captions and sidecars.
+
+    The one lister every part uses: the training scan and the health report decode each file (content
+    decides what is a picture); the app's gallery and the captioner keep those with a picture extension
+    (``picture_files``). ``recursive=False``: only ``folder`` itself, not its concept subfolders.
+    """
+    files = walk_files(folder, unusable) if recursive else _top_level_files(folder, unusable)
+    for path in files:
+        if not is_companion(path, caption_extension):
+            yield path
+
+
+def picture_files(folder: Path, caption_extension: str = CAPTION_EXTENSION, recursive: bool = True) -> list[Path]:
+    """The pictures of a dataset folder by extension, without decoding them (fast: the gallery, the captioner)."""
+    return [p for p in candidate_files(folder, caption_extension, recursive) if is_image_extension(p)]
+
+
+def _top_level_files(folder: Path, unusable: list[tuple[Path, str]] | None = None):
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        problem = link_problem(path, folder)
+        if problem is not None:
+            if unusable is not None:
+                unusable.append((path, problem))
+        elif path.is_file():
+            yield path
+
+
+def scan_dataset(folder: str | Path, caption_extension: str = CAPTION_EXTENSION,
+                 skip: Path | None = None) -> ScanResult:
     """Find every readable image under ``folder`` that the manifest does not exclude, and its caption.
 
     Every image is fully decoded once here, so truncated or corrupt files are
@@ -105,10 +157,7 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path
     """
     folder, manifest = open_dataset(folder)
     result = ScanResult(folder, manifest=manifest)
-    for path in walk_files(folder, result.skipped):
-        suffix = path.suffix.lower()
-        if suffix == caption_extension.lower() or suffix in SIDECAR_SUFFIXES:
-            continue
+    for path in candidate_files(folder, caption_extension, unusable=result.skipped):
         if skip is not None and path.is_relative_to(skip):
             continue
         rel = path.relative_to(folder).as_posix()
@@ -124,16 +173,29 @@ def scan_dataset(folder: str | Path, caption_extension: str = ".txt", skip: Path
             else:
                 result.ignored.append(path)
             continue
-        caption_path = path.with_suffix(caption_extension)
-        has_caption = caption_path.is_file()
-        caption = read_caption(caption_path) if has_caption else ""
-        if has_caption and caption_path.stat().st_size > MAX_CAPTION_BYTES:
-            result.long_captions.append(caption_path)
-        result.items.append(ImageItem(path, caption, caption_path if has_caption else None, size, phash,
+        caption_file = caption_path(path, caption_extension)
+        has_caption = caption_file.is_file()
+        caption = read_caption(caption_file) if has_caption else ""
+        if has_caption and caption_file.stat().st_size > MAX_CAPTION_BYTES:
+            result.long_captions.append(caption_file)
+        result.items.append(ImageItem(path, caption, caption_file if has_caption else None, size, phash,
                                       manifest.repeats_for(rel)))
         if not has_caption:
             result.missing_captions.append(path)
     return result
+
+
+def planned_pictures(folder: str | Path, caption_extension: str = CAPTION_EXTENSION) -> list[tuple[str, int]]:
+    """(path below the folder, folder repeats) of every picture training will use, found by extension
+    without decoding (fast enough for a live readout): subfolders included, the manifest's exclusions left
+    out, each with its concept's repeats as the scan gives them."""
+    folder, manifest = open_dataset(folder)
+    planned = []
+    for path in picture_files(folder, caption_extension):
+        rel = path.relative_to(folder).as_posix()
+        if not manifest.is_excluded(rel):
+            planned.append((rel, manifest.repeats_for(rel)))
+    return planned
 
 
 def open_dataset(folder: str | Path) -> tuple[Path, Manifest]:
@@ -192,15 +254,21 @@ def read_caption(path: Path) -> str:
     """A caption file as one line of text (UTF-8, with or without BOM); at most MAX_CAPTION_BYTES are read."""
     with open(path, "rb") as f:
         data = f.read(MAX_CAPTION_BYTES)
+    return " ".join(decode_caption(data, cut=len(data) == MAX_CAPTION_BYTES).split())
+
+
+def decode_caption(data: bytes, cut: bool = False) -> str:
+    """Caption bytes as text: UTF-8 (BOM allowed), or cp1252 as older Windows tools write it.
+
+    ``cut``: the bytes are the start of a longer file, so a character split at the end is dropped
+    rather than taken for cp1252.
+    """
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        if len(data) < MAX_CAPTION_BYTES or exc.start < len(data) - 3:
-            # Captions written by Windows tools are sometimes cp1252.
-            text = data.decode("cp1252", errors="replace")
-        else:  # only the cut went through a character
-            text = data[: exc.start].decode("utf-8-sig")
-    return " ".join(text.split())
+        if cut and exc.start >= len(data) - 3:
+            return data[: exc.start].decode("utf-8-sig")
+        return data.decode("cp1252", errors="replace")
 
 
 def require_images(scan: ScanResult) -> None:

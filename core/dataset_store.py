@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import fsutil
-from core.dataset import MAX_CAPTION_BYTES, read_caption
+from core.dataset import CAPTION_EXTENSION, MAX_CAPTION_BYTES, caption_path, decode_caption, picture_files, read_caption
 from core.images import ImageError, file_digest, is_image_extension, load_image
 
 log = logging.getLogger(__name__)
 
-CAPTION_SUFFIX = ".txt"  # what core.dataset.scan_dataset reads by default
 REMOVED_DIR = ".removed"  # hidden, so scan_dataset and list_images skip it
 # Inside REMOVED_DIR: {name in .removed: name it had in the dataset}, so undo restores the original name.
 _REMOVED_INDEX = ".names.json"
@@ -257,7 +256,7 @@ def _import_caption(folder: Path, index: dict[str, list[Path]], stored: dict[str
         raise _Rejected(f"no image named {Path(name).stem!r} in the upload or the dataset; "
                         "upload the caption together with its image")
     text = _read_uploaded_caption(src)
-    dest = folder / f"{stem}{CAPTION_SUFFIX}"
+    dest = caption_path(folder / stem)
     try:
         fsutil.write_text(dest, text)
     except OSError as e:
@@ -277,15 +276,7 @@ def _read_uploaded_caption(src: Path) -> str:
         raise _Rejected(f"cannot read the file ({e.strerror or e})") from e
     if b"\0" in data:
         raise _Rejected("it is not a text file (it contains binary data); a caption is plain text")
-    return decode_text(data).strip()
-
-
-def decode_text(data: bytes) -> str:
-    """UTF-8 (BOM allowed), or cp1252 for files written by older Windows tools."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
+    return decode_caption(data).strip()
 
 
 # --------------------------------------------------------------------------
@@ -300,22 +291,23 @@ class DatasetImage:
     has_caption: bool  # a caption file exists and is not blank
 
 
-def list_images(dataset_dir: str | os.PathLike) -> list[DatasetImage]:
-    """The dataset's images with their captions, sorted by name (case-insensitive).
+def list_images(dataset_dir: str | os.PathLike, recursive: bool = False,
+                caption_extension: str = CAPTION_EXTENSION) -> list[DatasetImage]:
+    """The folder's pictures with their captions, sorted by name (case-insensitive).
 
-    Images are recognised by extension only and never decoded, so a folder
+    Pictures are recognised by extension only and never decoded, so a folder
     of thousands lists instantly; ``import_files`` already decoded each one.
-    Only the top level is listed (imports are flat) and hidden entries,
-    ``.removed/`` among them, are skipped.
+    Only the folder itself unless ``recursive`` (then ``name`` is the path
+    below it, "concept/a.png"); hidden entries, ``.removed/`` among them, are
+    skipped (see core.dataset.candidate_files, the one lister).
     """
     folder = existing_dir(dataset_dir)
-    files = visible_files(folder)
     images = []
-    for name in sorted((n for n in files if is_image_extension(n)), key=sort_key):
-        caption_name = caption_file_name(name)
-        caption = read_caption(files[caption_name]) if caption_name in files else ""
-        images.append(DatasetImage(name, files[name], caption, bool(caption)))
-    return images
+    for path in picture_files(folder, caption_extension, recursive):
+        caption_file = caption_path(path, caption_extension)
+        caption = read_caption(caption_file) if caption_file.is_file() else ""
+        images.append(DatasetImage(path.relative_to(folder).as_posix(), path, caption, bool(caption)))
+    return sorted(images, key=lambda image: sort_key(image.name))
 
 
 def counts(dataset_dir: str | os.PathLike) -> dict:
@@ -475,12 +467,12 @@ def _stem_holders(folder: Path, stem: str) -> list[Path]:
 
 
 def caption_file_name(image_name: str) -> str:
-    """``a.png`` -> ``a.txt``: the name core.dataset.scan_dataset looks for."""
-    return Path(image_name).with_suffix(CAPTION_SUFFIX).name
+    """``a.png`` -> ``a.txt``: the caption the app's datasets keep beside a picture (core.dataset's rule)."""
+    return caption_path(Path(image_name)).name
 
 
 def _is_caption_name(name: str) -> bool:
-    return Path(name).suffix.lower() == CAPTION_SUFFIX
+    return Path(name).suffix.lower() == CAPTION_EXTENSION
 
 
 def _key(stem: str) -> str:

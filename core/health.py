@@ -38,13 +38,14 @@ import numpy as np
 from PIL import Image
 
 from core.dataset import (
+    CAPTION_EXTENSION,
     NEAR_THRESHOLD,
-    SIDECAR_SUFFIXES,
+    candidate_files,
     open_dataset,
     read_caption,
     similar_groups,
-    walk_files,
 )
+from core.dataset import caption_path as caption_file
 from core.images import ImageError, dhash, load_image, looks_like_picture
 
 __all__ = ["NEAR_THRESHOLD", "dhash", "check_dataset", "format_report", "tag_frequency"]
@@ -52,7 +53,6 @@ __all__ = ["NEAR_THRESHOLD", "dhash", "check_dataset", "format_report", "tag_fre
 # Giant pictures are decoded with about this many pixels on the short side (blur is measured at 512 px).
 DECODE_SIDE = 1024
 JSON_VERSION = 1
-CAPTION_SUFFIX = ".txt"
 CLIP_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS
 MAX_ASPECT = 2.5
 # Variance of the Laplacian on 0..255 greyscale, measured at most 512 px on
@@ -133,11 +133,13 @@ class _Image:
 
 
 def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = "",
-                  blur_threshold: float = BLUR_THRESHOLD, near_threshold: int = NEAR_THRESHOLD) -> HealthReport:
+                  blur_threshold: float = BLUR_THRESHOLD, near_threshold: int = NEAR_THRESHOLD,
+                  caption_extension: str = CAPTION_EXTENSION) -> HealthReport:
     """Check every image under ``folder`` and its caption; raise DatasetError if there is no folder.
 
     ``tokenizer`` (a CLIP tokenizer) enables the caption length check;
-    ``trigger`` enables the trigger word check.
+    ``trigger`` enables the trigger word check; ``caption_extension`` is the
+    training config's (dataset.caption_extension).
     """
     folder, manifest = open_dataset(folder)
     findings: dict[str, list[dict]] = {}
@@ -151,9 +153,7 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
 
     specials = len(tokenizer("")["input_ids"]) if tokenizer is not None else 0
     links: list[tuple[Path, str]] = []  # symbolic links that are not used, and why
-    for path in walk_files(folder, links):
-        if path.suffix.lower() in SIDECAR_SUFFIXES or path.suffix.lower() == CAPTION_SUFFIX:
-            continue
+    for path in candidate_files(folder, caption_extension, unusable=links):
         rel = path.relative_to(folder).as_posix()
         try:
             image = load_image(path, max_side=DECODE_SIDE)
@@ -167,7 +167,7 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
         images.append(info)
         for check, message in _image_checks(info, resolution, blur_threshold):
             flag(rel, check, message)
-        caption = _caption_checks(path, rel, tokenizer, specials, trigger, flag)
+        caption = _caption_checks(caption_file(path, caption_extension), rel, tokenizer, specials, trigger, flag)
         if manifest.is_excluded(rel):
             continue  # reported, but not part of the training set: its caption and copies do not count
         if caption is not None:
@@ -238,9 +238,8 @@ def _image_checks(info: _Image, resolution: int, blur_threshold: float):
                          "learns blur from it; use a sharper original or remove it")
 
 
-def _caption_checks(path: Path, rel: str, tokenizer, specials: int, trigger: str, flag) -> str | None:
+def _caption_checks(caption_path: Path, rel: str, tokenizer, specials: int, trigger: str, flag) -> str | None:
     """Flag caption problems; return the caption text, or None when there is no usable caption."""
-    caption_path = path.with_suffix(CAPTION_SUFFIX)
     if not caption_path.is_file():
         flag(rel, "caption_missing", f"no caption file {caption_path.name}: it trains with an empty caption; "
                                      "write one (or run the captioner)")

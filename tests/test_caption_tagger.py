@@ -269,3 +269,27 @@ def test_caption_command_with_the_tagger(tmp_path):
                                       "blip, florence2, wd14")
     misplaced = core_cmd("caption", folder, "--threshold", "0.5", "--overwrite")
     assert misplaced.returncode == 2 and "--threshold" in misplaced.stderr and "wd14" in misplaced.stderr
+
+
+def test_captioning_a_dataset_reaches_its_concept_folders_and_honours_the_caption_extension(tmp_path, tiny_wd):
+    """Training reads subfolders, so the captioner captions them too; the health report and the training
+    scan then find every caption under the same extension."""
+    from core.dataset import scan_dataset
+    from core.health import check_dataset
+
+    data = tmp_path / "data"
+    (data / "close ups").mkdir(parents=True)
+    noise(data / "top.png")
+    noise(data / "close ups" / "face.png", seed=1)
+    report = caption_folder(data, "wd14", model=str(tiny_wd), options={"threshold": 0.0},
+                            caption_extension=".caption")
+    assert sorted(report.written) == ["close ups/face.png", "top.png"]
+    assert (data / "close ups" / "face.caption").read_text(encoding="utf-8")
+    assert not list(data.rglob("*.txt"))
+    scan = scan_dataset(data, ".caption")
+    assert len(scan.items) == 2 and not scan.missing_captions
+    health = check_dataset(data, resolution=64, caption_extension=".caption")
+    assert health.summary["captioned"] == 2 and health.summary["uncaptioned"] == 0
+    assert check_dataset(data, resolution=64).summary["captioned"] == 0  # .txt: none
+    done = core_cmd("caption", data, "--captioner", "wd14", "--model", tiny_wd, "--caption-extension", "txt")
+    assert done.returncode == 2 and "--caption-extension 'txt'" in done.stderr

@@ -451,3 +451,17 @@ def test_prompt_tab_handlers_take_the_form(tiny_model):
     assert prompt_tab.compare(previewer, form)[1] == "⚠️ pick a LoRA to compare with the base model"
     assert prompt_tab.grid(previewer, form)[1] == "⚠️ pick one or more LoRA files for the grid"
     assert prompt_tab.image_options({**form, "width": 70})["width"] == 64
+
+
+def test_the_steps_line_counts_concept_folders_and_their_repeats_as_training_does(tmp_path):
+    from core.dataset import load_split
+    from core.manifest import set_repeats
+
+    data = write_dataset(tmp_path / "d", n=5)
+    write_dataset(data / "close ups", n=3, seed=9)
+    set_repeats(data, "close ups", 3)
+    text = train_tab.steps_readout({"dataset.path": str(data), "dataset.repeats": 1, "train.batch_size": 1,
+                                    "train.max_train_epochs": 1, "dataset.validation_split": 0.0})
+    assert "8 images (14 with folder repeats) × 1 repeats × 1 epochs / batch 1 = **14**" in text
+    split = load_split(data, ".txt", 0.0, 0)  # the engine, decoding every picture, counts the same draws
+    assert sum(item.repeats for item in split.train) == 14

@@ -110,12 +110,12 @@ def exclude_copies(folder: Path, report) -> str:
 
 def concept_rows(folder: Path) -> list[list]:
     """[subfolder, pictures, repeats] for each subfolder that holds pictures."""
-    from core.dataset import SIDECAR_SUFFIXES, walk_files
+    from core.dataset import picture_files
 
     counts: dict[str, int] = {}
-    for path in walk_files(folder):
+    for path in picture_files(folder):
         rel = path.relative_to(folder)
-        if len(rel.parts) > 1 and path.suffix.lower() not in SIDECAR_SUFFIXES:
+        if len(rel.parts) > 1:
             counts[rel.parent.as_posix()] = counts.get(rel.parent.as_posix(), 0) + 1
     current = manifest_mod.load_manifest(folder)
     return [[name, n, current.repeats_for(f"{name}/x")] for name, n in sorted(counts.items())]

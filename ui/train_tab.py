@@ -73,31 +73,37 @@ def form_to_config(values: dict[str, Any], settings: AppSettings, check_paths: b
 
 
 def steps_readout(values: dict[str, Any]) -> str:
-    """The "steps = images x repeats x epochs / batch" line, from the dataset folder and the settings."""
-    from core.dataset_store import list_images
-    from core.manifest import Manifest, ManifestError, load_manifest
+    """The "steps = images x repeats x epochs / batch" line, from the dataset folder and the settings.
+
+    The pictures are counted as training counts them (core.dataset.planned_pictures: subfolders, their
+    folder repeats, exclusions), without decoding; the validation pictures are held out of the count.
+    """
+    from core.dataset import CAPTION_EXTENSION, DatasetError, planned_pictures
 
     folder = Path(str(values.get("dataset.path") or ""))
     if not folder.is_dir():
         return "Pick a dataset to see how many steps an epoch takes."
     try:
-        decided = load_manifest(folder)
-    except ManifestError:
-        decided = Manifest()  # the engine reports a broken dataset.toml when the run starts
-    images = sum(1 for image in list_images(folder) if not decided.is_excluded(image.name))
+        planned = planned_pictures(folder, str(values.get("dataset.caption_extension") or CAPTION_EXTENSION))
+    except DatasetError as exc:
+        return f"⚠️ {exc}"
+    images = len(planned)
     val_split = float(values.get("dataset.validation_split") or 0)
     held_out = 0 if images < 2 or val_split <= 0 else min(images - 1, max(1, round(images * val_split)))
     train_images = images - held_out
+    # Held-out pictures are taken as single draws: the split prefers pictures that are not near-duplicates.
+    draws = sum(n for _, n in planned) - held_out
+    counted = f"{train_images} images" + (f" ({draws} with folder repeats)" if draws != train_images else "")
     repeats = int(values.get("dataset.repeats") or 1)
     batch = int(values.get("train.batch_size") or 1) * int(values.get("train.gradient_accumulation_steps") or 1)
-    per_epoch = math.ceil(train_images * repeats / batch) if train_images else 0
+    per_epoch = math.ceil(draws * repeats / batch) if train_images else 0
     epochs = int(values.get("train.max_train_epochs") or 0)
     if epochs:
-        return (f"steps = {train_images} images × {repeats} repeats × {epochs} epochs / batch {batch} = "
+        return (f"steps = {counted} × {repeats} repeats × {epochs} epochs / batch {batch} = "
                 f"**{per_epoch * epochs}** ({held_out} held out for validation)")
     steps = int(values.get("train.max_train_steps") or 0)
     epochs_f = steps / per_epoch if per_epoch else 0
-    return (f"{train_images} images × {repeats} repeats / batch {batch} = {per_epoch} steps per epoch; "
+    return (f"{counted} × {repeats} repeats / batch {batch} = {per_epoch} steps per epoch; "
             f"**{steps}** steps ≈ {epochs_f:.1f} epochs ({held_out} held out for validation)")
 
 
