@@ -377,30 +377,15 @@ def cmd_check_dataset(args) -> int:
     import json
 
     from core.dataset import DatasetError, is_caption_extension
-    from core.health import check_dataset, format_report
+    from core.health import check_dataset, format_report, model_tokenizer
 
     if args.resolution <= 0:
         return _fail(f"--resolution must be positive, got {args.resolution}", EXIT_BAD_INPUT)
     if not is_caption_extension(args.caption_extension):
         return _fail(f"--caption-extension {args.caption_extension!r}: use a dot and 1-15 letters or digits, "
                      f"e.g. .txt", EXIT_BAD_INPUT)
-    tokenizer = None
-    if args.model:
-        from pathlib import Path
-
-        from transformers import CLIPTokenizer
-
-        if not (Path(args.model) / "tokenizer").is_dir():
-            return _fail(f"--model {args.model}: no tokenizer/ folder there; pass a diffusers model folder "
-                         "(the one you train from)", EXIT_BAD_INPUT)
-
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-        except (OSError, ValueError) as exc:
-            message = " ".join(str(exc).split())
-            return _fail(f"cannot load the CLIP tokenizer from {args.model}/tokenizer ({message}); pass a "
-                         "diffusers model folder", EXIT_BAD_INPUT)
     try:
+        tokenizer = model_tokenizer(args.model) if args.model else None
         report = check_dataset(args.dir, resolution=args.resolution, tokenizer=tokenizer, trigger=args.trigger,
                                caption_extension=args.caption_extension)
     except DatasetError as exc:

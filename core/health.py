@@ -132,6 +132,30 @@ class _Image:
 # the report
 
 
+def model_tokenizer(model: str | Path):
+    """The CLIP tokenizer of a model (what counts a caption's tokens): a diffusers folder's ``tokenizer/``,
+    or, for a single-file checkpoint, that of its converted copy once it has one. DatasetError says what to
+    pass otherwise. Only the tokenizer is loaded (no weights)."""
+    from transformers import CLIPTokenizer
+
+    from core.dataset import DatasetError
+
+    folder = Path(model)
+    if folder.is_file():
+        from core.checkpoints import converted_folder
+
+        folder = converted_folder(folder)
+    if not (folder / "tokenizer").is_dir():
+        raise DatasetError(f"model {model}: no tokenizer/ folder there (a single-file model gets one when it is "
+                           f"first trained or converted); pass a diffusers model folder")
+    try:
+        return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except (OSError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        raise DatasetError(f"cannot load the CLIP tokenizer from {folder / 'tokenizer'} ({message}); pass a "
+                           f"diffusers model folder") from None
+
+
 def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = "",
                   blur_threshold: float = BLUR_THRESHOLD, near_threshold: int = NEAR_THRESHOLD,
                   caption_extension: str = CAPTION_EXTENSION) -> HealthReport:

@@ -106,11 +106,16 @@ def test_whole_flow(page, server, tmp_path):
     assert "wrote 1, kept 4" in page.inner_text("#dataset-caption-progress")
     page.wait_for_function("document.querySelector('#dataset-counts').innerText.includes('5 captioned')")
     assert (home / "datasets" / "e2e pics" / "uncaptioned.txt").read_text(encoding="utf-8").startswith("sks")
-    # The health report: the generated pictures are 80×96, below the 512 training resolution.
+    # The health report checks at the Train tab's resolution: set it to 512 there, and the generated
+    # pictures (80×96) are below it.
+    page.click("#tab-train-button")
+    _fill(page, "#train-dataset-resolution", 512)
+    page.click("#tab-dataset-button")
     page.click("#dataset-health-box button, #dataset-health-box .label-wrap >> nth=0")
     page.click("#dataset-check")
     page.wait_for_function("document.querySelector('#dataset-health').innerText.includes('usable')")
     assert "below the training resolution" in page.inner_text("#dataset-health-table")
+    assert "resolution, 512 px" in page.inner_text("#dataset-health")
     # Exclude a flagged picture with one click (recorded in dataset.toml, the file stays), then undo it.
     page.locator("#dataset-health-gallery .thumbnail-item").first.click()
     page.wait_for_function("document.querySelector('#dataset-health-picked textarea, "

@@ -465,3 +465,31 @@ def test_the_steps_line_counts_concept_folders_and_their_repeats_as_training_doe
     assert "8 images (14 with folder repeats) × 1 repeats × 1 epochs / batch 1 = **14**" in text
     split = load_split(data, ".txt", 0.0, 0)  # the engine, decoding every picture, counts the same draws
     assert sum(item.repeats for item in split.train) == 14
+
+
+def test_a_built_in_preset_follows_the_picked_models_family(settings, tiny_model, tiny_sdxl):
+    from core.models import native_resolution
+
+    keys = train_tab.all_fields()
+    for model in (tiny_model, tiny_sdxl):
+        updates = dict(zip(keys, train_tab.apply_preset(settings, keys, "8 GB GPU", str(model)), strict=True))
+        assert updates["dataset.resolution"]["value"] == native_resolution(model)
+        assert updates["lora.rank"]["value"] == 16
+    updates = dict(zip(keys, train_tab.apply_preset(settings, keys, "8 GB GPU"), strict=True))
+    assert updates["dataset.resolution"]["value"] == 512  # no model picked: the preset's own size
+
+
+def test_the_apps_health_report_follows_the_train_tabs_settings(tiny_model, tmp_path):
+    from ui import health_panel
+
+    data = write_dataset(tmp_path / "d", n=3, size=(80, 96))
+    (data / "img1.txt").write_text("a photo without the word, " + "word " * 90, encoding="utf-8")
+    report, checked = health_panel.check_for_run(data, 64, str(tiny_model), "sks")
+    assert report.resolution == 64 and report.summary["tokens_checked"]
+    problems = {f.file: [c["check"] for c in f.checks] for f in report.files}
+    assert "caption_too_long" in problems["img1.png"] and "trigger_missing" in problems["img1.png"]
+    assert "small" not in problems.get("img2.png", [])  # 80x96 is above 64
+    assert "64 px" in checked and "tokenizer of tiny" in checked and "'sks'" in checked
+    report, checked = health_panel.check_for_run(data, 512, "owner/hub-model", "")
+    assert not report.summary["tokens_checked"] and "caption length not checked" in checked
+    assert "small" in [c["check"] for c in report.files[0].checks]

@@ -44,6 +44,11 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
             return gr.update(choices=choices, value=path) if path in choices else gr.update(choices=choices)
 
         dataset["picker"].change(follow_dataset, dataset["picker"], train["dataset"])
+        # The health report checks what the run will train: the Train tab's resolution, model and trigger.
+        health, fields = dataset["health"], train["components"]
+        health["check"].click(health["on_check"], [dataset["picker"], fields["dataset.resolution"],
+                                                   fields["model.path"], fields["output.trigger_phrase"]],
+                              health["outputs"])
 
         def on_demo():
             """The tiny model and the demo pictures, so a new user can click through everything offline."""

@@ -401,7 +401,7 @@ def build(settings: AppSettings):
                     prepend = gr.Button("Prepend", elem_id="dataset-prepend")
                     append = gr.Button("Append", elem_id="dataset-append")
     with gr.Accordion("Health report", open=False, elem_id="dataset-health-box"):
-        health_panel.build(partial(folder_of, settings), picker)
+        health = health_panel.build(partial(folder_of, settings), picker)
 
     jobs = CaptionJobs(settings)
     caption_timer = gr.Timer(1.0, active=False)
@@ -433,5 +433,5 @@ def build(settings: AppSettings):
     do_replace.click(tool(edits.find_replace), [picker, sub, find, replace], [message, *shown])
     prepend.click(tool(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *shown])
     append.click(tool(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *shown])
-    return {"picker": picker, "caption_model": box["model"], "captioner": box["kind"],
+    return {"picker": picker, "caption_model": box["model"], "captioner": box["kind"], "health": health,
             "on_load": [Refresh(handler(listing, settings, name="on_load_dataset"), [picker], shown)]}

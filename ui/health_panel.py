@@ -17,10 +17,32 @@ from core import manifest as manifest_mod
 DECISION_LABELS = {"exclude": "excluded", "keep": "kept", None: ""}
 
 
-def check(folder: Path):
-    from core.health import check_dataset
+def check(folder: Path, resolution=512, model: str = "", trigger: str = ""):
+    """The health report of ``folder`` (see ``check_for_run``)."""
+    return check_for_run(folder, resolution, model, trigger)[0]
 
-    return check_dataset(folder)
+
+def check_for_run(folder: Path, resolution=512, model: str = "", trigger: str = ""):
+    """The report the run's settings call for, as ``python -m core check-dataset`` makes it: the Train tab's
+    resolution, the picked model's tokenizer (caption length), the run's trigger phrase. -> (report, a line
+    saying what was checked and what could not be)."""
+    from core.dataset import DatasetError
+    from core.health import check_dataset, model_tokenizer
+
+    resolution = int(resolution or 512)
+    trigger = (trigger or "").strip()
+    tokenizer, missing = None, "pick a base model in the Train tab to check caption length"
+    if model:
+        try:
+            tokenizer, missing = model_tokenizer(model), ""
+        except DatasetError as exc:
+            missing = f"caption length not checked: {exc}"
+    report = check_dataset(folder, resolution=resolution, tokenizer=tokenizer, trigger=trigger)
+    done = [f"at the Train tab's resolution, {resolution} px"]
+    if tokenizer is not None:
+        done.append(f"caption length with the tokenizer of {Path(model).name}")
+    done.append(f"trigger phrase {trigger!r}" if trigger else "no trigger phrase set (Train tab, Advanced)")
+    return report, "Checked " + "; ".join(done) + (f". ({missing})" if missing else ".")
 
 
 def with_decisions(report, folder: Path):
@@ -138,7 +160,10 @@ def save_concepts(folder: Path, table) -> str:
 
 
 def build(folder_of, picker):
-    """The Health report accordion's contents; ``folder_of(name)`` maps the picked dataset to its folder."""
+    """The Health report accordion's contents; ``folder_of(name)`` maps the picked dataset to its folder.
+
+    Returns the Check button, its handler ``on_check(name, resolution, model, trigger)`` and its outputs:
+    the app wires them once the Train tab (whose settings the check follows) exists."""
     import gradio as gr
 
     state: dict = {"report": None, "folder": None}
@@ -169,12 +194,14 @@ def build(folder_of, picker):
     def render(report, folder):
         return summary(report), gallery(report, folder), rows(report)
 
-    def on_check(name):
+    def on_check(name, resolution=512, model="", trigger=""):
         folder = folder_of(name)
         if folder is None:
             return "⚠️ create or pick a dataset first", gr.skip(), gr.skip(), gr.skip(), "", ""
-        state["report"], state["folder"] = check(folder), folder
-        return *render(state["report"], folder), concept_rows(folder), "", ""
+        state["report"], checked = check_for_run(folder, resolution, model, trigger)
+        state["folder"] = folder
+        headline_text, *rest = render(state["report"], folder)
+        return f"{headline_text}\n\n{checked}", *rest, concept_rows(folder), "", ""
 
     def pick(file):
         report = state["report"]
@@ -221,10 +248,10 @@ def build(folder_of, picker):
         return message, concept_rows(folder)
 
     shown = [headline, flagged, table]
-    run_check.click(on_check, picker, [*shown, concepts, chosen, chosen_details])
     flagged.select(on_gallery, None, [chosen, chosen_details])
     table.select(on_table, None, [chosen, chosen_details])
     for button, value in ((exclude, "exclude"), (keep, "keep"), (undo, None)):
         button.click(decision(value), chosen, [note, *shown, chosen_details])
     copies.click(on_copies, None, [note, *shown])
     save_repeats.click(on_save_repeats, [picker, concepts], [note, concepts])
+    return {"check": run_check, "on_check": on_check, "outputs": [*shown, concepts, chosen, chosen_details]}

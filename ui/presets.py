@@ -8,6 +8,7 @@ from pathlib import Path
 from core.config import ConfigError
 
 # Settings that fit SD 1.x LoRA training at 512 px on GPUs of that size (starting points, not limits).
+# Applied in the Train tab, the resolution becomes the picked model's native one (1024 for SDXL).
 BUILTIN = {
     "6 GB GPU": {
         "dataset": {"resolution": 512},

@@ -307,14 +307,23 @@ def open_run(run_dir):
             run_files_text(Path(run_dir)))
 
 
-def apply_preset(settings: AppSettings, keys: list[str], name):
-    """The form's new values from a preset, in the order of ``keys`` (untouched fields skipped)."""
+def apply_preset(settings: AppSettings, keys: list[str], name, model: str | None = None):
+    """The form's new values from a preset, in the order of ``keys`` (untouched fields skipped).
+
+    A built-in preset's resolution follows the picked ``model``'s family (its native size: 1024 for SDXL),
+    since the built-in memory presets are written for SD 1.x at 512.
+    """
     import gradio as gr
+
+    from core.models import native_resolution
 
     if not name:
         return [gr.skip()] * len(keys)
     flat = {f"{s}.{k}": v for s, d in presets_mod.load_preset(settings.presets_dir, name).items()
             for k, v in d.items()}
+    size = native_resolution(model) if model and name in presets_mod.BUILTIN else None
+    if size and "dataset.resolution" in flat:
+        flat["dataset.resolution"] = size
     return [gr.update(value="\n".join(flat[key]) if isinstance(flat.get(key), list) else flat[key])
             if key in flat else gr.skip() for key in keys]
 
@@ -404,8 +413,8 @@ def build(settings: AppSettings, manager: RunManager):
     def on_tick():
         return follow_run(manager)
 
-    def on_apply_preset(name):
-        return apply_preset(settings, list(components), name)
+    def on_apply_preset(name, model):
+        return apply_preset(settings, list(components), name, model)
 
     def on_save_preset(data):
         return save_preset(settings, data.get(preset_name), as_values(data))
@@ -415,7 +424,7 @@ def build(settings: AppSettings, manager: RunManager):
     timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status], show_progress="hidden")
     open_button.click(open_run, inputs=runs, outputs=[progress, plot, samples, error, status])
     resume_button.click(on_resume, inputs=[runs, resume_steps], outputs=[status, error])
-    load_preset.click(on_apply_preset, inputs=preset, outputs=list(components.values()))
+    load_preset.click(on_apply_preset, inputs=[preset, components["model.path"]], outputs=list(components.values()))
     save_preset_button.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
     readout_inputs = [components[k] for k in ("dataset.path", "dataset.repeats", "train.batch_size",
                                               "train.max_train_epochs", "train.max_train_steps",
