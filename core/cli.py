@@ -193,13 +193,8 @@ def cmd_train(args) -> int:
     terminal = _TerminalProgress(no_bar=args.no_progress)
     started = False  # events go to the run's file only once the run owns the folder
 
-    held = []  # the engine's "finished" event, written after the final check so it stays the last line
-
     def emit(event):
         nonlocal started
-        if event.type == "finished" and not held:
-            held.append(event)
-            return
         started = started or event.type in ("phase", "run_started", "message")
         if started and _is_main_process():
             writer(event)
@@ -223,17 +218,7 @@ def cmd_train(args) -> int:
     lock = contextlib.ExitStack()  # held through the run and the final check: the app sees a live trainer
     try:
         lock.enter_context(trainer_lock(config.run_dir))
-        result = run(config, emit, should_stop=stop, resume=args.resume)
-        del result  # free the trained models before the check loads the base model again
-        try:
-            check = _final_check(config, emit)
-        finally:
-            for event in held:
-                emit(event)
-        if check is not None and not check.ok:
-            return report(f"check: {check.file} failed verification: " + "; ".join(
-                [f"{len(check.unmatched)} module(s) do not map onto the base model"] * bool(check.unmatched)
-                + check.problems), "check", EXIT_FAILURE)
+        run(config, emit, should_stop=stop, resume=args.resume, final_check=True)
     except ConfigError as exc:
         return report(f"config: {exc}", "config", EXIT_BAD_INPUT)
     except DatasetError as exc:
@@ -412,29 +397,6 @@ def cmd_verify_lora(args) -> int:
         return _fail(str(exc), EXIT_BAD_INPUT)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
     return 0 if result.ok else 1
-
-
-def _final_check(config, emit):
-    """verify-lora on the run's final file: loads with diffusers, maps fully, changes the image."""
-    import gc
-
-    import torch
-
-    from core.verify import event, verify
-
-    if not _is_main_process():
-        return None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    from core.run_folder import RunPaths
-
-    final = RunPaths.of(config).final_lora
-    prompt = config.sample.prompts[0] if config.sample.prompts else "a photo"
-    result = verify(final, config.model.path, config.model.revision, config.model.family, prompt=prompt,
-                    seed=config.sample.seed, steps=min(config.sample.steps, 8))
-    emit(event(result, -1))
-    return result
 
 
 def cmd_merge(args) -> int:

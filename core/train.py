@@ -219,13 +219,19 @@ def build_lr_scheduler(config: TrainConfig, optimizer, total_steps: int, num_pro
 
 
 def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambda: False,
-        resume: bool = False) -> RunResult:
+        resume: bool = False, final_check: bool = False) -> RunResult:
     """Train a LoRA as ``config`` says (a config from ``core.config.load``/``from_dict``, which validate it).
     Raises ConfigError/DatasetError/ModelError on bad input.
 
     ``should_stop`` is polled after every optimizer step (as is a file named
     STOP in the run folder); when it says so, the LoRA and the resume state
     are saved and the function returns with status "stopped".
+
+    ``final_check`` (what ``python -m core train`` does): once the final file is
+    saved, the trained models are let go and the file gets verify-lora's full
+    check (diffusers' loader reads it, it changes the image); a file that fails
+    raises TrainingError (kind "check") after the run's "finished" event. The
+    result then holds no models.
     """
     config = config_mod.resolve_paths(config)  # validated where it entered the process (the CLI, the form)
     check_run_dir(config, resume)
@@ -236,7 +242,35 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
             prepare_run_dir(config, resume)
             config_mod.save(config, RunPaths.of(config).config)
         accelerator.wait_for_everyone()
-        return _train(config, accelerator, main_emit, should_stop, resume)
+        result = _train(config, accelerator, main_emit, should_stop, resume)
+        check = None
+        if final_check and accelerator.is_main_process:
+            result.unet = result.text_encoder = None  # the check loads the base model again: make room
+            accelerator.free_memory()
+            check = verify_final(config, main_emit)
+        main_emit(Finished(result.status, result.step, str(result.lora_path)))
+        if check is not None and not check.ok:
+            reasons = [f"{len(check.unmatched)} module(s) do not map onto the base model"] * bool(check.unmatched)
+            raise TrainingError(f"check: {check.file} failed verification: " + "; ".join(reasons + check.problems),
+                                "check")
+        return result
+
+
+def verify_final(config: TrainConfig, emit: Emit):
+    """verify-lora on the run's final file, as others will load it: every module maps, diffusers' loader reads
+    it, it changes the image at the sample seed. Emits the check (step -1) and returns it."""
+    import gc
+
+    from core.verify import event, verify
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    prompt = config.sample.prompts[0] if config.sample.prompts else "a photo"
+    result = verify(RunPaths.of(config).final_lora, config.model.path, config.model.revision, config.model.family,
+                    prompt=prompt, seed=config.sample.seed, steps=min(config.sample.steps, 8))
+    emit(event(result, -1))
+    return result
 
 
 def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bool) -> RunResult:
@@ -376,7 +410,6 @@ class _Loop:
         if c.output.save_diffusers_format and acc.is_main_process:
             self.save_diffusers(self.paths.diffusers_lora)
         status = "stopped" if stopped else "completed"
-        self.emit(Finished(status, state.step, str(lora_path)))
         acc.end_training()
         return RunResult(status, state.step, lora_path, c.run_dir, self.validation_losses,
                          acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder))

@@ -68,7 +68,7 @@ def test_out_of_memory_ends_with_one_actionable_line(tiny_model, tmp_path, monke
     path = tmp_path / "run.toml"
     config.save(cfg, path)
 
-    def out_of_memory(config, emit, should_stop, resume):
+    def out_of_memory(config, emit, should_stop, resume, **kwargs):
         from core.events import Phase
 
         emit(Phase("loading model", 0, 0))
@@ -93,7 +93,7 @@ def test_unexpected_failure_writes_traceback_and_one_line(tiny_model, tmp_path, 
     path = tmp_path / "run.toml"
     config.save(cfg, path)
 
-    def boom(config, emit, should_stop, resume):
+    def boom(config, emit, should_stop, resume, **kwargs):
         from core.events import Phase
 
         config.run_dir.mkdir(parents=True, exist_ok=True)  # the command line has claimed it already (its lock)

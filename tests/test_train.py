@@ -253,3 +253,24 @@ def test_training_options(name, tiny_model, tmp_path):
     if cfg.train.lr_warmup_steps:
         lrs = [e.lr for e in log.of("progress")]
         assert lrs[0] < lrs[1]
+
+
+def test_the_final_check_is_part_of_the_run(tiny_model, tmp_path):
+    """With final_check (what the command line asks), the engine lets the models go, checks the final file as
+    others will load it, and only then reports the run finished; a file that changes nothing fails the run."""
+    data = write_dataset(tmp_path / "d", n=2)
+    overrides = {"sample.prompts": [], "train.max_train_steps": 2, "output.save_state": False,
+                 "sample.steps": 2}
+    log = EventLog()
+    result = train.run(tiny_config(tiny_model, data, tmp_path / "o", name="good", **overrides), log,
+                       final_check=True)
+    assert result.unet is None and result.text_encoder is None
+    assert [e.type for e in log.events[-2:]] == ["lora_verified", "finished"]
+    assert log.events[-2].step == -1 and log.events[-2].ok and log.events[-2].loads
+    # A learning rate so small that the LoRA stays zero: the run fails its check, after "finished".
+    log = EventLog()
+    with pytest.raises(train.TrainingError, match="failed verification: .*does not change the image") as info:
+        train.run(tiny_config(tiny_model, data, tmp_path / "o", name="nothing",
+                              **{**overrides, "train.learning_rate": 1e-12}), log, final_check=True)
+    assert info.value.kind == "check"
+    assert [e.type for e in log.events[-2:]] == ["lora_verified", "finished"] and not log.events[-2].ok
