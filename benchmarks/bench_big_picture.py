@@ -20,11 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
-    "full decode": "from core.images import load_image\nload_image(PATH).close()",
-    "training scan": "from core.dataset import scan_dataset\nscan_dataset(FOLDER)",
-    "health report": "from core.health import check_dataset\ncheck_dataset(FOLDER, resolution=1024)",
+    "full decode": "from core.data.images import load_image\nload_image(PATH).close()",
+    "training scan": "from core.data.dataset import scan_dataset\nscan_dataset(FOLDER)",
+    "health report": "from core.data.health import check_dataset\ncheck_dataset(FOLDER, resolution=1024)",
     "training example (1024 px bucket)": (
-        "from core.buckets import Placement\nfrom core.train_data import _load_pixels\n"
+        "from core.data.buckets import Placement\nfrom core.training.train_data import _load_pixels\n"
         "_load_pixels(Path(PATH), Placement((SIDE, SIDE), (1024, 1024), (1024, 1024), (0, 0)), False)"),
 }
 
@@ -49,7 +49,7 @@ def measure(code: str, folder: Path, path: Path, side: int) -> tuple[float, floa
 def baseline() -> float:
     """Peak of a process that imports the same modules and reads nothing."""
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-              "import core.dataset, core.health, core.train_data\n"
+              "import core.data.dataset, core.data.health, core.training.train_data\n"
               "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)")
     return float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                 check=True).stdout)

@@ -53,8 +53,8 @@ def make_pictures(folder: Path, n: int, seed: int = 0) -> None:
 def scan_for_training(folder: Path):
     """What a training run does with the folder before loading the model: scan, split, place in buckets."""
     from core.config import TrainConfig
-    from core.dataset import load_split
-    from core.train_data import placements
+    from core.data.dataset import load_split
+    from core.training.train_data import placements
 
     config = TrainConfig()
     config.dataset.path = str(folder)

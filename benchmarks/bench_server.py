@@ -37,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from core import config as config_mod
+    from core.base.tiny import write_tiny_model
     from core.events import read_events
-    from core.tiny import write_tiny_model
     from tests.app_server import drive_load, request, running_app
     from tests.conftest import tiny_config, write_dataset
 

@@ -37,7 +37,7 @@ def make_dataset(folder: Path, n: int, size: int) -> Path:
 
 
 def ensure_model(shape: str, model_dir: Path) -> Path:
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     path = model_dir / f"random-{shape}"
     if not (path / "model_index.json").is_file():

@@ -58,9 +58,9 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from core import config as config_mod
+    from core.base.tiny import write_tiny_model
     from core.events import read_events
-    from core.run_folder import latest_state, run_status
-    from core.tiny import write_tiny_model
+    from core.training.run_folder import latest_state, run_status
     from tests.conftest import tiny_config, write_dataset
 
     rng = random.Random(args.seed)

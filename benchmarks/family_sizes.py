@@ -68,9 +68,9 @@ def lora_layout(module_index: dict, targets: list[str], prefix: str, rank: int) 
 
 
 def main() -> int:
+    from core.base.families import FAMILIES
     from core.config import LoraConfig
-    from core.families import FAMILIES
-    from core.verify import check_tensors, module_index, peft_index
+    from core.lora.verify import check_tensors, module_index, peft_index
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=16)

@@ -102,9 +102,9 @@ def main() -> None:
     args = parser.parse_args()
     import warnings
 
-    from core import dataset_store
-    from core.dataset import scan_dataset
-    from core.health import check_dataset
+    from core.data import dataset_store
+    from core.data.dataset import scan_dataset
+    from core.data.health import check_dataset
 
     warnings.simplefilter("ignore")  # Pillow's own notes on the broken files ("Truncated File Read", ...)
     rng = random.Random(args.seed)

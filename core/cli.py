@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from core.dataset import CAPTION_EXTENSION
+    from core.data.dataset import CAPTION_EXTENSION
     parser = argparse.ArgumentParser(prog="python -m core", description="Stable Diffusion LoRA training engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_caption_command(sub) -> None:
     """``python -m core caption``: the options every captioner has, then each captioner's own."""
-    from core.dataset import CAPTION_EXTENSION
+    from core.data.dataset import CAPTION_EXTENSION
 
     p = sub.add_parser("caption", help="write a .txt caption beside every image in a folder with a captioning model")
     p.add_argument("dir", help="folder of images (its subfolders too, as training reads them)")
@@ -163,7 +163,7 @@ def _add_caption_command(sub) -> None:
 
 
 def cmd_tiny_model(args) -> int:
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     try:
         path = write_tiny_model(args.dir, shape=args.shape, seed=args.seed, family=args.family)
@@ -177,16 +177,16 @@ def cmd_train(args) -> int:
     import torch
 
     from core import config as config_mod
+    from core.base.models import ModelError
     from core.config import ConfigError
-    from core.dataset import DatasetError
+    from core.data.dataset import DatasetError
     from core.events import RunError, jsonl_writer
-    from core.models import ModelError
 
     try:
         config = config_mod.resolve_paths(config_mod.load(args.config, args.overrides))
     except ConfigError as exc:
         return _fail(f"config: {exc}", EXIT_BAD_INPUT)
-    from core.run_folder import RunPaths
+    from core.training.run_folder import RunPaths
 
     events_path = RunPaths.of(config).events
     writer = jsonl_writer(events_path)
@@ -212,8 +212,8 @@ def cmd_train(args) -> int:
         return _fail(message, code)
 
     stop = _StopSignal()
-    from core.run_folder import trainer_lock
-    from core.train import TrainingError, out_of_memory_advice, run
+    from core.training.run_folder import trainer_lock
+    from core.training.train import TrainingError, out_of_memory_advice, run
 
     lock = contextlib.ExitStack()  # held through the run and the final check: the app sees a live trainer
     try:
@@ -265,7 +265,7 @@ def _disk_full(exc: BaseException, folder) -> bool:
 
 def _keep_traceback(run_dir) -> str:
     """Write traceback.txt into the run folder (best effort) and say where it is."""
-    from core.run_folder import RunPaths
+    from core.training.run_folder import RunPaths
 
     trace = RunPaths(run_dir).traceback
     if not run_dir.is_dir():
@@ -280,9 +280,9 @@ def _keep_traceback(run_dir) -> str:
 
 
 def cmd_sample(args) -> int:
+    from core.base.models import ModelError
+    from core.base.sample import apply_lora, generate, load_pipeline
     from core.fsutil import save_image
-    from core.models import ModelError
-    from core.sample import apply_lora, generate, load_pipeline
 
     if args.width % 8 or args.height % 8:
         return _fail(f"--width {args.width} / --height {args.height} must be multiples of 8", EXIT_BAD_INPUT)
@@ -300,7 +300,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from core.caption import CaptionError, caption_folder, terminal_line
+    from core.captioning.caption import CaptionError, caption_folder, terminal_line
     from core.events import RunError, jsonl_writer
 
     writer = jsonl_writer(args.events) if args.events else None
@@ -318,7 +318,7 @@ def cmd_caption(args) -> int:
             writer(RunError(message, kind))
         return _fail(message, code)
 
-    from core.dataset import is_caption_extension
+    from core.data.dataset import is_caption_extension
 
     if not is_caption_extension(args.caption_extension):
         return _fail(f"--caption-extension {args.caption_extension!r}: use a dot and 1-15 letters or digits, "
@@ -346,7 +346,7 @@ def cmd_caption(args) -> int:
 
 
 def cmd_tiny_captioner(args) -> int:
-    from core.caption import CaptionError, write_tiny_captioner
+    from core.captioning.caption import CaptionError, write_tiny_captioner
 
     try:
         path = write_tiny_captioner(args.dir, kind=args.kind, seed=args.seed)
@@ -361,8 +361,8 @@ def cmd_tiny_captioner(args) -> int:
 def cmd_check_dataset(args) -> int:
     import json
 
-    from core.dataset import DatasetError, is_caption_extension
-    from core.health import check_dataset, format_report, model_tokenizer
+    from core.data.dataset import DatasetError, is_caption_extension
+    from core.data.health import check_dataset, format_report, model_tokenizer
 
     if args.resolution <= 0:
         return _fail(f"--resolution must be positive, got {args.resolution}", EXIT_BAD_INPUT)
@@ -382,9 +382,9 @@ def cmd_check_dataset(args) -> int:
 def cmd_verify_lora(args) -> int:
     import json
 
-    from core.lora_io import LoraFileError
-    from core.models import ModelError
-    from core.verify import verify
+    from core.base.models import ModelError
+    from core.lora.lora_io import LoraFileError
+    from core.lora.verify import verify
 
     try:
         result = verify(args.file, args.model, family=args.family, image=not args.no_image, prompt=args.prompt,
@@ -400,9 +400,9 @@ def cmd_verify_lora(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from core.merge import merge
-    from core.models import ModelError
-    from core.single_file import SingleFileError
+    from core.base.models import ModelError
+    from core.lora.merge import merge
+    from core.lora.single_file import SingleFileError
 
     try:
         path = merge(args.model, args.lora, args.scale, args.out, args.precision)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from core.dataset import CAPTION_EXTENSION
+from core.data.dataset import CAPTION_EXTENSION
 
 CONFIG_VERSION = 1
 
@@ -383,7 +383,7 @@ def _check_rules(config: TrainConfig) -> None:
         raise ConfigError(f"output.name is {len(name)} characters ({len(name.encode('utf-8'))} bytes) long; use at "
                           f"most {MAX_NAME_BYTES} bytes (about {MAX_NAME_BYTES} letters): file names such as "
                           f"NAME-step000500.safetensors must fit the file system's 255-byte limit")
-    from core.dataset import is_caption_extension
+    from core.data.dataset import is_caption_extension
 
     if not is_caption_extension(config.dataset.caption_extension):
         raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "

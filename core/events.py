@@ -87,7 +87,7 @@ class CheckpointSaved(Event):
 
 @dataclass
 class LoraVerified(Event):
-    """A saved LoRA file checked against the base model (see core.verify)."""
+    """A saved LoRA file checked against the base model (see core.lora.verify)."""
 
     step: int
     path: str

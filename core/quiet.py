@@ -1,7 +1,7 @@
 """Keeping the libraries quiet, so the engine's own lines (progress, warnings, errors) stay readable.
 
-A leaf module: every part that loads models (core.models, core.checkpoints,
-core.sample, the captioners) and the command line use it, and it imports
+A leaf module: every part that loads models (core.base.models, core.base.checkpoints,
+core.base.sample, the captioners) and the command line use it, and it imports
 nothing of the project.
 """
 

@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random-weight SD-1.x diffusers folder, built once per session."""
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -24,7 +24,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory) -> Path:
     """A tiny SD-2.x-style model (linear projections, v-prediction)."""
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2", family="sd2")
 
@@ -32,7 +32,7 @@ def tiny_sd2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL model (two text encoders, text_time UNet)."""
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
 
@@ -55,8 +55,8 @@ def write_dataset(folder: Path, n: int = 6, size=(80, 96), captions: bool = True
 
 @pytest.fixture
 def ds(tmp_path) -> Path:
-    """An empty app-owned dataset (core.dataset_store)."""
-    from core import dataset_store
+    """An empty app-owned dataset (core.data.dataset_store)."""
+    from core.data import dataset_store
 
     return dataset_store.create_dataset(tmp_path / "datasets", "my dog")
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def inject(fault: str, after_step: int) -> None:
     import torch
 
-    import core.train as train
+    import core.training.train as train
 
     done = {"steps": 0}
     real_loss = train.training_loss

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from core import fsutil
-from core.dataset import MAX_CAPTION_BYTES, read_caption, scan_dataset
-from core.dataset_store import list_images
-from core.health import check_dataset
-from core.images import MAX_PIXELS, ImageError, load_image
+from core.data.dataset import MAX_CAPTION_BYTES, read_caption, scan_dataset
+from core.data.dataset_store import list_images
+from core.data.health import check_dataset
+from core.data.images import MAX_PIXELS, ImageError, load_image
 from tests.conftest import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +102,8 @@ def test_a_header_that_asks_for_too_much_memory_is_unreadable_not_a_crash(tmp_pa
 
 
 def test_a_giant_caption_is_cut_and_kept_out_of_the_metadata(tiny_model, tmp_path):
-    from core import train
-    from core.lora_io import read_lora_info
+    from core.lora.lora_io import read_lora_info
+    from core.training import train
     from tests.conftest import EventLog, tiny_config
 
     data = write_dataset(tmp_path / "d", n=2)
@@ -135,7 +135,7 @@ def test_giant_pictures_are_decoded_small_and_over_the_limit_refused(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from core.dataset import scan_dataset
+        from core.data.dataset import scan_dataset
         scan = scan_dataset({str(data)!r})
         peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
         print(scan.items[0].size, int(peak.split()[1]) // 1024)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.buckets import Placement, aspect_error, bucket_sizes, bucket_table, fitted, format_table, place
-from core.dataset import ImageItem
-from core.train_data import Augment, BucketBatchSampler, Entry, Examples, shuffle_tags
+from core.data.buckets import Placement, aspect_error, bucket_sizes, bucket_table, fitted, format_table, place
+from core.data.dataset import ImageItem
+from core.training.train_data import Augment, BucketBatchSampler, Entry, Examples, shuffle_tags
 
 SD15 = bucket_sizes(512)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import caption, caption_blip
-from core.caption import CaptionError, caption_folder
+from core.captioning import caption, caption_blip
+from core.captioning.caption import CaptionError, caption_folder
 from core.events import read_events
 from tests.conftest import EventLog, sigterm_once
 

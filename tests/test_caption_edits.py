@@ -1,4 +1,4 @@
-"""core.caption_edits: one caption, and the bulk tools over every caption of a dataset."""
+"""core.data.caption_edits: one caption, and the bulk tools over every caption of a dataset."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from core import caption_edits as edits
-from core import dataset_store as store
-from core.dataset_store import DatasetStoreError
+from core.data import caption_edits as edits
+from core.data import dataset_store as store
+from core.data.dataset_store import DatasetStoreError
 from tests.test_dataset_store import png_bytes, temp_files
 
 

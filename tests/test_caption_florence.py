@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core import caption_florence as florence
-from core.caption import CaptionError, caption_folder
-from core.caption_florence import Florence2Captioner
+from core.captioning import caption_florence as florence
+from core.captioning.caption import CaptionError, caption_folder
+from core.captioning.caption_florence import Florence2Captioner
 from tests.conftest import EventLog
 from tests.test_caption import core_cmd, noise
 
@@ -16,7 +16,7 @@ from tests.test_caption import core_cmd, noise
 @pytest.fixture(scope="module")
 def tiny_florence(tmp_path_factory) -> Path:
     """What `python -m core tiny-captioner DIR --kind florence2` writes (built here, without a subprocess)."""
-    from core.caption import write_tiny_captioner
+    from core.captioning.caption import write_tiny_captioner
 
     return write_tiny_captioner(tmp_path_factory.mktemp("captioners") / "tiny-florence2", kind="florence2")
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import caption_tagger as tagger
-from core.caption import CaptionError, caption_folder
-from core.caption_tagger import CHARACTER, GENERAL, RATING, Tag, WdTagger, format_tag, select_tags
+from core.captioning import caption_tagger as tagger
+from core.captioning.caption import CaptionError, caption_folder
+from core.captioning.caption_tagger import CHARACTER, GENERAL, RATING, Tag, WdTagger, format_tag, select_tags
 from tests.conftest import EventLog
 from tests.test_caption import core_cmd, noise
 
@@ -274,8 +274,8 @@ def test_caption_command_with_the_tagger(tmp_path):
 def test_captioning_a_dataset_reaches_its_concept_folders_and_honours_the_caption_extension(tmp_path, tiny_wd):
     """Training reads subfolders, so the captioner captions them too; the health report and the training
     scan then find every caption under the same extension."""
-    from core.dataset import scan_dataset
-    from core.health import check_dataset
+    from core.data.dataset import scan_dataset
+    from core.data.health import check_dataset
 
     data = tmp_path / "data"
     (data / "close ups").mkdir(parents=True)

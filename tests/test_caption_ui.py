@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.caption_tagger import write_tiny_tagger
+from core.captioning.caption_tagger import write_tiny_tagger
 from tests.test_caption import noise
 from ui import dataset_tab
 from ui.runner import CaptionJob, option_args

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.checkpoints import CheckpointError, checkpoint_family, convert, converted_folder, find_config_folder
-from core.models import ModelError, resolve_model_path
+from core.base.checkpoints import CheckpointError, checkpoint_family, convert, converted_folder, find_config_folder
+from core.base.models import ModelError, resolve_model_path
 
 KEYS = {
     "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",

@@ -40,7 +40,7 @@ def test_tiny_model_command_writes_a_loadable_pipeline(tmp_path):
 def test_tiny_model_of_each_family(tmp_path, family, pipeline):
     import diffusers
 
-    from core.families import detect_family
+    from core.base.families import detect_family
 
     out = core_cmd("tiny-model", tmp_path / family, "--family", family)
     assert out.returncode == 0, out.stderr

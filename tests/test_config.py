@@ -208,7 +208,7 @@ def test_model_path_may_be_a_single_file_checkpoint(paths, tmp_path):
 
 def test_a_config_is_validated_once_per_process_on_the_way_to_training(paths, tmp_path, monkeypatch):
     """The form (or the CLI) validates; copying the paths and starting the run trust it."""
-    from core import train
+    from core.training import train
 
     calls = []
     real = config.validate

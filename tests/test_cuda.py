@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core import train
+from core.training import train
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 pytestmark = [

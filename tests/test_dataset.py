@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.dataset import DatasetError, read_caption, require_images, scan_dataset, split_items
+from core.data.dataset import DatasetError, read_caption, require_images, scan_dataset, split_items
 
 
 def _png(path, colour=(200, 10, 10), size=(32, 24)):

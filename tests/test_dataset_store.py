@@ -1,4 +1,4 @@
-"""core.dataset_store: app-owned datasets built from copies of the user's files.
+"""core.data.dataset_store: app-owned datasets built from copies of the user's files.
 
 Every file here is real and written in tmp_path. The user's "originals" live
 in a downloads folder; uploads arrive the way Gradio hands them over (a
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import caption_edits as edits
-from core import dataset_store as store
-from core.dataset import scan_dataset
-from core.dataset_store import DatasetStoreError
+from core.data import caption_edits as edits
+from core.data import dataset_store as store
+from core.data.dataset import scan_dataset
+from core.data.dataset_store import DatasetStoreError
 
 # --------------------------------------------------------------------------
 # file builders

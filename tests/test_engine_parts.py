@@ -5,9 +5,10 @@ import sys
 import pytest
 import torch
 
-from core import cli, train
+from core import cli
+from core.base.models import ModelError, component_fingerprint, load_models
 from core.events import read_events
-from core.models import ModelError, component_fingerprint, load_models
+from core.training import train
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 
@@ -39,7 +40,7 @@ def test_unknown_hub_model_offline_is_a_clear_model_error(monkeypatch):
 
 
 def test_model_fingerprint_changes_with_the_weights(tmp_path, tiny_model):
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     other = write_tiny_model(tmp_path / "other", seed=1)
     assert component_fingerprint(tiny_model, "vae") == component_fingerprint(tiny_model, "vae")
@@ -109,7 +110,7 @@ def test_unexpected_failure_writes_traceback_and_one_line(tiny_model, tmp_path, 
 
 
 def test_native_resolution_from_configs(tiny_model, tmp_path):
-    from core.models import native_resolution
+    from core.base.models import native_resolution
 
     assert native_resolution(tiny_model) == 64  # sample_size 32 x VAE factor 2
     assert native_resolution(tmp_path) is None

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from core import train
-from core.families import FAMILIES, FamilyError, detect_family
-from core.models import load_models
+from core.base.families import FAMILIES, FamilyError, detect_family
+from core.base.models import load_models
+from core.training import train
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 
@@ -54,7 +54,7 @@ def test_sdxl_conditioning_uses_both_encoders_and_pooled_text(tiny_sdxl):
 
 
 def test_sd2_trains_against_the_velocity(tiny_sd2):
-    from core.objective import diffusion_loss
+    from core.training.objective import diffusion_loss
 
     base = load_models(str(tiny_sd2))
     assert base.family.name == "sd2" and base.prediction_type == "v_prediction"
@@ -95,7 +95,7 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     # the exported file, through diffusers' own loader, gives the trained adapter's image back
     from safetensors import safe_open
 
-    from core.sample import apply_lora, load_pipeline, pipeline_from_parts
+    from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
 
     with safe_open(result.lora_path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
@@ -138,7 +138,7 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
 
 
 def test_verify_lora_on_each_family(tiny_sd2, tiny_sdxl, tmp_path):
-    from core.verify import verify
+    from core.lora.verify import verify
 
     for family, model in (("sd2", tiny_sd2), ("sdxl", tiny_sdxl)):
         data = write_dataset(tmp_path / family / "d", n=2)

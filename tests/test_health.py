@@ -7,8 +7,8 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from core import cli
-from core.dataset import DatasetError
-from core.health import (
+from core.data.dataset import DatasetError
+from core.data.health import (
     BLUR_THRESHOLD,
     NEAR_THRESHOLD,
     HealthReport,
@@ -266,7 +266,7 @@ def test_missing_folder_raises(tmp_path):
 
 
 def test_manifest_decisions_show_and_change_the_groups(corpus):
-    from core.manifest import set_decision
+    from core.data.manifest import set_decision
 
     set_decision(corpus, "dup b.webp", "exclude", "a copy")
     set_decision(corpus, "near b brighter.png", "exclude")

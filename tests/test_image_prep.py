@@ -1,4 +1,4 @@
-"""core.images: extensions, fitting to the training size, tensors and digests."""
+"""core.data.images: extensions, fitting to the training size, tensors and digests."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core import images
-from core.images import file_digest, fit_image, from_tensor, is_image_extension, to_tensor
+from core.data import images
+from core.data.images import file_digest, fit_image, from_tensor, is_image_extension, to_tensor
 from tests.test_images import HAS_AVIF, WHITE, noise
 
 # --------------------------------------------------------------------------
@@ -42,8 +42,8 @@ def test_image_extensions_set():
 
 
 def test_import_is_cheap():
-    """Importing core.images must not pull in torch (the UI imports it early)."""
-    code = "import sys, core.images; assert 'torch' not in sys.modules"
+    """Importing core.data.images must not pull in torch (the UI imports it early)."""
+    code = "import sys, core.data.images; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 

@@ -1,4 +1,4 @@
-"""core.images: every odd file a user might drop in loads with the right pixels.
+"""core.data.images: every odd file a user might drop in loads with the right pixels.
 
 All images are generated here, in tmp_path. Each odd case is one row of a
 table: a function that writes the file, and the pixels we expect back
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, features
 
-from core.images import (
+from core.data.images import (
     ImageError,
     fit_image,
     load_image,

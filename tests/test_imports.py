@@ -21,8 +21,8 @@ names = [m.name for m in pkgutil.walk_packages(core.__path__, "core.") if m.name
 for name in names:
     importlib.import_module(name)
 # The heavy paths too: everything training and sampling touch.
-import core.train, core.sample, core.models, core.lora_io, core.cache, core.tiny
-core.tiny.build_tokenizer()
+import core.training.train, core.base.sample, core.base.models, core.lora.lora_io, core.training.cache, core.base.tiny
+core.base.tiny.build_tokenizer()
 import diffusers, transformers, peft, accelerate
 from diffusers import StableDiffusionPipeline
 print("imported", len(names), "modules")
@@ -55,18 +55,35 @@ def core_import_graph(root: Path = ROOT / "core") -> dict[str, set[str]]:
     """Module -> the core modules it imports, at the top or inside functions (read from the source)."""
     import ast
 
-    graph: dict[str, set[str]] = {}
+    sources: dict[str, Path] = {}
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root.parent).with_suffix("").parts
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        sources[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for module, path in sources.items():
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "core":
-                deps |= {f"core.{a.name}" for a in node.names} if node.module == "core" else {node.module}
+                # "from core.data import dataset" imports the module core.data.dataset
+                named = {f"{node.module}.{a.name}" for a in node.names} & set(sources)
+                deps |= named or {node.module}
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("core.")}
         graph[module] = deps - {module}
     return graph
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same imports between core's subpackages (core.data, core.training, ...); top-level modules
+    (config, events, cli, ...) stay themselves."""
+    def package(module: str) -> str:
+        parts = module.split(".")
+        return ".".join(parts[:2])
+
+    packages: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        packages.setdefault(package(module), set()).update(package(d) for d in deps)
+    return {name: deps - {name} for name, deps in packages.items()}
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -108,6 +125,9 @@ def test_core_has_no_import_circles():
     graph = core_import_graph()
     assert len(graph) > 20
     assert import_cycles(graph) == []
+    packages = package_graph(graph)
+    assert {"core.data", "core.captioning", "core.base", "core.lora", "core.training"} <= set(packages)
+    assert import_cycles(packages) == []  # nor between the subpackages and the top-level modules
 
 
 def test_no_function_outside_the_tests_is_over_100_lines():

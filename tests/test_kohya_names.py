@@ -1,4 +1,4 @@
-"""core.kohya_names: diffusers UNet paths -> the original (LDM) names kohya writes for SDXL.
+"""core.lora.kohya_names: diffusers UNet paths -> the original (LDM) names kohya writes for SDXL.
 
 Three kinds of proof, none hand-written tables of the tiny models:
 
@@ -21,7 +21,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
-from core.kohya_names import kohya_unet_key, ldm_unet_path
+from core.lora.kohya_names import kohya_unet_key, ldm_unet_path
 
 RANK, ALPHA = 4, 8  # alpha != rank, so a lost alpha shows up as a different image
 TIME_DIM, TEXT_DIM, PROJ_DIM = 8, 32, 32

@@ -1,4 +1,4 @@
-"""core.lora_io: a kohya file written from a peft adapter reproduces that adapter.
+"""core.lora.lora_io: a kohya file written from a peft adapter reproduces that adapter.
 
 The proof is behavioural: the file is loaded by a real reader (diffusers'
 ``load_lora_weights``, and a small A1111-style "merge into the weights"
@@ -22,14 +22,14 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from core.lora_io import (
+from core.base.tiny import build_pipeline
+from core.lora.lora_io import (
     LoraFileError,
     kohya_metadata,
     kohya_state_dict,
     read_lora_info,
     save_kohya_lora,
 )
-from core.tiny import build_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -67,7 +67,7 @@ def adapt(pipe, unet_targets=UNET_TARGETS, te_targets=None, **kwargs):
     if unet_targets:
         pipe.unet.add_adapter(lora_config(unet_targets, **kwargs))
     if te_targets:
-        # What core.train does: transformers' add_adapter refuses the installed peft.
+        # What core.training.train does: transformers' add_adapter refuses the installed peft.
         inject_adapter_in_model(lora_config(te_targets, **kwargs), pipe.text_encoder)
     return pipe
 

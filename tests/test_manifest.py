@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import manifest
-from core.dataset import DatasetError, load_split, scan_dataset, split_items
-from core.manifest import ManifestError, load_manifest, set_decision, set_repeats
+from core.data import manifest
+from core.data.dataset import DatasetError, load_split, scan_dataset, split_items
+from core.data.manifest import ManifestError, load_manifest, set_decision, set_repeats
 
 
 def noise(path, seed, size=(64, 48)):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core import train
-from core.merge import merge
-from core.models import resolve_model_path
-from core.sample import apply_lora, generate, load_pipeline
+from core.base.models import resolve_model_path
+from core.base.sample import apply_lora, generate, load_pipeline
+from core.lora.merge import merge
+from core.training import train
 from tests.conftest import EventLog, tiny_config, write_dataset
 from tests.test_cli import core_cmd
 

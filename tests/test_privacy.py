@@ -44,7 +44,7 @@ def test_outgoing_addresses_are_read_from_strace_lines():
 
 @pytest.mark.skipif(not _strace_works(), reason="needs strace that may trace child processes")
 def test_the_app_connects_to_nothing_but_itself(tmp_path):
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     home = tmp_path / "home"
     model = write_tiny_model(home / "models" / "tiny")

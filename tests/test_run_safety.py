@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from core import config as config_mod
-from core import fsutil, train
+from core import fsutil
 from core.events import read_events
-from core.run_folder import LOCK_FILE, latest_state, read_lock, run_status
+from core.training import train
+from core.training.run_folder import LOCK_FILE, latest_state, read_lock, run_status
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +75,8 @@ def test_a_diverging_run_saves_nothing_non_finite(tiny_model, tmp_path):
 
 
 def test_non_finite_weights_are_never_written_and_verify_lora_fails_on_them(tiny_model, tmp_path):
-    from core.lora_io import NonFiniteWeightsError, save_kohya_lora
-    from core.verify import verify
+    from core.lora.lora_io import NonFiniteWeightsError, save_kohya_lora
+    from core.lora.verify import verify
 
     data = write_dataset(tmp_path / "d", n=2)
     cfg = tiny_config(tiny_model, data, tmp_path / "out", **{"train.max_train_steps": 1, "sample.prompts": [],
@@ -345,7 +346,7 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_name(tiny_mo
     assert run_status(cfg.run_dir).state == "completed"
     # A run that did train is still protected.
     from core.config import ConfigError
-    from core.run_folder import check_run_dir
+    from core.training.run_folder import check_run_dir
 
     with pytest.raises(ConfigError, match="already holds a run"):
         check_run_dir(config_mod.load(path), resume=False)

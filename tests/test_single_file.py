@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.single_file import SingleFileError, save_single_file, to_single_file_state_dict
+from core.lora.single_file import SingleFileError, save_single_file, to_single_file_state_dict
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 TEXT_PREFIXES = {
@@ -133,7 +133,7 @@ def test_keys_are_the_original_layout_and_all_are_converted(family, pipes, files
     )
     from safetensors.torch import load_file
 
-    from core.checkpoints import checkpoint_family
+    from core.base.checkpoints import checkpoint_family
 
     pipe, path = pipes[family], files[family, "fp32"]
     state = load_file(path)
@@ -282,7 +282,7 @@ def test_refuses_an_unfused_lora(pipes, tmp_path):
 
 
 def test_bad_arguments_are_explained(pipes, tmp_path):
-    from core.families import FamilyError
+    from core.base.families import FamilyError
 
     pipe = pipes["sdxl"]
     with pytest.raises(SingleFileError, match="2 text encoder"):

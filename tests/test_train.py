@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from core import objective, train
 from core.config import ConfigError
 from core.events import jsonl_writer, read_events
-from core.run_folder import RunPaths
+from core.training import objective, train
+from core.training.run_folder import RunPaths
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 
@@ -80,14 +80,14 @@ def test_only_lora_parameters_change(trained, tiny_model):
 
 
 def _image(pipe, seed=0):
-    from core.sample import generate
+    from core.base.sample import generate
 
     return np.asarray(generate(pipe, "a photo of sks", seed=seed, steps=2, width=64, height=64), dtype=np.float32)
 
 
 def test_saved_file_reproduces_the_trained_adapter_and_changes_the_image(trained, tiny_model):
-    from core.models import load_models
-    from core.sample import apply_lora, load_pipeline, pipeline_from_parts
+    from core.base.models import load_models
+    from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
 
     cfg, _, result = trained
     base = load_models(str(tiny_model))

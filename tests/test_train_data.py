@@ -6,8 +6,8 @@ import math
 import torch
 from safetensors import safe_open
 
-from core import train
-from core.manifest import set_decision, set_repeats
+from core.data.manifest import set_decision, set_repeats
+from core.training import train
 from tests.conftest import EventLog, tiny_config, write_dataset
 from tests.test_health import CAPTIONS, write_corpus
 
@@ -85,11 +85,11 @@ def test_flip_latents_are_the_mirrored_image(tiny_model, tmp_path):
     """The second cached latent is the VAE's encoding of the mirrored picture."""
     from PIL import Image
 
-    from core.cache import FeatureCache, encode_latent_distribution
-    from core.dataset import scan_dataset
-    from core.images import to_tensor
-    from core.models import load_models
-    from core.train_data import build_entries
+    from core.base.models import load_models
+    from core.data.dataset import scan_dataset
+    from core.data.images import to_tensor
+    from core.training.cache import FeatureCache, encode_latent_distribution
+    from core.training.train_data import build_entries
 
     data = write_dataset(tmp_path / "d", n=1, size=(64, 64))
     cfg = tiny_config(tiny_model, data, tmp_path / "out")

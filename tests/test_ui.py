@@ -58,7 +58,7 @@ def test_steps_readout(tmp_path):
                                     "dataset.validation_split": 0.1})
     assert "10 steps per epoch" in text and "**25** steps ≈ 2.5 epochs" in text
     assert "Pick a dataset" in train_tab.steps_readout({"dataset.path": str(tmp_path / "none")})
-    from core.manifest import set_decision
+    from core.data.manifest import set_decision
 
     set_decision(data, "img1.png", "exclude")  # excluded pictures do not count
     text = train_tab.steps_readout({"dataset.path": str(data), "dataset.repeats": 1, "train.batch_size": 1,
@@ -183,8 +183,8 @@ def test_find_models(settings, tiny_model):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_previewer_keeps_the_pipeline_and_switches_loras(family, tiny_model, tiny_sdxl, tmp_path):
-    from core import train
-    from core.sample import Previewer
+    from core.base.sample import Previewer
+    from core.training import train
     from tests.conftest import EventLog
 
     tiny_model = tiny_sdxl if family == "sdxl" else tiny_model  # the Prompt tab's engine, per family
@@ -231,8 +231,8 @@ def test_health_report_view_lists_flagged_files(tmp_path):
 def test_health_decisions_exclude_keep_undo_and_copies(tmp_path, tiny_model):
     from PIL import Image
 
-    from core import train
-    from core.manifest import load_manifest
+    from core.data.manifest import load_manifest
+    from core.training import train
     from ui import dataset_tab, health_panel
 
     folder = write_dataset(tmp_path / "d", n=4, size=(80, 80))
@@ -265,7 +265,7 @@ def test_health_decisions_exclude_keep_undo_and_copies(tmp_path, tiny_model):
 
 
 def test_concept_repeats_table(tmp_path):
-    from core.manifest import ManifestError, load_manifest
+    from core.data.manifest import ManifestError, load_manifest
     from ui import health_panel
 
     folder = write_dataset(tmp_path / "d", n=2)
@@ -280,8 +280,8 @@ def test_concept_repeats_table(tmp_path):
 
 
 def test_concept_folders_in_the_dataset_view(tmp_path):
-    from core import dataset_store as store
-    from core.manifest import set_decision
+    from core.data import dataset_store as store
+    from core.data.manifest import set_decision
     from ui import dataset_tab
 
     root = store.create_dataset(tmp_path / "datasets", "mine")
@@ -319,7 +319,7 @@ def test_resolution_follows_the_model_family(tiny_model, tiny_sdxl, tmp_path):
 def test_merge_from_the_prompt_tab(settings, tiny_model, tmp_path):
     import shutil
 
-    from core import train
+    from core.training import train
     from tests.conftest import EventLog
     from ui.prompt_tab import merge_into_model
     from ui.settings import model_choices
@@ -356,8 +356,8 @@ def test_the_status_line_says_starting_until_the_trainer_reports(tmp_path):
 
 
 def test_past_runs_say_how_each_run_stands(settings, tiny_model, tmp_path):
-    from core import train
     from core.events import jsonl_writer
+    from core.training import train
 
     data = write_dataset(tmp_path / "d", n=2)
     done = tiny_config(tiny_model, data, settings.outputs_dir, name="done-run",
@@ -399,7 +399,7 @@ def test_events_read_back_as_their_classes_and_a_renamed_field_is_loud(tmp_path)
 
 
 def test_dataset_tab_handlers_are_plain_functions(settings, tmp_path):
-    from core.caption_edits import add_trigger_word
+    from core.data.caption_edits import add_trigger_word
     from ui import dataset_tab as tab
 
     _, created = tab.on_create(settings, "pets")
@@ -439,7 +439,7 @@ def test_a_saved_preset_keeps_every_changed_setting_and_applies_back(settings, t
 
 
 def test_prompt_tab_handlers_take_the_form(tiny_model):
-    from core.sample import Previewer
+    from core.base.sample import Previewer
     from ui import prompt_tab
 
     form = {"model": str(tiny_model), "lora": None, "scale": 1.0, "prompt": "a photo of sks", "negative": "",
@@ -454,8 +454,8 @@ def test_prompt_tab_handlers_take_the_form(tiny_model):
 
 
 def test_the_steps_line_counts_concept_folders_and_their_repeats_as_training_does(tmp_path):
-    from core.dataset import load_split
-    from core.manifest import set_repeats
+    from core.data.dataset import load_split
+    from core.data.manifest import set_repeats
 
     data = write_dataset(tmp_path / "d", n=5)
     write_dataset(data / "close ups", n=3, seed=9)
@@ -468,7 +468,7 @@ def test_the_steps_line_counts_concept_folders_and_their_repeats_as_training_doe
 
 
 def test_a_built_in_preset_follows_the_picked_models_family(settings, tiny_model, tiny_sdxl):
-    from core.models import native_resolution
+    from core.base.models import native_resolution
 
     keys = train_tab.all_fields()
     for model in (tiny_model, tiny_sdxl):

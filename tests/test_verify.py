@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core import train
-from core.verify import verify
+from core.lora.verify import verify
+from core.training import train
 from tests.conftest import EventLog, tiny_config, write_dataset
 from tests.test_cli import core_cmd
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.sample import Previewer
+from core.base.sample import Previewer
 from ui.runner import RunManager
 from ui.server import served_paths
 from ui.settings import AppSettings, model_choices
@@ -52,7 +52,7 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
 
         def on_demo():
             """The tiny model and the demo pictures, so a new user can click through everything offline."""
-            from core import dataset_store
+            from core.data import dataset_store
             from ui.demo import make_demo
 
             message = make_demo(settings)

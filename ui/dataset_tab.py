@@ -9,9 +9,9 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-from core import caption_edits as edits
-from core import dataset_store as store
-from core.manifest import load_manifest
+from core.data import caption_edits as edits
+from core.data import dataset_store as store
+from core.data.manifest import load_manifest
 from ui import health_panel
 from ui.server import discard_uploads
 from ui.settings import AppSettings
@@ -81,7 +81,7 @@ FLORENCE_TASKS = [("One sentence", "caption"), ("A few sentences", "detailed"), 
 def captioner_models(settings: AppSettings, kind: str = "blip") -> list[str]:
     """Model folders of that kind of captioner under models/ first (offline), then the hub id the
     captioner suggests (downloaded on first use)."""
-    from core.caption import captioner_class
+    from core.captioning.caption import captioner_class
 
     folders = sorted(settings.models_dir.iterdir()) if settings.models_dir.is_dir() else []
     return [str(p) for p in folders if _captioner_kind(p) == kind] + [captioner_class(kind).suggested_model]
@@ -110,7 +110,7 @@ def caption_options(kind: str, form: dict) -> dict:
 
 def _defaults(kind: str) -> dict:
     """The captioner's own option defaults (core's, so the app and the command line agree)."""
-    from core.caption import captioner_class
+    from core.captioning.caption import captioner_class
 
     return captioner_class(kind).options
 

@@ -9,7 +9,7 @@ from ui.settings import ROOT, TINY_MODEL_NAME, AppSettings
 
 def make_demo(settings: AppSettings) -> str:
     """Create models/tiny, the tiny captioner and tagger and datasets/demo if they are missing; say what was done."""
-    from core.tiny import write_tiny_model
+    from core.base.tiny import write_tiny_model
 
     done = []
     model = settings.models_dir / TINY_MODEL_NAME
@@ -18,13 +18,13 @@ def make_demo(settings: AppSettings) -> str:
         done.append(f"wrote the tiny demo model to {model}")
     captioner = settings.models_dir / "tiny-blip"
     if not (captioner / "config.json").is_file():
-        from core.caption_blip import write_tiny_blip
+        from core.captioning.caption_blip import write_tiny_blip
 
         write_tiny_blip(captioner)
         done.append(f"wrote the tiny demo captioner to {captioner}")
     tagger = settings.models_dir / "tiny-wd14"
     if not (tagger / "model.onnx").is_file():
-        from core.caption_tagger import write_tiny_tagger
+        from core.captioning.caption_tagger import write_tiny_tagger
 
         write_tiny_tagger(tagger)
         done.append(f"wrote the tiny demo tagger to {tagger}")

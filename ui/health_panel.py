@@ -1,6 +1,6 @@
 """The Dataset tab's health report: flagged pictures with their reasons, and one-click exclude / keep / undo.
 
-Decisions go to the dataset's ``dataset.toml`` (``core.manifest``); no file is
+Decisions go to the dataset's ``dataset.toml`` (``core.data.manifest``); no file is
 ever moved or deleted. The report itself is computed once per "Check" click
 and kept, so a decision only rewrites the small manifest and re-renders.
 The per-folder repeats ("concepts") table lives here too: it edits the same
@@ -12,7 +12,7 @@ manifest.
 import dataclasses
 from pathlib import Path
 
-from core import manifest as manifest_mod
+from core.data import manifest as manifest_mod
 
 DECISION_LABELS = {"exclude": "excluded", "keep": "kept", None: ""}
 
@@ -26,8 +26,8 @@ def check_for_run(folder: Path, resolution=512, model: str = "", trigger: str = 
     """The report the run's settings call for, as ``python -m core check-dataset`` makes it: the Train tab's
     resolution, the picked model's tokenizer (caption length), the run's trigger phrase. -> (report, a line
     saying what was checked and what could not be)."""
-    from core.dataset import DatasetError
-    from core.health import check_dataset, model_tokenizer
+    from core.data.dataset import DatasetError
+    from core.data.health import check_dataset, model_tokenizer
 
     resolution = int(resolution or 512)
     trigger = (trigger or "").strip()
@@ -132,7 +132,7 @@ def exclude_copies(folder: Path, report) -> str:
 
 def concept_rows(folder: Path) -> list[list]:
     """[subfolder, pictures, repeats] for each subfolder that holds pictures."""
-    from core.dataset import picture_files
+    from core.data.dataset import picture_files
 
     counts: dict[str, int] = {}
     for path in picture_files(folder):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.sample import Previewer
+from core.base.sample import Previewer
 from ui.settings import AppSettings, find_loras, find_models, model_choices
 from ui.widgets import Refresh
 
@@ -27,7 +27,7 @@ def parse_scales(text: str) -> list[float]:
 def merge_into_model(settings: AppSettings, model: str, lora: str, scale: float, name: str,
                      precision: str = "fp16") -> str:
     """Run ``python -m core merge`` (a subprocess: a model in fp32 must not take the app down) into models/NAME."""
-    from core.dataset_store import DatasetStoreError, validate_name
+    from core.data.dataset_store import DatasetStoreError, validate_name
 
     if not model or not lora:
         return "⚠️ pick a base model and a LoRA first"
@@ -118,7 +118,7 @@ def model_size(model):
     """Default the size to what the model was made for (512 for SD 1.5, 64 for the tiny demo model)."""
     import gradio as gr
 
-    from core.models import native_resolution
+    from core.base.models import native_resolution
 
     size = native_resolution(model) if model else None
     return (gr.update(value=size), gr.update(value=size)) if size else (gr.skip(), gr.skip())

@@ -35,7 +35,7 @@ from core.events import (
     ValidationLoss,
     read_typed,
 )
-from core.run_folder import (
+from core.training.run_folder import (
     APP_LOG_ENV,
     RunPaths,
     TrainerLock,

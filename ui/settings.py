@@ -59,8 +59,8 @@ _LABELS: dict[tuple[str, int], str] = {}  # (path, mtime) -> family label of a s
 
 
 def _checkpoint_label(path: Path) -> str:
-    from core.checkpoints import CheckpointError, checkpoint_family
-    from core.families import get_family
+    from core.base.checkpoints import CheckpointError, checkpoint_family
+    from core.base.families import get_family
 
     key = (str(path), path.stat().st_mtime_ns)
     if key not in _LABELS:
@@ -73,7 +73,7 @@ def _checkpoint_label(path: Path) -> str:
 
 def model_choices(models_dir: Path) -> list[tuple[str, str]]:
     """(label, path) for the model dropdowns: the folder name with its detected family."""
-    from core.families import FamilyError, detect_family
+    from core.base.families import FamilyError, detect_family
 
     choices = []
     for path in find_models(models_dir):
@@ -93,6 +93,6 @@ def find_loras(outputs_dir: Path) -> list[str]:
 
     Hidden files (a save in progress, or one a kill cut short) are never offered.
     """
-    from core.run_folder import RunPaths, list_runs
+    from core.training.run_folder import RunPaths, list_runs
 
     return [str(path) for run in list_runs(outputs_dir) for path in RunPaths(run).lora_files()]

@@ -75,10 +75,10 @@ def form_to_config(values: dict[str, Any], settings: AppSettings, check_paths: b
 def steps_readout(values: dict[str, Any]) -> str:
     """The "steps = images x repeats x epochs / batch" line, from the dataset folder and the settings.
 
-    The pictures are counted as training counts them (core.dataset.planned_pictures: subfolders, their
+    The pictures are counted as training counts them (core.data.dataset.planned_pictures: subfolders, their
     folder repeats, exclusions), without decoding; the validation pictures are held out of the count.
     """
-    from core.dataset import CAPTION_EXTENSION, DatasetError, planned_pictures
+    from core.data.dataset import CAPTION_EXTENSION, DatasetError, planned_pictures
 
     folder = Path(str(values.get("dataset.path") or ""))
     if not folder.is_dir():
@@ -117,7 +117,7 @@ def resolution_for(model: str | None, current) -> int | None:
     Picking an SDXL model moves 512 to 1024 and picking an SD 1.5 model moves
     1024 to 512; a size the user typed (say 640) is kept.
     """
-    from core.models import native_resolution
+    from core.base.models import native_resolution
 
     size = native_resolution(model) if model else None
     try:
@@ -178,7 +178,7 @@ def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[st
 
 def run_files_text(run_dir: Path) -> str:
     """The LoRA files of a run, newest step last, for the Past runs view (never a save in progress)."""
-    from core.run_folder import RunPaths
+    from core.training.run_folder import RunPaths
 
     files = RunPaths(run_dir).lora_files()
     if not files:
@@ -211,7 +211,7 @@ def status_text(summary: RunSummary | None, running: bool) -> str:
 
 def run_choices(outputs_dir: Path) -> list[tuple[str, str]]:
     """(label, path) of every run, newest first, with how it stands ("stopped at step 40, resumable ...")."""
-    from core.run_folder import run_status
+    from core.training.run_folder import run_status
 
     return [(f"{run.name} — {run_status(run).label()}", str(run)) for run in list_runs(outputs_dir)]
 
@@ -297,7 +297,7 @@ def open_run(run_dir):
     """A past run's view: (progress, plot, samples, error, its files)."""
     import gradio as gr
 
-    from core.run_folder import run_status
+    from core.training.run_folder import run_status
 
     if not run_dir:
         return (gr.skip(),) * 5
@@ -315,7 +315,7 @@ def apply_preset(settings: AppSettings, keys: list[str], name, model: str | None
     """
     import gradio as gr
 
-    from core.models import native_resolution
+    from core.base.models import native_resolution
 
     if not name:
         return [gr.skip()] * len(keys)

@@ -10,7 +10,7 @@ back with ``from_single_file`` and compare every tensor and a sampled image.
 
 Key layout per family::
 
-    model.diffusion_model.*                     UNet, LDM names (core.kohya_names)
+    model.diffusion_model.*                     UNet, LDM names (core.lora.kohya_names)
     first_stage_model.*                         VAE (see _vae_name)
     sd1   cond_stage_model.transformer.text_model.*       CLIP, transformers names
     sd2   cond_stage_model.model.*                        OpenCLIP (see _open_clip)
@@ -21,7 +21,7 @@ These prefixes are what the loaders use to tell the families apart: diffusers
 (``infer_diffusers_model_type``) and ComfyUI by the UNet's shapes plus the
 text-encoder prefixes, A1111 by ``conditioner.embedders.1.model.ln_final.weight``
 (SDXL) and a 1024-wide ``cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight``
-(SD 2.x), the app itself by ``core.checkpoints.checkpoint_family``.
+(SD 2.x), the app itself by ``core.base.checkpoints.checkpoint_family``.
 
 SD 2.x's text encoder: the original OpenCLIP ViT-H has 24 layers, but SD 2.x
 conditions on the penultimate one, so diffusers' SD 2.x text encoder stops
@@ -78,7 +78,7 @@ def to_single_file_state_dict(unet, vae, text_encoders: list, family: str,
     before changing it. Raises SingleFileError for a weight that has no place
     in the original layout (an unfused LoRA adapter, a non-SD block type).
     """
-    from core.families import get_family
+    from core.base.families import get_family
 
     name = get_family(family).name
     layouts = TEXT_ENCODER_PREFIXES[name]
@@ -145,7 +145,7 @@ def _state(module, what: str) -> dict[str, torch.Tensor]:
 
 
 def _unet(unet) -> Iterator[tuple[str, torch.Tensor]]:
-    from core.kohya_names import ldm_unet_path
+    from core.lora.kohya_names import ldm_unet_path
 
     for name, tensor in _state(unet, "UNet").items():
         module, _, param = name.rpartition(".")

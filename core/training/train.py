@@ -24,7 +24,7 @@ import torch
 
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
-from core.dataset import ImageItem, load_split
+from core.data.dataset import ImageItem, load_split
 from core.events import (
     CheckpointSaved,
     Emit,
@@ -36,8 +36,8 @@ from core.events import (
     SampleWritten,
     ValidationLoss,
 )
-from core.objective import Validator, training_loss
-from core.run_folder import (
+from core.training.objective import Validator, training_loss
+from core.training.run_folder import (
     RunPaths,
     check_run_dir,
     latest_state,
@@ -47,7 +47,7 @@ from core.run_folder import (
     save_state,
     trainer_lock,
 )
-from core.train_data import bucket_record, build_dataloader, build_entries, cached_text, text_is_cached
+from core.training.train_data import bucket_record, build_dataloader, build_entries, cached_text, text_is_cached
 
 
 class TrainingError(RuntimeError):
@@ -131,7 +131,7 @@ def load_dataset(config: TrainConfig, emit: Emit) -> tuple[list[ImageItem], list
 
 def load_base(config: TrainConfig, accelerator, emit: Emit):
     """Load the frozen model parts and place them; frozen weights in the compute dtype."""
-    from core.models import load_models
+    from core.base.models import load_models
 
     emit(Phase("loading model", 0, 0))
     dtype = weight_dtype(accelerator)
@@ -261,7 +261,7 @@ def verify_final(config: TrainConfig, emit: Emit):
     it, it changes the image at the sample seed. Emits the check (step -1) and returns it."""
     import gc
 
-    from core.verify import event, verify
+    from core.lora.verify import event, verify
 
     gc.collect()
     if torch.cuda.is_available():
@@ -274,7 +274,7 @@ def verify_final(config: TrainConfig, emit: Emit):
 
 
 def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bool) -> RunResult:
-    from core.cache import FeatureCache
+    from core.training.cache import FeatureCache
 
     train_items, val_items = load_dataset(config, emit)
     base = load_base(config, accelerator, emit)
@@ -323,7 +323,7 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
 
 def report_buckets(config: TrainConfig, record: dict, emit: Emit, main: bool) -> None:
     """Print the bucket table and keep it (with every image's placement) in the run folder."""
-    from core.buckets import format_table
+    from core.data.buckets import format_table
     from core.fsutil import write_json
 
     if not main:
@@ -336,7 +336,7 @@ def report_buckets(config: TrainConfig, record: dict, emit: Emit, main: bool) ->
 
 def data_metadata(items: list[ImageItem], buckets: dict) -> dict:
     """kohya's data keys of the LoRA metadata: image count, buckets, tag frequency per folder."""
-    from core.health import tag_frequency
+    from core.data.health import tag_frequency
 
     folders: dict[str, list[str]] = {}
     for item in items:
@@ -374,7 +374,7 @@ class _Loop:
     accelerator: object
     emit: Emit
     should_stop: Callable[[], bool]
-    base: object  # core.models.BaseModel
+    base: object  # core.base.models.BaseModel
     unet: torch.nn.Module  # prepared by accelerate (maybe DDP-wrapped)
     text_encoder: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -495,8 +495,8 @@ class _Loop:
         acc.wait_for_everyone()
 
     def write_samples(self, unet, text_encoder) -> None:
+        from core.base.sample import generate, pipeline_from_parts
         from core.fsutil import save_image
-        from core.sample import generate, pipeline_from_parts
 
         c = self.config
         if not c.sample.prompts:
@@ -588,8 +588,8 @@ class _Loop:
         return path
 
     def save_diffusers(self, path: Path) -> None:
-        from core.lora_diffusers import save_diffusers_lora
-        from core.run_folder import save_dtype
+        from core.lora.lora_diffusers import save_diffusers_lora
+        from core.training.run_folder import save_dtype
 
         acc, c = self.accelerator, self.config
         text = acc.unwrap_model(self.text_encoder) if c.lora.train_text_encoder else None
@@ -599,7 +599,7 @@ class _Loop:
 
     def check_export(self, lora_path: Path) -> None:
         """Every key of the file just written must land on a module of the base model (cheap: no images)."""
-        from core.verify import event, verify_loaded
+        from core.lora.verify import event, verify_loaded
 
         text = self.accelerator.unwrap_model(self.text_encoder)
         result = verify_loaded(lora_path, self.accelerator.unwrap_model(self.unet), list(text.encoders),

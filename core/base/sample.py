@@ -37,7 +37,7 @@ def make_scheduler(model_folder: str | Path, sampler: str = "default"):
 def pipeline_from_parts(model_folder, vae, text, unet, sampler: str = "default"):
     """A pipeline sharing already-loaded modules (no copy), for samples during training.
 
-    ``text`` is the model's ``core.text.TextEncoders``; its family picks the pipeline class.
+    ``text`` is the model's ``core.base.text.TextEncoders``; its family picks the pipeline class.
     """
     import diffusers
 
@@ -59,8 +59,8 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     """Load a base model for generation, on the GPU when there is one."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from core.families import FamilyError, detect_family
-    from core.models import ModelError, resolve_model_path
+    from core.base.families import FamilyError, detect_family
+    from core.base.models import ModelError, resolve_model_path
     from core.quiet import quiet_local_loading
 
     folder = resolve_model_path(model, revision)

@@ -2,7 +2,7 @@
 
 A dataset is ``<root>/<name>/``: images copied from the user's files, each
 with a same-stem ``.txt`` caption, which is exactly the folder format that
-``core.dataset.scan_dataset`` trains on. The user's originals are only ever
+``core.data.dataset.scan_dataset`` trains on. The user's originals are only ever
 read. Every file written here goes through ``core.fsutil`` (a temporary file
 moved into place), so a crash never leaves half an image or half a caption.
 
@@ -30,8 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import fsutil
-from core.dataset import CAPTION_EXTENSION, MAX_CAPTION_BYTES, caption_path, decode_caption, picture_files, read_caption
-from core.images import ImageError, file_digest, is_image_extension, load_image
+from core.data.dataset import (
+    CAPTION_EXTENSION,
+    MAX_CAPTION_BYTES,
+    caption_path,
+    decode_caption,
+    picture_files,
+    read_caption,
+)
+from core.data.images import ImageError, file_digest, is_image_extension, load_image
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +306,7 @@ def list_images(dataset_dir: str | os.PathLike, recursive: bool = False,
     of thousands lists instantly; ``import_files`` already decoded each one.
     Only the folder itself unless ``recursive`` (then ``name`` is the path
     below it, "concept/a.png"); hidden entries, ``.removed/`` among them, are
-    skipped (see core.dataset.candidate_files, the one lister).
+    skipped (see core.data.dataset.candidate_files, the one lister).
     """
     folder = existing_dir(dataset_dir)
     images = []
@@ -443,10 +450,10 @@ def image_in(folder: Path, image_name: str) -> Path:
 def visible_files(folder: Path) -> dict[str, Path]:
     """Plain files directly in ``folder`` by name, hidden ones (temporary files, .DS_Store) skipped.
 
-    A link is listed only if it points to a file inside ``folder`` (see core.dataset.link_problem):
+    A link is listed only if it points to a file inside ``folder`` (see core.data.dataset.link_problem):
     the gallery serves what is listed here, and must never serve a file from elsewhere.
     """
-    from core.dataset import link_problem
+    from core.data.dataset import link_problem
 
     with os.scandir(folder) as entries:
         return {e.name: Path(e.path) for e in entries
@@ -467,7 +474,7 @@ def _stem_holders(folder: Path, stem: str) -> list[Path]:
 
 
 def caption_file_name(image_name: str) -> str:
-    """``a.png`` -> ``a.txt``: the caption the app's datasets keep beside a picture (core.dataset's rule)."""
+    """``a.png`` -> ``a.txt``: the caption the app's datasets keep beside a picture (core.data.dataset's rule)."""
     return caption_path(Path(image_name)).name
 
 

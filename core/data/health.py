@@ -1,7 +1,7 @@
 """The dataset health report: what in a training folder will hurt the LoRA, before any model loads.
 
 ``check_dataset(folder)`` looks at every image the trainer would use (the
-same folder walk as ``core.dataset.scan_dataset``: hidden files skipped,
+same folder walk as ``core.data.dataset.scan_dataset``: hidden files skipped,
 captions and sidecars not images) and reports, per file, what is wrong and
 what to do about it:
 
@@ -19,7 +19,7 @@ check              status   when
 ``trigger_missing`` warning the trigger word is not in the caption
 =================  =======  ==================================================
 
-Decisions recorded in the dataset's ``dataset.toml`` (see ``core.manifest``) are shown per
+Decisions recorded in the dataset's ``dataset.toml`` (see ``core.data.manifest``) are shown per
 file; excluded images do not count towards duplicates, tags or captions.
 
 Only Pillow and numpy: no model is loaded unless the caller passes a
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.dataset import (
+from core.data.dataset import (
     CAPTION_EXTENSION,
     NEAR_THRESHOLD,
     candidate_files,
@@ -45,8 +45,8 @@ from core.dataset import (
     read_caption,
     similar_groups,
 )
-from core.dataset import caption_path as caption_file
-from core.images import ImageError, dhash, load_image, looks_like_picture
+from core.data.dataset import caption_path as caption_file
+from core.data.images import ImageError, dhash, load_image, looks_like_picture
 
 __all__ = ["NEAR_THRESHOLD", "dhash", "check_dataset", "format_report", "tag_frequency"]
 
@@ -138,11 +138,11 @@ def model_tokenizer(model: str | Path):
     pass otherwise. Only the tokenizer is loaded (no weights)."""
     from transformers import CLIPTokenizer
 
-    from core.dataset import DatasetError
+    from core.data.dataset import DatasetError
 
     folder = Path(model)
     if folder.is_file():
-        from core.checkpoints import converted_folder
+        from core.base.checkpoints import converted_folder
 
         folder = converted_folder(folder)
     if not (folder / "tokenizer").is_dir():

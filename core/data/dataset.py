@@ -2,9 +2,9 @@
 
 A dataset is a plain folder: images (any format Pillow reads, in any
 subfolder) with same-stem caption files beside them, and optionally a
-``dataset.toml`` manifest (see ``core.manifest``) that excludes images and
+``dataset.toml`` manifest (see ``core.data.manifest``) that excludes images and
 gives subfolders ("concepts") their own repeats. Nothing in it is ever moved,
-renamed or written here; caches live elsewhere (see ``core.cache``).
+renamed or written here; caches live elsewhere (see ``core.training.cache``).
 
 The train/validation split keeps near-duplicates together: an image and its
 re-encode or slight crop are never one in training and one in validation,
@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.images import ImageError, dhash, is_image_extension, load_image, looks_like_picture
-from core.manifest import MANIFEST_NAME, Manifest, load_manifest
+from core.data.images import ImageError, dhash, is_image_extension, load_image, looks_like_picture
+from core.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 # Files that are expected beside images and are not images themselves.
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md", ".npz", ".safetensors"}
@@ -200,7 +200,7 @@ def planned_pictures(folder: str | Path, caption_extension: str = CAPTION_EXTENS
 
 def open_dataset(folder: str | Path) -> tuple[Path, Manifest]:
     """The dataset folder and its manifest; DatasetError when there is no folder or dataset.toml is bad."""
-    from core.manifest import ManifestError
+    from core.data.manifest import ManifestError
 
     folder = Path(folder)
     if not folder.is_dir():

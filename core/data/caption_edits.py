@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from core import fsutil
-from core.dataset import decode_caption
-from core.dataset_store import (
+from core.data.dataset import decode_caption
+from core.data.dataset_store import (
     DatasetStoreError,
     caption_file_name,
     existing_dir,
@@ -21,7 +21,7 @@ from core.dataset_store import (
     sort_key,
     visible_files,
 )
-from core.images import is_image_extension
+from core.data.images import is_image_extension
 
 _SEPARATORS = " ,\t\r\n"  # what may sit between a caption and an added tag
 

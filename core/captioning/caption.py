@@ -6,10 +6,10 @@ polls its ``--events`` file, exactly as it does for training.
 
 Three captioners, one per kind of caption a LoRA is trained on:
 
-* ``blip`` (``core.caption_blip``): one short English sentence per picture;
-* ``wd14`` (``core.caption_tagger``): booru-style tags from a WD tagger run
+* ``blip`` (``core.captioning.caption_blip``): one short English sentence per picture;
+* ``wd14`` (``core.captioning.caption_tagger``): booru-style tags from a WD tagger run
   with onnxruntime, for anime-style models;
-* ``florence2`` (``core.caption_florence``): Florence-2's detailed
+* ``florence2`` (``core.captioning.caption_florence``): Florence-2's detailed
   paragraphs, for models trained on long natural-language prompts.
 
 The job, in order:
@@ -17,7 +17,7 @@ The job, in order:
 1. list the folder's images (top level, as the Dataset tab shows them) and
    keep the ones that have no caption yet (all of them with ``overwrite``);
 2. load the captioner (skipped when there is nothing to do);
-3. per batch: decode the pictures with ``core.images.load_image`` (so CMYK,
+3. per batch: decode the pictures with ``core.data.images.load_image`` (so CMYK,
    16-bit and EXIF-rotated files come out right), caption them, put the
    trigger word first, and write each caption atomically. A file that
    cannot be decoded is reported in ``failed`` and the job goes on;
@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from core import fsutil
-from core.dataset import CAPTION_EXTENSION, caption_path
+from core.data.dataset import CAPTION_EXTENSION, caption_path
 from core.events import CaptionFinished, CaptionProgress, Event, Message, Phase
 
 if TYPE_CHECKING:
-    from core.dataset_store import DatasetImage
+    from core.data.dataset_store import DatasetImage
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
 # A hub id: "name" or "owner/name" (letters, digits, "-", "_", "."); anything else must be a folder.
@@ -158,9 +158,9 @@ def _flag(option: str) -> str:
 
 # name -> "module:class"; a captioner's module (and its libraries) is imported only when it is used.
 CAPTIONERS: dict[str, str] = {
-    "blip": "core.caption_blip:BlipCaptioner",
-    "wd14": "core.caption_tagger:WdTagger",
-    "florence2": "core.caption_florence:Florence2Captioner",
+    "blip": "core.captioning.caption_blip:BlipCaptioner",
+    "wd14": "core.captioning.caption_tagger:WdTagger",
+    "florence2": "core.captioning.caption_florence:Florence2Captioner",
 }
 
 
@@ -329,7 +329,7 @@ def _never() -> bool:
 def _plan(folder: str | os.PathLike, overwrite: bool,
           caption_extension: str = CAPTION_EXTENSION) -> tuple[list[DatasetImage], CaptionReport]:
     """The images to caption (subfolders included), and a report already holding the skipped ones."""
-    from core.dataset_store import list_images
+    from core.data.dataset_store import list_images
 
     if not Path(folder).is_dir():
         raise CaptionError(f"image folder {folder} does not exist; pass the folder that holds the images",
@@ -357,7 +357,7 @@ def _caption_all(engine: CaptionerBase, todo: list[DatasetImage], prefix: str, b
                  max_new_tokens: int | None, report: CaptionReport, emit, should_stop,
                  caption_extension: str = CAPTION_EXTENSION) -> bool:
     """Caption ``todo`` batch by batch; return True if stopped before the end."""
-    from core.images import ImageError, load_image
+    from core.data.images import ImageError, load_image
 
     total, done = len(todo), 0
 

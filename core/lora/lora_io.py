@@ -45,7 +45,7 @@ def family_metadata(family: str = "sd1", prediction_type: str = "epsilon", resol
     does not start with "sdxl_"; Forge additionally wants
     ``modelspec.architecture``.
     """
-    from core.families import get_family
+    from core.base.families import get_family
 
     kind = get_family(family)
     meta = {
@@ -209,7 +209,7 @@ def kohya_state_dict(
     """The adapter ``adapter_name`` of ``unet`` (and the text encoders) as kohya tensors for ``family``.
 
     ``unet`` is a diffusers ``UNet2DConditionModel``; ``text_encoder`` a
-    transformers ``CLIPTextModel`` or a ``core.text.TextEncoders`` (SDXL's
+    transformers ``CLIPTextModel`` or a ``core.base.text.TextEncoders`` (SDXL's
     two), each with a peft LoRA adapter added (base weights may be fp16/bf16,
     LoRA weights fp32). Names are those sd-scripts writes: diffusers module
     names for SD 1.x/2.x (``lora_te_``), the original LDM names for SDXL's
@@ -220,14 +220,14 @@ def kohya_state_dict(
     Raises ValueError when a given model lacks the adapter, or the adapter
     uses something kohya LoRA cannot hold (DoRA, LoRA bias, embeddings).
     """
-    from core.families import get_family
+    from core.base.families import get_family
 
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
     kind = get_family(family)
     namer = None
     if kind.ldm_unet_names:
-        from core.kohya_names import kohya_unet_key
+        from core.lora.kohya_names import kohya_unet_key
 
         config = strip_wrappers(unet).config
         namer = lambda path: kohya_unet_key(path, config, ldm=True)  # noqa: E731

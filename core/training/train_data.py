@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from core.buckets import Placement, bucket_sizes, fitted, place
 from core.config import TrainConfig
-from core.dataset import ImageItem
+from core.data.buckets import Placement, bucket_sizes, fitted, place
+from core.data.dataset import ImageItem
 from core.events import Emit, Phase
 
 
@@ -181,7 +181,7 @@ def placements(config: TrainConfig, items: list[ImageItem]) -> list[Placement]:
 
 def bucket_record(config: TrainConfig, items: list[ImageItem], places: list[Placement]) -> dict:
     """The bucket table and every image's placement, as recorded in the run folder (buckets.json)."""
-    from core.buckets import aspect_error, bucket_table
+    from core.data.buckets import aspect_error, bucket_table
 
     d = config.dataset
     repeats = [item.repeats * d.repeats for item in items]
@@ -242,8 +242,8 @@ def text_is_cached(config: TrainConfig) -> bool:
 
 
 def _cached_latents(path: Path, placement: Placement, base, cache, flips: bool) -> Callable[[bool], dict]:
-    from core.cache import encode_latent_distribution
-    from core.images import file_digest
+    from core.data.images import file_digest
+    from core.training.cache import encode_latent_distribution
 
     width, height = placement.bucket
     digest, vae_fp = file_digest(path), base.fingerprint("vae")
@@ -285,7 +285,7 @@ def _read(cache, kind: str, key: str, name: str) -> torch.Tensor:
 def _load_pixels(path: Path, placement: Placement, flipped: bool) -> torch.Tensor:
     from PIL import Image
 
-    from core.images import fit_image, load_image, to_tensor
+    from core.data.images import fit_image, load_image, to_tensor
 
     # A giant picture is decoded at twice the bucket's size (enough to cover it at any aspect), not in full.
     with load_image(path, max_side=2 * max(placement.bucket)) as image:

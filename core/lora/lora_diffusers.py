@@ -1,6 +1,6 @@
 """The diffusers / peft layout of a LoRA (``pytorch_lora_weights.safetensors``): the optional second output.
 
-The kohya file (``core.lora_io``) is what A1111 and ComfyUI load; this one is
+The kohya file (``core.lora.lora_io``) is what A1111 and ComfyUI load; this one is
 for diffusers scripts, which read peft module names and the adapter's config.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from core.lora_io import cpu_copy, strip_wrappers
+from core.lora.lora_io import cpu_copy, strip_wrappers
 
 
 def save_diffusers_lora(path, unet, text_encoder=None, family: str = "sd1", dtype=torch.float16) -> Path:
@@ -19,13 +19,13 @@ def save_diffusers_lora(path, unet, text_encoder=None, family: str = "sd1", dtyp
     Each model's peft config (rank, alpha, targets) goes into the file's
     adapter metadata, so ``load_lora_weights`` restores the real alpha (without
     it diffusers assumes alpha = rank). ``text_encoder`` is a CLIPTextModel or
-    a ``core.text.TextEncoders`` (SDXL's two, saved as text_encoder and
+    a ``core.base.text.TextEncoders`` (SDXL's two, saved as text_encoder and
     text_encoder_2).
     """
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from core.families import get_family
+    from core.base.families import get_family
     from core.fsutil import atomic_path
 
     kind = get_family(family)
@@ -37,7 +37,7 @@ def save_diffusers_lora(path, unet, text_encoder=None, family: str = "sd1", dtyp
         for name, encoder in zip(kind.text_encoders, encoders, strict=True):
             layers[f"{name}_lora_layers"] = _cast(get_peft_model_state_dict(encoder), dtype)
             layers[f"{name}_lora_adapter_metadata"] = _adapter_metadata(encoder)
-    from core.lora_io import NonFiniteWeightsError, nonfinite_counts
+    from core.lora.lora_io import NonFiniteWeightsError, nonfinite_counts
 
     bad = {k: n for key, tensors in layers.items() if key.endswith("_layers")
            for k, n in nonfinite_counts(tensors).items()}

@@ -106,7 +106,7 @@ class RunPaths:
 
 def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str = "sd1",
                   prediction_type: str = "epsilon") -> dict[str, str]:
-    from core.lora_io import kohya_metadata
+    from core.lora.lora_io import kohya_metadata
 
     return kohya_metadata(
         family=family,
@@ -138,8 +138,8 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
 
 def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, data_info: dict,
               base=None) -> Path:
-    """The kohya LoRA file of the run so far (``base``: the core.models.BaseModel, for its family)."""
-    from core.lora_io import save_kohya_lora
+    """The kohya LoRA file of the run so far (``base``: the core.base.models.BaseModel, for its family)."""
+    from core.lora.lora_io import save_kohya_lora
 
     dtype = save_dtype(config)
     te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None

@@ -1,6 +1,6 @@
 """The ``blip`` captioner: BLIP (Salesforce) writes one short English sentence per picture.
 
-Registered in ``core.caption.CAPTIONERS``; this module (and transformers) is
+Registered in ``core.captioning.caption.CAPTIONERS``; this module (and transformers) is
 imported only when a BLIP job runs. ``write_tiny_blip`` builds a tiny
 random-weight BLIP offline for tests and the demo (its captions are
 gibberish; the code path is the real one).
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.caption import (
+from core.captioning.caption import (
     DEFAULT_BLIP,
     CaptionerBase,
     CaptionError,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.caption import CaptionerBase, CaptionError, download_hint, load_failure, model_source
+from core.captioning.caption import CaptionerBase, CaptionError, download_hint, load_failure, model_source
 
 if TYPE_CHECKING:
     import numpy as np
@@ -147,7 +147,7 @@ def prepare(image: Image.Image, size: int) -> np.ndarray:
     import numpy as np
     from PIL import Image
 
-    from core.images import to_rgb
+    from core.data.images import to_rgb
 
     if image.mode != "RGB":
         image = to_rgb(image)  # transparent pixels on white, as the taggers were trained

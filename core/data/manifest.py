@@ -4,7 +4,7 @@ Nothing about a picture's fate is encoded in file or folder names (no
 ``10_name class`` folders) and nothing is deleted or moved: the manifest
 records, per image, whether it is excluded from training or kept despite a
 health warning, and, per subfolder ("concept"), how many times its images
-repeat per epoch. The engine (``core.dataset.scan_dataset``) and the health
+repeat per epoch. The engine (``core.data.dataset.scan_dataset``) and the health
 report read it; the Dataset tab writes it. It is plain TOML and safe to edit
 by hand::
 

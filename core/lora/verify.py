@@ -75,13 +75,13 @@ class Verification:
 
 def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
     """Every Linear/Conv2d of the UNet and text encoders, keyed by its kohya name for ``family``."""
-    from core.lora_io import UNET_PREFIX, kohya_module_name
+    from core.lora.lora_io import UNET_PREFIX, kohya_module_name
 
     index: dict[str, torch.nn.Module] = {}
     config = unet.config
     for path, module in _plain_modules(unet):
         if family.ldm_unet_names:
-            from core.kohya_names import kohya_unet_key
+            from core.lora.kohya_names import kohya_unet_key
 
             try:
                 index[kohya_unet_key(path, config, ldm=True)] = module
@@ -168,7 +168,7 @@ def check_tensors(tensors: dict[str, torch.Tensor], index_kohya, index_peft) -> 
 
 def nonfinite_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     """One problem naming how many values are NaN or infinite (a diverged run), or none."""
-    from core.lora_io import nonfinite_counts
+    from core.lora.lora_io import nonfinite_counts
 
     counts = nonfinite_counts(tensors)
     if not counts:
@@ -202,10 +202,10 @@ def verify(file: str | Path, model: str, revision: str = "", family: str = "auto
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from core.families import FamilyError, detect_family, get_family
-    from core.lora_io import LoraFileError
-    from core.models import ModelError, resolve_model_path
-    from core.sample import load_pipeline
+    from core.base.families import FamilyError, detect_family, get_family
+    from core.base.models import ModelError, resolve_model_path
+    from core.base.sample import load_pipeline
+    from core.lora.lora_io import LoraFileError
 
     path = Path(file)
     if not path.is_file():
@@ -236,8 +236,8 @@ def _check_effect(result: Verification, pipe, kind, folder: Path, path: Path, pr
                   size: int, scale: float) -> None:
     import numpy as np
 
-    from core.models import native_resolution
-    from core.sample import apply_lora, generate
+    from core.base.models import native_resolution
+    from core.base.sample import apply_lora, generate
 
     side = size or min(kind.native_resolution, native_resolution(folder) or kind.native_resolution)
     before = np.asarray(generate(pipe, prompt, seed=seed, steps=steps, width=side, height=side), dtype=np.float64)

@@ -21,8 +21,8 @@ class ModelError(RuntimeError):
 @dataclass
 class BaseModel:
     path: Path  # local diffusers folder
-    family: Any  # core.families.Family
-    text: Any  # core.text.TextEncoders: the tokenizer(s) and text encoder(s)
+    family: Any  # core.base.families.Family
+    text: Any  # core.base.text.TextEncoders: the tokenizer(s) and text encoder(s)
     vae: Any
     unet: Any
     noise_scheduler: Any  # DDPMScheduler with the model's training schedule
@@ -47,7 +47,7 @@ class BaseModel:
 def resolve_model_path(path: str, revision: str = "") -> Path:
     """A local diffusers folder: as given, converted once from a single-file checkpoint, or the local
     snapshot of a hub id (downloading it if needed)."""
-    from core.checkpoints import CheckpointError, convert, is_single_file
+    from core.base.checkpoints import CheckpointError, convert, is_single_file
 
     local = Path(path).expanduser()
     if local.is_dir():
@@ -84,9 +84,9 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto", dt
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from core.families import FamilyError, detect_family, get_family
+    from core.base.families import FamilyError, detect_family, get_family
+    from core.base.text import TextEncoders
     from core.quiet import quiet_local_loading
-    from core.text import TextEncoders
 
     folder = resolve_model_path(path, revision)
     try:
@@ -155,8 +155,8 @@ def native_resolution(model: str | Path) -> int | None:
     """The picture size a local diffusers model was made for (UNet sample size × VAE factor), from its configs."""
     folder = Path(model)
     if folder.is_file():  # a single-file checkpoint: its family's size (the file holds no config)
-        from core.checkpoints import CheckpointError, checkpoint_family
-        from core.families import get_family
+        from core.base.checkpoints import CheckpointError, checkpoint_family
+        from core.base.families import get_family
 
         try:
             return get_family(checkpoint_family(folder)).native_resolution

@@ -21,7 +21,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from core.images import cover_size
+from core.data.images import cover_size
 
 
 @dataclass(frozen=True)

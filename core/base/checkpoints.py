@@ -83,7 +83,7 @@ def converted_folder(path: Path) -> Path:
 
 def find_config_folder(family: str, models_dir: Path | None) -> Path | None:
     """A local diffusers folder whose configs and tokenizers serve ``family`` (see the module docstring)."""
-    from core.families import FamilyError, detect_family
+    from core.base.families import FamilyError, detect_family
 
     if models_dir is None or not models_dir.is_dir():
         return None
@@ -126,7 +126,7 @@ def convert(path: str | os.PathLike, models_dir: str | os.PathLike | None = None
 
 
 def _label(family: str) -> str:
-    from core.families import get_family
+    from core.base.families import get_family
 
     return get_family(family).label
 

@@ -2,14 +2,14 @@
 
 Training, accelerate's ``prepare``/``save_state``, the caches and sampling all
 handle a single ``TextEncoders`` whatever the family; the ``Family`` decides
-how token ids become the UNet's conditioning (see ``core.families``).
+how token ids become the UNet's conditioning (see ``core.base.families``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from core.families import Family
+from core.base.families import Family
 
 
 class TextEncoders(torch.nn.Module):

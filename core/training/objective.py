@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from core.config import TrainConfig
-from core.train_data import collate, example
+from core.training.train_data import collate, example
 
 
 def latents_from_batch(batch: dict, base, generator: torch.Generator | None, device) -> torch.Tensor:
     """Scaled latents for a batch: a fresh draw from the cached posterior (or the mean when no generator)."""
-    from core.cache import encode_latent_distribution
+    from core.training.cache import encode_latent_distribution
 
     if "mean" in batch:
         mean, std = batch["mean"].to(device), batch["std"].to(device)
@@ -91,7 +91,7 @@ class Validator:
     """Held-out loss with fixed noise and fixed timesteps, so values compare across steps and runs."""
 
     def __init__(self, config: TrainConfig, entries: list, base, device):
-        self.entries = entries  # core.train_data.Entry, each in its own bucket size
+        self.entries = entries  # core.training.train_data.Entry, each in its own bucket size
         self.base = base
         self.device = device
         total = base.noise_scheduler.config.num_train_timesteps

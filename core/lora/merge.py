@@ -3,7 +3,7 @@
 ``merge(model, lora, scale, out)`` loads the base model in fp32, loads the
 LoRA through diffusers' own loader (so any kohya or diffusers file merges as
 it would load), fuses it into the weights at ``scale``, removes the adapter
-and writes the result with ``core.single_file`` -- which this app's own
+and writes the result with ``core.lora.single_file`` -- which this app's own
 single-file loader reads back (tested: the merged file gives the image of
 base + LoRA at that strength).
 """
@@ -20,10 +20,10 @@ from core.precision import NAMES, torch_dtype
 def merge(model: str, lora: str | Path, scale: float, out: str | Path, precision: str = "fp16",
           revision: str = "") -> Path:
     """Write ``model`` with ``lora`` fused in at ``scale`` to ``out`` (.safetensors) and return its path."""
-    from core.families import detect_family
-    from core.models import resolve_model_path
-    from core.sample import load_pipeline
-    from core.single_file import save_single_file
+    from core.base.families import detect_family
+    from core.base.models import resolve_model_path
+    from core.base.sample import load_pipeline
+    from core.lora.single_file import save_single_file
 
     lora = Path(lora)
     if not lora.is_file():

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.caption import (
+from core.captioning.caption import (
     CaptionerBase,
     CaptionError,
     check_all_weights,
