@@ -18,7 +18,7 @@ def test_mixed_precision_training_on_gpu(precision, tiny_model, tmp_path):
                       **{"train.mixed_precision": precision, "train.gradient_checkpointing": True,
                          "train.max_train_steps": 4, "lora.train_text_encoder": True})
     log = EventLog()
-    result = train.run(cfg, log)
+    result = train.run(cfg, log, keep_models=True)
     assert result.status == "completed"
     assert log.of("run_started")[0].device.startswith("cuda")
     params = dict(result.unet.named_parameters())

@@ -81,7 +81,7 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
         "dataset.random_flip": True, "output.save_diffusers_format": True, "lora.alpha": 2.0,
         "output.trigger_phrase": "sks dog"})
     log = EventLog()
-    result = train.run(cfg, log)
+    result = train.run(cfg, log, keep_models=True)
     assert result.status == "completed" and result.step == 3
     assert any(f"{'SDXL' if family == 'sdxl' else 'SD 2.x'} model" in e.text for e in log.of("message"))
     assert len(log.of("validation_loss")) == 2 and len(log.of("sample")) == 2

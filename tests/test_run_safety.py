@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from core import config as config_mod
 from core import fsutil
-from core.events import read_events
+from core.events import Progress, RunStarted, read_events, read_typed
 from core.training import train
-from core.training.run_folder import LOCK_FILE, latest_state, read_lock, run_status
+from core.training.run_folder import LOCK_FILE, RunPaths, latest_state, read_lock, run_status
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_non_finite_weights_are_never_written_and_verify_lora_fails_on_them(tiny
     data = write_dataset(tmp_path / "d", n=2)
     cfg = tiny_config(tiny_model, data, tmp_path / "out", **{"train.max_train_steps": 1, "sample.prompts": [],
                                                             "output.save_state": False})
-    result = train.run(cfg, EventLog())
+    result = train.run(cfg, EventLog(), keep_models=True)
     lora = next(m for m in result.unet.modules() if hasattr(m, "lora_A"))
     with torch.no_grad():
         lora.lora_A["default"].weight[0, 0] = float("nan")
@@ -300,7 +300,7 @@ def test_a_trainer_outlives_the_app_is_found_again_killed_resumed_and_stopped(ti
     # Resumed from the app; the next app start (this one closed) finds that run and stops it cleanly.
     saved = status.resumable_from
     resumed = manager.resume(cfg.run_dir, saved + 1000)
-    _wait_for(lambda: summarize(cfg.run_dir).step >= saved + 2, proc=resumed.process)
+    _wait_for(lambda: _steps_since_last_start(cfg.run_dir) >= saved + 2, proc=resumed.process)
     restarted = RunManager(outputs)
     assert restarted.active.running and restarted.active.lock.pid == resumed.process.pid
     assert restarted.stop()
@@ -310,6 +310,15 @@ def test_a_trainer_outlives_the_app_is_found_again_killed_resumed_and_stopped(ti
     steps = [s for s, _ in summarize(cfg.run_dir).losses]
     assert saved + 1 in steps and saved + 2 in steps  # the curve carries on from the save
     assert not (cfg.run_dir / LOCK_FILE).exists()
+
+
+def _steps_since_last_start(run_dir: Path) -> int:
+    """The newest step reported by the run's latest start (not by the process before it: the killed one may
+    have logged steps past its last save)."""
+    events, _ = read_typed(RunPaths(run_dir).events)
+    starts = [i for i, event in enumerate(events) if isinstance(event, RunStarted)]
+    later = events[starts[-1]:] if starts else []
+    return max((event.step for event in later if isinstance(event, Progress)), default=-1)
 
 
 def test_leftovers_of_killed_saves_are_never_offered_and_are_cleaned(tiny_model, tmp_path):

@@ -33,7 +33,7 @@ def trained(tmp_path_factory, tiny_model):
     data = write_dataset(root / "pictures", n=6)
     cfg = tiny_config(tiny_model, data, root / "outputs", **{"output.save_precision": "fp32"})
     log = _emit_to(cfg.run_dir / "events.jsonl")
-    result = train.run(cfg, log)
+    result = train.run(cfg, log, keep_models=True)
     return cfg, log, result
 
 

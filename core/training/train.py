@@ -65,7 +65,7 @@ class RunResult:
     lora_path: Path
     run_dir: Path
     validation_losses: dict[int, float] = field(default_factory=dict)
-    unet: object = None  # the trained UNet with its adapter (unwrapped), for callers that keep working
+    unet: object = None  # the trained UNet with its adapter (unwrapped), only when run(keep_models=True)
     text_encoder: object = None
 
 
@@ -219,7 +219,7 @@ def build_lr_scheduler(config: TrainConfig, optimizer, total_steps: int, num_pro
 
 
 def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambda: False,
-        resume: bool = False, final_check: bool = False) -> RunResult:
+        resume: bool = False, final_check: bool = False, keep_models: bool = False) -> RunResult:
     """Train a LoRA as ``config`` says (a config from ``core.config.load``/``from_dict``, which validate it).
     Raises ConfigError/DatasetError/ModelError on bad input.
 
@@ -230,8 +230,11 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
     ``final_check`` (what ``python -m core train`` does): once the final file is
     saved, the trained models are let go and the file gets verify-lora's full
     check (diffusers' loader reads it, it changes the image); a file that fails
-    raises TrainingError (kind "check") after the run's "finished" event. The
-    result then holds no models.
+    raises TrainingError (kind "check") after the run's "finished" event.
+
+    The result holds the trained models (UNet and text encoders with their
+    adapters) only with ``keep_models`` and without the final check: for
+    callers in the same process that look at them (tests, notebooks).
     """
     config = config_mod.resolve_paths(config)  # validated where it entered the process (the CLI, the form)
     check_run_dir(config, resume)
@@ -243,11 +246,10 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
             config_mod.save(config, RunPaths.of(config).config)
         accelerator.wait_for_everyone()
         result = _train(config, accelerator, main_emit, should_stop, resume)
-        check = None
-        if final_check and accelerator.is_main_process:
-            result.unet = result.text_encoder = None  # the check loads the base model again: make room
-            accelerator.free_memory()
-            check = verify_final(config, main_emit)
+        if final_check or not keep_models:
+            result.unet = result.text_encoder = None
+            accelerator.free_memory()  # the final check loads the base model again: make room
+        check = verify_final(config, main_emit) if final_check and accelerator.is_main_process else None
         main_emit(Finished(result.status, result.step, str(result.lora_path)))
         if check is not None and not check.ok:
             reasons = [f"{len(check.unmatched)} module(s) do not map onto the base model"] * bool(check.unmatched)
