@@ -1,0 +1,239 @@
+"""GPU memory of a training step, measured without a GPU and without the memory.
+
+The model is built on the meta device with its LoRA, materialised under
+``FakeTensorMode`` (tensors with shapes and dtypes but no data), and one
+training step runs through it: forward, loss, backward. A dispatch mode counts
+the bytes of every storage an operation creates and subtracts them when the
+storage dies, keeping the peak. That is the memory the step allocates on a
+GPU up to what fake tensors cannot see: the CUDA context, the allocator's
+fragmentation, and cuDNN/cuBLAS/attention workspaces (CPU kernels stand in
+for the GPU's). The planner adds those as a stated margin
+(``core.training.plan``).
+
+Measurements cost seconds per configuration and are the ground truth the
+planner's fast estimate is fitted to and tested against; the GPU benchmark
+(benchmarks/bench_memory.py --cuda) compares both with
+``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from core.precision import torch_dtype
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a training step's memory depends on, besides the architecture."""
+
+    resolution: int = 512  # training pixels per side (a bucket of about resolution² pixels)
+    batch: int = 1
+    precision: str = "bf16"  # train.mixed_precision: frozen weights and compute in this dtype
+    checkpointing: bool = True
+    rank: int = 16
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    train_text_encoder: bool = False
+    text_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    @property
+    def latent_tokens(self) -> int:
+        return (self.resolution // 8) ** 2
+
+
+@dataclass
+class StepMemory:
+    """Bytes of one training step's parts, as fake tensors count them."""
+
+    unet_weights: int  # frozen, in the compute dtype
+    text_weights: int  # the text encoders' frozen weights (on the card only when trained or not cached)
+    lora: int  # trainable LoRA weights, fp32 (UNet and, if trained, text encoders)
+    lora_params: int  # how many
+    step: int  # the forward/backward's own peak on top of the weights: activations and gradients
+
+    @property
+    def gradients(self) -> int:
+        return self.lora
+
+
+class _StorageCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts live bytes of the storages that operations create (views share theirs), and the peak."""
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+        for tensor in known:  # weights and inputs exist before the step: not the step's own memory
+            self._seen.add(id(tensor.untyped_storage()))
+        self._keep = [t.untyped_storage() for t in known]  # keep their ids from being reused
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self.live -= size
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(item, torch.Tensor):
+                self._track(item)
+        return out
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def add_lora_meta(model, targets, rank: int) -> list[torch.nn.Parameter]:
+    """peft LoRA on a meta-device model, as the engine adds it; returns the trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+    if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def measure_step(arch, shape: StepShape) -> StepMemory:
+    """One training step of ``arch`` (``core.base.architecture.Architecture``) on fake tensors.
+
+    Latents and (unless the text encoder is trained) text embeddings are the
+    cached ones the engine feeds; with ``train_text_encoder`` the text
+    encoders run forward and backward as part of the step.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from core.base.architecture import build_meta
+
+    dtype = torch_dtype(shape.precision)
+    unet, encoders, _ = build_meta(arch, dtype)
+    trainable = add_lora_meta(unet, shape.targets, shape.rank)
+    if shape.train_text_encoder:
+        for encoder in encoders:
+            trainable += add_lora_meta(encoder, shape.text_targets, shape.rank)
+    if shape.checkpointing:
+        unet.enable_gradient_checkpointing()
+        if shape.train_text_encoder:
+            for encoder in encoders:
+                encoder.gradient_checkpointing_enable()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for module in (unet, *encoders):
+            module.to_empty(device="cpu")
+        for module in (unet, *encoders):
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = torch.empty_like(param, dtype=torch.float32)
+        lora = [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
+        frozen_unet = [t for t in (*unet.parameters(), *unet.buffers()) if not t.requires_grad]
+        frozen_text = [t for e in encoders for t in (*e.parameters(), *e.buffers()) if not t.requires_grad]
+        inputs = _step_inputs(arch, shape, dtype, unet, encoders)
+        counter = _StorageCounter([*frozen_unet, *frozen_text, *lora, *inputs.values()])
+        with counter:
+            _forward_backward(arch, shape, dtype, unet, encoders, inputs)
+    return StepMemory(tensor_bytes(frozen_unet), tensor_bytes(frozen_text), tensor_bytes(lora),
+                      sum(p.numel() for p in lora), counter.peak)
+
+
+def _step_inputs(arch, shape: StepShape, dtype, unet, encoders) -> dict[str, torch.Tensor]:
+    b, side = shape.batch, shape.resolution // 8
+    inputs = {"latents": torch.empty(b, unet.config.in_channels, side, side, dtype=dtype),
+              "timesteps": torch.zeros(b, dtype=torch.long)}
+    if shape.train_text_encoder:
+        inputs["ids"] = torch.zeros(b, 77, dtype=torch.long)
+    else:
+        inputs["text"] = torch.empty(b, 77, unet.config.cross_attention_dim, dtype=dtype)
+    if arch.family == "sdxl":
+        inputs["pooled"] = torch.empty(b, encoders[-1].config.projection_dim, dtype=dtype)
+        inputs["time_ids"] = torch.empty(b, 6, dtype=dtype)
+    return inputs
+
+
+def _forward_backward(arch, shape: StepShape, dtype, unet, encoders, inputs) -> None:
+    unet.train()
+    autocast = (torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    with autocast:
+        if shape.train_text_encoder:
+            states, pooled = [], None
+            for encoder in encoders:
+                encoder.train()
+                out = encoder(inputs["ids"], output_hidden_states=True)
+                states.append(out.hidden_states[-2] if arch.family == "sdxl" else out[0])
+                pooled = out[0]
+            text = torch.cat(states, dim=-1)
+        else:
+            text, pooled = inputs["text"], inputs.get("pooled")
+        added = {"text_embeds": pooled, "time_ids": inputs["time_ids"]} if arch.family == "sdxl" else None
+        prediction = unet(inputs["latents"], inputs["timesteps"], text, added_cond_kwargs=added).sample
+    loss = torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
+    del prediction, text, pooled
+    loss.backward()
+
+
+def measure_vae(arch, resolution: int, decode: bool) -> int:
+    """Transient bytes of one fp32 VAE encode (caching) or decode (sample images) of a picture."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from core.base.architecture import build_meta
+
+    _, _, vae = build_meta(arch)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        vae.to_empty(device="cpu")
+        weights = [*vae.parameters(), *vae.buffers()]
+        side = resolution // 8
+        x = (torch.empty(1, vae.config.latent_channels, side, side) if decode
+             else torch.empty(1, 3, resolution, resolution))
+        counter = _StorageCounter([*weights, x])
+        with counter, torch.no_grad():
+            if decode:
+                vae.decode(x)
+            else:
+                vae.encode(x).latent_dist.sample()
+    return counter.peak
+
+
+def calibrate(arch, progress=lambda text: None) -> dict:
+    """The planner's coefficients for ``arch``, from measurements at half and full native resolution.
+
+    Per row (element width, checkpointing, text encoder trained): ``[c, a]`` with a step's activations
+    and gradients = batch x (c + a*T) for T latent tokens per picture (c: what does not grow with the
+    picture, such as the text's keys and values; attention is memory-efficient, so nothing grows with
+    T squared). ``vae_encode``/``vae_decode``: bytes per latent token of one fp32 encode/decode.
+    """
+    from core.base.families import get_family
+    from core.training.plan import coefficient_key
+
+    native = get_family(arch.family).native_resolution
+    sizes = (native // 2, native)
+    rows: dict = {"source": arch.source}
+    for precision in ("bf16", "no"):
+        for checkpointing in (False, True):
+            for text in (False, True):
+                shapes = [StepShape(resolution=r, precision=precision, checkpointing=checkpointing,
+                                    train_text_encoder=text) for r in sizes]
+                (t1, m1), (t2, m2) = [(s.latent_tokens, measure_step(arch, s).step) for s in shapes]
+                per_token = (m2 - m1) / (t2 - t1)
+                rows[coefficient_key(shapes[0])] = [m1 - per_token * t1, per_token]
+                progress(f"{arch.family} {coefficient_key(shapes[0])}: {m1 / GiB:.3f} / {m2 / GiB:.3f} GiB")
+    tokens = (native // 8) ** 2
+    rows["vae_encode"] = measure_vae(arch, native, decode=False) / tokens
+    rows["vae_decode"] = measure_vae(arch, native, decode=True) / tokens
+    return rows
