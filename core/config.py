@@ -47,6 +47,7 @@ def opt(default, help: str, *, min=None, max=None, group: str = "advanced", mult
 
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 ModelFamily = Literal["auto", "sd1", "sd2", "sdxl"]
+Quantize = Literal["none", "int8", "nf4"]
 Optimizer = Literal["adamw8bit", "adamw"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LrScheduler = Literal["constant", "cosine", "linear"]
@@ -65,6 +66,10 @@ class ModelConfig:
     prediction_type: PredictionType = opt(
         "auto", "What the model predicts. 'auto' reads it from the model's scheduler config; override only "
         "for models whose config is wrong (v-prediction fine-tunes shipped with an epsilon config).")
+    quantize: Quantize = opt("none", "Store the frozen UNet's linear layers quantised with bitsandbytes while the "
+                             "LoRA trains in fp32 on top (QLoRA): 'int8' halves and 'nf4' quarters their memory "
+                             "against bf16, at some speed. The saved LoRA is the same file either way and "
+                             "loads on the full model.")
 
 
 @dataclass
@@ -456,6 +461,15 @@ def resolve_paths(config: TrainConfig) -> TrainConfig:
         config.dataset.validation_path = str(Path(config.dataset.validation_path).expanduser().resolve())
     if config.dataset.cache_dir:
         config.dataset.cache_dir = str(Path(config.dataset.cache_dir).expanduser().resolve())
+    return config
+
+
+def with_values(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """A copy with ``{"section.key": value}`` set (typed values, as the planner chooses them; not validated)."""
+    config = copy.deepcopy(config)
+    for key, value in values.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, value)
     return config
 
 

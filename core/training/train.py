@@ -47,7 +47,14 @@ from core.training.run_folder import (
     save_state,
     trainer_lock,
 )
-from core.training.train_data import bucket_record, build_dataloader, build_entries, cached_text, text_is_cached
+from core.training.train_data import (
+    bucket_record,
+    build_dataloader,
+    build_entries,
+    cached_text,
+    placement,
+    text_is_cached,
+)
 
 
 class TrainingError(RuntimeError):
@@ -138,7 +145,13 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
     base = load_models(config.model.path, config.model.revision, config.model.prediction_type, dtype,
                        config.model.family)
     emit(Message("info", f"{base.family.label} model ({base.prediction_type}) from {base.path}"))
-    base.unet.to(accelerator.device, dtype=dtype)
+    # The UNet (loaded in the compute dtype) goes to the device once the caches are built.
+    if config.model.quantize != "none":
+        from core.base.quantize import quantize_linears
+
+        count = quantize_linears(base.unet, config.model.quantize, dtype)
+        emit(Message("info", f"UNet base quantised to {config.model.quantize} ({count} linear layers; the LoRA "
+                             f"trains in fp32 on top)"))
     base.text.to(accelerator.device, dtype=dtype)
     base.vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow; it runs once per image
     return base
@@ -289,8 +302,12 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         val_entries = build_entries(config, val_items, base, cache, emit, "validation")
         empty_text = (cached_text("", base, cache)
                       if text_is_cached(config) and config.dataset.caption_dropout else None)
-    if config.dataset.cache_latents:
-        base.vae.to("cpu")  # only sampling needs it again; free the VRAM for training
+    # Off the card what only sampling needs again (the text encoders when their outputs are cached and they
+    # are not trained, the VAE when latents are cached); the UNet comes on (and is quantised on the way).
+    where = placement(config)
+    base.vae.to(accelerator.device if where["vae"] == "device" else "cpu")
+    base.text.to(accelerator.device if where["text"] == "device" else "cpu")
+    base.unet.to(accelerator.device)
     buckets = bucket_record(config, train_items, [e.placement for e in train_entries])
     report_buckets(config, buckets, emit, accelerator.is_main_process)
     train_te = config.lora.train_text_encoder
@@ -503,8 +520,9 @@ class _Loop:
         c = self.config
         if not c.sample.prompts:
             return
-        vae_device = self.base.vae.device
+        vae_device, text_device = self.base.vae.device, _device_of(text_encoder)
         self.base.vae.to(self.accelerator.device)
+        text_encoder.to(self.accelerator.device)
         pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, unet,
                                    c.sample.sampler)
         for i, prompt in enumerate(c.sample.prompts):
@@ -518,6 +536,7 @@ class _Loop:
             save_image(path, image)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
         self.base.vae.to(vae_device)
+        text_encoder.to(text_device)
 
     def save(self, lora_path: Path) -> None:
         """The LoRA file (main process) and, if enabled, the resume state (all processes).
@@ -610,6 +629,10 @@ class _Loop:
         if not result.ok:
             found = [f"{len(result.unmatched)} module(s) do not map onto the base model"] if result.unmatched else []
             self.emit(Message("warning", f"{lora_path.name} failed its check: " + "; ".join(found + result.problems)))
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def out_of_memory_advice(config: TrainConfig, step: int | None = None, saved: Path | None = None) -> str:

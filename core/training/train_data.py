@@ -241,6 +241,13 @@ def text_is_cached(config: TrainConfig) -> bool:
     return not config.lora.train_text_encoder and not config.dataset.shuffle_captions
 
 
+def placement(config: TrainConfig) -> dict[str, str]:
+    """Where the frozen parts stay while training ("device" or "cpu"): the text encoders and the VAE leave
+    the card once their outputs are cached (and come back only to draw sample images)."""
+    return {"unet": "device", "text": "cpu" if text_is_cached(config) else "device",
+            "vae": "cpu" if config.dataset.cache_latents else "device"}
+
+
 def _cached_latents(path: Path, placement: Placement, base, cache, flips: bool) -> Callable[[bool], dict]:
     from core.data.images import file_digest
     from core.training.cache import encode_latent_distribution
