@@ -10,6 +10,8 @@
     python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
     python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
     python -m core merge --model MODEL --lora FILE --scale S --out MERGED.safetensors [--precision fp16|bf16|fp32]
+    python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl] [--set section.key=value ...] [--vram GB] [--fit]
+                        [--json]
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
 one line on stderr that says what went wrong and what to do.
@@ -120,6 +122,18 @@ def _parser() -> argparse.ArgumentParser:
                         "dataset.caption_extension)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (version 1 layout)")
     p.set_defaults(func=cmd_check_dataset)
+
+    p = sub.add_parser("plan", help="estimate a run's peak GPU memory; with --fit, pick settings that fit the card")
+    p.add_argument("config", nargs="?", default="", help="a config .toml (default: the default settings)")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="",
+                   help="plan for this family's reference model (no model needed); else model.family/model.path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--vram", type=float, default=0.0, help="the card's memory in GB (default: the GPU found)")
+    p.add_argument("--fit", action="store_true",
+                   help="choose the fastest settings predicted to fit, printed as --set lines")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -376,6 +390,40 @@ def cmd_check_dataset(args) -> int:
     except DatasetError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     print(json.dumps(report.to_json(), indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from core import config as config_mod
+    from core.base.architecture import of_model
+    from core.base.checkpoints import CheckpointError
+    from core.base.families import FamilyError
+    from core.training import plan as planner
+
+    try:
+        if args.config:
+            config = config_mod.load(args.config, args.overrides, check_paths=False)
+        else:
+            raw: dict = {}
+            for item in args.overrides:
+                config_mod.apply_override(raw, item)
+            config = config_mod.from_dict(raw, check_paths=False)
+        if args.family:
+            config.model.family = args.family
+        arch = of_model(config.model.path if not args.family else "", config.model.family)
+    except (config_mod.ConfigError, FamilyError, CheckpointError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    if args.vram < 0:
+        return _fail(f"--vram must be the card's memory in GB, got {args.vram}", EXIT_BAD_INPUT)
+    vram, card, bf16 = planner.detect_card()
+    if args.vram:
+        vram, card = int(args.vram * planner.GiB), f"{args.vram:g} GB given with --vram"
+    if args.fit and vram is None:
+        return _fail(f"--fit needs the card's memory: {card}; pass --vram GB", EXIT_BAD_INPUT)
+    plan = planner.fit(config, arch, vram, card, bf16) if args.fit else planner.estimate(config, arch, vram, card)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else planner.format_plan(plan))
     return 0
 
 

@@ -1,0 +1,325 @@
+"""How much GPU memory a run needs, whether it fits a card, and which settings make it fit.
+
+The estimate is quick (for the Train tab, live): weights, LoRA and optimizer
+state are counted exactly from the architecture built on the meta device;
+what one training step allocates on top (activations and gradients) and the
+VAE's transients come from coefficients fitted to fake-tensor measurements of
+the same architecture (``core.training.memory``), kept in
+``memory_table.json`` beside this file (``benchmarks/bench_memory.py --write``
+measures them again). Tests hold the estimate within 15 % of a fresh
+measurement.
+
+A run has three phases with different things on the card, and the plan's
+peak is the largest:
+
+* caching: the text encoders and the VAE (fp32) encode every picture once;
+* training: the UNet (frozen, in the compute dtype or quantised), its LoRA,
+  gradients and optimizer state, the step's activations, plus the text
+  encoders when they are trained or their outputs not cached, and the VAE
+  when latents are not cached;
+* samples: the training phase's weights plus the text encoders and the VAE,
+  with one fp32 decode of a sample image.
+
+What fake tensors cannot see is added as a stated margin: the CUDA context
+(``CUDA_CONTEXT``) and the allocator's fragmentation and library workspaces
+(``WORKSPACE`` of the allocated peak).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.training.memory import GiB, StepShape
+
+TABLE = Path(__file__).with_name("memory_table.json")
+CUDA_CONTEXT = 0.5 * GiB  # CUDA runtime, cuBLAS/cuDNN handles: reserved by the driver, never "allocated"
+WORKSPACE = 0.10  # fragmentation and kernel workspaces, as a share of the allocated peak
+FIT_SHARE = 0.95  # a fitted plan leaves 5 % of the card to the desktop and other programs
+CARDS_GB = (6, 8, 12, 16, 24)
+# Bytes per weight of a quantised Linear layer (bitsandbytes): NF4 packs two weights a byte plus an
+# 8-bit scale per block of 64 (double quantisation); int8 (LLM.int8) one byte plus an fp32 scale per row.
+NF4_BYTES = 0.5 + 1 / 64
+INT8_BYTES = 1.0
+
+
+@dataclass
+class Plan:
+    """An estimate for one configuration; sizes in bytes."""
+
+    family: str
+    source: str  # the architecture's source (reference model or model folder)
+    phases: dict[str, dict[str, int]]  # phase -> part -> bytes allocated
+    peak_phase: str
+    vram: int | None  # the card's memory, if known
+    card: str  # its name, or how vram was given
+    settings: dict[str, object] = field(default_factory=dict)  # --set values that --fit chose
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def allocated(self) -> int:
+        return sum(self.phases[self.peak_phase].values())
+
+    @property
+    def parts(self) -> dict[str, int]:
+        parts = dict(self.phases[self.peak_phase])
+        parts["workspace"] = int(self.allocated * WORKSPACE)
+        parts["cuda_context"] = int(CUDA_CONTEXT)
+        return parts
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.vram is None else self.peak <= self.vram * FIT_SHARE
+
+    def to_json(self) -> dict:
+        gib = lambda n: round(n / GiB, 3)  # noqa: E731
+        return {"family": self.family, "architecture": self.source, "peak_gib": gib(self.peak),
+                "allocated_gib": gib(self.allocated), "peak_phase": self.peak_phase,
+                "parts": {k: gib(v) for k, v in self.parts.items()},
+                "phases": {p: gib(sum(v.values())) for p, v in self.phases.items()},
+                "fits": self.fits, "vram_gib": gib(self.vram) if self.vram else None, "card": self.card,
+                "settings": self.settings, "notes": self.notes}
+
+
+# ------------------------------------------------------------ exact counts
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Parameter bytes of an architecture, by part, with the LoRA of a rank and targets."""
+
+    unet: int  # frozen UNet weights, fp32 bytes
+    unet_linear: int  # of which in Linear layers (what bitsandbytes quantises), fp32 bytes
+    largest_linear: int  # parameters of the biggest Linear (dequantised one at a time)
+    text: int  # frozen text encoder weights, fp32 bytes
+    vae: int  # fp32 bytes
+    lora_unet: int  # LoRA parameters (count)
+    lora_text: int
+
+
+@functools.lru_cache(maxsize=32)
+def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str, ...]) -> Inventory:
+    from core.base.architecture import build_meta
+    from core.base.quantize import quantizable
+    from core.training.memory import add_lora_meta
+
+    unet, encoders, vae = build_meta(arch)
+    linears = [m for name, m in unet.named_modules() if quantizable(name, m)]
+    frozen = lambda m: sum(p.numel() * 4 for p in (*m.parameters(), *m.buffers()))  # noqa: E731
+    unet_bytes, text_bytes = frozen(unet), sum(frozen(e) for e in encoders)
+    lora_unet = sum(p.numel() for p in add_lora_meta(unet, targets, rank))
+    lora_text = sum(p.numel() for e in encoders for p in add_lora_meta(e, text_targets, rank))
+    return Inventory(unet_bytes, sum(m.weight.numel() * 4 for m in linears), max(m.weight.numel() for m in linears),
+                     text_bytes, frozen(vae), lora_unet, lora_text)
+
+
+def optimizer_bytes(params: int, optimizer: str) -> int:
+    """AdamW keeps two fp32 moments; bitsandbytes' 8-bit AdamW two uint8 moments and a fp32 scale per 256."""
+    return int(params * (2 + 8 / 256)) if optimizer == "adamw8bit" else params * 8
+
+
+# ------------------------------------------------------------ fitted parts
+
+
+def table() -> dict:
+    try:
+        return json.loads(TABLE.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def coefficient_key(shape: StepShape) -> str:
+    """The table row a step's activations come from (what changes them more than a few percent)."""
+    width = 4 if shape.precision == "no" else 2
+    return f"{width}B-ckpt{int(shape.checkpointing)}-te{int(shape.train_text_encoder)}"
+
+
+def fit_rows(arch) -> tuple[dict, str | None]:
+    """The fitted coefficients for ``arch`` and a note when they come from the family's reference instead."""
+    rows = table().get(arch.key)
+    if rows is not None:
+        return rows, None
+    from core.base.architecture import reference
+
+    ref = reference(arch.family)
+    rows = table().get(ref.key)
+    if rows is None:
+        raise RuntimeError(f"{TABLE} has no measurements for {ref.source}; run "
+                           f"python benchmarks/bench_memory.py --write")
+    return rows, (f"activations from the {ref.source} measurements: {arch.source} has other layer shapes "
+                  f"(python benchmarks/bench_memory.py --write --model PATH measures it)")
+
+
+def step_bytes(rows: dict, shape: StepShape) -> int:
+    """Activations and gradients of one step: batch x (c + a*T) with T latent tokens per picture."""
+    c, a = rows[coefficient_key(shape)]
+    return int(shape.batch * (c + a * shape.latent_tokens))
+
+
+def vae_bytes(rows: dict, resolution: int, decode: bool) -> int:
+    return int(rows["vae_decode" if decode else "vae_encode"] * (resolution // 8) ** 2)
+
+
+# ------------------------------------------------------------ the estimate
+
+
+def shape_of(config) -> StepShape:
+    t, lora = config.train, config.lora
+    return StepShape(config.dataset.resolution, t.batch_size, t.mixed_precision, t.gradient_checkpointing,
+                     lora.rank, tuple(lora.target_modules), lora.train_text_encoder,
+                     tuple(lora.text_encoder_target_modules))
+
+
+def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
+    """The plan of ``config`` (a TrainConfig) on ``arch``; ``vram`` in bytes, if a card is known."""
+    shape = shape_of(config)
+    rows, note = fit_rows(arch)
+    inv = inventory(arch, shape.rank, shape.targets, shape.text_targets)
+    width = 4 if shape.precision == "no" else 2
+    quantize = config.model.quantize
+    unet = _unet_weights(inv, width, quantize)
+    text = inv.text * width // 4
+    lora_params = inv.lora_unet + (inv.lora_text if shape.train_text_encoder else 0)
+    trained = {"lora": lora_params * 4, "optimizer": optimizer_bytes(lora_params, config.train.optimizer)}
+    from core.training.train_data import placement, text_is_cached
+
+    where = placement(config)
+    text_on_card, latents_cached = where["text"] == "device", where["vae"] == "cpu"
+    step = step_bytes(rows, shape)
+    dequantised = inv.largest_linear * width if quantize != "none" else 0
+    encode = vae_bytes(rows, shape.resolution, decode=False)
+    training = {"unet_weights": unet, **trained, "text_encoder_weights": text if text_on_card else 0,
+                "vae_weights": 0 if latents_cached else inv.vae,
+                "activations": step + dequantised + (0 if latents_cached else encode)}
+    phases = {"training": training}
+    if latents_cached or text_is_cached(config):
+        phases["caching"] = {"text_encoder_weights": text, "vae_weights": inv.vae,
+                             "activations": encode if latents_cached else 0}
+    if config.sample.prompts:
+        side = max(config.sample.width, config.sample.height) or shape.resolution
+        phases["samples"] = {**training, "text_encoder_weights": text, "vae_weights": inv.vae,
+                             "activations": vae_bytes(rows, side, decode=True) + dequantised}
+    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
+    return Plan(arch.family, arch.source, phases, peak_phase, vram, card, notes=[note] if note else [])
+
+
+def _unet_weights(inv: Inventory, width: int, quantize: str) -> int:
+    if quantize == "none":
+        return inv.unet * width // 4
+    per_weight = NF4_BYTES if quantize == "nf4" else INT8_BYTES
+    linear = inv.unet_linear // 4
+    return int((inv.unet - inv.unet_linear) * width // 4 + linear * per_weight)
+
+
+# ------------------------------------------------------------ choosing settings
+
+
+def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
+    """The fastest settings predicted to fit ``vram``: start from the quickest (latents cached, bf16 compute
+    (fp16 on cards without bf16), no checkpointing, full-precision base) and give up speed in a fixed order
+    until the plan fits.
+
+    The order: cache text (stop training the text encoder),
+    gradient checkpointing, 8-bit AdamW, an int8 base, an NF4 base, then halve the batch (doubling
+    gradient accumulation, so the effective batch stays). The plan's ``settings`` are the changed
+    values as ``--set`` keys; ``fits`` is False when even the last step does not fit.
+    """
+    from core import config as config_mod
+
+    steps = [
+        {"lora.train_text_encoder": False},
+        {"train.gradient_checkpointing": True},
+        {"train.optimizer": "adamw8bit"},
+        {"model.quantize": "int8"},
+        {"model.quantize": "nf4"},
+    ]
+    batch, accumulation = config.train.batch_size, config.train.gradient_accumulation_steps
+    while batch > 1:
+        batch, accumulation = batch // 2, accumulation * 2
+        steps.append({"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation})
+    chosen = {"dataset.cache_latents": True, "train.gradient_checkpointing": False, "model.quantize": "none"}
+    if config.train.mixed_precision == "no":  # fp32 is the slowest on any GPU this plans for
+        chosen["train.mixed_precision"] = "bf16" if bf16 else "fp16"
+    plan = None
+    for change in [{}, *steps]:
+        chosen.update(change)
+        candidate = config_mod.with_values(config, chosen)
+        plan = estimate(candidate, arch, vram, card)
+        if plan.fits:
+            break
+    plan.settings = {k: v for k, v in chosen.items() if _value(config, k) != v}
+    if not plan.fits:
+        plan.notes.append(f"even with every memory saving this run needs {plan.peak / GiB:.1f} GiB; lower "
+                          f"dataset.resolution or lora.rank")
+    return plan
+
+
+def _value(config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+@functools.lru_cache(maxsize=8)
+def builtin_presets(arch, resolution: int = 0) -> dict[str, dict]:
+    """Presets named "N GB GPU" for each card size: what ``fit`` chooses for ``arch`` at ``resolution``
+    (0: the family's native size) from batch 1, rank 16, bf16."""
+    from core import config as config_mod
+    from core.base.families import get_family
+
+    resolution = resolution or get_family(arch.family).native_resolution
+    base = {"dataset.resolution": resolution, "train.mixed_precision": "bf16", "train.batch_size": 1,
+            "lora.rank": 16, "lora.alpha": 16.0, "train.gradient_checkpointing": False, "model.quantize": "none",
+            "train.optimizer": "adamw8bit"}
+    start = config_mod.with_values(config_mod.TrainConfig(), base)
+    presets = {}
+    for gb in CARDS_GB:
+        raw: dict[str, dict] = {}
+        for key, value in {**base, **fit(start, arch, gb * GiB).settings}.items():
+            section, name = key.split(".")
+            raw.setdefault(section, {})[name] = value
+        presets[f"{gb} GB GPU"] = raw
+    return presets
+
+
+def detect_card() -> tuple[int | None, str, bool]:
+    """(memory in bytes, name, bf16 support) of the first CUDA GPU; (None, reason, True) without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no NVIDIA GPU found", True
+    props = torch.cuda.get_device_properties(0)
+    return props.total_memory, props.name, torch.cuda.is_bf16_supported()
+
+
+
+LABELS = {"unet_weights": "UNet weights (frozen)", "text_encoder_weights": "text encoder weights",
+          "vae_weights": "VAE weights (fp32)", "lora": "LoRA weights (fp32)", "optimizer": "optimizer state",
+          "activations": "activations and gradients", "workspace": f"workspace ({WORKSPACE:.0%} margin)",
+          "cuda_context": "CUDA context"}
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"{plan.family} ({plan.source})",
+             f"Estimated peak GPU memory: {plan.peak / GiB:.2f} GiB, while {plan.peak_phase.replace('_', ' ')}"]
+    lines += [f"  {LABELS.get(k, k):28} {v / GiB:7.2f} GiB" for k, v in plan.parts.items() if v]
+    others = [f"{p} {(sum(v.values()) * (1 + WORKSPACE) + CUDA_CONTEXT) / GiB:.2f} GiB"
+              for p, v in plan.phases.items() if p != plan.peak_phase]
+    if others:
+        lines.append("  other phases: " + ", ".join(others))
+    if plan.vram is None:
+        lines.append(f"Card: {plan.card}; pass --vram GB to check a card")
+    else:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(f"{verdict} {plan.vram / GiB:.1f} GiB ({plan.card}; a plan fits within {FIT_SHARE:.0%})")
+    if plan.settings:
+        lines.append("Settings for this card:")
+        lines += [f"  --set {k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
+                  for k, v in plan.settings.items()]
+    lines += [f"Note: {n}" for n in plan.notes]
+    return "\n".join(lines)
