@@ -7,44 +7,29 @@ from pathlib import Path
 
 from core.config import ConfigError
 
-# Settings that fit SD 1.x LoRA training at 512 px on GPUs of that size (starting points, not limits).
-# Applied in the Train tab, the resolution becomes the picked model's native one (1024 for SDXL).
-BUILTIN = {
-    "6 GB GPU": {
-        "dataset": {"resolution": 512},
-        "lora": {"rank": 8, "alpha": 8.0},
-        "train": {"batch_size": 1, "mixed_precision": "fp16", "gradient_checkpointing": True,
-                  "optimizer": "adamw8bit", "learning_rate": 1e-4},
-    },
-    "8 GB GPU": {
-        "dataset": {"resolution": 512},
-        "lora": {"rank": 16, "alpha": 16.0},
-        "train": {"batch_size": 1, "mixed_precision": "fp16", "gradient_checkpointing": True,
-                  "optimizer": "adamw8bit", "learning_rate": 1e-4},
-    },
-    "12 GB GPU": {
-        "dataset": {"resolution": 512},
-        "lora": {"rank": 32, "alpha": 16.0},
-        "train": {"batch_size": 2, "mixed_precision": "bf16", "gradient_checkpointing": False,
-                  "optimizer": "adamw8bit", "learning_rate": 1e-4},
-    },
-    "24 GB GPU": {
-        "dataset": {"resolution": 512},
-        "lora": {"rank": 64, "alpha": 32.0},
-        "train": {"batch_size": 4, "mixed_precision": "bf16", "gradient_checkpointing": False,
-                  "optimizer": "adamw8bit", "learning_rate": 2e-4},
-    },
-}
+# The built-in presets are "N GB GPU" for each card size, chosen by the planner for the picked model's
+# family (core.training.plan.builtin_presets): the fastest settings predicted to fit that card.
+
+
+def builtin_names() -> list[str]:
+    from core.training.plan import CARDS_GB
+
+    return [f"{gb} GB GPU" for gb in CARDS_GB]
 
 
 def list_presets(presets_dir: Path) -> list[str]:
     saved = sorted(p.stem for p in presets_dir.glob("*.toml")) if presets_dir.is_dir() else []
-    return list(BUILTIN) + [name for name in saved if name not in BUILTIN]
+    return builtin_names() + [name for name in saved if name not in builtin_names()]
 
 
-def load_preset(presets_dir: Path, name: str) -> dict:
-    if name in BUILTIN:
-        return BUILTIN[name]
+def load_preset(presets_dir: Path, name: str, arch=None, resolution: int = 0) -> dict:
+    """A saved preset, or a built-in one for ``arch`` (core.base.architecture; default: the SD 1.5 reference)
+    at ``resolution`` (0: the family's native size)."""
+    if name in builtin_names():
+        from core.base.architecture import reference
+        from core.training.plan import builtin_presets
+
+        return builtin_presets(arch or reference("sd1"), resolution)[name]
     path = presets_dir / f"{name}.toml"
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
@@ -62,7 +47,7 @@ def save_preset(presets_dir: Path, name: str, raw: dict) -> Path:
     name = name.strip()
     if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
         raise ConfigError(f"preset name {name!r} cannot be used as a file name")
-    if name in BUILTIN:
+    if name in builtin_names():
         raise ConfigError(f"{name!r} is a built-in preset; save under another name")
     path = presets_dir / f"{name}.toml"
     write_text(path, tomli_w.dumps(raw))

@@ -18,6 +18,11 @@ from ui.settings import AppSettings, model_choices
 from ui.widgets import Refresh
 
 HIDDEN = {"output.dir"}  # the app keeps runs in its own outputs folder
+# Settings that change the GPU memory estimate (its line follows them live).
+MEMORY_KEYS = ("model.path", "model.family", "model.quantize", "dataset.resolution", "dataset.cache_latents",
+               "dataset.shuffle_captions", "lora.rank", "lora.target_modules", "lora.train_text_encoder",
+               "lora.text_encoder_target_modules", "train.batch_size", "train.mixed_precision",
+               "train.gradient_checkpointing", "train.optimizer", "sample.prompts", "sample.width", "sample.height")
 
 
 def all_fields() -> list[str]:
@@ -310,8 +315,8 @@ def open_run(run_dir):
 def apply_preset(settings: AppSettings, keys: list[str], name, model: str | None = None):
     """The form's new values from a preset, in the order of ``keys`` (untouched fields skipped).
 
-    A built-in preset's resolution follows the picked ``model``'s family (its native size: 1024 for SDXL),
-    since the built-in memory presets are written for SD 1.x at 512.
+    The built-in "N GB GPU" presets are the planner's choice for the picked ``model`` at its native
+    resolution (the SD 1.5 reference at 512 when no model is picked).
     """
     import gradio as gr
 
@@ -319,13 +324,98 @@ def apply_preset(settings: AppSettings, keys: list[str], name, model: str | None
 
     if not name:
         return [gr.skip()] * len(keys)
-    flat = {f"{s}.{k}": v for s, d in presets_mod.load_preset(settings.presets_dir, name).items()
+    arch = model_architecture(model)
+    size = (native_resolution(model) or 0) if arch else 0
+    flat = {f"{s}.{k}": v for s, d in presets_mod.load_preset(settings.presets_dir, name, arch, size).items()
             for k, v in d.items()}
-    size = native_resolution(model) if model and name in presets_mod.BUILTIN else None
-    if size and "dataset.resolution" in flat:
-        flat["dataset.resolution"] = size
+    return _form_updates(keys, flat)
+
+
+def _form_updates(keys: list[str], flat: dict[str, Any]) -> list:
+    import gradio as gr
+
     return [gr.update(value="\n".join(flat[key]) if isinstance(flat.get(key), list) else flat[key])
             if key in flat else gr.skip() for key in keys]
+
+
+def model_architecture(model: str | None):
+    """The layer shapes of a picked model (from its files, without loading it), or None."""
+    from core.base.architecture import of_model
+
+    if not model:
+        return None
+    try:
+        return of_model(str(model))
+    except Exception:  # noqa: BLE001 - unreadable or unknown models just get the default
+        return None
+
+
+# ------------------------------------------------------------ GPU memory
+
+
+def card_memory() -> tuple[float, str]:
+    """(GB, name) of this machine's GPU for the memory line; (0, reason) without one."""
+    from core.training.plan import GiB, detect_card
+
+    vram, card, _ = detect_card()
+    return (round(vram / GiB, 1), card) if vram else (0.0, card)
+
+
+def _plan_inputs(settings: AppSettings, values: dict[str, Any], vram_gb):
+    """(config, architecture, vram bytes, card label) for the planner, or a message saying what is missing."""
+    from core.base.architecture import of_model
+    from core.training.plan import GiB
+
+    try:
+        config = form_to_config(values, settings, check_paths=False)
+    except ConfigError as exc:
+        return f"Memory estimate: fix the settings first ({exc})"
+    if not config.model.path and config.model.family == "auto":
+        return "Pick a model to see the estimated GPU memory."
+    try:
+        arch = of_model(config.model.path, config.model.family)
+    except Exception as exc:  # noqa: BLE001 - FamilyError, CheckpointError, unreadable folders
+        return f"Memory estimate: {exc}"
+    gb = float(vram_gb or 0)
+    card = card_memory()[1] if gb and gb == card_memory()[0] else f"{gb:g} GB entered"
+    return config, arch, (int(gb * GiB) if gb > 0 else None), card
+
+
+def memory_line(plan) -> str:
+    from core.training.plan import GiB
+
+    peak = plan.peak / GiB
+    if plan.vram is None:
+        return (f'<span id="memory-estimate">Estimated peak GPU memory {peak:.1f} GB (while '
+                f'{plan.peak_phase}). Enter your GPU\'s memory to check that it fits.</span>')
+    colour = "inherit" if plan.fits else "#d32f2f"
+    verdict = "" if plan.fits else ": <b>does not fit</b>, try Fit my GPU"
+    return (f'<span id="memory-estimate" style="color:{colour}">Estimated peak GPU memory {peak:.1f} GB of your '
+            f'{plan.vram / GiB:.0f} GB ({html.escape(plan.card)}){verdict}</span>')
+
+
+def memory_estimate(settings: AppSettings, values: dict[str, Any], vram_gb) -> str:
+    """The live "Estimated peak GPU memory" line of the Train tab."""
+    from core.training.plan import estimate
+
+    inputs = _plan_inputs(settings, values, vram_gb)
+    if isinstance(inputs, str):
+        return html.escape(inputs)
+    return memory_line(estimate(*inputs))
+
+
+def fit_gpu(settings: AppSettings, keys: list[str], values: dict[str, Any], vram_gb) -> list:
+    """Fit my GPU: the planner's fastest settings that fit, applied to the form; then the memory line."""
+    import gradio as gr
+
+    from core.training.plan import fit
+
+    inputs = _plan_inputs(settings, values, vram_gb)
+    if isinstance(inputs, str) or inputs[2] is None:
+        message = inputs if isinstance(inputs, str) else "Enter your GPU's memory (GB) first."
+        return [gr.skip()] * len(keys) + [html.escape(message)]
+    plan = fit(*inputs)
+    return _form_updates(keys, dict(plan.settings)) + [memory_line(plan)]
 
 
 def save_preset(settings: AppSettings, name, values: dict[str, Any]):
@@ -370,6 +460,12 @@ def build(settings: AppSettings, manager: RunManager):
             for key in basic_fields():
                 components[key] = field_component(key, defaults[key], settings)
             readout = gr.Markdown(elem_id="train-steps-readout")
+            gb, card = card_memory()
+            with gr.Row():
+                vram = gr.Number(gb, label="Your GPU memory (GB)", minimum=0, info=card,
+                                 elem_id="train-vram", scale=1)
+                fit_button = gr.Button("Fit my GPU", elem_id="train-fit", scale=1)
+            memory = gr.HTML(elem_id="train-memory")
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 for key in advanced_fields():
                     components[key] = field_component(key, defaults[key], settings)
@@ -431,6 +527,18 @@ def build(settings: AppSettings, manager: RunManager):
                                               "dataset.validation_split", "train.gradient_accumulation_steps")]
     for comp in readout_inputs:
         comp.change(lambda data: steps_readout(as_values(data)), inputs=set(readout_inputs), outputs=readout)
+    memory_inputs = inputs | {vram}
+
+    def on_memory(data):
+        return memory_estimate(settings, as_values(data), data.get(vram))
+
+    def on_fit(data):
+        return fit_gpu(settings, list(components), as_values(data), data.get(vram))
+
+    for key in MEMORY_KEYS:
+        components[key].change(on_memory, inputs=memory_inputs, outputs=memory, show_progress="hidden")
+    vram.change(on_memory, inputs=memory_inputs, outputs=memory, show_progress="hidden")
+    fit_button.click(on_fit, inputs=memory_inputs, outputs=[*components.values(), memory])
     components["model.path"].change(model_picked, [components["model.path"], components["dataset.resolution"]],
                                     components["dataset.resolution"])
 
