@@ -203,3 +203,24 @@ def test_on_a_gpu_only_the_unet_is_on_the_card_while_training(tiny_model, tmp_pa
     finally:
         train.load_base = original
     assert seen["placement"] == ("cuda", "cpu", "cpu")
+
+
+def test_spilling_into_system_ram_is_noticed_once_with_what_to_change():
+    from core.training.spill import SpillWatch, spill_advice
+
+    watch = SpillWatch(warmup=3, window=3)
+    steady = [watch.check(s) for s in (2.0, 1.5, 1.2, 0.5, 0.5, 0.5, 0.55, 0.6, 0.5)]
+    assert steady == [None] * 9 and watch.baseline == 0.5  # warm-up steps do not set the baseline
+    assert watch.check(0.6) is None and watch.check(0.5) is None  # a slow step or two is not a spill
+    slow = [watch.check(s) for s in (2.5, 2.6, 2.4, 2.7)]
+    assert slow[0] is None  # the window's median moves only once most of it is slow
+    assert slow[1] == "steps take 2.50 s, 5.0x the 0.50 s they took after warm-up"
+    assert watch.check(9.0) is None  # once
+    full = SpillWatch().check(0.5, reserved=int(11.8e9), total=int(12e9))
+    assert full == "the GPU's memory is full (11.8 of 12.0 GB reserved)"
+    assert SpillWatch().check(0.5, reserved=int(10e9), total=int(12e9)) is None
+    config = _config(**{"train.batch_size": 2})
+    advice = spill_advice(config, full)
+    assert advice.startswith("the GPU's memory is full") and "spilling to system RAM" in advice
+    assert "train.gradient_checkpointing = true" in advice and "model.quantize = 'nf4'" in advice
+    assert "train.batch_size = 1" in advice and "Fit my GPU" in advice

@@ -47,6 +47,7 @@ from core.training.run_folder import (
     save_state,
     trainer_lock,
 )
+from core.training.spill import SpillWatch, spill_advice
 from core.training.train_data import (
     bucket_record,
     build_dataloader,
@@ -408,6 +409,7 @@ class _Loop:
     last_batch: list[str] = field(default_factory=list)  # image paths of the newest batch
     last_saved: tuple[int, Path] | None = None  # (step, LoRA file) of the newest save
     updating: bool = False  # inside optimizer.step()
+    spill: SpillWatch = field(default_factory=SpillWatch)  # GPU memory spilling into system RAM (CUDA)
 
     @property
     def paths(self) -> RunPaths:
@@ -442,6 +444,7 @@ class _Loop:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         timer = _Rate()
         losses: list[torch.Tensor] = []
+        step_started = time.perf_counter()  # an optimizer step's own time, without validation and samples
         while True:
             self.dataloader.set_epoch(state.epoch)
             batches = (acc.skip_first_batches(self.dataloader, state.batches_in_epoch)
@@ -466,9 +469,11 @@ class _Loop:
                     continue
                 state.step += 1
                 self.report(torch.stack(losses).mean(), timer.tick())
+                self.watch_memory(time.perf_counter() - step_started)
                 losses = []
                 if self.between_steps():
                     return True
+                step_started = time.perf_counter()
                 if state.step >= self.total:
                     return False
             state.epoch += 1
@@ -481,6 +486,16 @@ class _Loop:
         remaining = self.total - self.state.step
         self.emit(Progress(self.state.step, self.total, self.state.epoch, loss,
                            self.lr_scheduler.get_last_lr()[0], rate, remaining / rate if rate else 0.0))
+
+    def watch_memory(self, step_seconds: float) -> None:
+        """On CUDA, warn once when the card is full or steps slow down as when memory spills to system RAM."""
+        device = self.accelerator.device
+        if device.type != "cuda" or not self.accelerator.is_main_process:
+            return
+        total = torch.cuda.get_device_properties(device).total_memory
+        reason = self.spill.check(step_seconds, torch.cuda.memory_reserved(device), total)
+        if reason:
+            self.emit(Message("warning", spill_advice(self.config, reason)))
 
     def between_steps(self) -> bool:
         """Periodic validation, samples and checkpoints; then True if a stop was asked for."""
@@ -644,6 +659,8 @@ def out_of_memory_advice(config: TrainConfig, step: int | None = None, saved: Pa
         options.append("train.gradient_checkpointing = true (much less memory, about 20% slower)")
     if t.mixed_precision == "no":
         options.append("train.mixed_precision = 'bf16' ('fp16' on GPUs without bf16)")
+    if config.model.quantize == "none":
+        options.append("model.quantize = 'nf4' (the UNet's weights in about a quarter of the memory)")
     if t.batch_size > 1:
         options.append(f"train.batch_size = {t.batch_size // 2} with train.gradient_accumulation_steps = "
                        f"{t.gradient_accumulation_steps * 2} (the same effective batch)")
@@ -653,7 +670,8 @@ def out_of_memory_advice(config: TrainConfig, step: int | None = None, saved: Pa
         options.append("dataset.cache_latents = true")
     if d.resolution > 512:
         options.append(f"dataset.resolution = {max(512, d.resolution * 3 // 4 // 64 * 64)}")
-    options.append("closing other programs that use the GPU")
+    options.append("closing other programs that use the GPU (python -m core plan CONFIG --fit picks settings "
+                   "for your card)")
     kept = f" The LoRA of step {step} is saved as {saved.name}" if saved else ""
     if saved and config.output.save_state:
         kept += "; --resume continues from it with the new settings."
