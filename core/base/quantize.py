@@ -1,4 +1,5 @@
-"""A quantised frozen UNet (QLoRA): its linear layers stored in 8 or 4 bits by bitsandbytes.
+"""A quantised frozen UNet (QLoRA): its linear layers stored in 8 or 4 bits by bitsandbytes, or every
+layer's weights in fp8.
 
 diffusers' own bitsandbytes loader refuses to run without a GPU, so the
 layers are swapped here with bitsandbytes' modules (``Linear8bitLt`` for
@@ -12,6 +13,11 @@ conditioning embeddings are small and steer every layer, so they stay exact,
 and so does a layer whose input is not a whole number of quantisation blocks
 (64 values; every layer of the real models is, tiny test models have some
 that are not). The planner (core.training.plan) counts the same layers.
+
+fp8 storage is diffusers' layerwise casting: each layer's weights stay in
+``float8_e4m3fn`` and are cast to the compute dtype only while the layer
+runs; norms and embeddings stay as they are (diffusers' own rule). Enabled
+before the LoRA is added, so peft's LoRA weights are never cast.
 """
 
 from __future__ import annotations
@@ -56,3 +62,10 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     return len(targets)
+
+
+def cast_to_fp8(model, compute_dtype: torch.dtype) -> int:
+    """Store the layer weights of ``model`` (a diffusers model) in fp8, computing in ``compute_dtype``;
+    returns how many weights are stored in fp8."""
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    return sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
