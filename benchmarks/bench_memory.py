@@ -4,7 +4,7 @@
     python benchmarks/bench_memory.py --write    # measure the reference architectures again and write
                                                  # core/training/memory_table.json (a few minutes)
     python benchmarks/bench_memory.py --write --model PATH   # add a model folder's own architecture
-    python benchmarks/bench_memory.py --cuda     # also run real steps on the GPU (max_memory_allocated)
+    python benchmarks/bench_memory.py --cuda     # on a GPU: real steps (max_memory_allocated) against both
 
 Every measurement builds the real architecture on the meta device and runs
 one step on fake tensors (core/training/memory.py): no GPU, no download, no
@@ -30,6 +30,10 @@ MATRIX = [  # (family, resolution, batch, precision, checkpointing, train_text_e
     for precision, ckpt, te in (("bf16", True, False), ("bf16", False, False), ("no", True, False),
                                 ("bf16", True, True))
 ]
+# Off the points the coefficients were measured at (half and full native size, batch 1).
+MATRIX += [("sd1", 768, 1, "bf16", True, False), ("sd1", 384, 3, "no", False, False),
+           ("sd2", 512, 2, "bf16", False, False), ("sdxl", 768, 2, "bf16", True, False),
+           ("sdxl", 1280, 1, "bf16", True, False)]
 GOALS = [("SD 1.x 512 px, rank 16, bf16, checkpointing, cached", "sd1", 512, "none", 2.5),
          ("SDXL 1024 px, same", "sdxl", 1024, "none", 6.5),
          ("SDXL 1024 px, NF4 base", "sdxl", 1024, "nf4", 4.0)]
@@ -122,6 +126,64 @@ def cards() -> None:
                   f"fits {plan.fits}: {chosen}")
 
 
+def on_cuda() -> None:
+    """Real steps of the reference architectures on the GPU: max_memory_allocated against the fake-tensor
+    measurement and the estimate, and step time."""
+    import torch
+
+    from core.base.architecture import reference
+    from core.training.memory import StepShape, measure_step, measure_step_cuda
+
+    print(f"\nOn {torch.cuda.get_device_name(0)} (allocated by the step above weights and inputs):")
+    for family, resolution in (("sd1", 512), ("sd2", 768), ("sdxl", 1024)):
+        for batch in (1, 4):
+            for ckpt in (True, False):
+                shape = StepShape(resolution, batch, "bf16", ckpt)
+                try:
+                    cuda = measure_step_cuda(reference(family), shape)
+                except torch.OutOfMemoryError:
+                    print(f"  {family} {resolution} px batch {batch} ckpt {ckpt}: out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                fake = measure_step(reference(family), shape)
+                print(f"  {family} {resolution} px batch {batch} ckpt {ckpt}: GPU {cuda.step / GiB:.3f} GiB, "
+                      f"fake tensors {fake.step / GiB:.3f} GiB ({fake.step / cuda.step - 1:+.1%}), "
+                      f"reserved {torch.cuda.max_memory_reserved() / GiB:.2f} GiB", flush=True)
+
+
+def quality(steps: int) -> None:
+    """The cost of each base precision: the same short run of the tiny model with each model.quantize,
+    its final validation loss and steps per second (CPU)."""
+    import tempfile
+
+    from core import config as config_mod
+    from core.base.tiny import build_pipeline
+    from core.training import train
+    from tests.conftest import write_dataset
+
+    print(f"\nQuality and speed of the base precisions (tiny model, {steps} steps, bf16, same seed):")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_pipeline("tiny").save_pretrained(root / "tiny")
+        data = write_dataset(root / "data", n=12)
+        for quantize in ("none", "int8", "nf4", "fp8"):
+            config = config_mod.from_dict({
+                "model": {"path": str(root / "tiny"), "quantize": quantize},
+                "dataset": {"path": str(data), "resolution": 64, "validation_split": 0.25},
+                "lora": {"rank": 8, "alpha": 8.0},
+                "train": {"max_train_steps": steps, "learning_rate": 1e-3, "mixed_precision": "bf16"},
+                "sample": {"prompts": [], "every_n_steps": 0, "at_start": True},
+                "output": {"dir": str(root / "out"), "name": quantize, "save_every_n_steps": 0}})
+            events = []
+            start = time.perf_counter()
+            result = train.run(config, events.append)
+            seconds = time.perf_counter() - start
+            rates = [e.it_per_s for e in events if e.type == "progress"]
+            losses = result.validation_losses
+            print(f"  {quantize:5}: validation loss {losses[0]:.4f} at step 0 -> {losses[steps]:.4f} at step {steps}, "
+                  f"{rates[-1]:.1f} steps/s, whole run {seconds:.1f} s", flush=True)
+
+
 def main() -> int:
     from core.quiet import quiet_libraries
 
@@ -129,13 +191,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="measure and write core/training/memory_table.json")
     parser.add_argument("--model", action="append", default=[], help="with --write: a model folder to add")
+    parser.add_argument("--cuda", action="store_true", help="also measure real steps on the GPU")
+    parser.add_argument("--quality", type=int, default=0, metavar="STEPS",
+                        help="only the quality/speed table of the base precisions, with this many steps")
     args = parser.parse_args()
     if args.write:
         write_table(args.model)
         return 0
+    if args.quality:
+        quality(args.quality)
+        return 0
     accuracy()
     goals()
     cards()
+    if args.cuda:
+        on_cuda()
     return 0
 
 

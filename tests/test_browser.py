@@ -163,6 +163,11 @@ def test_whole_flow(page, server, tmp_path):
     _fill(page, "#train-sample-every-n-steps", 3)
     page.click("#train-advanced button, #train-advanced .label-wrap >> nth=0")
     _fill(page, "#train-sample-steps", 2)
+    # The memory line follows the settings: an 8 GB card holds the tiny model; Fit my GPU keeps it fitting.
+    _fill(page, "#train-vram", 8)
+    page.wait_for_function("document.querySelector('#memory-estimate') && "
+                           "document.querySelector('#memory-estimate').innerText.includes('of your 8 GB')")
+    assert "does not fit" not in page.inner_text("#train-memory")
     clicked = time.time()
     page.click("#train-start")
     page.wait_for_selector("#train-progress [data-state=running], #train-progress [data-state=completed]")

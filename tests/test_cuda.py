@@ -26,3 +26,25 @@ def test_mixed_precision_training_on_gpu(precision, tiny_model, tmp_path):
     assert all(torch.isfinite(torch.tensor(e.loss)) for e in log.of("progress"))
     assert [e.step for e in log.of("sample")] == [0, 3, 4]
     assert not any(e.type == "message" and e.level == "warning" for e in log.events)  # 8-bit AdamW ran
+
+
+@pytest.mark.parametrize("family,resolution", [("sd1", 512), ("sdxl", 1024)])
+def test_the_memory_estimate_matches_the_gpu(family, resolution):
+    """A real step of the reference architecture on the GPU against the fake-tensor measurement and the
+    planner's estimate (allocated bytes, before the margins for context and workspace)."""
+    from core import config as config_mod
+    from core.base.architecture import reference
+    from core.training import plan as planner
+    from core.training.memory import StepShape, measure_step, measure_step_cuda
+
+    arch, shape = reference(family), StepShape(resolution, 1, "bf16", True)
+    cuda = measure_step_cuda(arch, shape)
+    fake = measure_step(arch, shape)
+    assert cuda.unet_weights == fake.unet_weights
+    assert cuda.step == pytest.approx(fake.step, rel=0.15)
+    config = config_mod.with_values(config_mod.TrainConfig(), {
+        "model.family": family, "dataset.resolution": resolution, "train.mixed_precision": "bf16",
+        "train.gradient_checkpointing": True})
+    training = planner.estimate(config, arch).phases["training"]
+    estimated = sum(v for k, v in training.items() if k != "optimizer")
+    assert estimated == pytest.approx(cuda.unet_weights + cuda.lora + cuda.step, rel=0.15)

@@ -440,6 +440,41 @@ def model_picked(model, current):
 # ------------------------------------------------------------------ layout
 
 
+def memory_widgets():
+    """The card's memory (filled in from the GPU found), Fit my GPU, and the estimate line."""
+    import gradio as gr
+
+    gb, card = card_memory()
+    with gr.Row():
+        vram = gr.Number(gb, label="Your GPU memory (GB)", minimum=0, info=card, elem_id="train-vram", scale=1)
+        fit_button = gr.Button("Fit my GPU", elem_id="train-fit", scale=1)
+    memory = gr.HTML(elem_id="train-memory")
+    return vram, fit_button, memory
+
+
+def wire_memory(settings: AppSettings, components: dict, vram, fit_button, memory) -> Refresh:
+    """The estimate follows every setting that changes it; Fit my GPU rewrites the form and the line.
+    Returns the page-load refresh of the line."""
+    keys = {comp: key for key, comp in components.items()}
+    inputs = set(components.values()) | {vram}
+    order = [*components.values(), vram]
+
+    def as_values(data: dict) -> dict[str, Any]:
+        return {keys[c]: v for c, v in data.items() if c in keys}
+
+    def on_memory(data):
+        return memory_estimate(settings, as_values(data), data.get(vram))
+
+    def on_fit(data):
+        return fit_gpu(settings, list(components), as_values(data), data.get(vram))
+
+    for key in MEMORY_KEYS:
+        components[key].change(on_memory, inputs=inputs, outputs=memory, show_progress="hidden")
+    vram.change(on_memory, inputs=inputs, outputs=memory, show_progress="hidden")
+    fit_button.click(on_fit, inputs=inputs, outputs=[*components.values(), memory])
+    return Refresh(lambda *values: on_memory(dict(zip(order, values, strict=True))), order, [memory])
+
+
 def build(settings: AppSettings, manager: RunManager):
     """The Train tab's components and events (called inside a gr.Blocks)."""
     import gradio as gr
@@ -460,12 +495,7 @@ def build(settings: AppSettings, manager: RunManager):
             for key in basic_fields():
                 components[key] = field_component(key, defaults[key], settings)
             readout = gr.Markdown(elem_id="train-steps-readout")
-            gb, card = card_memory()
-            with gr.Row():
-                vram = gr.Number(gb, label="Your GPU memory (GB)", minimum=0, info=card,
-                                 elem_id="train-vram", scale=1)
-                fit_button = gr.Button("Fit my GPU", elem_id="train-fit", scale=1)
-            memory = gr.HTML(elem_id="train-memory")
+            vram, fit_button, memory = memory_widgets()
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 for key in advanced_fields():
                     components[key] = field_component(key, defaults[key], settings)
@@ -527,18 +557,7 @@ def build(settings: AppSettings, manager: RunManager):
                                               "dataset.validation_split", "train.gradient_accumulation_steps")]
     for comp in readout_inputs:
         comp.change(lambda data: steps_readout(as_values(data)), inputs=set(readout_inputs), outputs=readout)
-    memory_inputs = inputs | {vram}
-
-    def on_memory(data):
-        return memory_estimate(settings, as_values(data), data.get(vram))
-
-    def on_fit(data):
-        return fit_gpu(settings, list(components), as_values(data), data.get(vram))
-
-    for key in MEMORY_KEYS:
-        components[key].change(on_memory, inputs=memory_inputs, outputs=memory, show_progress="hidden")
-    vram.change(on_memory, inputs=memory_inputs, outputs=memory, show_progress="hidden")
-    fit_button.click(on_fit, inputs=memory_inputs, outputs=[*components.values(), memory])
+    memory_refresh = wire_memory(settings, components, vram, fit_button, memory)
     components["model.path"].change(model_picked, [components["model.path"], components["dataset.resolution"]],
                                     components["dataset.resolution"])
 
@@ -553,5 +572,5 @@ def build(settings: AppSettings, manager: RunManager):
         "timer": timer,
         # A page load re-reads the lists and re-attaches to the run in progress.
         "on_load": [Refresh(on_load_lists, [], [runs, components["model.path"], components["dataset.path"]]),
-                    Refresh(on_tick, [], [progress, plot, samples, log, error, status])],
+                    Refresh(on_tick, [], [progress, plot, samples, log, error, status]), memory_refresh],
     }

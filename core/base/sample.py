@@ -91,9 +91,20 @@ def apply_lora(pipe, lora_path: str | Path, scale: float = 1.0, adapter_name: st
 
 @torch.no_grad()
 def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float = 7.5, width: int = 512,
-             height: int = 512, negative_prompt: str = ""):
-    """One image at a fixed seed (the seed alone decides the starting noise, on any device)."""
+             height: int = 512, negative_prompt: str = "", after_first_step=None):
+    """One image at a fixed seed (the seed alone decides the starting noise, on any device).
+
+    ``after_first_step`` is called once the prompt is encoded and the first denoising step is done: the
+    moment the text encoders are no longer needed (training moves them off the GPU there, before the
+    VAE decodes).
+    """
     generator = torch.Generator("cpu").manual_seed(seed)
+
+    def on_step_end(pipeline, step, timestep, kwargs):
+        if step == 0 and after_first_step is not None:
+            after_first_step()
+        return kwargs
+
     result = pipe(
         prompt=prompt,
         negative_prompt=negative_prompt or None,
@@ -102,6 +113,7 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
         width=width,
         height=height,
         generator=generator,
+        callback_on_step_end=on_step_end,
     )
     return result.images[0]
 

@@ -47,6 +47,12 @@ class StepShape:
         return (self.resolution // 8) ** 2
 
 
+def coefficient_key(shape: StepShape) -> str:
+    """The table row a step's activations come from (what changes them more than a few percent)."""
+    width = 4 if shape.precision == "no" else 2
+    return f"{width}B-ckpt{int(shape.checkpointing)}-te{int(shape.train_text_encoder)}"
+
+
 @dataclass
 class StepMemory:
     """Bytes of one training step's parts, as fake tensors count them."""
@@ -122,30 +128,11 @@ def measure_step(arch, shape: StepShape) -> StepMemory:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from core.base.architecture import build_meta
-
     dtype = torch_dtype(shape.precision)
-    unet, encoders, _ = build_meta(arch, dtype)
-    trainable = add_lora_meta(unet, shape.targets, shape.rank)
-    if shape.train_text_encoder:
-        for encoder in encoders:
-            trainable += add_lora_meta(encoder, shape.text_targets, shape.rank)
-    if shape.checkpointing:
-        unet.enable_gradient_checkpointing()
-        if shape.train_text_encoder:
-            for encoder in encoders:
-                encoder.gradient_checkpointing_enable()
+    unet, encoders = _step_models(arch, shape, dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        for module in (unet, *encoders):
-            module.to_empty(device="cpu")
-        for module in (unet, *encoders):
-            for param in module.parameters():
-                if param.requires_grad:
-                    param.data = torch.empty_like(param, dtype=torch.float32)
-        lora = [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
-        frozen_unet = [t for t in (*unet.parameters(), *unet.buffers()) if not t.requires_grad]
-        frozen_text = [t for e in encoders for t in (*e.parameters(), *e.buffers()) if not t.requires_grad]
-        inputs = _step_inputs(arch, shape, dtype, unet, encoders)
+        lora, frozen_unet, frozen_text = _materialise(unet, encoders, "cpu")
+        inputs = _step_inputs(arch, shape, dtype, unet, encoders, "cpu")
         counter = _StorageCounter([*frozen_unet, *frozen_text, *lora, *inputs.values()])
         with counter:
             _forward_backward(arch, shape, dtype, unet, encoders, inputs)
@@ -153,23 +140,74 @@ def measure_step(arch, shape: StepShape) -> StepMemory:
                       sum(p.numel() for p in lora), counter.peak)
 
 
-def _step_inputs(arch, shape: StepShape, dtype, unet, encoders) -> dict[str, torch.Tensor]:
-    b, side = shape.batch, shape.resolution // 8
-    inputs = {"latents": torch.empty(b, unet.config.in_channels, side, side, dtype=dtype),
-              "timesteps": torch.zeros(b, dtype=torch.long)}
+def measure_step_cuda(arch, shape: StepShape) -> StepMemory:
+    """The same step on the GPU for real (weights uninitialised: memory does not depend on values), with
+    ``step`` from ``torch.cuda.max_memory_allocated`` above what the weights and inputs hold."""
+    dtype = torch_dtype(shape.precision)
+    unet, encoders = _step_models(arch, shape, dtype)
+    lora, frozen_unet, frozen_text = _materialise(unet, encoders, "cuda")
+    inputs = _step_inputs(arch, shape, dtype, unet, encoders, "cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _forward_backward(arch, shape, dtype, unet, encoders, inputs, device="cuda")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    result = StepMemory(tensor_bytes(frozen_unet), tensor_bytes(frozen_text), tensor_bytes(lora),
+                        sum(p.numel() for p in lora), peak)
+    del unet, encoders, inputs, lora, frozen_unet, frozen_text
+    torch.cuda.empty_cache()
+    return result
+
+
+def _step_models(arch, shape: StepShape, dtype):
+    """UNet and text encoders on the meta device with the step's LoRA and checkpointing."""
+    from core.base.architecture import build_meta
+
+    unet, encoders, _ = build_meta(arch, dtype)
+    add_lora_meta(unet, shape.targets, shape.rank)
     if shape.train_text_encoder:
-        inputs["ids"] = torch.zeros(b, 77, dtype=torch.long)
+        for encoder in encoders:
+            add_lora_meta(encoder, shape.text_targets, shape.rank)
+    if shape.checkpointing:
+        unet.enable_gradient_checkpointing()
+        if shape.train_text_encoder:
+            for encoder in encoders:
+                encoder.gradient_checkpointing_enable()
+    return unet, encoders
+
+
+def _materialise(unet, encoders, device: str):
+    """Storage for every tensor on ``device`` (fake under FakeTensorMode); LoRA weights in fp32.
+    Returns (trainable, frozen UNet tensors, frozen text encoder tensors)."""
+    for module in (unet, *encoders):
+        module.to_empty(device=device)
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = torch.empty_like(param, dtype=torch.float32)
+    lora = [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
+    frozen_unet = [t for t in (*unet.parameters(), *unet.buffers()) if not t.requires_grad]
+    frozen_text = [t for e in encoders for t in (*e.parameters(), *e.buffers()) if not t.requires_grad]
+    return lora, frozen_unet, frozen_text
+
+
+def _step_inputs(arch, shape: StepShape, dtype, unet, encoders, device: str) -> dict[str, torch.Tensor]:
+    b, side = shape.batch, shape.resolution // 8
+    inputs = {"latents": torch.zeros(b, unet.config.in_channels, side, side, dtype=dtype, device=device),
+              "timesteps": torch.zeros(b, dtype=torch.long, device=device)}
+    if shape.train_text_encoder:
+        inputs["ids"] = torch.zeros(b, 77, dtype=torch.long, device=device)
     else:
-        inputs["text"] = torch.empty(b, 77, unet.config.cross_attention_dim, dtype=dtype)
+        inputs["text"] = torch.zeros(b, 77, unet.config.cross_attention_dim, dtype=dtype, device=device)
     if arch.family == "sdxl":
-        inputs["pooled"] = torch.empty(b, encoders[-1].config.projection_dim, dtype=dtype)
-        inputs["time_ids"] = torch.empty(b, 6, dtype=dtype)
+        inputs["pooled"] = torch.zeros(b, encoders[-1].config.projection_dim, dtype=dtype, device=device)
+        inputs["time_ids"] = torch.zeros(b, 6, dtype=dtype, device=device)
     return inputs
 
 
-def _forward_backward(arch, shape: StepShape, dtype, unet, encoders, inputs) -> None:
+def _forward_backward(arch, shape: StepShape, dtype, unet, encoders, inputs, device: str = "cpu") -> None:
     unet.train()
-    autocast = (torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    autocast = (torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     with autocast:
         if shape.train_text_encoder:
             states, pooled = [], None
@@ -210,16 +248,36 @@ def measure_vae(arch, resolution: int, decode: bool) -> int:
     return counter.peak
 
 
+def measure_denoise(arch, resolution: int, precision: str = "bf16") -> int:
+    """Transient bytes of one UNet step of sample generation: no gradients, batch 2 (with and without the
+    prompt, for classifier-free guidance)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from core.base.architecture import build_meta
+
+    dtype = torch_dtype(precision)
+    unet, encoders, _ = build_meta(arch, dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet.to_empty(device="cpu")
+        inputs = _step_inputs(arch, StepShape(resolution, 2, precision), dtype, unet, encoders, "cpu")
+        counter = _StorageCounter([*unet.parameters(), *unet.buffers(), *inputs.values()])
+        added = ({"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]} if arch.family == "sdxl"
+                 else None)
+        with counter, torch.no_grad():
+            unet(inputs["latents"], inputs["timesteps"], inputs["text"], added_cond_kwargs=added)
+    return counter.peak
+
+
 def calibrate(arch, progress=lambda text: None) -> dict:
     """The planner's coefficients for ``arch``, from measurements at half and full native resolution.
 
     Per row (element width, checkpointing, text encoder trained): ``[c, a]`` with a step's activations
     and gradients = batch x (c + a*T) for T latent tokens per picture (c: what does not grow with the
     picture, such as the text's keys and values; attention is memory-efficient, so nothing grows with
-    T squared). ``vae_encode``/``vae_decode``: bytes per latent token of one fp32 encode/decode.
+    T squared). ``vae_encode``/``vae_decode``: bytes per latent token of one fp32 encode/decode;
+    ``denoise``: of one guided UNet step of sample generation in bf16.
     """
     from core.base.families import get_family
-    from core.training.plan import coefficient_key
 
     native = get_family(arch.family).native_resolution
     sizes = (native // 2, native)
@@ -236,4 +294,5 @@ def calibrate(arch, progress=lambda text: None) -> dict:
     tokens = (native // 8) ** 2
     rows["vae_encode"] = measure_vae(arch, native, decode=False) / tokens
     rows["vae_decode"] = measure_vae(arch, native, decode=True) / tokens
+    rows["denoise"] = measure_denoise(arch, native) / tokens
     return rows

@@ -17,8 +17,9 @@ peak is the largest:
   gradients and optimizer state, the step's activations, plus the text
   encoders when they are trained or their outputs not cached, and the VAE
   when latents are not cached;
-* samples: the training phase's weights plus the text encoders and the VAE,
-  with one fp32 decode of a sample image.
+* samples: the training phase's weights and optimizer state plus the VAE,
+  with the text encoders only while a prompt is encoded (and one guided UNet
+  step without gradients runs), then one fp32 decode of a sample image.
 
 What fake tensors cannot see is added as a stated margin: the CUDA context
 (``CUDA_CONTEXT``) and the allocator's fragmentation and library workspaces
@@ -32,7 +33,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.training.memory import GiB, StepShape
+from core.training.memory import GiB, StepShape, coefficient_key
 
 TABLE = Path(__file__).with_name("memory_table.json")
 CUDA_CONTEXT = 0.5 * GiB  # CUDA runtime, cuBLAS/cuDNN handles: reserved by the driver, never "allocated"
@@ -152,12 +153,6 @@ def table() -> dict:
         return {}
 
 
-def coefficient_key(shape: StepShape) -> str:
-    """The table row a step's activations come from (what changes them more than a few percent)."""
-    width = 4 if shape.precision == "no" else 2
-    return f"{width}B-ckpt{int(shape.checkpointing)}-te{int(shape.train_text_encoder)}"
-
-
 def fit_rows(arch) -> tuple[dict, str | None]:
     """The fitted coefficients for ``arch`` and a note when they come from the family's reference instead."""
     rows = table().get(arch.key)
@@ -220,11 +215,22 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
         phases["caching"] = {"text_encoder_weights": text, "vae_weights": inv.vae,
                              "activations": encode if latents_cached else 0}
     if config.sample.prompts:
-        side = max(config.sample.width, config.sample.height) or shape.resolution
-        phases["samples"] = {**training, "text_encoder_weights": text, "vae_weights": inv.vae,
-                             "activations": vae_bytes(rows, side, decode=True) + dequantised}
+        phases["samples"] = _samples_phase(config, rows, inv, training, text, dequantised, width)
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     return Plan(arch.family, arch.source, phases, peak_phase, vram, card, notes=[note] if note else [])
+
+
+def _samples_phase(config, rows: dict, inv: Inventory, training: dict, text: int, dequantised: int,
+                   width: int) -> dict[str, int]:
+    """Sample images during training: the VAE comes to the card, the text encoders only while the prompt
+    is encoded and the first step runs (then they leave before the fp32 decode). The larger moment counts."""
+    side = max(config.sample.width, config.sample.height) or config.dataset.resolution
+    tokens = (side // 8) ** 2
+    resident = {**training, "vae_weights": inv.vae}
+    encoding = {**resident, "text_encoder_weights": text,
+                "activations": int(rows["denoise"] * tokens * width / 2) + dequantised}
+    decoding = {**resident, "activations": vae_bytes(rows, side, decode=True)}
+    return max(encoding, decoding, key=lambda phase: sum(phase.values()))
 
 
 def _unet_weights(inv: Inventory, width: int, quantize: str) -> int:

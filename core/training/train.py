@@ -541,18 +541,21 @@ class _Loop:
         c = self.config
         if not c.sample.prompts:
             return
+        # The VAE comes to the card for the samples; the text encoders only until each prompt is encoded
+        # (core.training.plan counts the samples phase this way).
         vae_device, text_device = self.base.vae.device, _device_of(text_encoder)
         self.base.vae.to(self.accelerator.device)
-        text_encoder.to(self.accelerator.device)
         pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, unet,
                                    c.sample.sampler)
         for i, prompt in enumerate(c.sample.prompts):
+            text_encoder.to(self.accelerator.device)
             with self.accelerator.autocast():
                 image = generate(pipe, prompt, seed=c.sample.seed, steps=c.sample.steps,
                                  guidance_scale=c.sample.guidance_scale,
                                  width=c.sample.width or c.dataset.resolution,
                                  height=c.sample.height or c.dataset.resolution,
-                                 negative_prompt=c.sample.negative_prompt)
+                                 negative_prompt=c.sample.negative_prompt,
+                                 after_first_step=lambda: text_encoder.to(text_device))
             path = self.paths.sample(self.state.step, i)
             save_image(path, image)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
