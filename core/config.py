@@ -154,8 +154,9 @@ class TrainStepsConfig:
     max_grad_norm: float = opt(1.0, "Clip gradients to this norm; 0 turns clipping off.", min=0.0, max=1e6)
     mixed_precision: MixedPrecision = opt("no", "Compute precision: bf16 (recent NVIDIA GPUs, CPUs), fp16 "
                                           "(older NVIDIA GPUs) or no (fp32). LoRA weights stay fp32.")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: much less VRAM, "
-                                       "about 20-30% slower.")
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass: much less VRAM, "
+                                       "about 20-30% slower. On by default (what most GPUs need); 'Fit my GPU' "
+                                       "(python -m core plan CONFIG --fit) turns it off where the card has room.")
     seed: int = opt(0, "Seed for the split, the data order and the noise.", min=0, max=2**32 - 1)
     noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images); 0 is off.",
                               min=0.0, max=1.0)

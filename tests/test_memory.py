@@ -85,7 +85,7 @@ def test_goals_of_the_issue_on_the_reference_architectures():
 
 def test_fit_gives_up_speed_in_order_until_the_plan_fits():
     sdxl = _config(**{"model.family": "sdxl", "dataset.resolution": 1024, "train.batch_size": 4,
-                      "train.mixed_precision": "no", "sample.prompts": []})
+                      "train.mixed_precision": "no", "train.gradient_checkpointing": False, "sample.prompts": []})
     arch = reference("sdxl")
     roomy = planner.fit(sdxl, arch, 80 * GiB)
     assert roomy.fits and roomy.settings == {"train.mixed_precision": "bf16"}  # the fastest: no checkpointing
@@ -233,7 +233,7 @@ def test_spilling_into_system_ram_is_noticed_once_with_what_to_change():
     full = SpillWatch().check(0.5, reserved=int(11.8e9), total=int(12e9))
     assert full == "the GPU's memory is full (11.8 of 12.0 GB reserved)"
     assert SpillWatch().check(0.5, reserved=int(10e9), total=int(12e9)) is None
-    config = _config(**{"train.batch_size": 2})
+    config = _config(**{"train.batch_size": 2, "train.gradient_checkpointing": False})
     advice = spill_advice(config, full)
     assert advice.startswith("the GPU's memory is full") and "spilling to system RAM" in advice
     assert "train.gradient_checkpointing = true" in advice and "model.quantize = 'nf4'" in advice
