@@ -118,21 +118,19 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
     unet_bytes, text_bytes = frozen(unet), sum(frozen(e) for e in encoders)
     largest = max((m.weight.numel() for m in linears), default=0)
     linear_bytes = sum(m.weight.numel() * 4 for m in linears)
-    fp8 = _fp8_layers(arch)
+    fp8 = _fp8_layers(unet)  # before the LoRA is added, as the engine casts
     lora_unet = sum(p.numel() for p in add_lora_meta(unet, targets, rank))
     lora_text = sum(p.numel() for e in encoders for p in add_lora_meta(e, text_targets, rank))
     return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text,
                      sum(fp8), max(fp8, default=0))
 
 
-def _fp8_layers(arch) -> list[int]:
+def _fp8_layers(unet) -> list[int]:
     """Parameters per layer that diffusers' layerwise casting stores in fp8 (its own rule, on the meta model)."""
     import torch
 
-    from core.base.architecture import build_meta
     from core.base.quantize import cast_to_fp8
 
-    unet = build_meta(arch)[0]
     cast_to_fp8(unet, torch.bfloat16)
     return [sum(p.numel() for p in m.parameters(recurse=False) if p.dtype == torch.float8_e4m3fn)
             for m in unet.modules() if any(p.dtype == torch.float8_e4m3fn for p in m.parameters(recurse=False))]
