@@ -6,7 +6,10 @@
 Runs ``python -m core train`` as a subprocess (exactly what the app runs)
 and prints: steps/s over the training steps (from the run's own progress
 events, so loading and caching are not counted), the wall time of the whole
-command, and the peak resident memory of the training process.
+command, the peak resident memory of the training process, and where the
+time from launch to the first optimizer step goes (imports, each phase,
+validation and samples at step 0 with ``--at-start``) and after the last
+step (saving, the final check).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def main() -> int:
     parser.add_argument("--optimizer", default="adamw8bit")
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--at-start", action="store_true",
+                        help="validate (10%% of the pictures) and draw one sample before the first step")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-studio-bench")
     args = parser.parse_args()
     resolution = args.resolution or (64 if args.shape == "tiny" else 256)
@@ -68,11 +73,12 @@ def main() -> int:
         data = make_dataset(tmp / "data", args.images, resolution)
         overrides = {
             "model.path": str(model), "dataset.path": str(data), "dataset.resolution": resolution,
-            "dataset.validation_split": 0.0, "lora.rank": rank, "lora.alpha": rank,
+            "dataset.validation_split": 0.1 if args.at_start else 0.0, "lora.rank": rank, "lora.alpha": rank,
             "train.max_train_steps": args.steps, "train.optimizer": args.optimizer,
             "train.mixed_precision": args.mixed_precision,
             "train.gradient_checkpointing": args.gradient_checkpointing,
-            "sample.prompts": [], "sample.at_start": False, "sample.every_n_steps": 0,
+            "sample.prompts": ["a photo of sks"] if args.at_start else [], "sample.at_start": args.at_start,
+            "sample.every_n_steps": 0, "sample.steps": 10,
             "output.dir": str(tmp / "out"), "output.name": "bench", "output.save_every_n_steps": 0,
             "output.save_state": False,
         }
@@ -81,7 +87,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "core", "train", str(config_path), "--no-progress"]
         for key, value in overrides.items():
             cmd += ["--set", f"{key}={_toml(value)}"]
-        started = time.perf_counter()
+        started, launched = time.perf_counter(), time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               capture_output=True, text=True)
         wall = time.perf_counter() - started
@@ -90,6 +96,7 @@ def main() -> int:
             return proc.returncode
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         report(tmp / "out" / "bench" / "events.jsonl", args, resolution, rank, wall, peak_mib)
+        breakdown(tmp / "out" / "bench" / "events.jsonl", launched, launched + wall)
     return 0
 
 
@@ -113,6 +120,32 @@ def report(events_path: Path, args, resolution: int, rank: int, wall: float, pea
     print(f"  whole command      {wall:8.2f} s  (imports, loading, caching, training, saving)")
     print(f"  peak RSS           {peak_mib:8.0f} MiB  (training process)")
     print(f"  final loss         {last['loss']:.4f}")
+
+
+def breakdown(events_path: Path, launched: float, ended: float) -> None:
+    """Launch to first step, part by part, and what follows the last step, from the events' timestamps."""
+    from core.events import read_events
+
+    events, _ = read_events(events_path)
+    marks = [("imports and start-up", launched)]
+    for event in events:
+        kind = event["type"]
+        if kind == "phase" and marks[-1][0] != event["name"]:
+            marks.append((event["name"], event["time"]))
+        elif kind == "run_started":
+            marks.append(("validation at step 0", event["time"]))
+        elif kind == "validation_loss" and event["step"] == 0:
+            marks.append(("samples at step 0", event["time"]))
+        elif kind == "progress":
+            marks.append(("first optimizer step", event["time"]))
+            break
+    last = [e for e in events if e["type"] == "progress"][-1]
+    finished = next((e["time"] for e in events if e["type"] == "finished"), ended)
+    print(f"  launch -> first step {marks[-1][1] - launched:6.2f} s:")
+    for (name, start), (_, end) in zip(marks, marks[1:], strict=False):
+        print(f"    {name:24} {end - start:6.2f} s")
+    print(f"  after the last step: validation, saving and the final check {finished - last['time']:.2f} s, "
+          f"exit {ended - finished:.2f} s")
 
 
 def _toml(value) -> str:
