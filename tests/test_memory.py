@@ -76,9 +76,6 @@ def test_goals_of_the_issue_on_the_reference_architectures():
     total = lambda p: sum(p.phases["training"].values()) / GiB  # noqa: E731
     assert total(sd1) <= 2.5 and total(sdxl) <= 6.5 and total(nf4) <= 4.0
     assert nf4.phases["training"]["unet_weights"] < 0.4 * sdxl.phases["training"]["unet_weights"]
-    fp8 = planner.estimate(_config(**common, **{"model.family": "sdxl", "dataset.resolution": 1024,
-                                                "model.quantize": "fp8"}), reference("sdxl"))
-    assert 0.5 < fp8.phases["training"]["unet_weights"] / sdxl.phases["training"]["unet_weights"] < 0.55
 
 
 def test_fit_gives_up_speed_in_order_until_the_plan_fits():
@@ -153,7 +150,7 @@ def test_presets_are_chosen_by_the_planner():
     assert sd1["24 GB GPU"]["train"]["gradient_checkpointing"] is False
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8", "fp8"])
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model, tmp_path, kind):
     import bitsandbytes as bnb
 
@@ -162,16 +159,13 @@ def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model
 
     data = write_dataset(tmp_path / "d", n=3)
     cfg = tiny_config(tiny_model, data, tmp_path / "out", **{"model.quantize": kind, "train.max_train_steps": 3,
-                                                              "sample.prompts": [], "train.mixed_precision": "bf16"})
+                                                              "sample.prompts": [], "train.mixed_precision": "bf16",
+                                                              "train.gradient_checkpointing": True})
     log = EventLog()
     result = train.run(cfg, log, keep_models=True)
-    if kind == "fp8":
-        stored = [p for p in result.unet.parameters() if p.dtype == torch.float8_e4m3fn]
-        assert len(stored) > 10 and any("stored in fp8" in e.text for e in log.of("message"))
-    else:
-        layer = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
-        quantised = [m for m in result.unet.modules() if isinstance(m, layer)]
-        assert len(quantised) > 10 and any("quantised" in e.text for e in log.of("message"))
+    layer = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
+    quantised = [m for m in result.unet.modules() if isinstance(m, layer)]
+    assert len(quantised) > 10 and any("quantised" in e.text for e in log.of("message"))
     trained = [p for p in result.unet.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
     losses = [e.loss for e in log.of("progress")]

@@ -1,5 +1,4 @@
-"""A quantised frozen UNet (QLoRA): its linear layers stored in 8 or 4 bits by bitsandbytes, or every
-layer's weights in fp8.
+"""A quantised frozen UNet (QLoRA): its linear layers stored in 8 or 4 bits by bitsandbytes.
 
 diffusers' own bitsandbytes loader refuses to run without a GPU, so the
 layers are swapped here with bitsandbytes' modules (``Linear8bitLt`` for
@@ -14,10 +13,11 @@ and so does a layer whose input is not a whole number of quantisation blocks
 (64 values; every layer of the real models is, tiny test models have some
 that are not). The planner (core.training.plan) counts the same layers.
 
-fp8 storage is diffusers' layerwise casting: each layer's weights stay in
-``float8_e4m3fn`` and are cast to the compute dtype only while the layer
-runs; norms and embeddings stay as they are (diffusers' own rule). Enabled
-before the LoRA is added, so peft's LoRA weights are never cast.
+fp8 storage through diffusers' layerwise casting is not offered for
+training: it swaps each layer's weights between fp8 and the compute dtype in
+place, so the tensors autograd saved for the backward pass (and the
+recomputation of gradient checkpointing) see the fp8 weights again
+("Recomputed values ... have different metadata").
 """
 
 from __future__ import annotations
@@ -63,9 +63,3 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     return len(targets)
 
-
-def cast_to_fp8(model, compute_dtype: torch.dtype) -> int:
-    """Store the layer weights of ``model`` (a diffusers model) in fp8, computing in ``compute_dtype``;
-    returns how many weights are stored in fp8."""
-    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-    return sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)

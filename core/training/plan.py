@@ -102,8 +102,6 @@ class Inventory:
     vae: int  # fp32 bytes
     lora_unet: int  # LoRA parameters (count)
     lora_text: int
-    fp8_weights: int  # UNet weights that fp8 storage (layerwise casting) stores in one byte
-    largest_fp8: int  # parameters of the biggest such layer (cast up one at a time)
 
 
 @functools.lru_cache(maxsize=32)
@@ -118,22 +116,9 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
     unet_bytes, text_bytes = frozen(unet), sum(frozen(e) for e in encoders)
     largest = max((m.weight.numel() for m in linears), default=0)
     linear_bytes = sum(m.weight.numel() * 4 for m in linears)
-    fp8 = _fp8_layers(unet)  # before the LoRA is added, as the engine casts
     lora_unet = sum(p.numel() for p in add_lora_meta(unet, targets, rank))
     lora_text = sum(p.numel() for e in encoders for p in add_lora_meta(e, text_targets, rank))
-    return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text,
-                     sum(fp8), max(fp8, default=0))
-
-
-def _fp8_layers(unet) -> list[int]:
-    """Parameters per layer that diffusers' layerwise casting stores in fp8 (its own rule, on the meta model)."""
-    import torch
-
-    from core.base.quantize import cast_to_fp8
-
-    cast_to_fp8(unet, torch.bfloat16)
-    return [sum(p.numel() for p in m.parameters(recurse=False) if p.dtype == torch.float8_e4m3fn)
-            for m in unet.modules() if any(p.dtype == torch.float8_e4m3fn for p in m.parameters(recurse=False))]
+    return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text)
 
 
 def optimizer_bytes(params: int, optimizer: str) -> int:
@@ -203,7 +188,7 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
     where = placement(config)
     text_on_card, latents_cached = where["text"] == "device", where["vae"] == "cpu"
     step = step_bytes(rows, shape)
-    dequantised = {"none": 0, "fp8": inv.largest_fp8 * width}.get(quantize, inv.largest_linear * width)
+    dequantised = 0 if quantize == "none" else inv.largest_linear * width
     encode = vae_bytes(rows, shape.resolution, decode=False)
     training = {"unet_weights": unet, **trained, "text_encoder_weights": text if text_on_card else 0,
                 "vae_weights": 0 if latents_cached else inv.vae,
@@ -234,8 +219,6 @@ def _samples_phase(config, rows: dict, inv: Inventory, training: dict, text: int
 def _unet_weights(inv: Inventory, width: int, quantize: str) -> int:
     if quantize == "none":
         return inv.unet * width // 4
-    if quantize == "fp8":
-        return (inv.unet // 4 - inv.fp8_weights) * width + inv.fp8_weights
     per_weight = NF4_BYTES if quantize == "nf4" else INT8_BYTES
     linear = inv.unet_linear // 4
     return int((inv.unet - inv.unet_linear) * width // 4 + linear * per_weight)
