@@ -307,7 +307,7 @@ def detect_card() -> tuple[int | None, str, bool]:
 
 LABELS = {"unet_weights": "UNet weights (frozen)", "text_encoder_weights": "text encoder weights",
           "vae_weights": "VAE weights (fp32)", "lora": "LoRA weights (fp32)", "optimizer": "optimizer state",
-          "activations": "activations and gradients", "workspace": f"workspace ({WORKSPACE:.0%} margin)",
+          "activations": "activations (step, encode or decode)", "workspace": f"workspace ({WORKSPACE:.0%} margin)",
           "cuda_context": "CUDA context"}
 
 
