@@ -103,3 +103,38 @@ def test_flip_latents_are_the_mirrored_image(tiny_model, tmp_path):
                                image.convert("RGB"))[None] for m in (False, True)}
     for mirrored, cached in ((False, plain), (True, flipped)):
         torch.testing.assert_close(encode_latent_distribution(base.vae, pixels[mirrored])["mean"][0], cached)
+
+
+def test_latents_are_cached_in_batches_in_the_compute_precision(tiny_model, tmp_path):
+    """bf16 caching: the same latents as fp32 up to bf16's precision, under their own cache keys, a few
+    pictures per VAE call; in fp16 what overflows is encoded again in fp32."""
+    from core.base.models import load_models
+    from core.data.dataset import scan_dataset
+    from core.training import train_data
+    from core.training.cache import FeatureCache, encode_latent_distribution
+
+    data = write_dataset(tmp_path / "d", n=6, size=(64, 64))
+    base = load_models(str(tiny_model), "", "auto", torch.float32)
+    items = scan_dataset(data).items
+    calls = []
+    original = base.vae.encode
+    base.vae.encode = lambda x: calls.append(len(x)) or original(x)
+    latents = {}
+    for precision in ("no", "bf16"):
+        cfg = tiny_config(tiny_model, data, tmp_path / "out", **{"train.mixed_precision": precision})
+        log = EventLog()
+        entries = train_data.build_entries(cfg, items, base, FeatureCache(tmp_path / "cache"), log, "training")
+        latents[precision] = torch.stack([e.latents(False)["mean"] for e in entries])
+        assert [(e.done, e.total) for e in log.of("phase")] == [(0, 6), (4, 6), (6, 6)]
+    assert calls == [4, 2, 4, 2]  # one bucket, batches of ENCODE_BATCH; bf16 did not reuse the fp32 entries
+    assert not torch.equal(latents["no"], latents["bf16"])
+    torch.testing.assert_close(latents["bf16"], latents["no"], rtol=0.05, atol=0.05)
+    base.vae.encode = original
+    # fp16: a picture whose encoding overflows half precision is encoded again in fp32, alone
+    pixels = torch.stack([torch.zeros(3, 64, 64), torch.full((3, 64, 64), 6e4)])  # the second overflows fp16
+    full = encode_latent_distribution(base.vae, pixels)
+    half = encode_latent_distribution(base.vae, pixels, torch.float16)
+    assert torch.isfinite(half["mean"]).all() and torch.isfinite(full["mean"]).all()
+    torch.testing.assert_close(half["mean"][1:], encode_latent_distribution(base.vae, pixels[1:])["mean"])  # fp32
+    assert not torch.equal(half["mean"][0], full["mean"][0])  # the other stayed half precision
+    torch.testing.assert_close(half["mean"][0], full["mean"][0], rtol=0.05, atol=0.05)

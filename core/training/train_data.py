@@ -215,25 +215,69 @@ def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit
                   flips: bool = False) -> list[Entry]:
     """One entry per image: latents (and flipped latents) and text embeddings from the cache.
 
-    What the cache lacks is encoded now, one image at a time.
+    What the cache lacks is encoded now: latents a few pictures of one bucket at a time, in the run's
+    compute precision (``encode_latent_distribution``).
     """
     if not items:
         return []
     places = placements(config, items)
+    keys = ([_latent_keys(item.path, placement, base, cache, config) for item, placement in zip(items, places,
+                                                                                              strict=True)]
+            if config.dataset.cache_latents else [])
+    if keys:
+        _encode_missing(items, places, keys, base, cache, emit, what, flips, _encode_dtype(config))
     cache_text = text_is_cached(config)
     entries = []
     for i, (item, placement) in enumerate(zip(items, places, strict=True)):
-        emit(Phase(f"caching {what} latents", i, len(items)))
-        latents = pixels = text = None
-        if config.dataset.cache_latents:
-            latents = _cached_latents(item.path, placement, base, cache, flips)
-        else:
-            pixels = _pixels_loader(item.path, placement)
-        if cache_text:
-            text = cached_text(item.caption, base, cache)
+        latents = _latents_loader(cache, keys[i]) if keys else None
+        pixels = None if keys else _pixels_loader(item.path, placement)
+        text = cached_text(item.caption, base, cache) if cache_text else None
         entries.append(Entry(item, placement, latents, pixels, text))
-    emit(Phase(f"caching {what} latents", len(items), len(items)))
     return entries
+
+
+ENCODE_BATCH = 4  # pictures per VAE call while caching (one bucket size each)
+
+
+def _encode_missing(items, places, keys, base, cache, emit: Emit, what: str, flips: bool, dtype) -> None:
+    """Encode and store every latent the cache lacks, grouped by bucket into batches."""
+    from core.training.cache import encode_latent_distribution
+
+    todo: dict[tuple[int, int], list] = {}
+    for item, placement, item_keys in zip(items, places, keys, strict=True):
+        for flipped in (False, True) if flips else (False,):
+            if not cache.has("latents", item_keys[flipped]):
+                todo.setdefault(placement.bucket, []).append((item.path, placement, flipped, item_keys[flipped]))
+    total = len(items) * (2 if flips else 1)
+    done = total - sum(len(group) for group in todo.values())
+    emit(Phase(f"caching {what} latents", done, total))
+    for group in todo.values():
+        for start in range(0, len(group), ENCODE_BATCH):
+            batch = group[start:start + ENCODE_BATCH]
+            pixels = torch.stack([_load_pixels(path, placement, flipped) for path, placement, flipped, _ in batch])
+            dist = encode_latent_distribution(base.vae, pixels, dtype)
+            for i, (*_, key) in enumerate(batch):
+                cache.store("latents", key, {k: v[i] for k, v in dist.items()})
+            done += len(batch)
+            emit(Phase(f"caching {what} latents", done, total))
+
+
+def _encode_dtype(config: TrainConfig) -> torch.dtype:
+    from core.precision import torch_dtype
+
+    return torch_dtype(config.train.mixed_precision)
+
+
+def _latent_keys(path: Path, placement: Placement, base, cache, config: TrainConfig) -> dict[bool, str]:
+    """The cache keys of a picture's latent and its mirror image; latents encoded in half precision are kept
+    apart from fp32 ones."""
+    from core.data.images import file_digest
+
+    width, height = placement.bucket
+    dtype = _encode_dtype(config)
+    vae = base.fingerprint("vae") + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}")
+    digest = file_digest(path)
+    return {flipped: cache.latent_key(digest, width, height, vae, flipped) for flipped in (False, True)}
 
 
 def text_is_cached(config: TrainConfig) -> bool:
@@ -248,19 +292,7 @@ def placement(config: TrainConfig) -> dict[str, str]:
             "vae": "cpu" if config.dataset.cache_latents else "device"}
 
 
-def _cached_latents(path: Path, placement: Placement, base, cache, flips: bool) -> Callable[[bool], dict]:
-    from core.data.images import file_digest
-    from core.training.cache import encode_latent_distribution
-
-    width, height = placement.bucket
-    digest, vae_fp = file_digest(path), base.fingerprint("vae")
-    keys = {flipped: cache.latent_key(digest, width, height, vae_fp, flipped) for flipped in (False, True)}
-    for flipped in (False, True) if flips else (False,):
-        if not cache.has("latents", keys[flipped]):
-            pixels = _load_pixels(path, placement, flipped)[None]
-            dist = encode_latent_distribution(base.vae, pixels)
-            cache.store("latents", keys[flipped], {k: v[0] for k, v in dist.items()})
-
+def _latents_loader(cache, keys: dict[bool, str]) -> Callable[[bool], dict]:
     def get(flipped: bool) -> dict:
         return {"mean": _read(cache, "latents", keys[flipped], "mean"),
                 "std": _read(cache, "latents", keys[flipped], "std")}
