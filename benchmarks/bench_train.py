@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--optimizer", default="adamw8bit")
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-cache-latents", action="store_true",
+                        help="encode every picture at every step instead of caching its latent once")
     parser.add_argument("--at-start", action="store_true",
                         help="validate (10%% of the pictures) and draw one sample before the first step")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "lora-studio-bench")
@@ -77,6 +79,7 @@ def main() -> int:
             "train.max_train_steps": args.steps, "train.optimizer": args.optimizer,
             "train.mixed_precision": args.mixed_precision,
             "train.gradient_checkpointing": args.gradient_checkpointing,
+            "dataset.cache_latents": not args.no_cache_latents,
             "sample.prompts": ["a photo of sks"] if args.at_start else [], "sample.at_start": args.at_start,
             "sample.every_n_steps": 0, "sample.steps": 10,
             "output.dir": str(tmp / "out"), "output.name": "bench", "output.save_every_n_steps": 0,
@@ -112,7 +115,8 @@ def report(events_path: Path, args, resolution: int, rank: int, wall: float, pea
     started = next(e["time"] for e in events if e["type"] == "run_started")
     print(f"shape={args.shape} resolution={resolution} rank={rank} steps={args.steps} "
           f"optimizer={args.optimizer} mixed_precision={args.mixed_precision} "
-          f"gradient_checkpointing={args.gradient_checkpointing} threads={_threads()}")
+          f"gradient_checkpointing={args.gradient_checkpointing} cache_latents={not args.no_cache_latents} "
+          f"threads={_threads()}")
     print(f"  training speed     {rate:8.2f} steps/s  ({1 / rate:.3f} s/step, steps 2..{last['step']})")
     print(f"  first step         {first['time'] - started:8.2f} s")
     if "loading model" in phases:
