@@ -131,6 +131,7 @@ def breakdown(events_path: Path, launched: float, ended: float) -> None:
     from core.events import read_events
 
     events, _ = read_events(events_path)
+    # Each mark starts an interval that ends at the next mark.
     marks = [("imports and start-up", launched)]
     for event in events:
         kind = event["type"]
@@ -140,8 +141,16 @@ def breakdown(events_path: Path, launched: float, ended: float) -> None:
             marks.append(("validation at step 0", event["time"]))
         elif kind == "validation_loss" and event["step"] == 0:
             marks.append(("samples at step 0", event["time"]))
+        elif kind == "sample" and event["step"] == 0:
+            if marks[-1][0] == "first optimizer step":  # a later sample: step 0's samples go on
+                marks[-1] = ("first optimizer step", event["time"])
+            else:
+                marks[-1] = ("samples at step 0", marks[-1][1])
+                marks.append(("first optimizer step", event["time"]))
         elif kind == "progress":
-            marks.append(("first optimizer step", event["time"]))
+            if marks[-1][0] != "first optimizer step":  # nothing at step 0: the interval is the first step
+                marks[-1] = ("first optimizer step", marks[-1][1])
+            marks.append(("", event["time"]))
             break
     last = [e for e in events if e["type"] == "progress"][-1]
     finished = next((e["time"] for e in events if e["type"] == "finished"), ended)

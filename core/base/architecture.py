@@ -67,8 +67,10 @@ def of_model(path: str, family: str = "auto") -> Architecture:
             return reference(checkpoint_family(local) if family == "auto" else family)
     if folder is None:
         if family == "auto":
-            raise FamilyError(f"cannot tell the family of model {path or '(none)'!r} without downloading it; "
-                              f"set model.family (sd1, sd2 or sdxl) or pass --family")
+            where = ("no model is set" if not path else
+                     f"model {path!r} is not a folder or checkpoint file here (hub ids are not downloaded to plan)")
+            raise FamilyError(f"cannot tell the model's family: {where}; set model.family (sd1, sd2 or sdxl) or "
+                              f"pass --family")
         return reference(family)
     kind = detect_family(folder).name if family == "auto" else family
     return Architecture(kind, str(folder), _config(folder / "unet"),
