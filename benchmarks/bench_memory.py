@@ -166,7 +166,7 @@ def quality(steps: int) -> None:
         root = Path(tmp)
         build_pipeline("tiny").save_pretrained(root / "tiny")
         data = write_dataset(root / "data", n=12)
-        for quantize in ("none", "int8", "nf4"):
+        for quantize in ("none", "int8", "nf4", "fp8"):
             config = config_mod.from_dict({
                 "model": {"path": str(root / "tiny"), "quantize": quantize},
                 "dataset": {"path": str(data), "resolution": 64, "validation_split": 0.25},

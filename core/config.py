@@ -47,7 +47,7 @@ def opt(default, help: str, *, min=None, max=None, group: str = "advanced", mult
 
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 ModelFamily = Literal["auto", "sd1", "sd2", "sdxl"]
-Quantize = Literal["none", "int8", "nf4"]
+Quantize = Literal["none", "int8", "nf4", "fp8"]
 Optimizer = Literal["adamw8bit", "adamw"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LrScheduler = Literal["constant", "cosine", "linear"]
@@ -68,7 +68,8 @@ class ModelConfig:
         "for models whose config is wrong (v-prediction fine-tunes shipped with an epsilon config).")
     quantize: Quantize = opt("none", "Store the frozen UNet smaller while the LoRA trains in fp32 on top (QLoRA): "
                              "'int8' and 'nf4' quantise its linear layers with bitsandbytes (half and a quarter "
-                             "of bf16's memory, at some speed). The saved LoRA is the same file either way and "
+                             "of bf16's memory, at some speed); 'fp8' stores its linear and convolution weights in "
+                             "8-bit floats, cast up per layer. The saved LoRA is the same file either way and "
                              "loads on the full model.")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def test_goals_of_the_issue_on_the_reference_architectures():
     total = lambda p: sum(p.phases["training"].values()) / GiB  # noqa: E731
     assert total(sd1) <= 2.5 and total(sdxl) <= 6.5 and total(nf4) <= 4.0
     assert nf4.phases["training"]["unet_weights"] < 0.4 * sdxl.phases["training"]["unet_weights"]
+    fp8 = planner.estimate(_config(**common, **{"model.family": "sdxl", "dataset.resolution": 1024,
+                                                "model.quantize": "fp8"}), reference("sdxl"))
+    assert 0.5 < fp8.phases["training"]["unet_weights"] / sdxl.phases["training"]["unet_weights"] < 0.52
 
 
 def test_fit_gives_up_speed_in_order_until_the_plan_fits():
@@ -150,7 +154,7 @@ def test_presets_are_chosen_by_the_planner():
     assert sd1["24 GB GPU"]["train"]["gradient_checkpointing"] is False
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "int8", "fp8"])
 def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model, tmp_path, kind):
     import bitsandbytes as bnb
 
@@ -159,13 +163,18 @@ def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model
 
     data = write_dataset(tmp_path / "d", n=3)
     cfg = tiny_config(tiny_model, data, tmp_path / "out", **{"model.quantize": kind, "train.max_train_steps": 3,
-                                                              "sample.prompts": [], "train.mixed_precision": "bf16",
+                                                              "sample.every_n_steps": 2, "sample.steps": 2,
+                                                              "train.mixed_precision": "bf16",
                                                               "train.gradient_checkpointing": True})
     log = EventLog()
     result = train.run(cfg, log, keep_models=True)
-    layer = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
-    quantised = [m for m in result.unet.modules() if isinstance(m, layer)]
-    assert len(quantised) > 10 and any("quantised" in e.text for e in log.of("message"))
+    if kind == "fp8":
+        stored = [p for p in result.unet.parameters() if p.dtype == torch.float8_e4m3fn]
+        assert len(stored) > 10 and any("stored in fp8" in e.text for e in log.of("message"))
+    else:
+        layer = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
+        quantised = [m for m in result.unet.modules() if isinstance(m, layer)]
+        assert len(quantised) > 10 and any("quantised" in e.text for e in log.of("message"))
     trained = [p for p in result.unet.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
     losses = [e.loss for e in log.of("progress")]
@@ -235,3 +244,32 @@ def test_spilling_into_system_ram_is_noticed_once_with_what_to_change():
     assert advice.startswith("the GPU's memory is full") and "spilling to system RAM" in advice
     assert "train.gradient_checkpointing = true" in advice and "model.quantize = 'nf4'" in advice
     assert "train.batch_size = 1" in advice and "Fit my GPU" in advice
+
+
+def test_fp8_layers_give_the_gradients_of_their_weights_in_the_compute_dtype():
+    """An fp8-stored linear and convolution layer: forward and the input's gradient equal plain bf16 layers
+    holding the same (fp8-rounded) weights, and gradient checkpointing's recomputation accepts them."""
+    from torch.utils.checkpoint import checkpoint
+
+    from core.base.quantize import store_in_fp8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Flatten(1),
+                                torch.nn.Linear(16 * 4 * 4, 32)).requires_grad_(False)
+    plain = copy.deepcopy(model)
+    assert store_in_fp8(model, torch.bfloat16) == 8 * 16 * 9 + 16 * 16 * 32
+    for fp8, ref in ((model[0], plain[0]), (model[2], plain[2])):
+        assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.numel() == ref.weight.numel()
+        ref.weight.data = fp8.weight.data.to(torch.bfloat16)
+        ref.bias.data = ref.bias.data.to(torch.bfloat16)
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    out = model(x)
+    out.float().square().sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    ref_out = plain(x.to(torch.bfloat16))
+    ref_out.float().square().sum().backward()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(grad, x.grad)
+    x.grad = None
+    checkpoint(model, x, use_reentrant=False).float().square().sum().backward()
+    torch.testing.assert_close(x.grad, grad)

@@ -102,12 +102,14 @@ class Inventory:
     vae: int  # fp32 bytes
     lora_unet: int  # LoRA parameters (count)
     lora_text: int
+    fp8: int  # UNet weights that fp8 storage keeps in one byte (count)
+    largest_fp8: int  # parameters of the biggest such layer (cast up one at a time)
 
 
 @functools.lru_cache(maxsize=32)
 def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str, ...]) -> Inventory:
     from core.base.architecture import build_meta
-    from core.base.quantize import quantizable
+    from core.base.quantize import fp8_castable, quantizable
     from core.training.memory import add_lora_meta
 
     unet, encoders, vae = build_meta(arch)
@@ -116,9 +118,11 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
     unet_bytes, text_bytes = frozen(unet), sum(frozen(e) for e in encoders)
     largest = max((m.weight.numel() for m in linears), default=0)
     linear_bytes = sum(m.weight.numel() * 4 for m in linears)
+    fp8 = [m.weight.numel() for name, m in unet.named_modules() if fp8_castable(name, m)]
     lora_unet = sum(p.numel() for p in add_lora_meta(unet, targets, rank))
     lora_text = sum(p.numel() for e in encoders for p in add_lora_meta(e, text_targets, rank))
-    return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text)
+    return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text, sum(fp8),
+                     max(fp8, default=0))
 
 
 def optimizer_bytes(params: int, optimizer: str) -> int:
@@ -188,7 +192,7 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
     where = placement(config)
     text_on_card, latents_cached = where["text"] == "device", where["vae"] == "cpu"
     step = step_bytes(rows, shape)
-    dequantised = 0 if quantize == "none" else inv.largest_linear * width
+    dequantised = {"none": 0, "fp8": inv.largest_fp8 * width}.get(quantize, inv.largest_linear * width)
     encode = vae_bytes(rows, shape.resolution, decode=False)
     training = {"unet_weights": unet, **trained, "text_encoder_weights": text if text_on_card else 0,
                 "vae_weights": 0 if latents_cached else inv.vae,
@@ -219,6 +223,8 @@ def _samples_phase(config, rows: dict, inv: Inventory, training: dict, text: int
 def _unet_weights(inv: Inventory, width: int, quantize: str) -> int:
     if quantize == "none":
         return inv.unet * width // 4
+    if quantize == "fp8":
+        return (inv.unet // 4 - inv.fp8) * width + inv.fp8
     per_weight = NF4_BYTES if quantize == "nf4" else INT8_BYTES
     linear = inv.unet_linear // 4
     return int((inv.unet - inv.unet_linear) * width // 4 + linear * per_weight)

@@ -147,7 +147,13 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
                        config.model.family)
     emit(Message("info", f"{base.family.label} model ({base.prediction_type}) from {base.path}"))
     # The UNet (loaded in the compute dtype) goes to the device once the caches are built.
-    if config.model.quantize != "none":
+    if config.model.quantize == "fp8":
+        from core.base.quantize import store_in_fp8
+
+        count = store_in_fp8(base.unet, dtype)
+        emit(Message("info", f"UNet base stored in fp8 ({count / 1e6:.0f}M weights, cast to {dtype} per layer; "
+                             f"the LoRA trains in fp32 on top)"))
+    elif config.model.quantize != "none":
         from core.base.quantize import quantize_linears
 
         count = quantize_linears(base.unet, config.model.quantize, dtype)
