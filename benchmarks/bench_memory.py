@@ -5,6 +5,8 @@
                                                  # core/training/memory_table.json (a few minutes)
     python benchmarks/bench_memory.py --write --model PATH   # add a model folder's own architecture
     python benchmarks/bench_memory.py --cuda     # on a GPU: real steps (max_memory_allocated) against both
+    python benchmarks/bench_memory.py --toggles 6    # each setting: planned memory and step time here
+    python benchmarks/bench_memory.py --quality 40   # each base precision: validation loss, speed
 
 Every measurement builds the real architecture on the meta device and runs
 one step on fake tensors (core/training/memory.py): no GPU, no download, no
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core.training.memory import GiB  # noqa: E402
 
@@ -184,6 +187,55 @@ def quality(steps: int) -> None:
                   f"{rates[-1]:.1f} steps/s, whole run {seconds:.1f} s", flush=True)
 
 
+TOGGLES = [  # (label, settings changed from bf16 + checkpointing + cached latents + full base)
+    ("bf16, checkpointing, cached (base)", {}),
+    ("no checkpointing", {"train.gradient_checkpointing": False}),
+    ("fp32", {"train.mixed_precision": "no"}),
+    ("latents not cached", {"dataset.cache_latents": False}),
+    ("torch AdamW", {"train.optimizer": "adamw"}),
+    ("int8 base", {"model.quantize": "int8"}),
+    ("NF4 base", {"model.quantize": "nf4"}),
+    ("fp8 storage", {"model.quantize": "fp8"}),
+]
+
+
+def toggles(steps: int, resolution: int) -> None:
+    """Each setting's effect on the planned peak (SD 1.5 reference at 512 px) and on the engine's step time
+    (the SD-1.5-shaped random model on this machine at ``resolution``; median after two warm-up steps)."""
+    import statistics
+    import tempfile
+
+    from bench_train import ensure_model, make_dataset
+
+    from core import config as config_mod
+    from core.base.architecture import reference
+    from core.training import train
+    from core.training.plan import estimate
+
+    model = ensure_model("sd15", Path(tempfile.gettempdir()) / "lora-studio-bench")
+    print(f"\nEach setting: planned peak allocated while training (SD 1.5, 512 px, rank 16) and the engine's "
+          f"step time here (SD-1.5-shaped random model, {resolution} px, median of steps 3..{steps}):")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_dataset(root / "data", 4, resolution)
+        for label, change in TOGGLES:
+            values = {"model.path": str(model), "dataset.path": str(data), "dataset.resolution": resolution,
+                      "dataset.validation_split": 0.0, "dataset.cache_dir": str(root / "cache"),
+                      "train.mixed_precision": "bf16", "train.gradient_checkpointing": True,
+                      "train.max_train_steps": steps, "lora.rank": 16, "lora.alpha": 16.0,
+                      "sample.prompts": [], "sample.at_start": False, "sample.every_n_steps": 0,
+                      "output.dir": str(root / "out"), "output.name": f"t{TOGGLES.index((label, change))}",
+                      "output.save_every_n_steps": 0, "output.save_state": False, **change}
+            config = config_mod.with_values(config_mod.TrainConfig(), values)
+            events = []
+            train.run(config, events.append)
+            stamps = [e.time for e in events if e.type == "progress"]
+            step = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False))
+            planned = estimate(config_mod.with_values(config, {"dataset.resolution": 512}), reference("sd1"))
+            print(f"  {label:36} {sum(planned.phases['training'].values()) / GiB:6.2f} GiB  {step:6.2f} s/step",
+                  flush=True)
+
+
 def main() -> int:
     from core.quiet import quiet_libraries
 
@@ -192,6 +244,9 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="measure and write core/training/memory_table.json")
     parser.add_argument("--model", action="append", default=[], help="with --write: a model folder to add")
     parser.add_argument("--cuda", action="store_true", help="also measure real steps on the GPU")
+    parser.add_argument("--toggles", type=int, default=0, metavar="STEPS",
+                        help="only each setting's planned memory and measured step time, with this many steps")
+    parser.add_argument("--resolution", type=int, default=256, help="with --toggles: training resolution here")
     parser.add_argument("--quality", type=int, default=0, metavar="STEPS",
                         help="only the quality/speed table of the base precisions, with this many steps")
     args = parser.parse_args()
@@ -200,6 +255,9 @@ def main() -> int:
         return 0
     if args.quality:
         quality(args.quality)
+        return 0
+    if args.toggles:
+        toggles(args.toggles, args.resolution)
         return 0
     accuracy()
     goals()
