@@ -511,3 +511,6 @@ def test_the_train_tab_estimates_gpu_memory_and_fits_the_card(settings):
     assert "Enter your GPU" in train_tab.memory_estimate(settings, values, 0)
     assert "Pick a model" in train_tab.memory_estimate(settings, values | {"model.family": "auto"}, 8)
     assert "fix the settings" in train_tab.memory_estimate(settings, values | {"lora.rank": 0}, 8)
+    hub = values | {"model.path": "someone/some-model", "model.family": "auto"}
+    assert "set Family (under Advanced)" in train_tab.memory_estimate(settings, hub, 8)
+    assert "of your 8 GB" in train_tab.memory_estimate(settings, hub | {"model.family": "sdxl"}, 8)

@@ -372,9 +372,14 @@ def _plan_inputs(settings: AppSettings, values: dict[str, Any], vram_gb):
         return f"Memory estimate: fix the settings first ({exc})"
     if not config.model.path and config.model.family == "auto":
         return "Pick a model to see the estimated GPU memory."
+    from core.base.families import FamilyError
+
     try:
         arch = of_model(config.model.path, config.model.family)
-    except Exception as exc:  # noqa: BLE001 - FamilyError, CheckpointError, unreadable folders
+    except FamilyError:
+        return ("Memory estimate: this model is not on this computer yet, so its family is unknown; set "
+                "Family (under Advanced) to estimate it now.")
+    except Exception as exc:  # noqa: BLE001 - CheckpointError, unreadable folders
         return f"Memory estimate: {exc}"
     gb = float(vram_gb or 0)
     card = card_memory()[1] if gb and gb == card_memory()[0] else f"{gb:g} GB entered"
