@@ -236,6 +236,51 @@ def toggles(steps: int, resolution: int) -> None:
                   flush=True)
 
 
+def flops() -> None:
+    from core.base.architecture import reference
+    from core.training.memory import StepShape, step_flops
+
+    print("\nFLOPs of one training step (forward and backward, bf16, FlopCounterMode on fake tensors):")
+    for family, resolution in (("sd1", 512), ("sdxl", 1024)):
+        plain = step_flops(reference(family), StepShape(resolution, 1, "bf16", False))
+        ckpt = step_flops(reference(family), StepShape(resolution, 1, "bf16", True))
+        print(f"  {family} {resolution} px batch 1: {plain / 1e12:.2f} TFLOP, with checkpointing's "
+              f"recomputation {ckpt / 1e12:.2f} TFLOP", flush=True)
+
+
+def matmul_peak() -> float:
+    """The card's bf16 matrix-multiply rate as measured here (FLOP/s), the ceiling MFU is read against."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def utilisation() -> None:
+    """Steps per second and model-FLOP utilisation (FLOPs of the step without recomputation, counted by
+    FlopCounterMode, against the measured bf16 matmul rate) on the GPU."""
+    from core.base.architecture import reference
+    from core.training.memory import StepShape, cuda_step_seconds, step_flops
+
+    peak = matmul_peak()
+    print(f"\nbf16 matmul rate measured on this card: {peak / 1e12:.0f} TFLOP/s")
+    for family, resolution in (("sd1", 512), ("sdxl", 1024)):
+        for batch in (1, 2, 4):
+            flops = step_flops(reference(family), StepShape(resolution, batch, "bf16", False))
+            for ckpt in (False, True):
+                seconds = cuda_step_seconds(reference(family), StepShape(resolution, batch, "bf16", ckpt))
+                print(f"  {family} {resolution} px batch {batch} checkpointing {ckpt}: {1 / seconds:.2f} it/s, "
+                      f"{flops / 1e12:.2f} TFLOP a step, MFU {flops / seconds / peak:.1%}", flush=True)
+
+
 def main() -> int:
     from core.quiet import quiet_libraries
 
@@ -262,8 +307,10 @@ def main() -> int:
     accuracy()
     goals()
     cards()
+    flops()
     if args.cuda:
         on_cuda()
+        utilisation()
     return 0
 
 

@@ -160,6 +160,32 @@ def measure_step_cuda(arch, shape: StepShape) -> StepMemory:
     return result
 
 
+def cuda_step_seconds(arch, shape: StepShape, repeats: int = 5) -> float:
+    """Median seconds of a real training step on the GPU (forward, backward; uninitialised weights), after
+    two warm-up steps."""
+    import statistics
+    import time
+
+    dtype = torch_dtype(shape.precision)
+    unet, encoders = _step_models(arch, shape, dtype)
+    lora, _, _ = _materialise(unet, encoders, "cuda")
+    for param in lora:
+        torch.nn.init.normal_(param, std=0.01)
+    inputs = _step_inputs(arch, shape, dtype, unet, encoders, "cuda")
+    times = []
+    for _ in range(repeats + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        _forward_backward(arch, shape, dtype, unet, encoders, inputs, device="cuda")
+        for param in lora:
+            param.grad = None
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del unet, encoders, inputs, lora
+    torch.cuda.empty_cache()
+    return statistics.median(times[2:])
+
+
 def _step_models(arch, shape: StepShape, dtype):
     """UNet and text encoders on the meta device with the step's LoRA and checkpointing."""
     from core.base.architecture import build_meta
@@ -224,6 +250,22 @@ def _forward_backward(arch, shape: StepShape, dtype, unet, encoders, inputs, dev
     loss = torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
     del prediction, text, pooled
     loss.backward()
+
+
+def step_flops(arch, shape: StepShape) -> int:
+    """Floating-point operations of one training step (forward and backward; recomputation under
+    checkpointing included), counted by torch's FlopCounterMode on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = torch_dtype(shape.precision)
+    unet, encoders = _step_models(arch, shape, dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        _materialise(unet, encoders, "cpu")
+        inputs = _step_inputs(arch, shape, dtype, unet, encoders, "cpu")
+        with FlopCounterMode(display=False) as counter:
+            _forward_backward(arch, shape, dtype, unet, encoders, inputs)
+    return counter.get_total_flops()
 
 
 def measure_vae(arch, resolution: int, decode: bool) -> int:
