@@ -296,3 +296,12 @@ def test_bad_arguments_are_explained(pipes, tmp_path):
                          metadata={"steps": 3})
     with pytest.raises(SingleFileError, match="text_projection"):  # CLIP-L slot holds a model without one
         to_single_file_state_dict(pipe.unet, pipe.vae, [pipe.text_encoder_2, pipe.text_encoder_2], "sdxl")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_planner_reads_a_single_file_without_converting_it(family, files):
+    """A single file not converted yet is planned with its family's reference shapes (read from its keys)."""
+    from core.base.architecture import of_model, reference
+
+    arch = of_model(str(files[family, "fp16"]))
+    assert arch == reference(family) and arch.source.startswith("reference")
