@@ -154,8 +154,19 @@ def test_presets_are_chosen_by_the_planner():
     assert sd1["24 GB GPU"]["train"]["gradient_checkpointing"] is False
 
 
+@pytest.fixture(scope="module")
+def full_base_lora(tiny_model, tmp_path_factory):
+    """The LoRA file of a short run on the unquantised base (what a quantised run's file must look like)."""
+    from core.training import train
+
+    root = tmp_path_factory.mktemp("full")
+    cfg = tiny_config(tiny_model, write_dataset(root / "d", n=3), root / "out",
+                      **{"train.max_train_steps": 1, "sample.prompts": [], "train.mixed_precision": "bf16"})
+    return train.run(cfg, EventLog()).lora_path
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8", "fp8"])
-def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model, tmp_path, kind):
+def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model, tmp_path, kind, full_base_lora):
     import bitsandbytes as bnb
 
     from core.lora.verify import verify
@@ -181,6 +192,13 @@ def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     check = verify(result.lora_path, str(tiny_model))  # loads on the unquantised model and changes its image
     assert check.ok, check.problems
+    from safetensors import safe_open
+
+    layout = {}
+    for path in (result.lora_path, full_base_lora):
+        with safe_open(str(path), "pt") as f:
+            layout[path] = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert layout[result.lora_path] == layout[full_base_lora]  # the same file whatever the base precision
 
 
 def test_text_encoders_and_vae_leave_the_card_once_cached(tiny_model, tmp_path):
