@@ -255,6 +255,20 @@ def test_training_options(name, tiny_model, tmp_path):
         assert lrs[0] < lrs[1]
 
 
+def test_a_bf16_run_is_checked_in_bf16_and_the_check_still_sees_the_lora(tiny_model, tmp_path, monkeypatch):
+    from core.lora import verify as verify_mod
+
+    dtypes = []
+    original = verify_mod.verify
+    monkeypatch.setattr(verify_mod, "verify", lambda *a, **k: dtypes.append(k.get("dtype")) or original(*a, **k))
+    log = EventLog()
+    train.run(tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), tmp_path / "o", name="bf16",
+                          **{"sample.prompts": [], "train.max_train_steps": 2, "train.mixed_precision": "bf16"}),
+              log, final_check=True)
+    check = log.of("lora_verified")[-1]
+    assert dtypes == [torch.bfloat16] and check.step == -1 and check.ok and check.mean_change > 0
+
+
 def test_the_final_check_is_part_of_the_run(tiny_model, tmp_path):
     """With final_check (what the command line asks), the engine lets the models go, checks the final file as
     others will load it, and only then reports the run finished; a file that changes nothing fails the run."""

@@ -292,8 +292,10 @@ def verify_final(config: TrainConfig, emit: Emit):
     # The effect is checked cheaply: a picture of half the training size at two steps, with and without the
     # LoRA (a LoRA that changes nothing changes nothing at any size; the sample images show the quality).
     size = max(64, config.dataset.resolution // 2 // 8 * 8)
+    # A bf16 run is checked in bf16 (on a CPU the default would load the whole model again in fp32).
+    dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else None
     result = verify(RunPaths.of(config).final_lora, config.model.path, config.model.revision, config.model.family,
-                    prompt=prompt, seed=config.sample.seed, steps=2, size=size)
+                    prompt=prompt, seed=config.sample.seed, steps=2, size=size, dtype=dtype)
     emit(event(result, -1))
     return result
 
