@@ -226,8 +226,9 @@ def cmd_train(args) -> int:
         return _fail(message, code)
 
     stop = _StopSignal()
+    from core.training.memory_advice import out_of_memory_advice
     from core.training.run_folder import trainer_lock
-    from core.training.train import TrainingError, out_of_memory_advice, run
+    from core.training.train import TrainingError, run
 
     lock = contextlib.ExitStack()  # held through the run and the final check: the app sees a live trainer
     try:

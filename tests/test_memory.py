@@ -244,7 +244,7 @@ def test_on_a_gpu_only_the_unet_is_on_the_card_while_training(tiny_model, tmp_pa
 
 
 def test_spilling_into_system_ram_is_noticed_once_with_what_to_change():
-    from core.training.spill import SpillWatch, spill_advice
+    from core.training.memory_advice import SpillWatch, spill_advice
 
     watch = SpillWatch(warmup=3, window=3)
     steady = [watch.check(s) for s in (2.0, 1.5, 1.2, 0.5, 0.5, 0.5, 0.55, 0.6, 0.5)]

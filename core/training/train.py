@@ -36,6 +36,7 @@ from core.events import (
     SampleWritten,
     ValidationLoss,
 )
+from core.training.memory_advice import SpillWatch, out_of_memory_advice, spill_advice
 from core.training.objective import Validator, training_loss
 from core.training.run_folder import (
     RunPaths,
@@ -47,7 +48,6 @@ from core.training.run_folder import (
     save_state,
     trainer_lock,
 )
-from core.training.spill import SpillWatch, spill_advice
 from core.training.train_data import (
     bucket_record,
     build_dataloader,
@@ -676,37 +676,6 @@ class _Loop:
 
 def _device_of(module) -> torch.device:
     return next(module.parameters()).device
-
-
-def out_of_memory_advice(config: TrainConfig, step: int | None = None, saved: Path | None = None) -> str:
-    """One line: what ran out, what to change first (only settings that would help this run), what was kept."""
-    t, d, lo = config.train, config.dataset, config.lora
-    where = f" at step {step}" if step else ""
-    options = []
-    if not t.gradient_checkpointing:
-        options.append("train.gradient_checkpointing = true (much less memory, about 20% slower)")
-    if t.mixed_precision == "no":
-        options.append("train.mixed_precision = 'bf16' ('fp16' on GPUs without bf16)")
-    if config.model.quantize == "none":
-        options.append("model.quantize = 'nf4' (the UNet's weights in about a quarter of the memory)")
-    if t.batch_size > 1:
-        options.append(f"train.batch_size = {t.batch_size // 2} with train.gradient_accumulation_steps = "
-                       f"{t.gradient_accumulation_steps * 2} (the same effective batch)")
-    if lo.train_text_encoder:
-        options.append("lora.train_text_encoder = false")
-    if not d.cache_latents:
-        options.append("dataset.cache_latents = true")
-    if d.resolution > 512:
-        options.append(f"dataset.resolution = {max(512, d.resolution * 3 // 4 // 64 * 64)}")
-    options.append("closing other programs that use the GPU (python -m core plan CONFIG --fit picks settings "
-                   "for your card)")
-    kept = f" The LoRA of step {step} is saved as {saved.name}" if saved else ""
-    if saved and config.output.save_state:
-        kept += "; --resume continues from it with the new settings."
-    elif saved:
-        kept += "."
-    return (f"out of GPU memory{where} (batch {t.batch_size}, {d.resolution} px). Try, in this order: "
-            f"{'; '.join(options)}.{kept}")
 
 
 class _Rate:

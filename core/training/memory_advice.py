@@ -1,4 +1,7 @@
-"""Noticing, during a CUDA run, that GPU memory is spilling into system RAM.
+"""What to tell a user whose run does not fit its GPU: out of memory, or memory spilling into system RAM.
+
+Both messages name the same settings that would lower memory (``memory_savings``), in the planner's
+order, leaving out what the run already does.
 
 On Windows the NVIDIA driver (by default) does not fail when the card is
 full: it moves memory to system RAM and the run goes on up to 100 times
@@ -48,20 +51,44 @@ class SpillWatch:
         return reason
 
 
-def spill_advice(config, reason: str) -> str:
-    """The warning line: the sign, what it means, the settings that would lower memory, and the planner."""
-    t = config.train
+def memory_savings(config) -> list[str]:
+    """The settings that would lower this run's GPU memory, most helpful first; none it already has."""
+    t, d, lo = config.train, config.dataset, config.lora
     options = []
     if not t.gradient_checkpointing:
-        options.append("train.gradient_checkpointing = true")
+        options.append("train.gradient_checkpointing = true (much less memory, about 20% slower)")
+    if t.mixed_precision == "no":
+        options.append("train.mixed_precision = 'bf16' ('fp16' on GPUs without bf16)")
     if config.model.quantize == "none":
-        options.append("model.quantize = 'nf4'")
+        options.append("model.quantize = 'nf4' (the UNet's weights in about a quarter of the memory)")
     if t.batch_size > 1:
-        options.append(f"train.batch_size = {t.batch_size // 2} with gradient_accumulation_steps = "
-                       f"{t.gradient_accumulation_steps * 2}")
-    if config.lora.train_text_encoder:
+        options.append(f"train.batch_size = {t.batch_size // 2} with train.gradient_accumulation_steps = "
+                       f"{t.gradient_accumulation_steps * 2} (the same effective batch)")
+    if lo.train_text_encoder:
         options.append("lora.train_text_encoder = false")
-    options.append(f"dataset.resolution below {config.dataset.resolution}")
+    if not d.cache_latents:
+        options.append("dataset.cache_latents = true")
+    if d.resolution > 512:
+        options.append(f"dataset.resolution = {max(512, d.resolution * 3 // 4 // 64 * 64)}")
+    return options
+
+
+def spill_advice(config, reason: str) -> str:
+    """The warning line: the sign, what it means, the settings that would lower memory, and the planner."""
     return (f"{reason}: memory is probably spilling to system RAM (the driver does this instead of failing), "
-            f"which makes training many times slower. Stop and turn on: {'; '.join(options)}. "
+            f"which makes training many times slower. Stop and change: {'; '.join(memory_savings(config))}. "
             f"'Fit my GPU' in the Train tab (python -m core plan CONFIG --fit) picks settings for this card.")
+
+
+def out_of_memory_advice(config, step: int | None = None, saved=None) -> str:
+    """One line: what ran out, what to change first (only settings that would help this run), what was kept."""
+    where = f" at step {step}" if step else ""
+    options = [*memory_savings(config), "closing other programs that use the GPU (python -m core plan CONFIG "
+               "--fit picks settings for your card)"]
+    kept = f" The LoRA of step {step} is saved as {saved.name}" if saved else ""
+    if saved and config.output.save_state:
+        kept += "; --resume continues from it with the new settings."
+    elif saved:
+        kept += "."
+    return (f"out of GPU memory{where} (batch {config.train.batch_size}, {config.dataset.resolution} px). Try, "
+            f"in this order: {'; '.join(options)}.{kept}")
