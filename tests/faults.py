@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def inject(fault: str, after_step: int) -> None:
     import torch
 
-    import core.training.train as train
+    import core.training.loop as loop
 
     done = {"steps": 0}
-    real_loss = train.training_loss
+    real_loss = loop.training_loss
 
     def counting_loss(*args, **kwargs):
         if fault == "oom" and done["steps"] >= after_step:
@@ -32,7 +32,7 @@ def inject(fault: str, after_step: int) -> None:
         done["steps"] += 1
         return real_loss(*args, **kwargs)
 
-    train.training_loss = counting_loss
+    loop.training_loss = counting_loss
     if fault == "enospc":
         import core.fsutil as fsutil
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from core import config as config_mod
 from core import fsutil
 from core.events import Progress, RunStarted, read_events, read_typed
-from core.training import train
+from core.training import loop, train
 from core.training.run_folder import LOCK_FILE, RunPaths, latest_state, read_lock, run_status
 from tests.conftest import EventLog, tiny_config, write_dataset
 
@@ -111,7 +111,7 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_step(tiny_model, tmp
                       **{"train.max_train_steps": 10, "train.batch_size": 2, "output.save_every_n_steps": 0,
                          "sample.every_n_steps": 0, "sample.prompts": []})
     calls = {"n": 0}
-    real = train.training_loss
+    real = loop.training_loss
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -119,7 +119,7 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_step(tiny_model, tmp
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "training_loss", failing)
+    monkeypatch.setattr(loop, "training_loss", failing)
     with pytest.raises(train.TrainingError) as info:
         train.run(cfg, EventLog())
     message = str(info.value)
@@ -131,7 +131,7 @@ def test_out_of_memory_stops_with_advice_and_keeps_the_last_step(tiny_model, tmp
     assert _finite_files(cfg.run_dir)[saved.name]
     assert latest_state(cfg.run_dir).name == "step-00000003"
     # The user lowers the batch as advised and resumes from step 3.
-    monkeypatch.setattr(train, "training_loss", real)
+    monkeypatch.setattr(loop, "training_loss", real)
     smaller = config_mod.from_dict({**config_mod.to_raw(cfg), "train": {**config_mod.to_raw(cfg)["train"],
                                                                           "batch_size": 1}})
     log = EventLog()
