@@ -56,7 +56,7 @@ def write_table(models: list[str]) -> None:
     from core.training.memory import calibrate
     from core.training.plan import TABLE, table
 
-    rows = table()
+    rows = dict(table())
     archs = [reference(f) for f in ("sd1", "sd2", "sdxl")] + [of_model(m) for m in models]
     for arch in archs:
         start = time.perf_counter()
@@ -65,6 +65,7 @@ def write_table(models: list[str]) -> None:
     from core.fsutil import write_text
 
     write_text(TABLE, json.dumps(rows, indent=1) + "\n")
+    table.cache_clear()
     print(f"wrote {TABLE}")
 
 

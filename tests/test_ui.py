@@ -494,23 +494,3 @@ def test_the_apps_health_report_follows_the_train_tabs_settings(tiny_model, tmp_
     assert not report.summary["tokens_checked"] and "caption length not checked" in checked
     assert "small" in [c["check"] for c in report.files[0].checks]
 
-
-def test_the_train_tab_estimates_gpu_memory_and_fits_the_card(settings):
-    """The live memory line and the Fit my GPU button, on SDXL's reference shapes (no model needed)."""
-    keys = train_tab.all_fields()
-    values = train_tab.form_defaults() | {"model.path": "", "model.family": "sdxl", "dataset.resolution": 1024,
-                                          "train.batch_size": 4, "train.mixed_precision": "bf16",
-                                          "train.gradient_checkpointing": False}
-    line = train_tab.memory_estimate(settings, values, 8)
-    assert "of your 8 GB" in line and "does not fit" in line and "#d32f2f" in line
-    updates = dict(zip([*keys, "memory"], train_tab.fit_gpu(settings, keys, values, 8), strict=True))
-    assert updates["train.gradient_checkpointing"]["value"] is True
-    assert "does not fit" not in updates["memory"] and "of your 8 GB" in updates["memory"]
-    fitted = values | {k: u["value"] for k, u in updates.items() if isinstance(u, dict) and "value" in u}
-    assert "does not fit" not in train_tab.memory_estimate(settings, fitted, 8)
-    assert "Enter your GPU" in train_tab.memory_estimate(settings, values, 0)
-    assert "Pick a model" in train_tab.memory_estimate(settings, values | {"model.family": "auto"}, 8)
-    assert "fix the settings" in train_tab.memory_estimate(settings, values | {"lora.rank": 0}, 8)
-    hub = values | {"model.path": "someone/some-model", "model.family": "auto"}
-    assert "set Family (under Advanced)" in train_tab.memory_estimate(settings, hub, 8)
-    assert "of your 8 GB" in train_tab.memory_estimate(settings, hub | {"model.family": "sdxl"}, 8)

@@ -12,17 +12,14 @@ from typing import Any
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
 from core.events import LoraVerified
+from ui import memory_panel
 from ui import presets as presets_mod
 from ui.runner import RunBusyError, RunManager, RunSummary, list_runs, summarize
 from ui.settings import AppSettings, model_choices
-from ui.widgets import Refresh
+from ui.widgets import Refresh, form_updates
 
 HIDDEN = {"output.dir"}  # the app keeps runs in its own outputs folder
-# Settings that change the GPU memory estimate (its line follows them live).
-MEMORY_KEYS = ("model.path", "model.family", "model.quantize", "dataset.resolution", "dataset.cache_latents",
-               "dataset.shuffle_captions", "lora.rank", "lora.target_modules", "lora.train_text_encoder",
-               "lora.text_encoder_target_modules", "train.batch_size", "train.mixed_precision",
-               "train.gradient_checkpointing", "train.optimizer", "sample.prompts", "sample.width", "sample.height")
+
 
 
 def all_fields() -> list[str]:
@@ -328,14 +325,7 @@ def apply_preset(settings: AppSettings, keys: list[str], name, model: str | None
     size = (native_resolution(model) or 0) if arch else 0
     flat = {f"{s}.{k}": v for s, d in presets_mod.load_preset(settings.presets_dir, name, arch, size).items()
             for k, v in d.items()}
-    return _form_updates(keys, flat)
-
-
-def _form_updates(keys: list[str], flat: dict[str, Any]) -> list:
-    import gradio as gr
-
-    return [gr.update(value="\n".join(flat[key]) if isinstance(flat.get(key), list) else flat[key])
-            if key in flat else gr.skip() for key in keys]
+    return form_updates(keys, flat)
 
 
 def model_architecture(model: str | None):
@@ -350,77 +340,14 @@ def model_architecture(model: str | None):
         return None
 
 
-# ------------------------------------------------------------ GPU memory
-
-
-def card_memory() -> tuple[float, str]:
-    """(GB, name) of this machine's GPU for the memory line; (0, reason) without one."""
-    from core.training.plan import GiB, detect_card
-
-    vram, card, _ = detect_card()
-    return (round(vram / GiB, 1), card) if vram else (0.0, card)
-
-
-def _plan_inputs(settings: AppSettings, values: dict[str, Any], vram_gb):
-    """(config, architecture, vram bytes, card label) for the planner, or a message saying what is missing."""
-    from core.base.architecture import of_model
-    from core.training.plan import GiB
-
-    try:
-        config = form_to_config(values, settings, check_paths=False)
-    except ConfigError as exc:
-        return f"Memory estimate: fix the settings first ({exc})"
-    if not config.model.path and config.model.family == "auto":
-        return "Pick a model to see the estimated GPU memory."
-    from core.base.families import FamilyError
-
-    try:
-        arch = of_model(config.model.path, config.model.family)
-    except FamilyError:
-        return ("Memory estimate: this model is not on this computer yet, so its family is unknown; set "
-                "Family (under Advanced) to estimate it now.")
-    except Exception as exc:  # noqa: BLE001 - CheckpointError, unreadable folders
-        return f"Memory estimate: {exc}"
-    gb = float(vram_gb or 0)
-    card = card_memory()[1] if gb and gb == card_memory()[0] else f"{gb:g} GB entered"
-    return config, arch, (int(gb * GiB) if gb > 0 else None), card
-
-
-def memory_line(plan) -> str:
-    from core.training.plan import GiB
-
-    peak = plan.peak / GiB
-    if plan.vram is None:
-        return (f'<span id="memory-estimate">Estimated peak GPU memory {peak:.1f} GB (while '
-                f'{plan.peak_phase}). Enter your GPU\'s memory to check that it fits.</span>')
-    colour = "inherit" if plan.fits else "#d32f2f"
-    verdict = "" if plan.fits else ": <b>does not fit</b>, try Fit my GPU"
-    return (f'<span id="memory-estimate" style="color:{colour}">Estimated peak GPU memory {peak:.1f} GB of your '
-            f'{plan.vram / GiB:.0f} GB ({html.escape(plan.card)}){verdict}</span>')
-
-
 def memory_estimate(settings: AppSettings, values: dict[str, Any], vram_gb) -> str:
-    """The live "Estimated peak GPU memory" line of the Train tab."""
-    from core.training.plan import estimate
-
-    inputs = _plan_inputs(settings, values, vram_gb)
-    if isinstance(inputs, str):
-        return html.escape(inputs)
-    return memory_line(estimate(*inputs))
+    """The live "Estimated peak GPU memory" line (ui.memory_panel) for the form's ``values``."""
+    return memory_panel.memory_estimate(lambda v: form_to_config(v, settings, check_paths=False), values, vram_gb)
 
 
 def fit_gpu(settings: AppSettings, keys: list[str], values: dict[str, Any], vram_gb) -> list:
-    """Fit my GPU: the planner's fastest settings that fit, applied to the form; then the memory line."""
-    import gradio as gr
-
-    from core.training.plan import fit
-
-    inputs = _plan_inputs(settings, values, vram_gb)
-    if isinstance(inputs, str) or inputs[2] is None:
-        message = inputs if isinstance(inputs, str) else "Enter your GPU's memory (GB) first."
-        return [gr.skip()] * len(keys) + [html.escape(message)]
-    plan = fit(*inputs)
-    return _form_updates(keys, dict(plan.settings)) + [memory_line(plan)]
+    """Fit my GPU (ui.memory_panel): updates for ``keys`` in order, then the memory line."""
+    return memory_panel.fit_gpu(lambda v: form_to_config(v, settings, check_paths=False), keys, values, vram_gb)
 
 
 def save_preset(settings: AppSettings, name, values: dict[str, Any]):
@@ -445,41 +372,6 @@ def model_picked(model, current):
 # ------------------------------------------------------------------ layout
 
 
-def memory_widgets():
-    """The card's memory (filled in from the GPU found), Fit my GPU, and the estimate line."""
-    import gradio as gr
-
-    gb, card = card_memory()
-    with gr.Row():
-        vram = gr.Number(gb, label="Your GPU memory (GB)", minimum=0, info=card, elem_id="train-vram", scale=1)
-        fit_button = gr.Button("Fit my GPU", elem_id="train-fit", scale=1)
-    memory = gr.HTML(elem_id="train-memory")
-    return vram, fit_button, memory
-
-
-def wire_memory(settings: AppSettings, components: dict, vram, fit_button, memory) -> Refresh:
-    """The estimate follows every setting that changes it; Fit my GPU rewrites the form and the line.
-    Returns the page-load refresh of the line."""
-    keys = {comp: key for key, comp in components.items()}
-    inputs = set(components.values()) | {vram}
-    order = [*components.values(), vram]
-
-    def as_values(data: dict) -> dict[str, Any]:
-        return {keys[c]: v for c, v in data.items() if c in keys}
-
-    def on_memory(data):
-        return memory_estimate(settings, as_values(data), data.get(vram))
-
-    def on_fit(data):
-        return fit_gpu(settings, list(components), as_values(data), data.get(vram))
-
-    for key in MEMORY_KEYS:
-        components[key].change(on_memory, inputs=inputs, outputs=memory, show_progress="hidden")
-    vram.change(on_memory, inputs=inputs, outputs=memory, show_progress="hidden")
-    fit_button.click(on_fit, inputs=inputs, outputs=[*components.values(), memory])
-    return Refresh(lambda *values: on_memory(dict(zip(order, values, strict=True))), order, [memory])
-
-
 def build(settings: AppSettings, manager: RunManager):
     """The Train tab's components and events (called inside a gr.Blocks)."""
     import gradio as gr
@@ -500,7 +392,7 @@ def build(settings: AppSettings, manager: RunManager):
             for key in basic_fields():
                 components[key] = field_component(key, defaults[key], settings)
             readout = gr.Markdown(elem_id="train-steps-readout")
-            vram, fit_button, memory = memory_widgets()
+            vram, fit_button, memory = memory_panel.memory_widgets()
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 for key in advanced_fields():
                     components[key] = field_component(key, defaults[key], settings)
@@ -562,7 +454,8 @@ def build(settings: AppSettings, manager: RunManager):
                                               "dataset.validation_split", "train.gradient_accumulation_steps")]
     for comp in readout_inputs:
         comp.change(lambda data: steps_readout(as_values(data)), inputs=set(readout_inputs), outputs=readout)
-    memory_refresh = wire_memory(settings, components, vram, fit_button, memory)
+    memory_refresh = memory_panel.wire_memory(
+        lambda v: form_to_config(v, settings, check_paths=False), components, vram, fit_button, memory)
     components["model.path"].change(model_picked, [components["model.path"], components["dataset.resolution"]],
                                     components["dataset.resolution"])
 

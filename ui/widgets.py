@@ -17,6 +17,15 @@ class Refresh(NamedTuple):
     outputs: list
 
 
+def form_updates(keys: list[str], flat: dict[str, Any]) -> list:
+    """gradio updates for form fields ``keys`` (in order) from ``{"section.key": value}``; others untouched.
+    List values become one item per line, as the form shows them."""
+    import gradio as gr
+
+    return [gr.update(value="\n".join(flat[key]) if isinstance(flat.get(key), list) else flat[key])
+            if key in flat else gr.skip() for key in keys]
+
+
 LABELS = {
     "dataset.path": "Dataset folder",
     "model.path": "Base model",

@@ -133,7 +133,9 @@ def optimizer_bytes(params: int, optimizer: str) -> int:
 # ------------------------------------------------------------ fitted parts
 
 
+@functools.lru_cache(maxsize=1)
 def table() -> dict:
+    """memory_table.json, read once per process (``table.cache_clear()`` after writing it)."""
     try:
         return json.loads(TABLE.read_text(encoding="utf-8"))
     except FileNotFoundError:
