@@ -112,6 +112,10 @@ class DatasetConfig:
                                  "--caption-extension).")
     cache_latents: bool = opt(True, "Encode each image with the VAE once and reuse the latents (much faster, "
                               "less VRAM). Turn off only to debug.")
+    cache_while_training: bool = opt(True, "With cache_latents: encode each picture the first time a step "
+                                     "draws it, so training starts at once (the VAE stays on the card until "
+                                     "every latent is cached, about one epoch). Off: encode them all before the "
+                                     "first step (a little less GPU memory during the first epoch).")
     cache_dir: str = opt("", "Where latent and text-embedding caches live. Empty: OUTPUT_DIR/.cache.")
 
 

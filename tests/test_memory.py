@@ -106,8 +106,18 @@ def test_samples_and_caching_are_phases_of_their_own():
     config = _config(**{"model.family": "sdxl", "dataset.resolution": 1024, "sample.prompts": ["a dog"],
                         "train.mixed_precision": "bf16", "train.gradient_checkpointing": True})
     plan = planner.estimate(config, reference("sdxl"))
-    assert set(plan.phases) == {"training", "caching", "samples"}
+    assert set(plan.phases) == {"training", "caching", "training_and_caching", "samples"}
     samples, training = plan.phases["samples"], plan.phases["training"]
+    # latents cached while the first epoch trains: the VAE and one 1024 px encode beside the UNet...
+    first_epoch, caching = plan.phases["training_and_caching"], plan.phases["caching"]
+    assert first_epoch["vae_weights"] > 0 and first_epoch["activations"] > 2 * GiB
+    assert first_epoch["unet_weights"] == training["unet_weights"] and caching["vae_weights"] == 0
+    # ... or all of them before the first step, with the text encoders, and no UNet on the card yet
+    before = planner.estimate(config_mod.with_values(config, {"dataset.cache_while_training": False}),
+                              reference("sdxl"))
+    assert set(before.phases) == {"training", "caching", "samples"}
+    assert before.phases["caching"]["activations"] == first_epoch["activations"]
+    assert before.phases["caching"]["vae_weights"] == first_epoch["vae_weights"]
     assert training["text_encoder_weights"] == training["vae_weights"] == 0
     # the fp32 decode is the larger moment, and the text encoders have left the card by then
     assert samples["vae_weights"] > 0 and samples["text_encoder_weights"] == 0
@@ -128,7 +138,8 @@ def test_plan_command_for_a_family_with_no_model(tmp_path):
     assert {"peak_gib", "parts", "fits", "vram_gib", "settings"} <= set(data) and data["fits"] is True
     assert data["vram_gib"] == 8 and data["peak_gib"] <= 8 * planner.FIT_SHARE
     same = planner.fit(_config(**{"model.family": "sdxl", "dataset.resolution": 1024}), reference("sdxl"), 8 * GiB)
-    assert data["settings"] == same.settings == {"train.mixed_precision": "bf16"}  # checkpointing stays on
+    # checkpointing stays on; a 1024 px encode does not fit beside the training UNet, so latents are cached first
+    assert data["settings"] == same.settings == {"train.mixed_precision": "bf16", "dataset.cache_while_training": False}
     text = planner.format_plan(planner.fit(_config(**{"model.family": "sdxl", "dataset.resolution": 1024,
                                                       "sample.prompts": ["a dog"]}),
                                            reference("sdxl"), 8 * GiB, "8 GB given with --vram"))
@@ -215,6 +226,44 @@ def test_text_encoders_and_vae_leave_the_card_once_cached(tiny_model, tmp_path):
     on_card = lambda c: planner.estimate(c, of_model(str(tiny_model))).phases["training"]  # noqa: E731
     assert on_card(cfg)["text_encoder_weights"] == 0 and on_card(trained_te)["text_encoder_weights"] > 0
     assert on_card(cfg)["vae_weights"] == 0 and on_card(uncached)["vae_weights"] > 0
+
+
+def test_latents_cached_while_training_start_at_once_and_train_like_latents_cached_first(tiny_model, tmp_path):
+    """The first step comes before the dataset is encoded; every latent is cached by the end of the first
+    epoch (then the VAE is released); the latents and the trained LoRA equal a run that cached them first."""
+    from safetensors.torch import load_file
+
+    from core.training import train
+
+    data = write_dataset(tmp_path / "d", n=4)
+    runs = {}
+    for lazy in (True, False):
+        out = tmp_path / f"out-{lazy}"
+        seen = {}
+
+        def on_event(event, out=out, seen=seen):
+            if event.type == "progress":
+                cached = len(list((out / ".cache" / "latents").rglob("*.safetensors")))
+                seen.setdefault("cached at each step", []).append(cached)
+            if event.type == "message" and event.text.startswith("all latents are cached"):
+                seen["released after step"] = len(seen.get("cached at each step", []))
+
+        cfg = tiny_config(tiny_model, data, out, **{"train.max_train_steps": 6, "sample.prompts": [],
+                                                    "dataset.validation_split": 0.0, "dataset.random_flip": True,
+                                                    "dataset.cache_while_training": lazy})
+        result = train.run(cfg, EventLog(on_event))
+        latents = {p.name: load_file(p) for p in (out / ".cache" / "latents").rglob("*.safetensors")}
+        runs[lazy] = (seen, latents, load_file(result.lora_path))
+    (seen, latents, lora), (first_seen, first_latents, first_lora) = runs[True], runs[False]
+    # 4 pictures and their mirror images: 8 latents. While training, the first step finds only the pictures
+    # of the first batches encoded (accelerate fetches one batch ahead); the rest come as they are drawn.
+    assert first_seen["cached at each step"][0] == 8 and "released after step" not in first_seen
+    assert seen["cached at each step"][0] <= 4 and seen["cached at each step"][3] == 8
+    assert seen["released after step"] <= 4
+    assert latents.keys() == first_latents.keys()
+    for name, tensors in latents.items():  # encoded 2 at a time instead of 4: the same up to rounding
+        torch.testing.assert_close(tensors, first_latents[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lora, first_lora, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.cuda

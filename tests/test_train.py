@@ -195,12 +195,13 @@ def test_stop_file_is_honoured_within_one_step_and_resume_matches_a_straight_run
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_cache_is_reused_and_invalidated(tiny_model, tmp_path):
+@pytest.mark.parametrize("while_training", [False, True], ids=["before-training", "while-training"])
+def test_cache_is_reused_and_invalidated(tiny_model, tmp_path, while_training):
     from PIL import Image
 
     data = write_dataset(tmp_path / "d", n=3)
-    quick = {"sample.prompts": [], "train.max_train_steps": 1, "output.save_state": False,
-             "dataset.validation_split": 0.0}
+    quick = {"sample.prompts": [], "train.max_train_steps": 3, "output.save_state": False,
+             "dataset.validation_split": 0.0, "dataset.cache_while_training": while_training}
     out = tmp_path / "o"
     cache = out / ".cache" / "latents"
 

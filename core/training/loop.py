@@ -21,6 +21,7 @@ from core.events import CheckpointSaved, Emit, Message, Progress, SampleWritten,
 from core.training.memory_advice import SpillWatch, out_of_memory_advice, spill_advice
 from core.training.objective import Validator, training_loss
 from core.training.run_folder import RunPaths, save_lora, save_state
+from core.training.train_data import LatentEncoder
 
 
 class TrainingError(RuntimeError):
@@ -86,6 +87,7 @@ class Loop:
     last_saved: tuple[int, Path] | None = None  # (step, LoRA file) of the newest save
     updating: bool = False  # inside optimizer.step()
     spill: SpillWatch = field(default_factory=SpillWatch)  # GPU memory spilling into system RAM (CUDA)
+    encoder: LatentEncoder | None = None  # latents cached while training (the VAE leaves once all are)
 
     @property
     def paths(self) -> RunPaths:
@@ -96,6 +98,7 @@ class Loop:
         try:
             if not resume and c.sample.at_start:
                 self.evaluate()
+                self.settle_latents()
             stopped = self.state.step < self.total and self.train()
         except torch.OutOfMemoryError:
             saved = self.rescue()
@@ -147,6 +150,7 @@ class Loop:
                 self.report(torch.stack(losses).mean(), timer.tick())
                 self.watch_memory(time.perf_counter() - step_started)
                 losses = []
+                self.settle_latents()
                 if self.between_steps():
                     return True
                 step_started = time.perf_counter()
@@ -154,6 +158,12 @@ class Loop:
                     return False
             state.epoch += 1
             state.batches_in_epoch = 0
+            self.settle_latents(recheck=True)
+
+    def settle_latents(self, recheck: bool = False) -> None:
+        """The VAE leaves the card once every latent is cached (see LatentEncoder)."""
+        if self.encoder is not None:
+            self.encoder.settle(recheck)
 
     def report(self, loss: torch.Tensor, rate: float) -> None:
         loss = self.accelerator.gather(loss[None]).mean().item()

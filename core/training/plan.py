@@ -189,20 +189,27 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
     text = inv.text * width // 4
     lora_params = inv.lora_unet + (inv.lora_text if shape.train_text_encoder else 0)
     trained = {"lora": lora_params * 4, "optimizer": optimizer_bytes(lora_params, config.train.optimizer)}
-    from core.training.train_data import placement, text_is_cached
+    from core.training.train_data import pictures_per_encode, placement, text_is_cached
 
     where = placement(config)
     text_on_card, latents_cached = where["text"] == "device", where["vae"] == "cpu"
+    while_training = latents_cached and config.dataset.cache_while_training
     step = step_bytes(rows, shape)
     dequantised = {"none": 0, "fp8": inv.largest_fp8 * width}.get(quantize, inv.largest_linear * width)
-    encode = vae_bytes(rows, shape.resolution, decode=False)
+    encode = vae_bytes(rows, shape.resolution, decode=False)  # one picture
+    per_call = pictures_per_encode((shape.resolution, shape.resolution))
     training = {"unet_weights": unet, **trained, "text_encoder_weights": text if text_on_card else 0,
                 "vae_weights": 0 if latents_cached else inv.vae,
-                "activations": step + dequantised + (0 if latents_cached else encode)}
+                "activations": step + dequantised + (0 if latents_cached else encode * shape.batch)}
     phases = {"training": training}
-    if latents_cached or text_is_cached(config):
-        phases["caching"] = {"text_encoder_weights": text, "vae_weights": inv.vae,
-                             "activations": encode if latents_cached else 0}
+    first = latents_cached and not while_training  # all latents encoded before the first step
+    if first or text_is_cached(config):
+        phases["caching"] = {"text_encoder_weights": text, "vae_weights": inv.vae if first else 0,
+                             "activations": encode * per_call if first else 0}
+    if while_training:  # the VAE stays on the card until the first epoch has encoded every picture
+        pictures = min(per_call, 2 if config.dataset.random_flip else 1)
+        phases["training_and_caching"] = {**training, "vae_weights": inv.vae,
+                                 "activations": max(training["activations"], encode * pictures)}
     if config.sample.prompts:
         phases["samples"] = _samples_phase(config, rows, inv, training, text, dequantised, width)
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
@@ -240,7 +247,8 @@ def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
     (fp16 on cards without bf16), no checkpointing, full-precision base) and give up speed in a fixed order
     until the plan fits.
 
-    The order: cache text (stop training the text encoder),
+    The order: cache latents before training (not while the first epoch runs), cache text (stop training
+    the text encoder),
     gradient checkpointing, 8-bit AdamW, an int8 base, an NF4 base, then halve the batch (doubling
     gradient accumulation, so the effective batch stays). The plan's ``settings`` are the changed
     values as ``--set`` keys; ``fits`` is False when even the last step does not fit.
@@ -248,6 +256,7 @@ def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
     from core import config as config_mod
 
     steps = [
+        {"dataset.cache_while_training": False},
         {"lora.train_text_encoder": False},
         {"train.gradient_checkpointing": True},
         {"train.optimizer": "adamw8bit"},
@@ -258,7 +267,8 @@ def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
     while batch > 1:
         batch, accumulation = batch // 2, accumulation * 2
         steps.append({"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation})
-    chosen = {"dataset.cache_latents": True, "train.gradient_checkpointing": False, "model.quantize": "none"}
+    chosen = {"dataset.cache_latents": True, "dataset.cache_while_training": True,
+              "train.gradient_checkpointing": False, "model.quantize": "none"}
     if config.train.mixed_precision == "no":  # fp32 is the slowest on any GPU this plans for
         chosen["train.mixed_precision"] = "bf16" if bf16 else "fp16"
     plan = None

@@ -41,6 +41,7 @@ from core.training.run_folder import (
     trainer_lock,
 )
 from core.training.train_data import (
+    LatentEncoder,
     bucket_record,
     build_dataloader,
     build_entries,
@@ -275,16 +276,23 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     unet_params, te_params = add_lora(config, base)
     optimizer = build_optimizer(config, unet_params, te_params, emit)
     cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
+    encoder = (LatentEncoder(config, base, cache, accelerator.device, emit)
+               if config.dataset.cache_latents and config.dataset.cache_while_training else None)
     with accelerator.main_process_first():
         train_entries = build_entries(config, train_items, base, cache, emit, "training",
-                                      flips=config.dataset.random_flip)
-        val_entries = build_entries(config, val_items, base, cache, emit, "validation")
+                                      flips=config.dataset.random_flip, encoder=encoder)
+        val_entries = build_entries(config, val_items, base, cache, emit, "validation", encoder=encoder)
         empty_text = (cached_text("", base, cache)
                       if text_is_cached(config) and config.dataset.caption_dropout else None)
     # Off the card what only sampling needs again (the text encoders when their outputs are cached and they
     # are not trained, the VAE when latents are cached); the UNet comes on (and is quantised on the way).
     where = placement(config)
     base.vae.to(accelerator.device if where["vae"] == "device" else "cpu")
+    if encoder is not None:
+        encoder.start()
+        if encoder.pending:
+            emit(Message("info", f"{len(encoder.pending)} latents are not cached yet: each is encoded the first "
+                                 f"time a step draws its picture"))
     base.text.to(accelerator.device if where["text"] == "device" else "cpu")
     base.unet.to(accelerator.device)
     buckets = bucket_record(config, train_items, [e.placement for e in train_entries])
@@ -313,7 +321,7 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     loop = Loop(config=config, accelerator=accelerator, emit=emit, should_stop=should_stop, base=base, unet=unet,
                  text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
                  state=state, generator=generator, total=total, data_info=data_metadata(train_items, buckets),
-                 validator=Validator(config, val_entries, base, accelerator.device))
+                 validator=Validator(config, val_entries, base, accelerator.device), encoder=encoder)
     emit(RunStarted(str(config.run_dir), total, state.step, len(train_items), len(val_items),
                     config.train.batch_size, accelerator.num_processes, str(accelerator.device), resume))
     return loop.run(resume)

@@ -24,7 +24,7 @@ import torch
 from core.config import TrainConfig
 from core.data.buckets import Placement, bucket_sizes, fitted, place
 from core.data.dataset import ImageItem
-from core.events import Emit, Phase
+from core.events import Emit, Message, Phase
 
 
 @dataclass
@@ -212,11 +212,12 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit: Emit, what: str,
-                  flips: bool = False) -> list[Entry]:
+                  flips: bool = False, encoder: LatentEncoder | None = None) -> list[Entry]:
     """One entry per image: latents (and flipped latents) and text embeddings from the cache.
 
-    What the cache lacks is encoded now: latents a few pictures of one bucket at a time, in the run's
-    compute precision (``encode_latent_distribution``).
+    Text the cache lacks is encoded now. Latents the cache lacks are encoded by ``encoder`` when a step
+    first draws their picture, or (without one) now, a few pictures of one bucket at a time; either way
+    in the run's compute precision (``encode_latent_distribution``).
     """
     if not items:
         return []
@@ -224,19 +225,28 @@ def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit
     keys = ([_latent_keys(item.path, placement, base, cache, config) for item, placement in zip(items, places,
                                                                                               strict=True)]
             if config.dataset.cache_latents else [])
-    if keys:
+    if keys and encoder is None:
         _encode_missing(items, places, keys, base, cache, emit, what, flips, _encode_dtype(config))
     cache_text = text_is_cached(config)
     entries = []
     for i, (item, placement) in enumerate(zip(items, places, strict=True)):
-        latents = _latents_loader(cache, keys[i]) if keys else None
+        if keys and encoder is not None:
+            latents = encoder.loader(item.path, placement, keys[i], flips)
+        else:
+            latents = _latents_loader(cache, keys[i]) if keys else None
         pixels = None if keys else _pixels_loader(item.path, placement)
         text = cached_text(item.caption, base, cache) if cache_text else None
         entries.append(Entry(item, placement, latents, pixels, text))
     return entries
 
 
-ENCODE_BATCH = 4  # pictures per VAE call while caching (one bucket size each)
+ENCODE_PIXELS = 4 * 512 * 512  # per VAE call while caching: four 512 px pictures, one of 1024 px
+
+
+def pictures_per_encode(bucket: tuple[int, int]) -> int:
+    """How many pictures of one bucket size one VAE call encodes (an fp32 encode of a 1024 px picture
+    alone takes about 2.7 GB of activations)."""
+    return max(1, min(4, ENCODE_PIXELS // (bucket[0] * bucket[1])))
 
 
 def _encode_missing(items, places, keys, base, cache, emit: Emit, what: str, flips: bool, dtype) -> None:
@@ -251,15 +261,77 @@ def _encode_missing(items, places, keys, base, cache, emit: Emit, what: str, fli
     total = len(items) * (2 if flips else 1)
     done = total - sum(len(group) for group in todo.values())
     emit(Phase(f"caching {what} latents", done, total))
-    for group in todo.values():
-        for start in range(0, len(group), ENCODE_BATCH):
-            batch = group[start:start + ENCODE_BATCH]
+    for bucket, group in todo.items():
+        per_call = pictures_per_encode(bucket)
+        for start in range(0, len(group), per_call):
+            batch = group[start:start + per_call]
             pixels = torch.stack([_load_pixels(path, placement, flipped) for path, placement, flipped, _ in batch])
             dist = encode_latent_distribution(base.vae, pixels, dtype)
             for i, (*_, key) in enumerate(batch):
                 cache.store("latents", key, {k: v[i] for k, v in dist.items()})
             done += len(batch)
             emit(Phase(f"caching {what} latents", done, total))
+
+
+class LatentEncoder:
+    """Latents cached while training: a picture is encoded (with its mirror image when flips are on) the
+    first time a step draws it, so the first step comes without waiting for the whole dataset. The VAE
+    stays on the card until every latent is in the cache, then ``settle`` sends it away."""
+
+    def __init__(self, config: TrainConfig, base, cache, device, emit: Emit):
+        self.base, self.cache, self.device, self.emit = base, cache, device, emit
+        self.dtype = _encode_dtype(config)
+        self.pending: set[str] = set()  # keys not in the cache yet (other processes may fill some)
+        self.encoded = 0
+        self.vae_on_card = False
+
+    def loader(self, path: Path, placement: Placement, keys: dict[bool, str], flips: bool
+               ) -> Callable[[bool], dict]:
+        wanted = (False, True) if flips else (False,)
+        self.pending.update(keys[f] for f in wanted if not self.cache.has("latents", keys[f]))
+        read = _latents_loader(self.cache, keys)
+
+        def get(flipped: bool) -> dict:
+            missing = [f for f in wanted if keys[f] in self.pending and not self.cache.has("latents", keys[f])]
+            if missing:
+                self.encode(path, placement, {f: keys[f] for f in missing})
+            return read(flipped)
+
+        return get
+
+    def encode(self, path: Path, placement: Placement, keys: dict[bool, str]) -> None:
+        from core.training.cache import encode_latent_distribution
+
+        if not self.vae_on_card:  # a resumed run or another process left some pictures for later
+            self.base.vae.to(self.device)
+            self.vae_on_card = True
+        flips = list(keys)
+        per_call = pictures_per_encode(placement.bucket)
+        for start in range(0, len(flips), per_call):
+            chunk = flips[start:start + per_call]
+            pixels = torch.stack([_load_pixels(path, placement, flipped) for flipped in chunk])
+            dist = encode_latent_distribution(self.base.vae, pixels, self.dtype)
+            for i, flipped in enumerate(chunk):
+                self.cache.store("latents", keys[flipped], {k: v[i] for k, v in dist.items()})
+                self.pending.discard(keys[flipped])
+        self.encoded += len(keys)
+
+    def start(self) -> None:
+        """Put the VAE where the first steps need it: on the card while latents are missing."""
+        self.vae_on_card = bool(self.pending)
+        self.base.vae.to(self.device if self.vae_on_card else "cpu")
+
+    def settle(self, recheck: bool = False) -> None:
+        """Once every latent is cached, the VAE leaves the card; ``recheck`` also counts the ones other
+        processes of a multi-GPU run cached (done at the end of an epoch)."""
+        if recheck:
+            self.pending = {key for key in self.pending if not self.cache.has("latents", key)}
+        if self.pending or not self.vae_on_card:
+            return
+        self.base.vae.to("cpu")
+        self.vae_on_card = False
+        where = "; the VAE leaves the GPU" if torch.device(self.device).type != "cpu" else ""
+        self.emit(Message("info", f"all latents are cached ({self.encoded} encoded while training){where}"))
 
 
 def _encode_dtype(config: TrainConfig) -> torch.dtype:
