@@ -71,6 +71,10 @@ class ModelConfig:
                              "of bf16's memory, at some speed); 'fp8' stores its linear and convolution weights in "
                              "8-bit floats, cast up per layer. The saved LoRA is the same file either way and "
                              "loads on the full model.")
+    group_offload: bool = opt(False, "Keep the frozen UNet's linear layers (most of its weights) in system RAM "
+                              "and bring each to the GPU only while it runs (diffusers' group offloading): the "
+                              "last resort for a model that does not fit even quantised; steps get slower. "
+                              "Needs train.gradient_checkpointing and model.quantize = 'none'.")
 
 
 @dataclass
@@ -403,6 +407,10 @@ def _check_rules(config: TrainConfig) -> None:
         raise ConfigError("lora.target_modules is empty; list at least one UNet module, e.g. [\"to_q\"]")
     if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
         raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
+    if config.model.group_offload and (config.model.quantize != "none" or not config.train.gradient_checkpointing):
+        raise ConfigError("model.group_offload = true needs model.quantize = 'none' (quantised layers cannot be "
+                          "moved one by one) and train.gradient_checkpointing = true (without it every layer's "
+                          "weights stay on the GPU until the backward pass)")
     d = config.dataset
     if d.no_upscale and not d.buckets:
         raise ConfigError("dataset.no_upscale = true needs dataset.buckets = true (without buckets every image "

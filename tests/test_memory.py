@@ -95,10 +95,27 @@ def test_fit_gives_up_speed_in_order_until_the_plan_fits():
     again = planner.estimate(config_mod.with_values(sdxl, small.settings), arch, 8 * GiB)
     assert again.peak == small.peak and again.fits
     tiny = planner.fit(sdxl, arch, 4 * GiB)
-    assert tiny.settings["model.quantize"] == "nf4" and tiny.settings["train.batch_size"] == 1
-    assert tiny.settings["train.gradient_accumulation_steps"] == 4
+    assert tiny.settings["model.quantize"] == "nf4" and tiny.settings["train.batch_size"] < 4
+    assert tiny.settings["train.batch_size"] * tiny.settings["train.gradient_accumulation_steps"] == 4
     hopeless = planner.fit(sdxl, arch, 2 * GiB)
     assert hopeless.fits is False and "lower dataset.resolution" in hopeless.notes[-1]
+
+
+def test_group_offloading_is_the_last_resort_and_leaves_one_block_of_linear_weights():
+    common = {"model.family": "sdxl", "dataset.resolution": 1024, "train.mixed_precision": "bf16",
+              "train.gradient_checkpointing": True, "sample.prompts": ["a dog"], "sample.width": 512,
+              "sample.height": 512, "dataset.cache_while_training": False}
+    arch = reference("sdxl")
+    full, nf4, offload = (planner.estimate(_config(**common, **extra), arch) for extra in (
+        {}, {"model.quantize": "nf4"}, {"model.group_offload": True}))
+    weights = lambda p: p.phases["training"]["unet_weights"] / GiB  # noqa: E731
+    # SDXL's linear layers hold 2.2 of its 2.6 billion weights: what stays is the rest and one block's
+    assert weights(full) > 4.5 and weights(offload) < 0.2 * weights(full) and weights(offload) < weights(nf4)
+    between = (nf4.peak + offload.peak) / 2 / planner.FIT_SHARE
+    chosen = planner.fit(_config(**common), arch, int(between))
+    assert chosen.fits and chosen.settings["model.group_offload"] is True
+    assert chosen.settings.get("model.quantize", "none") == "none"  # offloading works on the full base only
+    assert "model.group_offload" not in planner.fit(_config(**common), arch, int(nf4.peak / 0.94)).settings
 
 
 def test_samples_and_caching_are_phases_of_their_own():
@@ -264,6 +281,77 @@ def test_latents_cached_while_training_start_at_once_and_train_like_latents_cach
     for name, tensors in latents.items():  # encoded 2 at a time instead of 4: the same up to rounding
         torch.testing.assert_close(tensors, first_latents[name], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lora, first_lora, rtol=1e-3, atol=1e-5)
+
+
+def test_group_offloading_trains_the_same_lora(tiny_model, tmp_path):
+    """model.group_offload: every frozen linear layer of the UNet gets diffusers' offload hook, no LoRA layer
+    does (they stay with their optimizer state), samples draw through the hooks, and the LoRA equals a run
+    without it."""
+    from safetensors.torch import load_file
+
+    from core.training import train
+
+    data = write_dataset(tmp_path / "d", n=3)
+    files, models = {}, {}
+    for offload in (False, True):
+        cfg = tiny_config(tiny_model, data, tmp_path / f"out-{offload}",
+                          **{"model.group_offload": offload, "train.gradient_checkpointing": True,
+                             "train.max_train_steps": 3, "sample.every_n_steps": 2, "sample.steps": 2})
+        log = EventLog()
+        result = train.run(cfg, log, keep_models=True)
+        files[offload], models[offload] = load_file(result.lora_path), result.unet
+        assert len(log.of("sample")) >= 1
+    hooked = lambda m: getattr(m, "_diffusers_hook", None) is not None and (  # noqa: E731
+        m._diffusers_hook.get_hook("group_offloading") is not None)
+    modules = list(models[True].named_modules())
+    lora = [m for n, m in modules if "lora_" in n and type(m) is torch.nn.Linear]
+    frozen = [m for n, m in modules if "lora_" not in n and type(m) is torch.nn.Linear]
+    convolutions = [m for n, m in modules if isinstance(m, torch.nn.Conv2d)]
+    assert lora and frozen and all(hooked(m) for m in frozen) and not any(hooked(m) for m in lora)
+    assert convolutions and not any(hooked(m) for m in convolutions)  # their backward needs them on the card
+    assert not any(hooked(m) for m in models[False].modules())
+    torch.testing.assert_close(files[True], files[False], rtol=0, atol=0)
+
+
+def test_offloaded_layers_give_their_gradients_with_the_weights_gone(tiny_model, tmp_path):
+    """What offloading during training rests on, with the offloaded weights really gone (kept in files, so
+    the parameters hold empty memory between uses): a checkpointed step through the offloaded UNet gives the
+    LoRA the gradients of the whole UNet in memory. Offloading every layer the way diffusers does for
+    inference would not: a convolution's or a norm's backward reads its weight again after it has left."""
+    from diffusers.hooks import apply_group_offloading
+    from peft import LoraConfig
+
+    from core.base.models import load_models
+    from core.base.offload import offload_linears, trainable_to
+
+    def lora_gradients(offload):
+        unet = load_models(str(tiny_model), "", "auto", torch.float32).unet
+        unet.enable_gradient_checkpointing()
+        if offload == "linear layers":  # before the LoRA, as the engine does
+            assert offload_linears(unet, "cpu", disk_folder=str(tmp_path / "linear")) > 10
+            gone = [m.weight for m in unet.modules() if type(m) is torch.nn.Linear]
+            assert any(not torch.isfinite(w).all() or not w.any() for w in gone)  # emptied, not the weights
+        elif offload == "every layer":
+            apply_group_offloading(unet, onload_device=torch.device("cpu"), offload_type="leaf_level",
+                                   offload_to_disk_path=str(tmp_path / "all"))
+        torch.manual_seed(0)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        for name, param in unet.named_parameters():
+            param.requires_grad_("lora_" in name)
+        trainable_to(unet, "cpu")
+        unet.train()
+        gen = torch.Generator().manual_seed(1)
+        latents = torch.randn(2, unet.config.in_channels, 8, 8, generator=gen)
+        states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+        unet(latents, torch.tensor([10, 500]), states).sample.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+    whole, linear, every = (lora_gradients(o) for o in ("none", "linear layers", "every layer"))
+    assert whole.keys() == linear.keys() and len(whole) > 4
+    for name, grad in whole.items():
+        torch.testing.assert_close(linear[name], grad, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(every[name], grad) for name, grad in whole.items() if "down_blocks" in name)
 
 
 @pytest.mark.cuda

@@ -55,8 +55,10 @@ def pipeline_from_parts(model_folder, vae, text, unet, sampler: str = "default")
 
 
 def load_pipeline(model: str, revision: str = "", device: str | None = None, sampler: str = "default",
-                  dtype: torch.dtype | None = None):
-    """Load a base model for generation, on the GPU when there is one."""
+                  dtype: torch.dtype | None = None, offload: bool = False):
+    """Load a base model for generation, on the GPU when there is one; with ``offload`` its weights stay in
+    system RAM and each layer comes to the GPU while it runs (diffusers' group offloading, for a GPU the
+    model does not fit)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from core.base.families import FamilyError, detect_family
@@ -77,6 +79,9 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
         raise ModelError(f"model {model!r} could not be loaded for sampling: {exc}") from exc
     pipe.scheduler = make_scheduler(folder, sampler)
     pipe.set_progress_bar_config(disable=True)
+    if offload and torch.device(device).type == "cuda":
+        pipe.enable_group_offload(torch.device(device), offload_type="leaf_level", use_stream=True)
+        return pipe
     return pipe.to(device)
 
 

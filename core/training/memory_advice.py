@@ -70,6 +70,9 @@ def memory_savings(config) -> list[str]:
         options.append("dataset.cache_latents = true")
     if d.resolution > 512:
         options.append(f"dataset.resolution = {max(512, d.resolution * 3 // 4 // 64 * 64)}")
+    if not config.model.group_offload:
+        options.append("model.group_offload = true with model.quantize = 'none' and gradient checkpointing "
+                       "(the UNet stays in system RAM; much slower)")
     return options
 
 

@@ -12,7 +12,9 @@ measurement.
 A run has three phases with different things on the card, and the plan's
 peak is the largest:
 
-* caching: the text encoders and the VAE (fp32) encode every picture once;
+* caching: the text encoders encode every caption, then leave the card and the VAE (fp32) encodes every
+  picture (or, with ``dataset.cache_while_training``, the VAE stays beside the training UNet until the
+  first epoch has drawn every picture: a phase of its own);
 * training: the UNet (frozen, in the compute dtype or quantised), its LoRA,
   gradients and optimizer state, the step's activations, plus the text
   encoders when they are trained or their outputs not cached, and the VAE
@@ -104,11 +106,13 @@ class Inventory:
     lora_text: int
     fp8: int  # UNet weights that fp8 storage keeps in one byte (count)
     largest_fp8: int  # parameters of the biggest such layer (cast up one at a time)
+    offload_resident: int  # UNet weights on the card at once with group offloading, fp32 bytes
 
 
 @functools.lru_cache(maxsize=32)
 def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str, ...]) -> Inventory:
     from core.base.architecture import build_meta
+    from core.base.offload import resident_weights
     from core.base.quantize import fp8_castable, quantizable
     from core.training.memory import add_lora_meta
 
@@ -119,10 +123,11 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
     largest = max((m.weight.numel() for m in linears), default=0)
     linear_bytes = sum(m.weight.numel() * 4 for m in linears)
     fp8 = [m.weight.numel() for name, m in unet.named_modules() if fp8_castable(name, m)]
+    resident = resident_weights(unet) * 4  # before the LoRA is added (offloading is applied before it)
     lora_unet = sum(p.numel() for p in add_lora_meta(unet, targets, rank))
     lora_text = sum(p.numel() for e in encoders for p in add_lora_meta(e, text_targets, rank))
     return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text, sum(fp8),
-                     max(fp8, default=0))
+                     max(fp8, default=0), resident)
 
 
 def optimizer_bytes(params: int, optimizer: str) -> int:
@@ -185,7 +190,8 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
     inv = inventory(arch, shape.rank, shape.targets, shape.text_targets)
     width = 4 if shape.precision == "no" else 2
     quantize = config.model.quantize
-    unet = _unet_weights(inv, width, quantize)
+    unet = (inv.offload_resident * width // 4 if config.model.group_offload
+            else _unet_weights(inv, width, quantize))
     text = inv.text * width // 4
     lora_params = inv.lora_unet + (inv.lora_text if shape.train_text_encoder else 0)
     trained = {"lora": lora_params * 4, "optimizer": optimizer_bytes(lora_params, config.train.optimizer)}
@@ -203,9 +209,11 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
                 "activations": step + dequantised + (0 if latents_cached else encode * shape.batch)}
     phases = {"training": training}
     first = latents_cached and not while_training  # all latents encoded before the first step
-    if first or text_is_cached(config):
-        phases["caching"] = {"text_encoder_weights": text, "vae_weights": inv.vae if first else 0,
-                             "activations": encode * per_call if first else 0}
+    if first or text_is_cached(config):  # the text encoders first, then the VAE: one at a time
+        text_part = {"text_encoder_weights": text, "vae_weights": 0, "activations": 0}
+        vae_part = {"text_encoder_weights": text if text_on_card else 0, "vae_weights": inv.vae,
+                    "activations": encode * per_call}
+        phases["caching"] = max(text_part, vae_part, key=lambda p: sum(p.values())) if first else text_part
     if while_training:  # the VAE stays on the card until the first epoch has encoded every picture
         pictures = min(per_call, 2 if config.dataset.random_flip else 1)
         phases["training_and_caching"] = {**training, "vae_weights": inv.vae,
@@ -248,10 +256,11 @@ def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
     until the plan fits.
 
     The order: cache latents before training (not while the first epoch runs), cache text (stop training
-    the text encoder),
-    gradient checkpointing, 8-bit AdamW, an int8 base, an NF4 base, then halve the batch (doubling
-    gradient accumulation, so the effective batch stays). The plan's ``settings`` are the changed
-    values as ``--set`` keys; ``fits`` is False when even the last step does not fit.
+    the text encoder), gradient checkpointing, 8-bit AdamW, an int8 base, an NF4 base, then halve the batch
+    (doubling gradient accumulation, so the effective batch stays), and last keep the frozen UNet in system
+    RAM (group offloading, with the full-precision base: its layers come to the card one at a time). The
+    plan's ``settings`` are the changed values as ``--set`` keys; ``fits`` is False when even the last step
+    does not fit.
     """
     from core import config as config_mod
 
@@ -267,8 +276,9 @@ def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
     while batch > 1:
         batch, accumulation = batch // 2, accumulation * 2
         steps.append({"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation})
+    steps.append({"model.quantize": "none", "model.group_offload": True})  # the frozen UNet stays in RAM
     chosen = {"dataset.cache_latents": True, "dataset.cache_while_training": True,
-              "train.gradient_checkpointing": False, "model.quantize": "none"}
+              "train.gradient_checkpointing": False, "model.quantize": "none", "model.group_offload": False}
     if config.train.mixed_precision == "no":  # fp32 is the slowest on any GPU this plans for
         chosen["train.mixed_precision"] = "bf16" if bf16 else "fp16"
     plan = None

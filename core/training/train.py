@@ -113,8 +113,14 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
         count = quantize_linears(base.unet, config.model.quantize, dtype)
         emit(Message("info", f"UNet base quantised to {config.model.quantize} ({count} linear layers; the LoRA "
                              f"trains in fp32 on top)"))
+    if config.model.group_offload:
+        from core.base.offload import offload_linears
+
+        count = offload_linears(base.unet, accelerator.device)
+        emit(Message("info", f"UNet base: the weights of its {count} linear layers stay in system RAM, each "
+                             f"brought to the GPU while its layer runs (group offloading; slower steps)"))
     base.text.to(accelerator.device, dtype=dtype)
-    base.vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow; it runs once per image
+    base.vae.to(dtype=torch.float32)  # fp16 VAEs overflow; it comes to the card once the text is cached
     return base
 
 
@@ -250,7 +256,8 @@ def verify_final(config: TrainConfig, emit: Emit):
     # A bf16 run is checked in bf16 (on a CPU the default would load the whole model again in fp32).
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else None
     result = verify(RunPaths.of(config).final_lora, config.model.path, config.model.revision, config.model.family,
-                    prompt=prompt, seed=config.sample.seed, steps=2, size=size, dtype=dtype)
+                    prompt=prompt, seed=config.sample.seed, steps=2, size=size, dtype=dtype,
+                    offload=config.model.group_offload)
     emit(event(result, -1))
     return result
 
@@ -278,32 +285,46 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
     encoder = (LatentEncoder(config, base, cache, accelerator.device, emit)
                if config.dataset.cache_latents and config.dataset.cache_while_training else None)
+    # One frozen model on the card at a time while caching: the text encoders encode every caption and leave
+    # (unless they train or captions change per draw), then the VAE encodes the pictures (or comes back
+    # while the first epoch draws them). Off the card stays what only sampling needs again; the UNet comes on.
+    where = placement(config)
     with accelerator.main_process_first():
+        if text_is_cached(config):
+            captions = {item.caption for item in [*train_items, *val_items]}
+            for caption in sorted(captions | ({""} if config.dataset.caption_dropout else set())):
+                cached_text(caption, base, cache)
+        base.text.to(accelerator.device if where["text"] == "device" else "cpu")
+        if encoder is None:
+            base.vae.to(accelerator.device)
         train_entries = build_entries(config, train_items, base, cache, emit, "training",
                                       flips=config.dataset.random_flip, encoder=encoder)
         val_entries = build_entries(config, val_items, base, cache, emit, "validation", encoder=encoder)
         empty_text = (cached_text("", base, cache)
                       if text_is_cached(config) and config.dataset.caption_dropout else None)
-    # Off the card what only sampling needs again (the text encoders when their outputs are cached and they
-    # are not trained, the VAE when latents are cached); the UNet comes on (and is quantised on the way).
-    where = placement(config)
     base.vae.to(accelerator.device if where["vae"] == "device" else "cpu")
     if encoder is not None:
         encoder.start()
         if encoder.pending:
             emit(Message("info", f"{len(encoder.pending)} latents are not cached yet: each is encoded the first "
                                  f"time a step draws its picture"))
-    base.text.to(accelerator.device if where["text"] == "device" else "cpu")
-    base.unet.to(accelerator.device)
+    if config.model.group_offload:  # all but the offloaded linear weights, which come one layer at a time
+        from core.base.offload import trainable_to
+
+        trainable_to(base.unet, accelerator.device)
+    else:
+        base.unet.to(accelerator.device)
     buckets = bucket_record(config, train_items, [e.placement for e in train_entries])
     report_buckets(config, buckets, emit, accelerator.is_main_process)
     train_te = config.lora.train_text_encoder
     dataloader = build_dataloader(config, train_entries, empty_text)
+    place_unet = not config.model.group_offload  # accelerate would move an offloaded UNet to the card whole
     if train_te:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(
-            base.unet, base.text, optimizer, dataloader)
+            base.unet, base.text, optimizer, dataloader, device_placement=[place_unet, True, True, True])
     else:
-        unet, optimizer, dataloader = accelerator.prepare(base.unet, optimizer, dataloader)
+        unet, optimizer, dataloader = accelerator.prepare(base.unet, optimizer, dataloader,
+                                                          device_placement=[place_unet, True, True])
         text_encoder = base.text
     steps_per_epoch = math.ceil(len(dataloader) / config.train.gradient_accumulation_steps)
     total = (config.train.max_train_epochs * steps_per_epoch if config.train.max_train_epochs

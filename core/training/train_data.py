@@ -240,12 +240,12 @@ def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit
     return entries
 
 
-ENCODE_PIXELS = 4 * 512 * 512  # per VAE call while caching: four 512 px pictures, one of 1024 px
+ENCODE_PIXELS = 2 * 512 * 512  # per VAE call while caching: two 512 px pictures, one of 768 or 1024 px
 
 
 def pictures_per_encode(bucket: tuple[int, int]) -> int:
-    """How many pictures of one bucket size one VAE call encodes (an fp32 encode of a 1024 px picture
-    alone takes about 2.7 GB of activations)."""
+    """How many pictures of one bucket size one VAE call encodes (an fp32 encode of a 512 px picture takes
+    about 0.7 GB of activations, one of 1024 px 2.7 GB)."""
     return max(1, min(4, ENCODE_PIXELS // (bucket[0] * bucket[1])))
 
 
