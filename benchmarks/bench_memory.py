@@ -197,6 +197,7 @@ TOGGLES = [  # (label, settings changed from bf16 + checkpointing + cached laten
     ("int8 base", {"model.quantize": "int8"}),
     ("NF4 base", {"model.quantize": "nf4"}),
     ("fp8 storage", {"model.quantize": "fp8"}),
+    ("group offloading (linear layers)", {"model.group_offload": True}),
 ]
 
 
@@ -222,6 +223,7 @@ def toggles(steps: int, resolution: int) -> None:
         for label, change in TOGGLES:
             values = {"model.path": str(model), "dataset.path": str(data), "dataset.resolution": resolution,
                       "dataset.validation_split": 0.0, "dataset.cache_dir": str(root / "cache"),
+                      "dataset.cache_while_training": False,  # the steps timed are steady ones
                       "train.mixed_precision": "bf16", "train.gradient_checkpointing": True,
                       "train.max_train_steps": steps, "lora.rank": 16, "lora.alpha": 16.0,
                       "sample.prompts": [], "sample.at_start": False, "sample.every_n_steps": 0,

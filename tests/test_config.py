@@ -221,3 +221,12 @@ def test_a_config_is_validated_once_per_process_on_the_way_to_training(paths, tm
     with pytest.raises(RuntimeError, match="stop here"):
         train.run(cfg, lambda event: None)
     assert len(calls) == 1
+
+
+def test_group_offloading_needs_the_full_base_and_checkpointing(paths):
+    config.from_dict({**paths, "model": {**paths.get("model", {}), "group_offload": True}})  # the defaults allow it
+    for other in ({"model": {"quantize": "nf4"}}, {"train": {"gradient_checkpointing": False}}):
+        raw = {**paths, **{k: {**paths.get(k, {}), **v} for k, v in other.items()}}
+        raw["model"] = {**raw.get("model", {}), "group_offload": True}
+        with pytest.raises(ConfigError, match="model.group_offload = true needs model.quantize = 'none'"):
+            config.from_dict(raw)

@@ -279,9 +279,15 @@ def test_the_final_check_is_part_of_the_run(tiny_model, tmp_path):
     log = EventLog()
     result = train.run(tiny_config(tiny_model, data, tmp_path / "o", name="good", **overrides), log,
                        final_check=True)
-    assert result.unet is None and result.text_encoder is None
+    assert result.unet is None and result.text_encoder is None and result.base is None
     assert [e.type for e in log.events[-2:]] == ["lora_verified", "finished"]
     assert log.events[-2].step == -1 and log.events[-2].ok and log.events[-2].loads
+    # The check used the run's own model parts with the training adapter taken off: it sees what a fresh load
+    # of the base model sees (with the adapter left on, the "before" image would already carry the LoRA).
+    from core.lora.verify import verify
+
+    fresh = verify(result.lora_path, str(tiny_model), prompt="a photo", seed=0, steps=2, size=64)
+    assert log.events[-2].mean_change == pytest.approx(fresh.mean_change, rel=1e-4) and fresh.mean_change > 0
     # A learning rate so small that the LoRA stays zero: the run fails its check, after "finished".
     log = EventLog()
     with pytest.raises(train.TrainingError, match="failed verification: .*does not change the image") as info:

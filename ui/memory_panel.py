@@ -15,8 +15,8 @@ from core.config import ConfigError
 from ui.widgets import Refresh, form_updates
 
 # Settings that change the estimate (its line follows them live).
-MEMORY_KEYS = ("model.path", "model.family", "model.quantize", "dataset.resolution", "dataset.cache_latents",
-               "dataset.cache_while_training", "dataset.random_flip",
+MEMORY_KEYS = ("model.path", "model.family", "model.quantize", "model.group_offload", "dataset.resolution",
+               "dataset.cache_latents", "dataset.cache_while_training", "dataset.random_flip",
                "dataset.shuffle_captions", "lora.rank", "lora.target_modules", "lora.train_text_encoder",
                "lora.text_encoder_target_modules", "train.batch_size", "train.mixed_precision",
                "train.gradient_checkpointing", "train.optimizer", "sample.prompts", "sample.width", "sample.height")

@@ -193,13 +193,14 @@ def _shape_problems(name: str, module, down: torch.Tensor, up: torch.Tensor) -> 
 
 def verify(file: str | Path, model: str, revision: str = "", family: str = "auto", image: bool = True,
            prompt: str = "a photo", seed: int = 0, steps: int = 4, size: int = 0, scale: float = 1.0,
-           device: str | None = None, dtype=None, offload: bool = False) -> Verification:
+           device: str | None = None, dtype=None, offload: bool = False, pipe=None) -> Verification:
     """Check ``file`` against the base ``model`` (see the module docstring).
 
     The model is loaded once, as the Prompt tab loads it (fp16 on a GPU, fp32
     on a CPU, unless ``dtype`` says otherwise; ``offload``: layer by layer
     from system RAM on a GPU too small for it), and serves both the name
-    checks and the images.
+    checks and the images; or ``pipe`` is that model, already loaded (with no
+    LoRA in it; the file's is added for the image check).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -221,7 +222,8 @@ def verify(file: str | Path, model: str, revision: str = "", family: str = "auto
         kind = detect_family(folder) if family == "auto" else get_family(family)
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
-    pipe = load_pipeline(str(folder), device=device, dtype=dtype, offload=offload)
+    if pipe is None:
+        pipe = load_pipeline(str(folder), device=device, dtype=dtype, offload=offload)
     encoders = [getattr(pipe, name) for name in kind.text_encoders]
     layout, modules, unmatched, problems, matched = check_tensors(
         tensors, module_index(pipe.unet, encoders, kind), peft_index(pipe.unet, encoders, kind))

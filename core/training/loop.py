@@ -41,6 +41,7 @@ class RunResult:
     validation_losses: dict[int, float] = field(default_factory=dict)
     unet: object = None  # the trained UNet with its adapter (unwrapped), only when run(keep_models=True)
     text_encoder: object = None
+    base: object = None  # the loaded model parts (for the final check; let go after it)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Loop:
         status = "stopped" if stopped else "completed"
         acc.end_training()
         return RunResult(status, state.step, lora_path, c.run_dir, self.validation_losses,
-                         acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder))
+                         acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder), self.base)
 
     def train(self) -> bool:
         """Run optimizer steps until the total is reached; True if stopped early."""

@@ -226,10 +226,14 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
             config_mod.save(config, RunPaths.of(config).config)
         accelerator.wait_for_everyone()
         result = _train(config, accelerator, main_emit, should_stop, resume)
+        base, result.base = result.base, None
         if final_check or not keep_models:
             result.unet = result.text_encoder = None
-            accelerator.free_memory()  # the final check loads the base model again: make room
-        check = verify_final(config, main_emit) if final_check and accelerator.is_main_process else None
+            accelerator.free_memory()
+        reuse = final_check and accelerator.is_main_process and reusable_for_check(config)
+        check = (verify_final(config, main_emit, base if reuse else None, accelerator.device)
+                 if final_check and accelerator.is_main_process else None)
+        del base
         main_emit(Finished(result.status, result.step, str(result.lora_path)))
         if check is not None and not check.ok:
             reasons = [f"{len(check.unmatched)} module(s) do not map onto the base model"] * bool(check.unmatched)
@@ -238,13 +242,35 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
         return result
 
 
-def verify_final(config: TrainConfig, emit: Emit):
+def reusable_for_check(config: TrainConfig) -> bool:
+    """Whether the final check can use the model parts already in memory: their weights must be the base
+    model's own (not quantised or fp8-stored) and carry no LoRA that cannot be taken off (the text encoders'
+    is injected without diffusers' unloading)."""
+    return config.model.quantize == "none" and not config.lora.train_text_encoder
+
+
+def verify_final(config: TrainConfig, emit: Emit, base=None, device=None):
     """verify-lora on the run's final file, as others will load it: every module maps, diffusers' loader reads
-    it, it changes the image at the sample seed. Emits the check (step -1) and returns it."""
+    it, it changes the image at the sample seed. Emits the check (step -1) and returns it.
+
+    With ``base`` (the run's loaded model, see ``reusable_for_check``) the training adapter is taken off and
+    the same parts serve the check, instead of loading the model a second time (which held the file's fp32
+    weights beside their converted copy: the run's peak memory)."""
     import gc
 
     from core.lora.verify import event, verify
 
+    pipe = None
+    if base is not None:
+        from core.base.sample import pipeline_from_parts
+
+        base.unet.unload_lora()  # peft's layers give way to the base layers they wrap
+        base.unet.eval()
+        for part in (base.vae, *base.text.encoders):
+            part.to(device)
+        if not config.model.group_offload:
+            base.unet.to(device)
+        pipe = pipeline_from_parts(base.path, base.vae, base.text, base.unet)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -257,7 +283,7 @@ def verify_final(config: TrainConfig, emit: Emit):
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else None
     result = verify(RunPaths.of(config).final_lora, config.model.path, config.model.revision, config.model.family,
                     prompt=prompt, seed=config.sample.seed, steps=2, size=size, dtype=dtype,
-                    offload=config.model.group_offload)
+                    offload=config.model.group_offload, pipe=pipe)
     emit(event(result, -1))
     return result
 
