@@ -19,7 +19,11 @@ def latents_from_batch(batch: dict, base, generator: torch.Generator | None, dev
     """Scaled latents for a batch: a fresh draw from the cached posterior (or the mean when no generator)."""
     from core.training.cache import encode_latent_distribution
 
-    if "mean" in batch:
+    if "latent" in batch:  # cached while training: encoded now if this is the picture's first draw
+        dists = [latent() for latent in batch["latent"]]
+        mean = torch.stack([d["mean"] for d in dists]).to(device)
+        std = torch.stack([d["std"] for d in dists]).to(device)
+    elif "mean" in batch:
         mean, std = batch["mean"].to(device), batch["std"].to(device)
     else:
         dist = encode_latent_distribution(base.vae, batch["pixels"].to(device))

@@ -33,7 +33,8 @@ class Entry:
 
     item: ImageItem
     placement: Placement
-    latents: Callable[[bool], dict] | None  # flipped -> {"mean", "std"} from the cache
+    latents: Callable[[bool], dict] | None  # flipped -> {"mean", "std"} from the cache, or {"latent": a
+    # function giving them, encoding the picture first if the cache lacks it}
     pixels: Callable[[bool], torch.Tensor] | None  # flipped -> (3, H, W), when latents are not cached
     text: Callable[[], dict] | None  # cached text conditioning of the caption ({"hidden"[, "pooled"]}), if cached
 
@@ -291,13 +292,15 @@ class LatentEncoder:
         self.pending.update(keys[f] for f in wanted if not self.cache.has("latents", keys[f]))
         read = _latents_loader(self.cache, keys)
 
-        def get(flipped: bool) -> dict:
+        def latent(flipped: bool) -> dict:
             missing = [f for f in wanted if keys[f] in self.pending and not self.cache.has("latents", keys[f])]
             if missing:
                 self.encode(path, placement, {f: keys[f] for f in missing})
             return read(flipped)
 
-        return get
+        # Deferred to the step that uses it (``latents_from_batch``): the data loader fetches a batch ahead,
+        # and the first step should not wait for two batches' encoding.
+        return lambda flipped: {"latent": lambda: latent(flipped)}
 
     def encode(self, path: Path, placement: Placement, keys: dict[bool, str]) -> None:
         from core.training.cache import encode_latent_distribution
