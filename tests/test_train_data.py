@@ -140,3 +140,27 @@ def test_latents_are_cached_in_batches_in_the_compute_precision(tiny_model, tmp_
     torch.testing.assert_close(half["mean"][1:], encode_latent_distribution(base.vae, pixels[1:])["mean"])  # fp32
     assert not torch.equal(half["mean"][0], full["mean"][0])  # the other stayed half precision
     torch.testing.assert_close(half["mean"][0], full["mean"][0], rtol=0.05, atol=0.05)
+
+
+def test_captions_are_cached_in_batches_once_each(tiny_model, tmp_path):
+    """Text conditioning is encoded a batch of captions at a time, each caption once, and reads back as the
+    caption encoded alone would."""
+    from core.base.models import load_models
+    from core.training import train_data
+    from core.training.cache import FeatureCache
+
+    base = load_models(str(tiny_model), "", "auto", torch.float32)
+    cache = FeatureCache(tmp_path / "cache")
+    calls = []
+    original = base.text.encode
+    base.text.encode = lambda captions: calls.append(len(captions)) or original(captions)
+    captions = [f"a photo of sks, picture {i}" for i in range(20)] + ["a photo of sks, picture 3", ""]
+    train_data.cache_texts(captions, base, cache)
+    assert calls == [16, 5]  # 21 different captions, 16 a call
+    train_data.cache_texts(captions, base, cache)
+    assert calls == [16, 5]  # all cached: nothing encoded again
+    for caption in ("a photo of sks, picture 3", ""):
+        hidden, _ = original([caption])
+        torch.testing.assert_close(train_data.cached_text(caption, base, cache)()["hidden"], hidden[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert calls == [16, 5]

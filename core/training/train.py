@@ -45,6 +45,7 @@ from core.training.train_data import (
     bucket_record,
     build_dataloader,
     build_entries,
+    cache_texts,
     cached_text,
     placement,
     text_is_cached,
@@ -317,9 +318,8 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     where = placement(config)
     with accelerator.main_process_first():
         if text_is_cached(config):
-            captions = {item.caption for item in [*train_items, *val_items]}
-            for caption in sorted(captions | ({""} if config.dataset.caption_dropout else set())):
-                cached_text(caption, base, cache)
+            captions = [item.caption for item in [*train_items, *val_items]]
+            cache_texts(captions + ([""] if config.dataset.caption_dropout else []), base, cache)
         base.text.to(accelerator.device if where["text"] == "device" else "cpu")
         if encoder is None:
             base.vae.to(accelerator.device)

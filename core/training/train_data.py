@@ -375,6 +375,22 @@ def _latents_loader(cache, keys: dict[bool, str]) -> Callable[[bool], dict]:
     return get
 
 
+TEXT_BATCH = 16  # captions per text-encoder call while caching
+
+
+def cache_texts(captions: list[str], base, cache) -> None:
+    """Encode and store the text conditioning of every caption the cache lacks, a batch at a time."""
+    names = ("hidden", "pooled") if base.family.pooled else ("hidden",)
+    key = lambda caption: cache.text_key(caption, base.fingerprint("text"), base.text.max_length)  # noqa: E731
+    missing = [c for c in dict.fromkeys(captions) if not cache.has("text", key(c))]
+    for start in range(0, len(missing), TEXT_BATCH):
+        batch = missing[start:start + TEXT_BATCH]
+        hidden, pooled = base.text.encode(batch)
+        for i, caption in enumerate(batch):
+            parts = {"hidden": hidden[i], "pooled": pooled[i] if pooled is not None else None}
+            cache.store("text", key(caption), {name: parts[name].float() for name in names})
+
+
 def cached_text(caption: str, base, cache) -> Callable[[], dict]:
     """A loader of the caption's cached text conditioning (encoding it now if the cache lacks it)."""
     key = cache.text_key(caption, base.fingerprint("text"), base.text.max_length)
