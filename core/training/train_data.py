@@ -252,8 +252,6 @@ def pictures_per_encode(bucket: tuple[int, int]) -> int:
 
 def _encode_missing(items, places, keys, base, cache, emit: Emit, what: str, flips: bool, dtype) -> None:
     """Encode and store every latent the cache lacks, grouped by bucket into batches."""
-    from core.training.cache import encode_latent_distribution
-
     todo: dict[tuple[int, int], list] = {}
     for item, placement, item_keys in zip(items, places, keys, strict=True):
         for flipped in (False, True) if flips else (False,):
@@ -262,16 +260,25 @@ def _encode_missing(items, places, keys, base, cache, emit: Emit, what: str, fli
     total = len(items) * (2 if flips else 1)
     done = total - sum(len(group) for group in todo.values())
     emit(Phase(f"caching {what} latents", done, total))
-    for bucket, group in todo.items():
-        per_call = pictures_per_encode(bucket)
-        for start in range(0, len(group), per_call):
-            batch = group[start:start + per_call]
-            pixels = torch.stack([_load_pixels(path, placement, flipped) for path, placement, flipped, _ in batch])
-            dist = encode_latent_distribution(base.vae, pixels, dtype)
-            for i, (*_, key) in enumerate(batch):
-                cache.store("latents", key, {k: v[i] for k, v in dist.items()})
+    for group in todo.values():
+        for batch in _encode_and_store(base.vae, cache, dtype, group):
             done += len(batch)
             emit(Phase(f"caching {what} latents", done, total))
+
+
+def _encode_and_store(vae, cache, dtype, group: list):
+    """Encode ``group`` ((path, placement, flipped, key) of one bucket size) a VAE call at a time
+    (``pictures_per_encode``) and store each latent; yields each stored batch."""
+    from core.training.cache import encode_latent_distribution
+
+    per_call = pictures_per_encode(group[0][1].bucket)
+    for start in range(0, len(group), per_call):
+        batch = group[start:start + per_call]
+        pixels = torch.stack([_load_pixels(path, placement, flipped) for path, placement, flipped, _ in batch])
+        dist = encode_latent_distribution(vae, pixels, dtype)
+        for i, (*_, key) in enumerate(batch):
+            cache.store("latents", key, {k: v[i] for k, v in dist.items()})
+        yield batch
 
 
 class LatentEncoder:
@@ -303,20 +310,13 @@ class LatentEncoder:
         return lambda flipped: {"latent": lambda: latent(flipped)}
 
     def encode(self, path: Path, placement: Placement, keys: dict[bool, str]) -> None:
-        from core.training.cache import encode_latent_distribution
-
         if not self.vae_on_card:  # a resumed run or another process left some pictures for later
             self.base.vae.to(self.device)
             self.vae_on_card = True
-        flips = list(keys)
-        per_call = pictures_per_encode(placement.bucket)
-        for start in range(0, len(flips), per_call):
-            chunk = flips[start:start + per_call]
-            pixels = torch.stack([_load_pixels(path, placement, flipped) for flipped in chunk])
-            dist = encode_latent_distribution(self.base.vae, pixels, self.dtype)
-            for i, flipped in enumerate(chunk):
-                self.cache.store("latents", keys[flipped], {k: v[i] for k, v in dist.items()})
-                self.pending.discard(keys[flipped])
+        group = [(path, placement, flipped, key) for flipped, key in keys.items()]
+        for _ in _encode_and_store(self.base.vae, self.cache, self.dtype, group):
+            pass
+        self.pending.difference_update(keys.values())
         self.encoded += len(keys)
 
     def start(self) -> None:
@@ -380,27 +380,26 @@ TEXT_BATCH = 16  # captions per text-encoder call while caching
 
 def cache_texts(captions: list[str], base, cache) -> None:
     """Encode and store the text conditioning of every caption the cache lacks, a batch at a time."""
-    names = ("hidden", "pooled") if base.family.pooled else ("hidden",)
-    key = lambda caption: cache.text_key(caption, base.fingerprint("text"), base.text.max_length)  # noqa: E731
-    missing = [c for c in dict.fromkeys(captions) if not cache.has("text", key(c))]
+    missing = [c for c in dict.fromkeys(captions) if not cache.has("text", _text_key(c, base, cache))]
     for start in range(0, len(missing), TEXT_BATCH):
         batch = missing[start:start + TEXT_BATCH]
         hidden, pooled = base.text.encode(batch)
         for i, caption in enumerate(batch):
-            parts = {"hidden": hidden[i], "pooled": pooled[i] if pooled is not None else None}
-            cache.store("text", key(caption), {name: parts[name].float() for name in names})
+            tensors = {"hidden": hidden[i].float()}
+            if pooled is not None:
+                tensors["pooled"] = pooled[i].float()
+            cache.store("text", _text_key(caption, base, cache), tensors)
+
+
+def _text_key(caption: str, base, cache) -> str:
+    return cache.text_key(caption, base.fingerprint("text"), base.text.max_length)
 
 
 def cached_text(caption: str, base, cache) -> Callable[[], dict]:
     """A loader of the caption's cached text conditioning (encoding it now if the cache lacks it)."""
-    key = cache.text_key(caption, base.fingerprint("text"), base.text.max_length)
+    key = _text_key(caption, base, cache)
     names = ("hidden", "pooled") if base.family.pooled else ("hidden",)
-    if not cache.has("text", key):
-        hidden, pooled = base.text.encode([caption])
-        tensors = {"hidden": hidden[0].float()}
-        if pooled is not None:
-            tensors["pooled"] = pooled[0].float()
-        cache.store("text", key, tensors)
+    cache_texts([caption], base, cache)
     return lambda: {name: _read(cache, "text", key, name) for name in names}
 
 
