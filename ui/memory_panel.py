@@ -14,13 +14,6 @@ from typing import Any
 from core.config import ConfigError
 from ui.widgets import Refresh, form_updates
 
-# Settings that change the estimate (its line follows them live).
-MEMORY_KEYS = ("model.path", "model.family", "model.quantize", "model.group_offload", "dataset.resolution",
-               "dataset.cache_latents", "dataset.cache_while_training", "dataset.random_flip",
-               "dataset.shuffle_captions", "lora.rank", "lora.target_modules", "lora.train_text_encoder",
-               "lora.text_encoder_target_modules", "train.batch_size", "train.mixed_precision",
-               "train.gradient_checkpointing", "train.optimizer", "sample.prompts", "sample.width", "sample.height")
-
 
 def card_memory() -> tuple[float, str]:
     """(GB, name) of this machine's GPU for the memory line; (0, reason) without one."""
@@ -120,7 +113,9 @@ def wire_memory(to_config, components: dict, vram, fit_button, memory) -> Refres
     def on_fit(data):
         return fit_gpu(to_config, list(components), as_values(data), data.get(vram))
 
-    for key in MEMORY_KEYS:
+    from core.training.plan import ESTIMATE_KEYS
+
+    for key in ESTIMATE_KEYS:  # the memory line follows every setting the estimate reads
         components[key].change(on_memory, inputs=inputs, outputs=memory, show_progress="hidden")
     vram.change(on_memory, inputs=inputs, outputs=memory, show_progress="hidden")
     fit_button.click(on_fit, inputs=inputs, outputs=[*components.values(), memory])

@@ -46,6 +46,12 @@ CARDS_GB = (6, 8, 12, 16, 24)
 # 8-bit scale per block of 64 (double quantisation); int8 (LLM.int8) one byte plus an fp32 scale per row.
 NF4_BYTES = 0.5 + 1 / 64
 INT8_BYTES = 1.0
+# The settings ``estimate`` reads (the Train tab's memory line follows them live).
+ESTIMATE_KEYS = ("model.path", "model.family", "model.quantize", "model.group_offload", "dataset.resolution",
+                 "dataset.cache_latents", "dataset.cache_while_training", "dataset.random_flip",
+                 "dataset.shuffle_captions", "lora.rank", "lora.target_modules", "lora.train_text_encoder",
+                 "lora.text_encoder_target_modules", "train.batch_size", "train.mixed_precision",
+                 "train.gradient_checkpointing", "train.optimizer", "sample.prompts", "sample.width", "sample.height")
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""The config's rules across fields and its paths, checked by ``core.config.validate`` (the schema, its
+ranges and types live with the dataclasses in ``core.config``), and the error they raise."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which key and what to do."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The run's longest file name is ".NAME-step000000.XXXXXXXX.tmp.safetensors" (a save in progress):
+# 40 bytes around the name, within the 255 bytes file systems allow.
+MAX_NAME_BYTES = 128
+_BAD_NAME_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+
+
+def check_rules(config) -> None:
+    """Rules across fields of a ``core.config.TrainConfig``."""
+    name = config.output.name
+    if not name.strip() or name != name.strip() or name in {".", ".."} or set(name) & _BAD_NAME_CHARS:
+        raise ConfigError(f"output.name = {name!r} cannot be used as a file name; use letters, digits, "
+                          f"spaces, '-', '_' or '.' (no / \\ : * ? \" < > |)")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(f"output.name is {len(name)} characters ({len(name.encode('utf-8'))} bytes) long; use at "
+                          f"most {MAX_NAME_BYTES} bytes (about {MAX_NAME_BYTES} letters): file names such as "
+                          f"NAME-step000500.safetensors must fit the file system's 255-byte limit")
+    from core.data.dataset import is_caption_extension
+
+    if not is_caption_extension(config.dataset.caption_extension):
+        raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "
+                          f"dot followed by 1-15 letters or digits, e.g. '.txt' or '.caption'")
+    if not config.lora.target_modules:
+        raise ConfigError("lora.target_modules is empty; list at least one UNet module, e.g. [\"to_q\"]")
+    if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
+        raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
+    if config.model.group_offload and (config.model.quantize != "none" or not config.train.gradient_checkpointing):
+        raise ConfigError("model.group_offload = true needs model.quantize = 'none' (quantised layers cannot be "
+                          "moved one by one) and train.gradient_checkpointing = true (without it every layer's "
+                          "weights stay on the GPU until the backward pass)")
+    d = config.dataset
+    if d.no_upscale and not d.buckets:
+        raise ConfigError("dataset.no_upscale = true needs dataset.buckets = true (without buckets every image "
+                          "is cropped to the resolution square, which enlarges small ones)")
+    if d.bucket_min_side and d.bucket_max_side and d.bucket_min_side > d.bucket_max_side:
+        raise ConfigError(f"dataset.bucket_min_side = {d.bucket_min_side} is above dataset.bucket_max_side = "
+                          f"{d.bucket_max_side}; lower the first or raise the second")
+    if d.buckets and d.bucket_max_side and d.bucket_max_side < d.bucket_step:
+        raise ConfigError(f"dataset.bucket_max_side = {d.bucket_max_side} is below dataset.bucket_step = "
+                          f"{d.bucket_step}")
+    for i, prompt in enumerate(config.sample.prompts):
+        if not prompt.strip():
+            raise ConfigError(f"sample.prompts[{i}] is empty; remove it or write a prompt")
+
+
+def check_paths(config) -> None:
+    """The model, dataset and output paths of a ``core.config.TrainConfig`` exist and are usable."""
+    if not config.model.path:
+        raise ConfigError("model.path is empty; set it to a diffusers model folder or a hub id")
+    model = Path(config.model.path).expanduser()
+    if model.exists():
+        if model.is_file():
+            if model.suffix.lower() not in (".safetensors", ".ckpt"):
+                raise ConfigError(f"model.path = {config.model.path!r} is a file but not a checkpoint; use a "
+                                  f".safetensors/.ckpt checkpoint, a diffusers folder or a hub id")
+        elif not (model / "model_index.json").is_file() and not (model / "unet" / "config.json").is_file():
+            raise ConfigError(f"model.path = {config.model.path!r} is not a diffusers model folder (no "
+                              f"model_index.json or unet/config.json inside)")
+    elif not _HUB_ID.match(config.model.path):
+        raise ConfigError(f"model.path = {config.model.path!r}: no such folder, and it is not a hub id of the "
+                          f"form 'owner/name'")
+    out = Path(config.output.dir).expanduser()
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output.dir = {config.output.dir!r}: {parent} is a file, not a folder; point "
+                                  f"output.dir at a folder (it is created if missing)")
+            break
+    if not config.dataset.path:
+        raise ConfigError("dataset.path is empty; set it to the folder of your training images")
+    dataset = Path(config.dataset.path).expanduser()
+    if not dataset.is_dir():
+        what = "is a file, not a folder" if dataset.exists() else "does not exist"
+        raise ConfigError(f"dataset.path = {config.dataset.path!r} {what}; point it at the folder of your "
+                          f"training images")
+    if config.dataset.validation_path and not Path(config.dataset.validation_path).expanduser().is_dir():
+        raise ConfigError(f"dataset.validation_path = {config.dataset.validation_path!r} is not a folder; "
+                          f"point it at a folder of held-out images or leave it empty to use "
+                          f"dataset.validation_split")
+
+
+# ---------------------------------------------------------------- writing
