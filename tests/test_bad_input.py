@@ -102,7 +102,7 @@ def test_a_header_that_asks_for_too_much_memory_is_unreadable_not_a_crash(tmp_pa
 
 
 def test_a_giant_caption_is_cut_and_kept_out_of_the_metadata(tiny_model, tmp_path):
-    from core.lora.lora_io import read_lora_info
+    from core.lora.lora_info import read_lora_info
     from core.training import train
     from tests.conftest import EventLog, tiny_config
 

@@ -23,11 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from core.base.tiny import build_pipeline
+from core.lora.lora_info import read_lora_info
 from core.lora.lora_io import (
     LoraFileError,
     kohya_metadata,
     kohya_state_dict,
-    read_lora_info,
     save_kohya_lora,
 )
 
