@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
-import time
 import traceback
+
+from core.terminal import StopSignal, TerminalProgress, is_main_process
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -204,19 +204,19 @@ def cmd_train(args) -> int:
 
     events_path = RunPaths.of(config).events
     writer = jsonl_writer(events_path)
-    terminal = _TerminalProgress(no_bar=args.no_progress)
+    terminal = TerminalProgress(no_bar=args.no_progress)
     started = False  # events go to the run's file only once the run owns the folder
 
     def emit(event):
         nonlocal started
         started = started or event.type in ("phase", "run_started", "message")
-        if started and _is_main_process():
+        if started and is_main_process():
             writer(event)
         terminal(event)
 
     def report(message: str, kind: str, code: int) -> int:
         """The one error line, on the terminal and (best effort: the disk may be full) in events.jsonl."""
-        if started and _is_main_process():
+        if started and is_main_process():
             try:
                 writer(RunError(message, kind))
             except OSError as exc:
@@ -225,7 +225,7 @@ def cmd_train(args) -> int:
         terminal.close()
         return _fail(message, code)
 
-    stop = _StopSignal()
+    stop = StopSignal()
     from core.training.memory_advice import out_of_memory_advice
     from core.training.run_folder import trainer_lock
     from core.training.train import TrainingError, run
@@ -341,7 +341,7 @@ def cmd_caption(args) -> int:
     # Only the options given on the command line: one that does not fit the captioner is an error.
     names = ("threshold", "character_threshold", "exclude_tags", "include_rating", "task")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    stop = _StopSignal()  # SIGTERM/SIGINT: finish the current batch, then stop
+    stop = StopSignal()  # SIGTERM/SIGINT: finish the current batch, then stop
     try:
         caption_folder(args.dir, captioner=args.captioner, model=args.model, prefix=args.prefix,
                        overwrite=args.overwrite, batch_size=args.batch_size, emit=emit, should_stop=stop,
@@ -473,10 +473,6 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _quiet_environment() -> None:
     """No telemetry, and no library chatter that buries the progress bar."""
     from core.privacy import no_telemetry
@@ -484,82 +480,3 @@ def _quiet_environment() -> None:
 
     no_telemetry()
     quiet_libraries()
-
-
-class _StopSignal:
-    """SIGINT/SIGTERM ask the run to stop after the current step; a second SIGINT aborts."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving (press Ctrl+C again to abort)", file=sys.stderr)
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
-class _TerminalProgress:
-    """A tqdm bar fed by events: step, loss, it/s and ETA; other events as lines above it."""
-
-    def __init__(self, no_bar: bool = False):
-        self.bar = None
-        self.phase = None
-        self.last_line = 0.0
-        self.no_bar = no_bar  # --no-progress: everything but the bar and the step lines
-        self.disabled = not _is_main_process()
-
-    def __call__(self, event) -> None:
-        if self.disabled:
-            return
-        from tqdm import tqdm
-
-        kind = event.type
-        if kind == "phase":
-            if event.name != self.phase:
-                self.phase = event.name
-                self._write(f"{event.name}...")
-            elif event.total and event.done == event.total:
-                self._write(f"{event.name}: {event.done}/{event.total} done")
-        elif kind == "run_started" and sys.stderr.isatty() and not self.no_bar:
-            self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
-        elif kind == "progress" and self.no_bar:
-            return
-        elif kind == "progress" and self.bar is not None:
-            self.bar.update(event.step - self.bar.n)
-            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
-        elif kind == "progress" and (time.monotonic() - self.last_line > 2 or event.step == event.total_steps):
-            # Not a terminal (the app's log, a file): plain lines, at most one every 2 seconds.
-            self.last_line = time.monotonic()
-            eta = f"{int(event.eta_s // 60)}:{int(event.eta_s % 60):02d}"
-            self._write(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} "
-                        f"{event.it_per_s:.2f} it/s ETA {eta}")
-        elif kind == "message":
-            self._write(f"{event.level}: {event.text}")
-        elif kind == "validation_loss":
-            self._write(f"step {event.step}: validation loss {event.loss:.5f}{' (best)' if event.best else ''}")
-        elif kind == "checkpoint" and event.kind == "lora":
-            self._write(f"step {event.step}: saved {event.path}")
-        elif kind == "lora_verified":
-            change = f", image change {event.mean_change:.2f} of 255" if event.mean_change is not None else ""
-            verdict = "OK" if event.ok else "FAILED: " + "; ".join(event.problems[:3])
-            self._write(f"check of {os.path.basename(event.path)}: {event.matched}/{event.modules} modules map "
-                        f"onto the base model{change}: {verdict}")
-        elif kind == "finished":
-            self.close()
-            print(f"{event.status} at step {event.step}: {event.lora_path}", file=sys.stderr)
-
-    def _write(self, line: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
