@@ -1,6 +1,6 @@
 """``python -m core``: the command line the app itself runs as a subprocess.
 
-    python -m core tiny-model DIR [--family sd15|sd2|sdxl] [--shape tiny|sd15]
+    python -m core tiny-model DIR [--family sd15|sd2|sdxl|sd3|flux|flux-schnell] [--shape tiny|sd15]
     python -m core train CONFIG.toml [--set section.key=value ...] [--resume]
     python -m core sample --model MODEL [--lora FILE] [--scale S] --prompt TEXT --seed N --steps K --out FILE.png
     python -m core caption DIR [--captioner blip|wd14|florence2] [--model PATH_OR_HUB_ID] [--prefix TRIGGER]
@@ -25,6 +25,7 @@ import os
 import sys
 import traceback
 
+from core.base.tiny import TINY_FAMILIES
 from core.terminal import StopSignal, TerminalProgress, is_main_process
 
 EXIT_FAILURE = 1
@@ -50,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="write a small random-weight model (for tests and demos)")
     p.add_argument("dir", help="folder to create")
-    p.add_argument("--family", choices=["sd15", "sd2", "sdxl"], default="sd15",
-                   help="SD 1.5, SD 2.x (v-prediction) or SDXL layout (default sd15)")
+    p.add_argument("--family", choices=list(TINY_FAMILIES), default="sd15",
+                   help="SD 1.5, SD 2.x (v-prediction), SDXL, SD 3.5 (Medium's layout), FLUX.1-dev or FLUX.1-schnell "
+                        "layout (default sd15)")
     p.add_argument("--shape", choices=["tiny", "sd15"], default="tiny",
                    help="tiny (fast, 64 px) or sd15 (the real SD-1.5 layer shapes, about 4 GB; sd15 family only)")
     p.add_argument("--seed", type=int, default=0)

@@ -43,11 +43,13 @@ def opt(default, help: str, *, min=None, max=None, group: str = "advanced", mult
 
 
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
-ModelFamily = Literal["auto", "sd1", "sd2", "sdxl"]
+ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]
 Quantize = Literal["none", "int8", "nf4", "fp8"]
 Optimizer = Literal["adamw8bit", "adamw"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LrScheduler = Literal["constant", "cosine", "linear"]
+TimestepSampling = Literal["auto", "uniform", "logit_normal", "sigmoid", "mode"]
+FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 Sampler = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m"]
 SavePrecision = Literal["fp16", "bf16", "fp32"]
 
@@ -58,7 +60,8 @@ class ModelConfig:
                     "diffusers folder (with model_index.json) or a Hugging Face hub id such as "
                     "'stable-diffusion-v1-5/stable-diffusion-v1-5'.", group="basic")
     revision: str = opt("", "Hub revision (branch, tag or commit) when path is a hub id; empty for the default.")
-    family: ModelFamily = opt("auto", "Model family: 'auto' detects SD 1.x, SD 2.x or SDXL from the model's "
+    family: ModelFamily = opt("auto", "Model family: 'auto' detects SD 1.x, SD 2.x, SDXL, SD 3.5 (sd3) or FLUX.1 "
+                              "(flux) from the model's "
                               "files; set it only if detection is wrong.")
     prediction_type: PredictionType = opt(
         "auto", "What the model predicts. 'auto' reads it from the model's scheduler config; override only "
@@ -127,9 +130,11 @@ class LoraConfig:
     alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/rank. alpha = rank is neutral; "
                        "alpha = rank/2 halves the effective learning rate.", min=1e-6, max=100000.0, group="basic")
     dropout: float = opt(0.0, "Dropout on the LoRA path during training.", min=0.0, max=0.9)
-    target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"],
-                                    "UNet modules that get LoRA (names or name suffixes). The default covers "
-                                    "every attention projection.")
+    target_modules: list[str] = opt([], "Modules of the UNet or transformer that get LoRA (names or name suffixes; "
+                                    "'*' stands for a block number). Empty: the family's default set: every "
+                                    "attention projection for SD 1.x/2.x/SDXL (to_q, to_k, to_v, to_out.0), both "
+                                    "attention streams for SD 3.5, and every linear layer of the double and "
+                                    "single blocks but the modulations for FLUX (as sd-scripts trains them).")
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder (stronger concept binding, "
                                    "more VRAM; disables text-embedding caching).")
     text_encoder_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -165,8 +170,27 @@ class TrainStepsConfig:
     seed: int = opt(0, "Seed for the split, the data order and the noise.", min=0, max=2**32 - 1)
     noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images); 0 is off.",
                               min=0.0, max=1.0)
-    min_snr_gamma: float = opt(0.0, "Min-SNR-gamma loss weighting (5 is the usual value); 0 is off.",
-                               min=0.0, max=100.0)
+    min_snr_gamma: float = opt(0.0, "Min-SNR-gamma loss weighting (5 is the usual value); 0 is off. SD "
+                               "1.x/2.x/SDXL only.", min=0.0, max=100.0)
+    timestep_sampling: TimestepSampling = opt(
+        "auto", "How training draws noise levels. 'uniform': every level alike; 'logit_normal': mostly the middle "
+        "levels (Stable Diffusion 3's recipe; train.logit_mean/logit_std); 'sigmoid': sd-scripts' name for "
+        "logit_normal around the middle; 'mode': a mode-centred density (train.mode_scale). 'auto': uniform for "
+        "SD 1.x/2.x/SDXL, logit_normal for SD 3.5, sigmoid for FLUX. Flow models then apply the shift "
+        "(train.flow_shift).")
+    logit_mean: float = opt(0.0, "Mean of the logit_normal timestep sampling.", min=-10.0, max=10.0)
+    logit_std: float = opt(1.0, "Standard deviation of the logit_normal and sigmoid timestep sampling.",
+                           min=0.01, max=10.0)
+    mode_scale: float = opt(1.29, "Scale of the 'mode' timestep sampling.", min=0.0, max=2.0)
+    flow_shift: float = opt(0.0, "Flow models: shift of the sampled noise levels towards noise (sigma' = "
+                            "shift*sigma / (1 + (shift-1)*sigma)); larger for larger pictures. 0: the model's own "
+                            "(SD 3.5: 3.0 from its scheduler; FLUX: from the picture size, 1.9 at 512 px and 3.2 "
+                            "at 1024 px, as its scheduler's dynamic shift).", min=0.0, max=100.0)
+    loss_weighting: FlowWeighting = opt("none", "Flow models: weight of each noise level in the loss ('sigma_sqrt' "
+                                        "or 'cosmap' from the SD3 paper); 'none' is what the peers use.")
+    guidance_scale: float = opt(1.0, "FLUX.1-dev: the guidance value fed to its guidance embedding while training "
+                                "(1.0 as sd-scripts and ai-toolkit train; the samples use sample.guidance_scale).",
+                                min=0.0, max=100.0)
 
 
 @dataclass

@@ -33,8 +33,6 @@ def check_rules(config) -> None:
     if not is_caption_extension(config.dataset.caption_extension):
         raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "
                           f"dot followed by 1-15 letters or digits, e.g. '.txt' or '.caption'")
-    if not config.lora.target_modules:
-        raise ConfigError("lora.target_modules is empty; list at least one UNet module, e.g. [\"to_q\"]")
     if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
         raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
     if config.model.group_offload and (config.model.quantize != "none" or not config.train.gradient_checkpointing):

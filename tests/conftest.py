@@ -37,6 +37,22 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny SD 3.5 (Medium's MMDiT-X layout: CLIP-L, CLIP-G and T5 encoders, flow matching)."""
+    from core.base.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd3", family="sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev (double and single blocks, guidance embedding, CLIP-L and T5)."""
+    from core.base.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", family="flux")
+
+
 def write_dataset(folder: Path, n: int = 6, size=(80, 96), captions: bool = True, seed: int = 0) -> Path:
     """n random-colour images (plus captions) with a few odd names."""
     import numpy as np

@@ -94,7 +94,6 @@ BAD = [
     ("lora", "rank", 2.5, ["lora.rank", "whole number"]),
     ("lora", "rnak", 4, ["unknown key lora.rnak", "did you mean 'rank'"]),
     ("lora", "alpha", "big", ["lora.alpha", "must be a number"]),
-    ("lora", "target_modules", [], ["lora.target_modules", "empty"]),
     ("lora", "target_modules", "to_q", ["lora.target_modules", "list of str"]),
     ("dataset", "resolution", 500, ["dataset.resolution", "multiple of 8"]),
     ("dataset", "resolution", 32, ["dataset.resolution", "64 to 4096"]),

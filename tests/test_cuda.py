@@ -21,7 +21,7 @@ def test_mixed_precision_training_on_gpu(precision, tiny_model, tmp_path):
     result = train.run(cfg, log, keep_models=True)
     assert result.status == "completed"
     assert log.of("run_started")[0].device.startswith("cuda")
-    params = dict(result.unet.named_parameters())
+    params = dict(result.denoiser.named_parameters())
     assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
     assert all(torch.isfinite(torch.tensor(e.loss)) for e in log.of("progress"))
     assert [e.step for e in log.of("sample")] == [0, 3, 4]

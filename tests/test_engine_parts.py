@@ -57,7 +57,7 @@ def test_lora_weights_stay_fp32_under_bf16(tiny_model, tmp_path):
                       **{"train.mixed_precision": "bf16", "train.max_train_steps": 2, "sample.prompts": [],
                          "output.save_state": False, "output.save_every_n_steps": 0})
     result = train.run(cfg, EventLog(), keep_models=True)
-    params = dict(result.unet.named_parameters())
+    params = dict(result.denoiser.named_parameters())
     assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
     assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
 

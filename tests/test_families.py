@@ -48,7 +48,7 @@ def test_sdxl_conditioning_uses_both_encoders_and_pooled_text(tiny_sdxl):
 
     def predict(time_ids):
         added = base.family.added_conditions(pooled[:1], torch.tensor([time_ids], dtype=torch.float32))
-        return base.unet(latents, t, hidden[:1], added_cond_kwargs=added).sample
+        return base.denoiser(latents, t, hidden[:1], added_cond_kwargs=added).sample
 
     assert not torch.allclose(predict([64, 64, 0, 0, 64, 64]), predict([512, 256, 0, 32, 64, 64]))
 
@@ -64,8 +64,8 @@ def test_sd2_trains_against_the_velocity(tiny_sd2):
     t = torch.tensor([300])
     hidden, _ = base.text.encode(["a photo of sks"])
     with torch.no_grad():
-        loss = diffusion_loss(base.unet, scheduler, latents, hidden, noise, t)
-        pred = base.unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+        loss = diffusion_loss(base.denoiser, scheduler, latents, hidden, noise, t)
+        pred = base.denoiser(scheduler.add_noise(latents, noise, t), t, hidden).sample
     velocity = scheduler.get_velocity(latents, noise, t)
     torch.testing.assert_close(loss, ((pred - velocity) ** 2).mean(dim=(1, 2, 3)))
     assert not torch.allclose(loss, ((pred - noise) ** 2).mean(dim=(1, 2, 3)))
@@ -121,7 +121,7 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header:]).hexdigest()
     base = load_models(str(model))
     kw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
-    in_memory = pipeline_from_parts(model, base.vae, result.text_encoder, result.unet)
+    in_memory = pipeline_from_parts(model, base.vae, result.text_encoder, result.denoiser)
     trained_image = in_memory("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
     pipe = load_pipeline(str(model), device="cpu")
     base_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]

@@ -208,13 +208,13 @@ def test_a_quantised_base_trains_and_its_lora_works_on_the_full_model(tiny_model
     log = EventLog()
     result = train.run(cfg, log, keep_models=True)
     if kind == "fp8":
-        stored = [p for p in result.unet.parameters() if p.dtype == torch.float8_e4m3fn]
+        stored = [p for p in result.denoiser.parameters() if p.dtype == torch.float8_e4m3fn]
         assert len(stored) > 10 and any("stored in fp8" in e.text for e in log.of("message"))
     else:
         layer = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
-        quantised = [m for m in result.unet.modules() if isinstance(m, layer)]
+        quantised = [m for m in result.denoiser.modules() if isinstance(m, layer)]
         assert len(quantised) > 10 and any("quantised" in e.text for e in log.of("message"))
-    trained = [p for p in result.unet.parameters() if p.requires_grad]
+    trained = [p for p in result.denoiser.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
     losses = [e.loss for e in log.of("progress")]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -299,7 +299,7 @@ def test_group_offloading_trains_the_same_lora(tiny_model, tmp_path):
                              "train.max_train_steps": 3, "sample.every_n_steps": 2, "sample.steps": 2})
         log = EventLog()
         result = train.run(cfg, log, keep_models=True)
-        files[offload], models[offload] = load_file(result.lora_path), result.unet
+        files[offload], models[offload] = load_file(result.lora_path), result.denoiser
         assert len(log.of("sample")) >= 1
     hooked = lambda m: getattr(m, "_diffusers_hook", None) is not None and (  # noqa: E731
         m._diffusers_hook.get_hook("group_offloading") is not None)
@@ -368,7 +368,7 @@ def test_on_a_gpu_only_the_unet_is_on_the_card_while_training(tiny_model, tmp_pa
     def on_event(event):
         if event.type == "progress" and "placement" not in seen:
             base = seen["base"]
-            seen["placement"] = (base.unet.device.type, base.text.encoders[0].device.type, base.vae.device.type)
+            seen["placement"] = (base.denoiser.device.type, base.text.encoders[0].device.type, base.vae.device.type)
 
     cfg = tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), tmp_path / "out",
                       **{"train.max_train_steps": 2, "sample.prompts": []})

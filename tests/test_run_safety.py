@@ -82,12 +82,12 @@ def test_non_finite_weights_are_never_written_and_verify_lora_fails_on_them(tiny
     cfg = tiny_config(tiny_model, data, tmp_path / "out", **{"train.max_train_steps": 1, "sample.prompts": [],
                                                             "output.save_state": False})
     result = train.run(cfg, EventLog(), keep_models=True)
-    lora = next(m for m in result.unet.modules() if hasattr(m, "lora_A"))
+    lora = next(m for m in result.denoiser.modules() if hasattr(m, "lora_A"))
     with torch.no_grad():
         lora.lora_A["default"].weight[0, 0] = float("nan")
         lora.lora_B["default"].weight[0, :2] = float("inf")
     with pytest.raises(NonFiniteWeightsError, match="3 LoRA weight value"):
-        save_kohya_lora(tmp_path / "bad.safetensors", result.unet)
+        save_kohya_lora(tmp_path / "bad.safetensors", result.denoiser)
     assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob(".bad*"))
     # A file written by something else: verify-lora counts the bad values and fails.
     tensors = load_file(result.lora_path)

@@ -67,7 +67,7 @@ def test_only_lora_parameters_change(trained, tiny_model):
 
     _, _, result = trained
     original = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
-    trained_params = dict(result.unet.named_parameters())
+    trained_params = dict(result.denoiser.named_parameters())
     lora = {n: p for n, p in trained_params.items() if "lora_" in n}
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n), "lora_B never moved from zero"
@@ -91,7 +91,7 @@ def test_saved_file_reproduces_the_trained_adapter_and_changes_the_image(trained
 
     cfg, _, result = trained
     base = load_models(str(tiny_model))
-    in_memory = pipeline_from_parts(tiny_model, base.vae, base.text, result.unet)
+    in_memory = pipeline_from_parts(tiny_model, base.vae, base.text, result.denoiser)
     with_adapter = _image(in_memory)
     pipe = load_pipeline(str(tiny_model), device="cpu")
     without = _image(pipe)
@@ -153,10 +153,10 @@ def test_loss_decreases_with_fixed_noise_and_timestep(tiny_model, tmp_path):
     noise = torch.randn(1, 4, 32, 32, generator=gen)
     states = torch.randn(1, 77, 32, generator=gen)
     t = torch.tensor([500])
-    base.unet.train()
+    base.denoiser.train()
     losses = []
     for _ in range(20):
-        loss = objective.diffusion_loss(base.unet, base.noise_scheduler, latents, states, noise, t).mean()
+        loss = objective.diffusion_loss(base.denoiser, base.noise_scheduler, latents, states, noise, t).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -279,7 +279,7 @@ def test_the_final_check_is_part_of_the_run(tiny_model, tmp_path):
     log = EventLog()
     result = train.run(tiny_config(tiny_model, data, tmp_path / "o", name="good", **overrides), log,
                        final_check=True)
-    assert result.unet is None and result.text_encoder is None and result.base is None
+    assert result.denoiser is None and result.text_encoder is None and result.base is None
     assert [e.type for e in log.events[-2:]] == ["lora_verified", "finished"]
     assert log.events[-2].step == -1 and log.events[-2].ok and log.events[-2].loads
     # The check used the run's own model parts with the training adapter taken off: it sees what a fresh load

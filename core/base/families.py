@@ -1,10 +1,14 @@
-"""Model families: what differs between SD 1.x, SD 2.x and SDXL, in one table.
+"""Model families: what differs between SD 1.x, SD 2.x, SDXL, SD 3.5 and FLUX, in one table.
 
 The training loop, the caches, sampling and the export ask the model's
-``Family`` instead of testing names: which text encoders there are and how a
-prompt becomes the UNet's conditioning, whether the UNet also takes pooled
-text and size/crop "time ids", how kohya names the LoRA modules, and what the
-metadata says so that A1111, Forge and ComfyUI recognise the file.
+``Family`` instead of testing names: which denoiser it has (a UNet or a
+transformer) and which objective trains it (DDPM noise/velocity prediction or
+rectified flow), which text encoders there are and how a prompt becomes the
+denoiser's conditioning, how the denoiser is called, how kohya names the LoRA
+modules, and what the metadata says so that A1111, Forge and ComfyUI
+recognise the file. The flow-matching transformer families live in
+``core.base.flow_families``; each is a subclass with its own ``encode`` and
+``predict``.
 
 A model's family is detected from its own files (``detect_family``) and can
 be forced with ``model.family`` in the config.
@@ -34,8 +38,28 @@ class Family:
     ldm_unet_names: bool  # kohya writes the UNet with the original (LDM) module names
     pooled: bool  # the UNet takes pooled text embeddings and size/crop time ids (SDXL)
     native_resolution: int
+    denoiser: str = "unet"  # the model's subfolder (and pipeline argument) of the network that trains
+    denoiser_class: str = "UNet2DConditionModel"
+    vae_class: str = "AutoencoderKL"
+    flow: bool = False  # rectified flow (velocity = noise - latents) instead of the DDPM schedule
+    # Modules that get a LoRA when lora.target_modules is empty (names or name suffixes, as peft matches them).
+    default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    trainable_text: tuple[int, ...] = (0, 1)  # which text encoders may get a LoRA (by position)
+    learning_rate: float = 1e-4  # what the family's presets start from
 
-    def base_model_version(self, prediction_type: str) -> str:
+    def text_lengths(self, denoiser_config) -> tuple[int | None, ...]:
+        """Tokens per tokenizer (None: the tokenizer's own window, CLIP's 77)."""
+        return (None,) * len(self.tokenizers)
+
+    def lora_targets(self, denoiser, names: list[str]) -> list[str]:
+        """What peft's ``target_modules`` gets: the configured names, or the family's defaults."""
+        return list(names or self.default_targets)
+
+    def variant(self, denoiser_config) -> str:
+        """Which model of the family the denoiser's config describes ("" where the family has one)."""
+        return ""
+
+    def base_model_version(self, prediction_type: str, variant: str = "") -> str:
         """``ss_base_model_version`` as sd-scripts-aware tools read it."""
         if self.name == "sd1":
             return "sd_v1"
@@ -43,7 +67,7 @@ class Family:
             return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
         return "sdxl_base_v1-0"
 
-    def architecture(self, prediction_type: str, resolution: int) -> str:
+    def architecture(self, prediction_type: str, resolution: int, variant: str = "") -> str:
         """``modelspec.architecture`` of a LoRA for this family (Stability's model-spec names)."""
         if self.name == "sd1":
             return "stable-diffusion-v1/lora"
@@ -69,6 +93,12 @@ class Family:
             pooled = out[0]  # the last encoder's text_embeds (CLIPTextModelWithProjection)
         return torch.cat(states, dim=-1), pooled
 
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The denoiser's output for noisy latents at ``timesteps`` (DDPM step numbers), with ``cond`` the
+        text conditioning: {"hidden", "pooled", "time_ids"} (the last two for SDXL only)."""
+        added = self.added_conditions(cond.get("pooled"), cond.get("time_ids"))
+        return denoiser(noisy, timesteps, cond["hidden"], added_cond_kwargs=added, return_dict=False)[0]
+
     def added_conditions(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
         """The UNet's ``added_cond_kwargs``: SDXL's pooled text and size/crop ids; None for the others."""
         if not self.pooled:
@@ -93,6 +123,15 @@ FAMILIES = {
 }
 
 
+def _register_flow_families() -> None:
+    from core.base.flow_families import FLOW_FAMILIES
+
+    FAMILIES.update(FLOW_FAMILIES)
+
+
+_register_flow_families()
+
+
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise FamilyError(f"unknown model family {name!r}; choose one of: {', '.join(FAMILIES)}")
@@ -106,14 +145,19 @@ def detect_family(folder: str | Path) -> Family:
     UNet uses linear projections and a 1024-wide (OpenCLIP) cross-attention;
     SD 1.x has neither.
     """
+    from core.base.flow_families import detect_flow_family
+
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
     pipeline = index.get("_class_name", "")
+    flow = detect_flow_family(folder, index)
+    if flow is not None:
+        return flow
     if pipeline.startswith("StableDiffusionXL"):
         return FAMILIES["sdxl"]
     unet = _read_json(folder / "unet" / "config.json")
     if pipeline and not pipeline.startswith("StableDiffusion"):
-        raise FamilyError(f"{folder} is a {pipeline} model; this app trains SD 1.x, SD 2.x and SDXL models")
+        raise FamilyError(f"{folder} is a {pipeline} model; this app trains {', '.join(f.label for f in FAMILIES.values())} models")
     if unet.get("addition_embed_type") == "text_time":
         return FAMILIES["sdxl"]
     if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024:

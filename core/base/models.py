@@ -24,9 +24,14 @@ class BaseModel:
     family: Any  # core.base.families.Family
     text: Any  # core.base.text.TextEncoders: the tokenizer(s) and text encoder(s)
     vae: Any
-    unet: Any
-    noise_scheduler: Any  # DDPMScheduler with the model's training schedule
-    prediction_type: str  # "epsilon" or "v_prediction"
+    denoiser: Any  # the network that trains: the UNet, or the transformer of a flow family
+    noise_scheduler: Any  # DDPMScheduler with the model's training schedule (flow families: FlowMatchEuler...)
+    prediction_type: str  # "epsilon", "v_prediction" or "flow" (velocity = noise - latents)
+
+    @property
+    def variant(self) -> str:
+        """Which model of the family this is (FLUX.1 "dev"/"schnell", SD 3.5 "large"/"3.5-medium"...)."""
+        return self.family.variant(self.denoiser.config)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -73,16 +78,15 @@ def resolve_model_path(path: str, revision: str = "") -> Path:
 
 def load_models(path: str, revision: str = "", prediction_type: str = "auto", dtype=None,
                 family: str = "auto") -> BaseModel:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
+    """Load tokenizer(s), text encoder(s), VAE, the denoiser and the training noise scheduler, all frozen.
 
-    ``family`` ("auto", "sd1", "sd2", "sdxl") picks what to load; "auto" reads
-    it from the model's files. ``dtype`` (e.g. bf16 under mixed precision) is
-    applied to the UNet and the text encoders while loading, so their fp32
-    copies never exist at once (about 1.7 GB less peak memory for SD 1.5).
-    The VAE always loads in fp32: fp16 VAEs overflow.
+    ``family`` ("auto" or a name of ``core.base.families.FAMILIES``) picks what
+    to load; "auto" reads it from the model's files. ``dtype`` (e.g. bf16 under
+    mixed precision) is applied to the denoiser and the text encoders while
+    loading, so their fp32 copies never exist at once (about 1.7 GB less peak
+    memory for SD 1.5). The VAE always loads in fp32: fp16 VAEs overflow.
     """
-    import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    import diffusers
 
     from core.base.families import FamilyError, detect_family, get_family
     from core.base.text import TextEncoders
@@ -93,28 +97,61 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto", dt
         kind = detect_family(folder) if family == "auto" else get_family(family)
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
+    missing = missing_parts(folder, kind)
+    if missing:
+        raise ModelError(f"model folder {folder} is not a complete {kind.label} diffusers model: it has no "
+                         f"{', '.join(missing)}. Point model.path at a full folder (or hub id) of the model")
     quiet_local_loading()
     try:
-        # The UNet first: converting its file to the compute dtype briefly holds both copies (an SD 1.5 UNet:
-        # 3.4 GB of fp32 beside 1.7 GB of bf16), better before the other parts are in memory than on top of them.
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
-        tokenizers = [transformers.CLIPTokenizer.from_pretrained(folder, subfolder=name) for name in kind.tokenizers]
+        # The denoiser first: converting its file to the compute dtype briefly holds both copies (an SD 1.5
+        # UNet: 3.4 GB of fp32 beside 1.7 GB of bf16), better before the other parts are in memory than after.
+        denoiser = getattr(diffusers, kind.denoiser_class).from_pretrained(folder, subfolder=kind.denoiser,
+                                                                           dtype=dtype)
+        tokenizers = [_load_tokenizer(folder, name) for name in kind.tokenizers]
         encoders = [_load_text_encoder(folder, name, dtype) for name in kind.text_encoders]
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        vae = getattr(diffusers, kind.vae_class).from_pretrained(folder, subfolder="vae")
+        scheduler_class = diffusers.FlowMatchEulerDiscreteScheduler if kind.flow else diffusers.DDPMScheduler
+        noise_scheduler = scheduler_class.from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model folder {folder} could not be loaded as a {kind.label} diffusers model: "
                          f"{_first_line(exc)}") from exc
-    if prediction_type != "auto":
-        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    resolved = _prediction_type(kind, noise_scheduler, prediction_type, folder)
+    for module in (*encoders, vae, denoiser):
+        module.requires_grad_(False)
+        module.eval()
+    text = TextEncoders(kind, tokenizers, encoders, kind.text_lengths(denoiser.config))
+    return BaseModel(folder, kind, text, vae, denoiser, noise_scheduler, resolved)
+
+
+def _prediction_type(kind, noise_scheduler, requested: str, folder: Path) -> str:
+    if kind.flow:
+        if requested not in ("auto", "flow"):
+            raise ModelError(f"{kind.label} models are trained on the flow-matching target; model.prediction_type "
+                             f"= {requested!r} does not apply to them (leave it 'auto')")
+        return "flow"
+    if requested != "auto":
+        noise_scheduler.register_to_config(prediction_type=requested)
     resolved = noise_scheduler.config.prediction_type
     if resolved not in ("epsilon", "v_prediction"):
         raise ModelError(f"model {folder} predicts {resolved!r}; only 'epsilon' and 'v_prediction' can be "
                          f"trained (set model.prediction_type to override a wrong config)")
-    for module in (*encoders, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-    return BaseModel(folder, kind, TextEncoders(kind, tokenizers, encoders), vae, unet, noise_scheduler, resolved)
+    return resolved
+
+
+def missing_parts(folder: Path, kind) -> list[str]:
+    """The subfolders a family needs that ``folder`` lacks (each with its config)."""
+    needed = (kind.denoiser, "vae", "scheduler", *kind.text_encoders, *kind.tokenizers)
+    return [name for name in needed if not (folder / name).is_dir()]
+
+
+def _load_tokenizer(folder: Path, name: str):
+    """The tokenizer class model_index.json names (CLIP's, or T5's for the flow families)."""
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    declared = index.get(name, [None, "CLIPTokenizer"])[1] or "CLIPTokenizer"
+    cls = getattr(transformers, declared, None) or transformers.AutoTokenizer
+    return cls.from_pretrained(folder, subfolder=name)
 
 
 def _load_text_encoder(folder: Path, name: str, dtype):
@@ -165,8 +202,11 @@ def native_resolution(model: str | Path) -> int | None:
         except CheckpointError:
             return None
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
+        if not (folder / "unet").is_dir():  # a transformer family: its VAE config says the picture size
+            size = vae.get("sample_size")
+            return size if isinstance(size, int) else None
+        unet = json.loads((folder / "unet" / "config.json").read_text())
     except (OSError, ValueError):
         return None
     size = unet.get("sample_size")

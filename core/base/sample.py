@@ -30,26 +30,36 @@ def make_scheduler(model_folder: str | Path, sampler: str = "default"):
     name = own_class if sampler == "default" else SAMPLERS.get(sampler)
     if name is None:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: default, {', '.join(SAMPLERS)}")
+    if index.get("transformer") and sampler != "default":
+        raise ValueError(f"sampler {sampler!r} is for the SD families; flow-matching models sample with their "
+                         f"own scheduler (sample.sampler = 'default')")
     cls = getattr(diffusers, name)
     return cls.from_pretrained(folder, subfolder="scheduler")
 
 
-def pipeline_from_parts(model_folder, vae, text, unet, sampler: str = "default"):
+def _pipeline_extras(family) -> dict:
+    """Constructor arguments a family's pipeline needs beyond its models (no watermark, no safety checker)."""
+    if family.flow:
+        return {}
+    if family.pooled:
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def pipeline_from_parts(model_folder, vae, text, denoiser, sampler: str = "default"):
     """A pipeline sharing already-loaded modules (no copy), for samples during training.
 
     ``text`` is the model's ``core.base.text.TextEncoders``; its family picks the pipeline class.
     """
     import diffusers
 
-    cls = getattr(diffusers, text.family.pipeline_class)
-    parts = {"vae": vae, "unet": unet, "scheduler": make_scheduler(model_folder, sampler)}
-    for name, tokenizer, encoder in zip(text.family.text_encoders, text.tokenizers, text.encoders, strict=True):
+    family = text.family
+    cls = getattr(diffusers, family.pipeline_class)
+    parts = {"vae": vae, family.denoiser: denoiser, "scheduler": make_scheduler(model_folder, sampler)}
+    for name, tokenizer, encoder in zip(family.text_encoders, text.tokenizers, text.encoders, strict=True):
         parts[name] = encoder
         parts[name.replace("text_encoder", "tokenizer")] = tokenizer
-    if text.family.pooled:
-        pipe = cls(**parts, add_watermarker=False)
-    else:
-        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(**parts, **_pipeline_extras(family))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -59,7 +69,7 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     """Load a base model for generation, on the GPU when there is one; with ``offload`` its weights stay in
     system RAM and each layer comes to the GPU while it runs (diffusers' group offloading, for a GPU the
     model does not fit)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     from core.base.families import FamilyError, detect_family
     from core.base.models import ModelError, resolve_model_path
@@ -70,11 +80,9 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
-        if detect_family(folder).pooled:
-            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                folder, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        family = detect_family(folder)
+        cls = getattr(diffusers, family.pipeline_class)
+        pipe = cls.from_pretrained(folder, dtype=dtype, **_pipeline_extras(family))
     except (OSError, ValueError, FamilyError) as exc:
         raise ModelError(f"model {model!r} could not be loaded for sampling: {exc}") from exc
     pipe.scheduler = make_scheduler(folder, sampler)
@@ -90,7 +98,18 @@ def apply_lora(pipe, lora_path: str | Path, scale: float = 1.0, adapter_name: st
     path = Path(lora_path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    converted = None
+    flow = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(type(pipe).__name__)
+    if flow:  # sd-scripts' layout of the original model, read here at the pipeline's own layer widths
+        from safetensors.torch import load_file
+
+        from core.lora.fused_layout import for_diffusers
+
+        converted = for_diffusers(pipe, flow, load_file(str(path)))
+    if converted is not None:
+        pipe.load_lora_weights(converted, adapter_name=adapter_name)
+    else:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
 
 
@@ -110,17 +129,43 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
             after_first_step()
         return kwargs
 
+    extra = prompt_arguments(pipe, prompt, negative_prompt)
     result = pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt or None,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         width=width,
         height=height,
         generator=generator,
         callback_on_step_end=on_step_end,
+        **extra,
     )
     return result.images[0]
+
+
+def prompt_arguments(pipe, prompt: str, negative_prompt: str = "") -> dict:
+    """The prompt as the pipeline takes it: the text itself, T5's window for the flow families (so long prompts
+    are not cut at 77 tokens), and the negative prompt where the pipeline has one (FLUX.1 is guidance-distilled:
+    it has none)."""
+    import inspect
+
+    args = {"prompt": prompt}
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    if "max_sequence_length" in accepted:
+        args["max_sequence_length"] = _t5_window(pipe)
+    if negative_prompt and "true_cfg_scale" not in accepted:
+        args["negative_prompt"] = negative_prompt
+    return args
+
+
+def _t5_window(pipe) -> int:
+    """T5's token window of a flow pipeline: FLUX.1-dev 512, schnell 256 (no guidance embedding), SD 3.5 256."""
+    from core.base.families import get_family
+
+    for name in ("flux", "sd3"):
+        family = get_family(name)
+        if type(pipe).__name__ == family.pipeline_class:
+            return family.text_lengths(pipe.transformer.config)[-1]
+    return 256
 
 
 class Previewer:

@@ -1,4 +1,4 @@
-"""A model's text encoder(s) as one module: one for SD 1.x and 2.x, two for SDXL.
+"""A model's text encoder(s) as one module: one for SD 1.x and 2.x, two for SDXL and FLUX, three for SD 3.5.
 
 Training, accelerate's ``prepare``/``save_state``, the caches and sampling all
 handle a single ``TextEncoders`` whatever the family; the ``Family`` decides
@@ -13,19 +13,35 @@ from core.base.families import Family
 
 
 class TextEncoders(torch.nn.Module):
-    def __init__(self, family: Family, tokenizers: list, encoders: list[torch.nn.Module]):
+    def __init__(self, family: Family, tokenizers: list, encoders: list[torch.nn.Module],
+                 lengths: tuple[int | None, ...] | None = None):
         super().__init__()
         self.family = family
         self.tokenizers = list(tokenizers)
         self.encoders = torch.nn.ModuleList(encoders)
+        # Tokens per tokenizer: CLIP's own 77-token window; T5's is the family's (256 or 512), not its config's.
+        self.lengths = tuple(length or tok.model_max_length
+                             for tok, length in zip(self.tokenizers, lengths or (None,) * len(self.tokenizers),
+                                                    strict=True))
 
     @property
     def max_length(self) -> int:
-        return self.tokenizers[0].model_max_length
+        """The first (CLIP) tokenizer's window, which caption lengths are measured against."""
+        return self.lengths[0]
+
+    @property
+    def window_key(self) -> str:
+        """All token windows, for cache keys (SD families: the one CLIP window, as before T5 came)."""
+        return str(self.lengths[0]) if len(set(self.lengths)) == 1 else ",".join(map(str, self.lengths))
+
+    def trainable(self) -> list[torch.nn.Module]:
+        """The encoders that may get a LoRA (the CLIP ones; never T5)."""
+        return [e for i, e in enumerate(self.encoders) if i in self.family.trainable_text]
 
     def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
         """Token ids per tokenizer, padded/truncated to each one's window."""
-        return [tokenize(tokenizer, captions) for tokenizer in self.tokenizers]
+        return [tokenize(tokenizer, captions, length) for tokenizer, length in zip(self.tokenizers, self.lengths,
+                                                                                    strict=True)]
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states for cross-attention, pooled embedding or None)."""
@@ -36,11 +52,11 @@ class TextEncoders(torch.nn.Module):
         return self(self.tokenize(captions))
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+def tokenize(tokenizer, captions: list[str], length: int | None = None) -> torch.Tensor:
     return tokenizer(
         captions,
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids

@@ -1,6 +1,7 @@
-"""Build small Stable Diffusion pipelines (SD 1.x, SD 2.x, SDXL) with random weights, offline.
+"""Build small pipelines (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1) with random weights, offline.
 
-``python -m core tiny-model DIR [--family sd15|sd2|sdxl]`` writes one. Tests, the demo and benchmarks
+``python -m core tiny-model DIR [--family sd15|sd2|sdxl|sd3|flux|flux-schnell]`` writes one (the flow
+families are built in ``core.base.tiny_flow``). Tests, the demo and benchmarks
 use it because nothing can be downloaded on CI machines. The weights are
 random, so the pictures are noise, but every code path (loading, LoRA,
 training, sampling, export) is the real one.
@@ -120,17 +121,21 @@ def _configs(shape: str, tokenizer) -> dict:
     raise ValueError(f"unknown model shape {shape!r}; use 'tiny' or 'sd15'")
 
 
-TINY_FAMILIES = ("sd15", "sd2", "sdxl")
+TINY_FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "flux-schnell")
 
 
 def build_pipeline(shape: str = "tiny", seed: int = 0, family: str = "sd15"):
-    """Return a pipeline with random weights: ``StableDiffusionPipeline`` or, for ``sdxl``, the XL one."""
+    """Return a pipeline with random weights: ``StableDiffusionPipeline``, or the XL, SD3 or FLUX one."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of: {', '.join(TINY_FAMILIES)}")
     if family != "sd15" and shape != "tiny":
         raise ValueError(f"shape {shape!r} exists only for sd15; use the tiny shape for {family}")
     if family == "sdxl":
         return _build_sdxl(seed)
+    if family in ("sd3", "flux", "flux-schnell"):
+        from core.base.tiny_flow import BUILDERS
+
+        return BUILDERS[family](seed)
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -30,11 +30,15 @@ def save_diffusers_lora(path, unet, text_encoder=None, family: str = "sd1", dtyp
 
     kind = get_family(family)
     unet = strip_wrappers(unet)
-    layers = {"unet_lora_layers": _cast(get_peft_model_state_dict(unet), dtype),
-              "unet_lora_adapter_metadata": _adapter_metadata(unet)}
+    layers = {f"{kind.denoiser}_lora_layers": _cast(get_peft_model_state_dict(unet), dtype),
+              f"{kind.denoiser}_lora_adapter_metadata": _adapter_metadata(unet)}
     if text_encoder is not None:
-        encoders = list(text_encoder.encoders) if hasattr(text_encoder, "encoders") else [text_encoder]
-        for name, encoder in zip(kind.text_encoders, encoders, strict=True):
+        if hasattr(text_encoder, "trainable"):  # TextEncoders: the CLIP ones that carry a LoRA (never T5)
+            encoders = text_encoder.trainable()
+        else:
+            encoders = list(text_encoder.encoders) if hasattr(text_encoder, "encoders") else [text_encoder]
+        names = [name for i, name in enumerate(kind.text_encoders) if i in kind.trainable_text]
+        for name, encoder in zip(names, encoders, strict=True):
             layers[f"{name}_lora_layers"] = _cast(get_peft_model_state_dict(encoder), dtype)
             layers[f"{name}_lora_adapter_metadata"] = _adapter_metadata(encoder)
     from core.lora.lora_io import NonFiniteWeightsError, nonfinite_counts

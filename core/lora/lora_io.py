@@ -38,26 +38,34 @@ _SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 
-def family_metadata(family: str = "sd1", prediction_type: str = "epsilon", resolution: int | None = None) -> dict:
+def family_metadata(family: str = "sd1", prediction_type: str = "epsilon", resolution: int | None = None,
+                    variant: str = "") -> dict:
     """What A1111 / Forge / ComfyUI look at to recognise a LoRA's model family.
 
     A1111 calls a LoRA SD1 when ``ss_v2`` is not "True" and the base version
     does not start with "sdxl_"; Forge additionally wants
-    ``modelspec.architecture``.
+    ``modelspec.architecture``. For FLUX and SD 3.5 the values are those
+    sd-scripts writes (``flux1``; ``medium``, ``5-medium``, ``5-large``), and
+    no prediction type (they predict a flow, which the model spec has no word for).
     """
     from core.base.families import get_family
 
     kind = get_family(family)
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_base_model_version": kind.base_model_version(prediction_type),
+        "ss_network_module": {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}.get(kind.name,
+                                                                                         "networks.lora"),
+        "ss_base_model_version": kind.base_model_version(prediction_type, variant),
         "ss_v2": str(kind.name == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": kind.architecture(prediction_type, resolution or kind.native_resolution),
-        "modelspec.implementation": "diffusers",
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.architecture": kind.architecture(prediction_type, resolution or kind.native_resolution, variant),
+        "modelspec.implementation": ("https://github.com/black-forest-labs/flux" if kind.name == "flux"
+                                     else "diffusers"),
     }
+    if kind.name == "flux":
+        meta["ss_model_type"] = "flux"
+    if not kind.flow:
+        meta["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
     return meta
 
 
@@ -203,6 +211,19 @@ def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, wha
     return out
 
 
+def _export_fused(denoiser, family: str, adapter_name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A flow transformer's LoRA in sd-scripts' layout of the original model (see core.lora.fused_layout)."""
+    from core.lora.fused_layout import export
+
+    model = strip_wrappers(denoiser)
+    layers = {}
+    for path, layer in _lora_layers(model, adapter_name, "transformer"):
+        _check_exportable(path, layer, adapter_name)
+        layers[path] = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight,
+                        _module_alpha(layer, adapter_name))
+    return export(family, layers, model, dtype)
+
+
 def kohya_state_dict(
     unet, text_encoder=None, adapter_name: str = "default", dtype=torch.float16, family: str = "sd1"
 ) -> dict[str, torch.Tensor]:
@@ -225,15 +246,21 @@ def kohya_state_dict(
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
     kind = get_family(family)
-    namer = None
-    if kind.ldm_unet_names:
-        from core.lora.kohya_names import kohya_unet_key
+    if kind.flow:
+        tensors = _export_fused(unet, kind.name, adapter_name, dtype)
+    else:
+        namer = None
+        if kind.ldm_unet_names:
+            from core.lora.kohya_names import kohya_unet_key
 
-        config = strip_wrappers(unet).config
-        namer = lambda path: kohya_unet_key(path, config, ldm=True)  # noqa: E731
-    tensors = _export_model(unet, UNET_PREFIX, adapter_name, dtype, "UNet", namer)
+            config = strip_wrappers(unet).config
+            namer = lambda path: kohya_unet_key(path, config, ldm=True)  # noqa: E731
+        tensors = _export_model(unet, UNET_PREFIX, adapter_name, dtype, "UNet", namer)
     if text_encoder is not None:
-        encoders = list(text_encoder.encoders) if hasattr(text_encoder, "encoders") else [text_encoder]
+        if hasattr(text_encoder, "trainable"):  # core.base.text.TextEncoders: the ones that may carry a LoRA
+            encoders = text_encoder.trainable()
+        else:
+            encoders = list(text_encoder.encoders) if hasattr(text_encoder, "encoders") else [text_encoder]
         if len(encoders) != len(kind.kohya_text_prefixes):
             raise ValueError(f"{kind.label} has {len(kind.kohya_text_prefixes)} text encoder(s), got {len(encoders)}")
         for prefix, encoder in zip(kind.kohya_text_prefixes, encoders, strict=True):
@@ -287,6 +314,7 @@ def kohya_metadata(
     extra: dict | None = None,
     family: str = "sd1",
     prediction_type: str = "epsilon",
+    variant: str = "",
 ) -> dict[str, str]:
     """Training metadata in the spelling kohya's sd-scripts writes and A1111/ComfyUI show.
 
@@ -302,7 +330,7 @@ def kohya_metadata(
     now = time.time()
     model_name = Path(base_model).name if base_model and Path(base_model).exists() else base_model
     meta = {
-        **family_metadata(family, prediction_type, max(width, height)),
+        **family_metadata(family, prediction_type, max(width, height), variant),
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
         "ss_network_args": "{}",
@@ -321,7 +349,7 @@ def kohya_metadata(
     return meta
 
 
-def _metadata_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def _metadata_from_tensors(tensors: dict[str, torch.Tensor], family: str = "sd1") -> dict[str, str]:
     """kohya's minimum metadata (``SS_METADATA_MINIMUM_KEYS``), derived from the weights.
 
     Written even when the caller gives no metadata: A1111 treats a LoRA with
@@ -333,8 +361,9 @@ def _metadata_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     unet_only = not any(k.startswith(TE_READ_PREFIXES) for k in tensors)
     sdxl = any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
                              "lora_unet_middle_block")) for k in tensors)
+    guessed = "sdxl" if family == "sd1" and sdxl else family  # callers that name no family: tell SDXL by its keys
     return {
-        **family_metadata("sdxl" if sdxl else "sd1"),
+        **family_metadata(guessed, "flow" if guessed in ("flux", "sd3") else "epsilon"),
         "ss_network_dim": str(max(ranks)),
         "ss_network_alpha": alpha,
         "ss_network_args": "{}",
@@ -387,7 +416,8 @@ def save_kohya_lora(
     if bad:
         raise NonFiniteWeightsError(bad)
     hashes = {"sshs_model_hash": model_hash(tensors)}
-    save_safetensors(path, tensors, {**_metadata_from_tensors(tensors), **user_metadata, **hashes}, durable=True)
+    save_safetensors(path, tensors, {**_metadata_from_tensors(tensors, family), **user_metadata, **hashes},
+                     durable=True)
     return path
 
 

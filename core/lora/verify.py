@@ -79,7 +79,7 @@ def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
 
     index: dict[str, torch.nn.Module] = {}
     config = unet.config
-    for path, module in _plain_modules(unet):
+    for path, module in [] if family.flow else _plain_modules(unet):
         if family.ldm_unet_names:
             from core.lora.kohya_names import kohya_unet_key
 
@@ -89,7 +89,12 @@ def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
                 continue  # a module kohya never trains (e.g. a norm-adjacent projection it cannot name)
         else:
             index[kohya_module_name(UNET_PREFIX, path, unet)] = module
-    for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders, strict=True):
+    if family.flow:  # the original model's names, with q, k and v fused (core.lora.fused_layout)
+        from core.lora.fused_layout import module_index as fused_index
+
+        index.update(fused_index(family.name, unet))
+    trainable = [e for i, e in enumerate(text_encoders) if i in family.trainable_text]  # never T5
+    for prefix, encoder in zip(family.kohya_text_prefixes, trainable, strict=True):
         for path, module in _plain_modules(encoder):
             index[kohya_module_name(prefix + "_", path, encoder)] = module
     return index
@@ -97,7 +102,7 @@ def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
 
 def peft_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
     """Every Linear/Conv2d keyed as the diffusers/peft layout names it (``unet.``, ``text_encoder.``...)."""
-    index = {f"unet.{path}": module for path, module in _plain_modules(unet)}
+    index = {f"{family.denoiser}.{path}": module for path, module in _plain_modules(unet)}
     for name, encoder in zip(family.text_encoders, text_encoders, strict=True):
         for path, module in _plain_modules(encoder):
             index[f"{name}.{path}"] = module
@@ -225,8 +230,11 @@ def verify(file: str | Path, model: str, revision: str = "", family: str = "auto
     if pipe is None:
         pipe = load_pipeline(str(folder), device=device, dtype=dtype, offload=offload)
     encoders = [getattr(pipe, name) for name in kind.text_encoders]
+    denoiser = getattr(pipe, kind.denoiser, None)
+    if denoiser is None or type(pipe).__name__ != kind.pipeline_class:
+        raise ModelError(f"{folder} is a {type(pipe).__name__} model, not {kind.label}: check model.family")
     layout, modules, unmatched, problems, matched = check_tensors(
-        tensors, module_index(pipe.unet, encoders, kind), peft_index(pipe.unet, encoders, kind))
+        tensors, module_index(denoiser, encoders, kind), peft_index(denoiser, encoders, kind))
     result = Verification(str(path), kind.name, layout, modules, matched, unmatched, problems)
     if matched == 0:
         result.problems.append("no LoRA module of the file maps onto this base model: the LoRA would do nothing "

@@ -32,7 +32,7 @@ class FeatureCache:
         return hashlib.sha256(parts.encode()).hexdigest()[:32]
 
     @staticmethod
-    def text_key(caption: str, text_fingerprint: str, max_length: int) -> str:
+    def text_key(caption: str, text_fingerprint: str, max_length: int | str) -> str:
         parts = f"{_TEXT_FORMAT}|{text_fingerprint}|{max_length}|{caption}"
         return hashlib.sha256(parts.encode()).hexdigest()[:32]
 

@@ -39,7 +39,7 @@ class RunResult:
     lora_path: Path
     run_dir: Path
     validation_losses: dict[int, float] = field(default_factory=dict)
-    unet: object = None  # the trained UNet with its adapter (unwrapped), only when run(keep_models=True)
+    denoiser: object = None  # the trained UNet or transformer with its adapter (unwrapped), only when run(keep_models=True)
     text_encoder: object = None
     base: object = None  # the loaded model parts (for the final check; let go after it)
 
@@ -73,7 +73,7 @@ class Loop:
     emit: Emit
     should_stop: Callable[[], bool]
     base: object  # core.base.models.BaseModel
-    unet: torch.nn.Module  # prepared by accelerate (maybe DDP-wrapped)
+    denoiser: torch.nn.Module  # prepared by accelerate (maybe DDP-wrapped)
     text_encoder: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -113,12 +113,12 @@ class Loop:
         status = "stopped" if stopped else "completed"
         acc.end_training()
         return RunResult(status, state.step, lora_path, c.run_dir, self.validation_losses,
-                         acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder), self.base)
+                         acc.unwrap_model(self.denoiser), acc.unwrap_model(self.text_encoder), self.base)
 
     def train(self) -> bool:
         """Run optimizer steps until the total is reached; True if stopped early."""
         c, acc, state = self.config, self.accelerator, self.state
-        models = [self.unet, self.text_encoder] if c.lora.train_text_encoder else [self.unet]
+        models = [self.denoiser, self.text_encoder] if c.lora.train_text_encoder else [self.denoiser]
         for model in models:
             model.train()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -133,7 +133,7 @@ class Loop:
                 self.last_batch = list(batch.get("path", []))
                 # forward, backward, update (accelerate decides when accumulation is complete)
                 with acc.accumulate(*models):
-                    loss = training_loss(c, self.base, self.unet, self.text_encoder, batch, self.generator,
+                    loss = training_loss(c, self.base, self.denoiser, self.text_encoder, batch, self.generator,
                                          acc.device)
                     acc.backward(loss)
                     if acc.sync_gradients and c.train.max_grad_norm:
@@ -198,7 +198,7 @@ class Loop:
     def evaluate(self) -> None:
         """Validation loss and sample images at the current step (main process; the others wait)."""
         acc = self.accelerator
-        unet = acc.unwrap_model(self.unet)
+        unet = acc.unwrap_model(self.denoiser)
         text_encoder = acc.unwrap_model(self.text_encoder)
         if acc.is_main_process:
             unet.eval()
@@ -252,7 +252,7 @@ class Loop:
         acc, c = self.accelerator, self.config
         self.require_finite()
         if acc.is_main_process:
-            save_lora(c, acc, self.unet, self.text_encoder, lora_path, self.state.step, self.data_info, self.base)
+            save_lora(c, acc, self.denoiser, self.text_encoder, lora_path, self.state.step, self.data_info, self.base)
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
             self.last_saved = (self.state.step, lora_path)
             self.check_export(lora_path)
@@ -319,7 +319,7 @@ class Loop:
 
         acc, c = self.accelerator, self.config
         text = acc.unwrap_model(self.text_encoder) if c.lora.train_text_encoder else None
-        save_diffusers_lora(path, acc.unwrap_model(self.unet), text, self.base.family.name, save_dtype(c))
+        save_diffusers_lora(path, acc.unwrap_model(self.denoiser), text, self.base.family.name, save_dtype(c))
         self.emit(CheckpointSaved(self.state.step, str(path), "lora"))
         self.check_export(path)
 
@@ -328,7 +328,7 @@ class Loop:
         from core.lora.verify import event, verify_loaded
 
         text = self.accelerator.unwrap_model(self.text_encoder)
-        result = verify_loaded(lora_path, self.accelerator.unwrap_model(self.unet), list(text.encoders),
+        result = verify_loaded(lora_path, self.accelerator.unwrap_model(self.denoiser), list(text.encoders),
                                self.base.family)
         self.emit(event(result, self.state.step))
         if not result.ok:

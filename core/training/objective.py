@@ -1,9 +1,17 @@
-"""The diffusion objective and the held-out validation loss.
+"""The diffusion objectives and the held-out validation loss.
 
-Cached VAE latents are noised at a random timestep and the UNet's output is
-regressed onto the scheduler's target (the noise for epsilon models, the
-velocity for v-prediction), with optional min-SNR-gamma weighting and noise
-offset. Validation uses fixed noise at fixed timesteps so values compare.
+SD 1.x/2.x/SDXL (DDPM): cached VAE latents are noised at a random timestep
+and the UNet's output is regressed onto the scheduler's target (the noise for
+epsilon models, the velocity for v-prediction), with optional min-SNR-gamma
+weighting and noise offset.
+
+SD 3.5 and FLUX (rectified flow): a noise level sigma in [0, 1] is drawn
+(uniform, logit-normal or mode density, then shifted towards noise), the
+input is the straight line ``(1 - sigma) * latents + sigma * noise`` and the
+transformer regresses its velocity ``noise - latents``, optionally weighted
+per sigma as in the SD3 paper.
+
+Validation uses fixed noise at fixed timesteps (or sigmas) so values compare.
 """
 
 from __future__ import annotations
@@ -34,29 +42,38 @@ def latents_from_batch(batch: dict, base, generator: torch.Generator | None, dev
     return (latents - shift) * base.vae.config.scaling_factor
 
 
-def text_states(batch: dict, base, text_encoder, device) -> tuple[torch.Tensor, dict | None]:
-    """Cross-attention states and the family's added conditions (SDXL: pooled text, size/crop ids)."""
+def text_states(batch: dict, base, text_encoder, device) -> dict:
+    """The denoiser's text conditioning: {"hidden", "pooled", "time_ids"} (the last two where the family has
+    them: SDXL's pooled text and size/crop ids, SD 3.5's and FLUX's pooled text)."""
     if "hidden" in batch:
         hidden, pooled = batch["hidden"].to(device), batch.get("pooled")
         pooled = pooled.to(device) if pooled is not None else None
     else:  # encoded now: captions change per draw, or the text encoder trains
         hidden, pooled = text_encoder(base.text.tokenize(batch["caption"]))
-    time_ids = batch["time_ids"].to(device) if "time_ids" in batch else None
-    return hidden, base.family.added_conditions(pooled, time_ids)
+    cond = {"hidden": hidden}
+    if pooled is not None:
+        cond["pooled"] = pooled
+    if "time_ids" in batch:
+        cond["time_ids"] = batch["time_ids"].to(device)
+    return cond
 
 
 def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0,
-                   added: dict | None = None) -> torch.Tensor:
+                   added: dict | None = None, family=None, cond: dict | None = None) -> torch.Tensor:
     """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted.
 
-    ``added`` is the UNet's ``added_cond_kwargs`` (SDXL), None for families without them.
+    The UNet is called through ``family.predict`` with ``cond`` when given; otherwise directly with
+    ``states`` and ``added`` (its ``added_cond_kwargs``, SDXL only).
     """
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    pred = unet(noisy, timesteps, states, added_cond_kwargs=added, return_dict=False)[0]
+    if family is not None:
+        pred = family.predict(unet, noisy, timesteps, cond)
+    else:
+        pred = unet(noisy, timesteps, states, added_cond_kwargs=added, return_dict=False)[0]
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         # Min-SNR-gamma (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", ICCV
@@ -75,17 +92,75 @@ def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_g
     return loss
 
 
+def flow_loss(denoiser, family, latents, noise, sigmas, cond: dict, weighting: str = "none") -> torch.Tensor:
+    """Per-example rectified-flow loss: the denoiser's velocity at ``(1 - sigma) x + sigma n`` against
+    ``n - x``, weighted per sigma (diffusers' SD3 weighting schemes)."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
+    noisy = (1 - s) * latents + s * noise
+    pred = family.predict(denoiser, noisy.to(latents.dtype), sigmas, cond)
+    target = noise - latents
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return loss * compute_loss_weighting_for_sd3(weighting, sigmas.float())
+
+
+def sample_levels(config: TrainConfig, family, count: int, generator, device) -> torch.Tensor:
+    """``count`` draws in [0, 1) from the configured density (diffusers' SD3 sampling helper)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    t = config.train
+    scheme = t.timestep_sampling
+    if scheme == "auto":
+        scheme = {"sd3": "logit_normal", "flux": "sigmoid"}.get(family.name, "uniform") if family.flow else "uniform"
+    if scheme == "sigmoid":  # sd-scripts' spelling of a logit-normal density centred on the middle
+        scheme, mean = "logit_normal", 0.0
+    else:
+        mean = t.logit_mean
+    return compute_density_for_timestep_sampling(scheme, count, logit_mean=mean, logit_std=t.logit_std,
+                                                 mode_scale=t.mode_scale, device=device, generator=generator)
+
+
+def flow_shift(config: TrainConfig, scheduler, latent_shape) -> float:
+    """The shift of sampled sigmas: train.flow_shift, else the scheduler's fixed shift, else (schedulers with
+    dynamic shifting: FLUX) exp(mu) with mu interpolated in the number of image tokens, as its pipeline does."""
+    import math
+
+    if config.train.flow_shift:
+        return config.train.flow_shift
+    sc = scheduler.config
+    if not sc.get("use_dynamic_shifting", False):
+        return float(sc.get("shift", 1.0))
+    tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+    lo, hi = sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096)
+    mu = sc.get("base_shift", 0.5) + (sc.get("max_shift", 1.15) - sc.get("base_shift", 0.5)) * (tokens - lo) / (hi - lo)
+    return math.exp(mu)
+
+
+def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generator, device) -> torch.Tensor:
     latents = latents_from_batch(batch, base, generator, device)
     noise = torch.randn(latents.shape, generator=generator, device=device)
     if config.train.noise_offset:
         noise = noise + config.train.noise_offset * torch.randn(
             (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
-    timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=device)
-    states, added = text_states(batch, base, text_encoder, device)
-    return diffusion_loss(unet, base.noise_scheduler, latents, states, noise, timesteps,
-                          config.train.min_snr_gamma, added).mean()
+    cond = text_states(batch, base, text_encoder, device)
+    if base.family.flow:
+        cond["guidance"] = config.train.guidance_scale
+        levels = sample_levels(config, base.family, latents.shape[0], generator, device)
+        sigmas = shifted(levels, flow_shift(config, base.noise_scheduler, latents.shape))
+        return flow_loss(unet, base.family, latents, noise, sigmas, cond, config.train.loss_weighting).mean()
+    total = base.noise_scheduler.config.num_train_timesteps
+    if config.train.timestep_sampling in ("auto", "uniform"):
+        timesteps = torch.randint(0, total, (latents.shape[0],), generator=generator, device=device)
+    else:
+        levels = sample_levels(config, base.family, latents.shape[0], generator, device)
+        timesteps = (levels * total).long().clamp(0, total - 1)
+    return diffusion_loss(unet, base.noise_scheduler, latents, None, noise, timesteps, config.train.min_snr_gamma,
+                          family=base.family, cond=cond).mean()
 
 
 # ================================================================ validation
@@ -98,10 +173,14 @@ class Validator:
         self.entries = entries  # core.training.train_data.Entry, each in its own bucket size
         self.base = base
         self.device = device
-        total = base.noise_scheduler.config.num_train_timesteps
         k = config.sample.validation_timesteps
-        # Evenly spread, away from both ends (t=0 is trivially easy, t=T-1 nearly pure noise).
-        self.timesteps = [int(round((i + 1) * total / (k + 1))) for i in range(k)]
+        self.flow = base.family.flow
+        self.guidance = config.train.guidance_scale
+        # Evenly spread, away from both ends (t=0 is trivially easy, t=T-1 nearly pure noise); flow models at
+        # the same fractions as noise levels (unshifted, so runs at other shifts compare).
+        total = 1 if self.flow else base.noise_scheduler.config.num_train_timesteps
+        self.timesteps = [(i + 1) / (k + 1) if self.flow else int(round((i + 1) * total / (k + 1)))
+                          for i in range(k)]
         gen = torch.Generator().manual_seed(config.train.seed + 1_000_003)
         self.noise = []
         for entry in entries:  # drawn in a fixed order, so each image always gets the same noise
@@ -119,14 +198,16 @@ class Validator:
             batch = collate([example(entry)])
             latents = latents_from_batch(batch, self.base, None, self.device)
             latents = latents.expand(len(self.timesteps), *latents.shape[1:])
-            states, added = text_states(batch, self.base, text_encoder, self.device)
-            states = _repeat(states, len(self.timesteps))
-            if added is not None:
-                added = {key: _repeat(value, len(self.timesteps)) for key, value in added.items()}
+            cond = {key: _repeat(value, len(self.timesteps))
+                    for key, value in text_states(batch, self.base, text_encoder, self.device).items()}
             timesteps = torch.tensor(self.timesteps, device=self.device)
             with autocast():
-                loss = diffusion_loss(unet, self.base.noise_scheduler, latents, states,
-                                      noise.to(self.device), timesteps, added=added)
+                if self.flow:
+                    loss = flow_loss(unet, self.base.family, latents, noise.to(self.device), timesteps,
+                                     {**cond, "guidance": self.guidance})
+                else:
+                    loss = diffusion_loss(unet, self.base.noise_scheduler, latents, None, noise.to(self.device),
+                                          timesteps, family=self.base.family, cond=cond)
             losses.append(loss.float().mean().item())
         return sum(losses) / len(losses)
 

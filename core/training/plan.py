@@ -185,7 +185,7 @@ def vae_bytes(rows: dict, resolution: int, decode: bool) -> int:
 def shape_of(config) -> StepShape:
     t, lora = config.train, config.lora
     return StepShape(config.dataset.resolution, t.batch_size, t.mixed_precision, t.gradient_checkpointing,
-                     lora.rank, tuple(lora.target_modules), lora.train_text_encoder,
+                     lora.rank, tuple(lora.target_modules) or StepShape.targets, lora.train_text_encoder,
                      tuple(lora.text_encoder_target_modules))
 
 

@@ -105,12 +105,13 @@ class RunPaths:
 
 
 def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str = "sd1",
-                  prediction_type: str = "epsilon") -> dict[str, str]:
+                  prediction_type: str = "epsilon", variant: str = "") -> dict[str, str]:
     from core.lora.lora_io import kohya_metadata
 
     return kohya_metadata(
         family=family,
         prediction_type=prediction_type,
+        variant=variant,
         rank=config.lora.rank,
         alpha=config.lora.alpha,
         output_name=config.output.name,
@@ -130,6 +131,12 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
             "ss_mixed_precision": config.train.mixed_precision,
             "ss_noise_offset": config.train.noise_offset,
             "ss_min_snr_gamma": config.train.min_snr_gamma,
+            "ss_timestep_sampling": config.train.timestep_sampling,
+            "ss_logit_mean": config.train.logit_mean,
+            "ss_logit_std": config.train.logit_std,
+            "ss_mode_scale": config.train.mode_scale,
+            **({"ss_discrete_flow_shift": config.train.flow_shift, "ss_weighting_scheme": config.train.loss_weighting,
+                "ss_guidance_scale": config.train.guidance_scale} if family in ("flux", "sd3") else {}),
             "ss_text_encoder_lr": config.lora.text_encoder_learning_rate or config.train.learning_rate,
             "ss_unet_lr": config.train.learning_rate,
         },
@@ -145,8 +152,9 @@ def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, 
     te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None
     family = base.family.name if base is not None else "sd1"
     prediction = base.prediction_type if base is not None else "epsilon"
+    variant = base.variant if base is not None else ""
     return save_kohya_lora(path, accelerator.unwrap_model(unet), te,
-                           metadata=lora_metadata(config, step, data_info, family, prediction), dtype=dtype,
+                           metadata=lora_metadata(config, step, data_info, family, prediction, variant), dtype=dtype,
                            family=family)
 
 

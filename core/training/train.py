@@ -105,19 +105,19 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
     if config.model.quantize == "fp8":
         from core.base.quantize import store_in_fp8
 
-        count = store_in_fp8(base.unet, dtype)
+        count = store_in_fp8(base.denoiser, dtype)
         emit(Message("info", f"UNet base stored in fp8 ({count / 1e6:.0f}M weights, cast to {dtype} per layer; "
                              f"the LoRA trains in fp32 on top)"))
     elif config.model.quantize != "none":
         from core.base.quantize import quantize_linears
 
-        count = quantize_linears(base.unet, config.model.quantize, dtype)
+        count = quantize_linears(base.denoiser, config.model.quantize, dtype)
         emit(Message("info", f"UNet base quantised to {config.model.quantize} ({count} linear layers; the LoRA "
                              f"trains in fp32 on top)"))
     if config.model.group_offload:
         from core.base.offload import offload_linears
 
-        count = offload_linears(base.unet, accelerator.device)
+        count = offload_linears(base.denoiser, accelerator.device)
         emit(Message("info", f"UNet base: the weights of its {count} linear layers stay in system RAM, each "
                              f"brought to the GPU while its layer runs (group offloading; slower steps)"))
     base.text.to(accelerator.device, dtype=dtype)
@@ -156,17 +156,22 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
             p.data = p.data.float()
         return params
 
-    unet_params = attach(base.unet, config.lora.target_modules, "UNet", "lora.target_modules")
+    what = "UNet" if base.family.denoiser == "unet" else "transformer"
+    targets = base.family.lora_targets(base.denoiser, config.lora.target_modules)
+    if not targets:
+        raise ConfigError(f"lora.target_modules = {config.lora.target_modules!r} matches no layer of the {what}'s "
+                          f"blocks; leave it empty for the {base.family.label} default set")
+    unet_params = attach(base.denoiser, targets, what, "lora.target_modules")
     te_params = []
     if config.lora.train_text_encoder:
-        for encoder in base.text.encoders:  # both of SDXL's
+        for encoder in base.text.trainable():  # both of SDXL's; the CLIP ones, never T5
             te_params += attach(encoder, config.lora.text_encoder_target_modules, "text encoder",
                                 "lora.text_encoder_target_modules")
-        base.text.peft_config = base.text.encoders[0].peft_config  # the resume state saves them as one
+        base.text.peft_config = base.text.trainable()[0].peft_config  # the resume state saves them as one
     if config.train.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.denoiser.enable_gradient_checkpointing()
         if config.lora.train_text_encoder:
-            for encoder in base.text.encoders:
+            for encoder in base.text.trainable():
                 encoder.gradient_checkpointing_enable()
     return unet_params, te_params
 
@@ -229,7 +234,7 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
         result = _train(config, accelerator, main_emit, should_stop, resume)
         base, result.base = result.base, None
         if final_check or not keep_models:
-            result.unet = result.text_encoder = None
+            result.denoiser = result.text_encoder = None
             accelerator.free_memory()
         reuse = final_check and accelerator.is_main_process and reusable_for_check(config)
         check = (verify_final(config, main_emit, base if reuse else None, accelerator.device)
@@ -265,13 +270,13 @@ def verify_final(config: TrainConfig, emit: Emit, base=None, device=None):
     if base is not None:
         from core.base.sample import pipeline_from_parts
 
-        base.unet.unload_lora()  # peft's layers give way to the base layers they wrap
-        base.unet.eval()
+        base.denoiser.unload_lora()  # peft's layers give way to the base layers they wrap
+        base.denoiser.eval()
         for part in (base.vae, *base.text.encoders):
             part.to(device)
         if not config.model.group_offload:
-            base.unet.to(device)
-        pipe = pipeline_from_parts(base.path, base.vae, base.text, base.unet)
+            base.denoiser.to(device)
+        pipe = pipeline_from_parts(base.path, base.vae, base.text, base.denoiser)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -337,9 +342,9 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     if config.model.group_offload:  # all but the offloaded linear weights, which come one layer at a time
         from core.base.offload import trainable_to
 
-        trainable_to(base.unet, accelerator.device)
+        trainable_to(base.denoiser, accelerator.device)
     else:
-        base.unet.to(accelerator.device)
+        base.denoiser.to(accelerator.device)
     buckets = bucket_record(config, train_items, [e.placement for e in train_entries])
     report_buckets(config, buckets, emit, accelerator.is_main_process)
     train_te = config.lora.train_text_encoder
@@ -347,9 +352,9 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     place_unet = not config.model.group_offload  # accelerate would move an offloaded UNet to the card whole
     if train_te:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(
-            base.unet, base.text, optimizer, dataloader, device_placement=[place_unet, True, True, True])
+            base.denoiser, base.text, optimizer, dataloader, device_placement=[place_unet, True, True, True])
     else:
-        unet, optimizer, dataloader = accelerator.prepare(base.unet, optimizer, dataloader,
+        unet, optimizer, dataloader = accelerator.prepare(base.denoiser, optimizer, dataloader,
                                                           device_placement=[place_unet, True, True])
         text_encoder = base.text
     steps_per_epoch = math.ceil(len(dataloader) / config.train.gradient_accumulation_steps)
@@ -365,7 +370,7 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         accelerator.load_state(str(latest_state(config.run_dir)))
         generator.set_state(state.noise_rng)
         emit(Message("info", f"resumed from step {state.step} ({latest_state(config.run_dir).name})"))
-    loop = Loop(config=config, accelerator=accelerator, emit=emit, should_stop=should_stop, base=base, unet=unet,
+    loop = Loop(config=config, accelerator=accelerator, emit=emit, should_stop=should_stop, base=base, denoiser=unet,
                  text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
                  state=state, generator=generator, total=total, data_info=data_metadata(train_items, buckets),
                  validator=Validator(config, val_entries, base, accelerator.device), encoder=encoder)

@@ -392,7 +392,7 @@ def cache_texts(captions: list[str], base, cache) -> None:
 
 
 def _text_key(caption: str, base, cache) -> str:
-    return cache.text_key(caption, base.fingerprint("text"), base.text.max_length)
+    return cache.text_key(caption, base.fingerprint("text"), base.text.window_key)
 
 
 def cached_text(caption: str, base, cache) -> Callable[[], dict]:
