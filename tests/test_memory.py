@@ -168,7 +168,7 @@ def test_plan_command_for_a_family_with_no_model(tmp_path):
 
 def test_a_model_folder_is_planned_with_its_own_shapes(tiny_model):
     arch = of_model(str(tiny_model))
-    assert arch.source == str(tiny_model) and arch.unet["block_out_channels"] == [32, 64]
+    assert arch.source == str(tiny_model) and arch.denoiser["block_out_channels"] == [32, 64]
     plan = planner.estimate(_config(**{"model.path": str(tiny_model), "dataset.resolution": 64}), arch)
     assert plan.phases["training"]["unet_weights"] < 10 * 2**20  # a tiny UNet, counted as it is
     assert "reference" in plan.notes[0]  # activations from the family's measurements, and it says so
@@ -325,7 +325,7 @@ def test_offloaded_layers_give_their_gradients_with_the_weights_gone(tiny_model,
     from core.base.offload import offload_linears, trainable_to
 
     def lora_gradients(offload):
-        unet = load_models(str(tiny_model), "", "auto", torch.float32).unet
+        unet = load_models(str(tiny_model), "", "auto", torch.float32).denoiser
         unet.enable_gradient_checkpointing()
         if offload == "linear layers":  # before the LoRA, as the engine does
             assert offload_linears(unet, "cpu", disk_folder=str(tmp_path / "linear")) > 10

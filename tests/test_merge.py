@@ -67,3 +67,93 @@ def test_merge_command_fp16_and_errors(tiny_model, tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     wrong = core_cmd("merge", "--model", tiny_model, "--lora", lora, "--out", tmp_path / "x.ckpt")
     assert wrong.returncode == 2 and ".safetensors" in wrong.stderr
+
+
+def test_merged_sd2_768_v_file_is_labelled_by_its_prediction(tiny_sd2, tmp_path):
+    lora = _lora(tiny_sd2, tmp_path)
+    merged = merge(str(tiny_sd2), lora, 1.0, tmp_path / "m.safetensors", precision="fp32")
+    with safe_open(merged, "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+        # ComfyUI computes a pooled output from OpenCLIP's projection: written (the identity), never missing
+        projection = f.get_tensor("cond_stage_model.model.text_projection")
+    assert torch.equal(projection, torch.eye(projection.shape[0]))
+
+
+def test_v_prediction_sdxl_is_marked_and_the_mark_is_honoured(tiny_sdxl, tmp_path):
+    import json
+
+    model = tmp_path / "vpred-sdxl"
+    shutil.copytree(tiny_sdxl, model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text())
+    scheduler.write_text(json.dumps({**config, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}))
+    lora = _lora(model, tmp_path)
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sdxl, models / "configs" / "sdxl")  # an epsilon config: the marks must win over it
+    merged = merge(str(model), lora, 1.0, models / "v.safetensors", precision="fp32")
+    with safe_open(merged, "pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys())
+    converted = resolve_model_path(str(merged))
+    imported = json.loads((converted / "scheduler" / "scheduler_config.json").read_text())
+    assert imported["prediction_type"] == "v_prediction" and imported["rescale_betas_zero_snr"] is True
+    # an epsilon SDXL carries no mark
+    plain = merge(str(tiny_sdxl), _lora(tiny_sdxl, tmp_path / "p"), 1.0, tmp_path / "e.safetensors")
+    with safe_open(plain, "pt") as f:
+        assert not {"v_pred", "ztsnr"} & set(f.keys())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_merged_flow_model_is_the_transformer_file_people_share(family, tiny_sd3, tiny_flux, tmp_path):
+    """The merged FLUX / SD 3.5 file is the transformer alone in the original names; read back with the text
+    encoders and VAE of a folder of the family, it gives base + LoRA."""
+    model = {"sd3": tiny_sd3, "flux": tiny_flux}[family]
+    data = write_dataset(tmp_path / "d", n=2)
+    cfg = tiny_config(model, data, tmp_path / "out", **{
+        "train.max_train_steps": 3, "sample.prompts": [], "output.save_state": False, "train.learning_rate": 1e-2,
+        "dataset.validation_split": 0.0, "output.save_precision": "fp32"})
+    lora = train.run(cfg, EventLog()).lora_path
+    models = tmp_path / "models"
+    shutil.copytree(model, models / "configs" / family)  # the companion: text encoders, VAE, tokenizers
+    merged = merge(str(model), lora, 0.7, models / "merged.safetensors", precision="fp32")
+    with safe_open(merged, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    block = {"flux": "double_blocks.0.img_attn.qkv.weight", "sd3": "joint_blocks.0.x_block.attn.qkv.weight"}[family]
+    assert block in keys and not any(k.startswith(("first_stage_model", "text_encoders", "transformer_blocks"))
+                                     for k in keys)
+    assert meta["modelspec.architecture"] == {"flux": "flux-1-dev", "sd3": "stable-diffusion-3-5-medium"}[family]
+
+    expected_pipe = load_pipeline(str(model), device="cpu")
+    base = _image(expected_pipe)
+    apply_lora(expected_pipe, lora, 0.7)
+    expected = _image(expected_pipe)
+    converted = resolve_model_path(str(merged))  # transformer from the file, the rest linked from the companion
+    got = _image(load_pipeline(str(converted), device="cpu"))
+    assert np.abs(expected - base).max() >= 1.0, "the LoRA does not change the image"
+    assert np.abs(got - expected).max() <= 2.0  # fused weights (stored in bf16 by the conversion)
+    if family == "sd3":  # diffusers' own single-file reader agrees (its FLUX reader assumes FLUX.1's widths)
+        from diffusers import SD3Transformer2DModel
+
+        read = SD3Transformer2DModel.from_single_file(str(merged), config=str(model), subfolder="transformer",
+                                                      local_files_only=True, torch_dtype=torch.float32)
+        fused = load_pipeline(str(model), device="cpu", dtype=torch.float32)
+        apply_lora(fused, lora, 1.0, adapter_name="m")
+        fused.fuse_lora(lora_scale=0.7, adapter_names=["m"])
+        fused.unload_lora_weights()
+        ours = fused.transformer.state_dict()
+        assert all(torch.allclose(read.state_dict()[k], ours[k], atol=1e-6) for k in ours)
+
+
+def test_a_flow_transformer_file_without_a_companion_folder_says_what_to_get(tiny_flux, tmp_path):
+    from core.base.flow_checkpoint import original_state_dict
+    from core.base.models import ModelError, load_models
+    from core.fsutil import save_safetensors
+
+    alone = tmp_path / "models" / "flux-finetune.safetensors"
+    alone.parent.mkdir()
+    save_safetensors(alone, original_state_dict(load_models(str(tiny_flux)).denoiser, "flux"))
+    with pytest.raises(ModelError) as err:
+        resolve_model_path(str(alone))
+    message = str(err.value)
+    assert "FLUX.1 transformer" in message and "models/configs/flux" in message and "hf download" in message
+    shutil.copytree(tiny_flux, tmp_path / "models" / "some-flux")  # any diffusers FLUX folder in models/ serves
+    assert load_models(str(alone)).family.name == "flux"

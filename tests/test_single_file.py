@@ -166,7 +166,7 @@ def test_keys_are_the_original_layout_and_all_are_converted(family, pipes, files
         expected = {("" if k.startswith("text_") else "text_model.") + k for k in encoder.state_dict()}
         extra = {f"text_model.encoder.layers.{layers}.{k}" for k in _layer_keys()} if family == "sd2" else set()
         assert open_clip.keys() == expected | extra
-        packed = 12 * (layers + (family == "sd2")) + 4 + (family == "sdxl")  # + text_projection
+        packed = 12 * (layers + (family == "sd2")) + 4 + 1  # + text_projection (the identity for SD 2.x)
         assert sum(k.startswith(prefix) for k in text_keys) == packed
 
 
@@ -226,7 +226,8 @@ def _real_shaped(family: str):
 # diffusers' models do not have: CLIP's position_ids buffer, OpenCLIP's logit_scale, SD 2.x's text_projection.
 REAL_KEYS = {
     "sd1": {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.transformer.": 196},
-    "sd2": {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.model.": 292},
+    # SD 2.1's own file: 24 OpenCLIP blocks of 12 tensors, 4 around them, and text_projection
+    "sd2": {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.model.": 293},
     "sdxl": {"model.diffusion_model.": 1680, "first_stage_model.": 248, "conditioner.embedders.0.": 196,
              "conditioner.embedders.1.": 389},
 }
@@ -263,6 +264,7 @@ def test_real_sized_layout_is_recognised_as_its_family(family):
         assert state["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3072, 1024)
         last = {k for k in state if ".resblocks.23." in k}
         assert last == set(SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) - {"cond_stage_model.model.text_projection"}
+        assert state["cond_stage_model.model.text_projection"].shape == (1024, 1024)
         assert not any(".resblocks.24." in k for k in state)
     if family == "sdxl":
         assert "conditioner.embedders.1.model.ln_final.weight" in state
@@ -288,6 +290,8 @@ def test_bad_arguments_are_explained(pipes, tmp_path):
     with pytest.raises(SingleFileError, match="2 text encoder"):
         to_single_file_state_dict(pipe.unet, pipe.vae, [pipe.text_encoder], "sdxl")
     with pytest.raises(FamilyError):
+        to_single_file_state_dict(pipe.unet, pipe.vae, _encoders(pipe), "sd4")
+    with pytest.raises(SingleFileError, match="transformer alone"):
         to_single_file_state_dict(pipe.unet, pipe.vae, _encoders(pipe), "sd3")
     with pytest.raises(SingleFileError, match="safetensors"):
         save_single_file(tmp_path / "x.ckpt", pipe.unet, pipe.vae, _encoders(pipe), "sdxl")

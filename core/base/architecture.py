@@ -1,8 +1,8 @@
 """The layer shapes of a model, without its weights: what memory planning reads.
 
 Each family has a reference architecture kept in ``core/base/architectures/``
-(the configs of SD 1.5, SD 2.1 768 and SDXL 1.0 base), so a plan works with no
-model downloaded. A local diffusers folder (or the converted copy of a single
+(the configs of SD 1.5, SD 2.1 768, SDXL 1.0 base, SD 3.5 Large and Medium,
+FLUX.1-dev and schnell), so a plan works with no model downloaded. A local diffusers folder (or the converted copy of a single
 file) gives its own configs instead. ``build_meta`` turns an architecture into
 real modules on the meta device: every shape is right, no memory is used.
 """
@@ -19,9 +19,9 @@ REFERENCE_DIR = Path(__file__).with_name("architectures")
 
 @dataclass(frozen=True)
 class Architecture:
-    family: str  # sd1, sd2, sdxl
+    family: str  # sd1, sd2, sdxl, sd3, flux
     source: str  # what the shapes come from: the reference model's name or the model folder
-    unet: dict
+    denoiser: dict  # the UNet's or transformer's config
     text_encoders: tuple[tuple[str, dict], ...]  # (transformers class name, config) in the family's order
     vae: dict
 
@@ -31,17 +31,34 @@ class Architecture:
     @property
     def key(self) -> str:
         """Identity of the shapes (not of the source): equal architectures share measurements."""
-        blob = json.dumps([self.family, self.unet, self.text_encoders, self.vae], sort_keys=True, default=str)
+        blob = json.dumps([self.family, self.denoiser, self.text_encoders, self.vae], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def reference(family: str) -> Architecture:
+# Reference models by name: a family's default, or a variant of it ("flux-schnell", "sd3-medium").
+VARIANTS = {"sd3": "sd3", "sd3-medium": "sd3", "flux": "flux", "flux-schnell": "flux"}
+
+
+def reference(name: str) -> Architecture:
+    """The reference architecture of a family (sd1, sd2, sdxl, sd3 = SD 3.5 Large, flux = FLUX.1-dev) or of a
+    variant (sd3-medium, flux-schnell)."""
     from core.base.families import get_family
 
+    family = VARIANTS.get(name, name)
     get_family(family)  # FamilyError for an unknown name
-    data = json.loads((REFERENCE_DIR / f"{family}.json").read_text(encoding="utf-8"))
-    return Architecture(family, "reference " + data["reference"], data["unet"],
+    data = _reference_data(name)
+    denoiser = data.get("unet") or data["transformer"]
+    return Architecture(family, "reference " + data["reference"], denoiser,
                         tuple((e["class"], e["config"]) for e in data["text_encoders"]), data["vae"])
+
+
+def reference_config(name: str, part: str) -> dict:
+    """One part's config ("transformer", "vae", ...) of a reference model."""
+    return dict(_reference_data(name)[part])
+
+
+def _reference_data(name: str) -> dict:
+    return json.loads((REFERENCE_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def of_model(path: str, family: str = "auto") -> Architecture:
@@ -73,7 +90,9 @@ def of_model(path: str, family: str = "auto") -> Architecture:
                               f"pass --family")
         return reference(family)
     kind = detect_family(folder).name if family == "auto" else family
-    return Architecture(kind, str(folder), _config(folder / "unet"),
+    from core.base.families import get_family
+
+    return Architecture(kind, str(folder), _config(folder / get_family(kind).denoiser),
                         tuple(_text_encoder(folder / name) for name in reference_names(kind)), _config(folder / "vae"))
 
 
@@ -91,25 +110,28 @@ def _config(folder: Path) -> dict:
 def _text_encoder(folder: Path) -> tuple[str, dict]:
     config = _config(folder)
     architecture = (config.pop("architectures", None) or ["CLIPTextModel"])[0]
+    config.pop("model_type", None)
     return architecture, config
 
 
 def build_meta(arch: Architecture, dtype=None):
-    """(unet, [text encoders], vae) with the architecture's shapes on the meta device, frozen."""
+    """(denoiser, [text encoders], vae) with the architecture's shapes on the meta device, frozen."""
+    import diffusers
     import torch
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from core.base.families import get_family
     from core.quiet import quiet_local_loading
 
+    kind = get_family(arch.family)
     quiet_local_loading()
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(arch.unet)
+        unet = getattr(diffusers, kind.denoiser_class).from_config(arch.denoiser)
         encoders = []
         for cls_name, config in arch.text_encoders:
             cls = getattr(transformers, cls_name)
-            encoders.append(cls(transformers.CLIPTextConfig(**config)))
-        vae = AutoencoderKL.from_config(arch.vae)
+            encoders.append(cls(cls.config_class(**config)))
+        vae = getattr(diffusers, kind.vae_class).from_config(arch.vae)
     for module in (unet, *encoders, vae):
         module.requires_grad_(False)
     if dtype is not None:

@@ -7,8 +7,11 @@ diffusers' own single-file loader and kept beside it in a hidden
 time). The conversion needs the family's configs and tokenizers (they are
 not inside the file). They are looked up locally first, so it works offline:
 
-1. ``models/configs/<family>/`` (``sd1``, ``sd2``, ``sdxl``): a diffusers folder
-   of that family; its JSON configs and tokenizer files are enough;
+1. ``models/configs/<family>/`` (``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux``): a
+   diffusers folder of that family; for the SD families its JSON configs and
+   tokenizer files are enough; SD 3.5 and FLUX files usually hold only the
+   transformer, so their folder also gives the weights of the text encoders
+   and the VAE (see ``core.base.flow_checkpoint``);
 2. any diffusers model of the same family elsewhere in ``models/``;
 3. otherwise the family's reference model on the Hugging Face hub (online
    only); offline, the error says exactly which folder to create.
@@ -28,7 +31,13 @@ REFERENCE_REPOS = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd3": "stabilityai/stable-diffusion-3.5-large",
+    "flux": "black-forest-labs/FLUX.1-dev",
 }
+
+
+def reference_repo(family: str) -> str:
+    return REFERENCE_REPOS[family]
 
 
 class CheckpointError(RuntimeError):
@@ -41,8 +50,13 @@ def is_single_file(path: str | os.PathLike) -> bool:
 
 
 def checkpoint_family(path: str | os.PathLike) -> str:
-    """sd1, sd2 or sdxl from the checkpoint's key names (read from the header only for .safetensors)."""
+    """sd1, sd2, sdxl, sd3 or flux from the checkpoint's key names (read from the header only for .safetensors)."""
+    from core.base.flow_checkpoint import transformer_file_family
+
     keys = _keys(Path(path))
+    flow = transformer_file_family(keys)
+    if flow is not None:
+        return flow
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -51,8 +65,9 @@ def checkpoint_family(path: str | os.PathLike) -> str:
         return "sd1"
     if any(k.startswith("lora_") for k in keys):
         raise CheckpointError(f"{path} is a LoRA, not a base model; pick it in the Prompt tab's LoRA list")
-    raise CheckpointError(f"{path} is not an SD 1.x, SD 2.x or SDXL checkpoint (no text encoder keys this app "
-                          f"knows); use a diffusers folder or a checkpoint of one of those families")
+    raise CheckpointError(f"{path} is not an SD 1.x, SD 2.x, SDXL, SD 3.5 or FLUX.1 checkpoint (no text encoder or "
+                          f"transformer keys this app knows); use a diffusers folder or a checkpoint of one of "
+                          f"those families")
 
 
 def _keys(path: Path) -> list[str]:
@@ -114,6 +129,13 @@ def convert(path: str | os.PathLike, models_dir: str | os.PathLike | None = None
     config = next((c for c in (find_config_folder(family, root) for root in roots) if c), None)
     models_dir = roots[0]
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if family in ("sd3", "flux"):  # the transformer from the file, the rest from a folder of the family
+        from core.base.flow_checkpoint import convert_transformer_file
+
+        if path.suffix.lower() != ".safetensors":
+            raise CheckpointError(f"{path.name}: {_label(family)} transformer files are read as .safetensors only")
+        convert_transformer_file(path, family, config, target, offline)
+        return target
     if config is None and offline:
         raise CheckpointError(
             f"{path.name} is an {_label(family)} single-file checkpoint; converting it offline needs that "
@@ -145,6 +167,11 @@ def _convert(path: Path, family: str, config: str, target: Path, offline: bool) 
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name} could not be converted with the {_label(family)} configs from "
                               f"{config}: {' '.join(str(exc).split())[:400]}") from exc
+    markers = set(_keys(path)) & {"v_pred", "ztsnr"}
+    if "v_pred" in markers:  # how A1111 and ComfyUI mark a v-prediction SDXL checkpoint
+        pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    if "ztsnr" in markers:  # ... and one trained with zero terminal SNR
+        pipe.scheduler.register_to_config(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     target.parent.mkdir(parents=True, exist_ok=True)
     with new_folder(target) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -42,8 +42,15 @@ zero and are added to the input), so:
   CLIP loader skips keys the model lacks for other depths, so reading the
   file back gives the text encoder we started from.
 
-``text_projection`` is not written for SD 2.x: SD 2.x never uses the pooled
-output, the diffusers model has no projection, and diffusers ignores the key.
+SD 2.x's ``text_projection``: SD 2.x never uses the pooled output and the
+diffusers model has no projection (diffusers ignores the key), but ComfyUI
+computes a pooled output from it and, when the file lacks the key, from
+uninitialised memory. The identity is written: the pooled output is then the
+normalised end-of-text state itself, the same on every run.
+
+v-prediction SDXL: A1111 and ComfyUI recognise it only by a top-level
+``v_pred`` key (and zero-terminal-SNR by ``ztsnr``); both are written for such
+models and read back when a single file is imported.
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ def to_single_file_state_dict(unet, vae, text_encoders: list, family: str,
     from core.base.families import get_family
 
     name = get_family(family).name
+    if name not in TEXT_ENCODER_PREFIXES:
+        raise SingleFileError(f"{get_family(family).label} models are written as their transformer alone "
+                              f"(core.base.flow_checkpoint), not as an SD checkpoint")
     layouts = TEXT_ENCODER_PREFIXES[name]
     if len(text_encoders) != len(layouts):
         raise SingleFileError(f"a {name} checkpoint needs {len(layouts)} text encoder(s), got {len(text_encoders)}")
@@ -103,10 +113,12 @@ def to_single_file_state_dict(unet, vae, text_encoders: list, family: str,
 
 
 def save_single_file(path, unet, vae, text_encoders: list, family: str, dtype: torch.dtype = torch.float16,
-                     metadata: dict | None = None) -> Path:
+                     metadata: dict | None = None, prediction_type: str = "epsilon", zero_snr: bool = False) -> Path:
     """Write the pipeline as one ``.safetensors`` checkpoint at ``path`` (atomically) and return the path.
 
-    ``metadata`` (string keys and values) goes into the file's header as is.
+    ``metadata`` (string keys and values) goes into the file's header as is. An SDXL model that predicts
+    ``v_prediction`` gets the ``v_pred`` marker key (and ``ztsnr`` with ``zero_snr``), which is how A1111 and
+    ComfyUI tell such a checkpoint from an epsilon one.
     """
     from core.fsutil import save_safetensors
 
@@ -117,6 +129,10 @@ def save_single_file(path, unet, vae, text_encoders: list, family: str, dtype: t
     if bad:
         raise SingleFileError(f"metadata values must be strings (safetensors headers hold text); not: {bad}")
     state = to_single_file_state_dict(unet, vae, text_encoders, family, dtype)
+    if family == "sdxl" and prediction_type == "v_prediction":
+        state["v_pred"] = torch.tensor([])
+        if zero_snr:
+            state["ztsnr"] = torch.tensor([])
     # safetensors writes from CPU memory
     state = {k: v.to("cpu") for k, v in state.items()}
     save_safetensors(path, state, metadata=dict(metadata) if metadata else None, durable=True)
@@ -283,6 +299,9 @@ def _open_clip(encoder, zero_last_layer: bool) -> list[tuple[str, torch.Tensor]]
         out += _open_clip_layer(i, layers[i])
     if zero_last_layer and layers:
         out += [(key, torch.zeros_like(tensor)) for key, tensor in _open_clip_layer(len(layers), layers[0])]
+    if "text_projection.weight" not in state and layers:  # SD 2.x: see the module docstring
+        width = layers[0]["self_attn.q_proj.weight"].shape[1]
+        out.append(("text_projection", torch.eye(width, dtype=layers[0]["self_attn.q_proj.weight"].dtype)))
     return out
 
 

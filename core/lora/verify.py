@@ -21,6 +21,7 @@ A file that maps to nothing, or changes nothing, fails.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Verification:
     unmatched: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # shape/alpha problems, load failures, no effect
     loads: bool | None = None  # diffusers' loader read it (None: not checked)
+    warnings: list[str] = field(default_factory=list)  # loads, but not in every tool
     mean_change: float | None = None  # mean |LoRA - base| pixel difference, 0-255 (None: not measured)
     max_change: float | None = None
 
@@ -50,7 +52,8 @@ class Verification:
     def to_json(self) -> dict:
         return {"file": self.file, "family": self.family, "layout": self.layout, "ok": self.ok,
                 "modules": self.modules, "matched": self.matched, "unmatched": list(self.unmatched),
-                "problems": list(self.problems), "loads": self.loads, "mean_change": self.mean_change,
+                "problems": list(self.problems), "warnings": list(self.warnings), "loads": self.loads,
+                "mean_change": self.mean_change,
                 "max_change": self.max_change}
 
     def summary(self) -> str:
@@ -66,6 +69,7 @@ class Verification:
             lines.append(f"image change at a fixed seed: mean {self.mean_change:.2f}, max {self.max_change:.0f} "
                          f"(of 255)")
         lines += [f"problem: {p}" for p in self.problems]
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -118,6 +122,27 @@ def _plain_modules(model):
             yield path.removesuffix(".base_layer"), module
 
 
+# UNet modules outside the attention and resnet blocks (kohya and diffusers names): ComfyUI and diffusers apply
+# them, but sd-scripts' LoRA network has no slot for them, so A1111 extensions and tools built on it skip them.
+_UNPLACEABLE = re.compile(r"lora_unet_(conv_in|conv_out|time_embedding|time_embed|add_embedding|label_emb"
+                          r"|class_embedding|input_blocks_0_0|out_[02])(_|$)|unet\.(conv_in|conv_out|time_embedding"
+                          r"|add_embedding|class_embedding)\.")
+
+
+def _module_names(tensors: dict) -> list[str]:
+    return sorted({k[: -len(s)] for k in tensors for s in KOHYA_SUFFIXES + PEFT_SUFFIXES if k.endswith(s)})
+
+
+def placement_warnings(names: list[str]) -> list[str]:
+    """A warning for a file whose modules sd-scripts-based tools cannot place (they load in ComfyUI/diffusers)."""
+    odd = sorted({n for n in names if _UNPLACEABLE.match(n)})
+    if not odd:
+        return []
+    return [f"{len(odd)} module(s) outside the UNet's blocks ({', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''})"
+            f" load in ComfyUI and diffusers, but sd-scripts-based tools (and A1111 extensions built on them) "
+            f"skip them; leave them out of lora.target_modules for a file that works everywhere"]
+
+
 def event(result: Verification, step: int):
     """The verification as a LoraVerified event (unmatched names first, at most ten)."""
     from core.events import LoraVerified
@@ -135,6 +160,7 @@ def verify_loaded(file: str | Path, unet, text_encoders, family) -> Verification
     layout, modules, unmatched, problems, matched = check_tensors(
         tensors, module_index(unet, text_encoders, family), peft_index(unet, text_encoders, family))
     result = Verification(str(file), family.name, layout, modules, matched, unmatched, problems)
+    result.warnings = placement_warnings(_module_names(tensors))
     if matched == 0:
         result.problems.append("no LoRA module of the file maps onto the base model")
     return result
@@ -236,6 +262,7 @@ def verify(file: str | Path, model: str, revision: str = "", family: str = "auto
     layout, modules, unmatched, problems, matched = check_tensors(
         tensors, module_index(denoiser, encoders, kind), peft_index(denoiser, encoders, kind))
     result = Verification(str(path), kind.name, layout, modules, matched, unmatched, problems)
+    result.warnings = placement_warnings(_module_names(tensors))
     if matched == 0:
         result.problems.append("no LoRA module of the file maps onto this base model: the LoRA would do nothing "
                                "(wrong model family, or names no loader understands)")

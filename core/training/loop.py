@@ -331,6 +331,9 @@ class Loop:
         result = verify_loaded(lora_path, self.accelerator.unwrap_model(self.denoiser), list(text.encoders),
                                self.base.family)
         self.emit(event(result, self.state.step))
+        if lora_path == self.paths.final_lora:
+            for warning in result.warnings:
+                self.emit(Message("warning", f"{lora_path.name}: {warning}"))
         if not result.ok:
             found = [f"{len(result.unmatched)} module(s) do not map onto the base model"] if result.unmatched else []
             self.emit(Message("warning", f"{lora_path.name} failed its check: " + "; ".join(found + result.problems)))
