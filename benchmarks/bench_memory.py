@@ -4,6 +4,7 @@
     python benchmarks/bench_memory.py --write    # measure the reference architectures again and write
                                                  # core/training/memory_table.json (a few minutes)
     python benchmarks/bench_memory.py --write --model PATH   # add a model folder's own architecture
+    python benchmarks/bench_memory.py --write --reference flux   # measure one reference model again
     python benchmarks/bench_memory.py --cuda     # on a GPU: real steps (max_memory_allocated) against both
     python benchmarks/bench_memory.py --toggles 6    # each setting: planned memory and step time here
     python benchmarks/bench_memory.py --quality 40   # each base precision: validation loss, speed
@@ -51,13 +52,16 @@ def config_for(family, resolution, batch=1, precision="bf16", ckpt=True, te=Fals
         "model.quantize": quantize, "sample.prompts": list(prompts)})
 
 
-def write_table(models: list[str]) -> None:
+REFERENCES = ("sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux")
+
+
+def write_table(models: list[str], references=REFERENCES) -> None:
     from core.base.architecture import of_model, reference
     from core.training.memory import calibrate
     from core.training.plan import TABLE, table
 
     rows = dict(table())
-    archs = [reference(f) for f in ("sd1", "sd2", "sdxl")] + [of_model(m) for m in models]
+    archs = [reference(f) for f in references] + [of_model(m) for m in models]
     for arch in archs:
         start = time.perf_counter()
         rows[arch.key] = calibrate(arch, progress=lambda text: print("  " + text, flush=True))
@@ -291,6 +295,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="measure and write core/training/memory_table.json")
     parser.add_argument("--model", action="append", default=[], help="with --write: a model folder to add")
+    parser.add_argument("--reference", action="append", choices=REFERENCES, default=[],
+                        help="with --write: measure only these reference models (default: all)")
     parser.add_argument("--cuda", action="store_true", help="also measure real steps on the GPU")
     parser.add_argument("--toggles", type=int, default=0, metavar="STEPS",
                         help="only each setting's planned memory and measured step time, with this many steps")
@@ -299,7 +305,7 @@ def main() -> int:
                         help="only the quality/speed table of the base precisions, with this many steps")
     args = parser.parse_args()
     if args.write:
-        write_table(args.model)
+        write_table(args.model, args.reference or REFERENCES)
         return 0
     if args.quality:
         quality(args.quality)

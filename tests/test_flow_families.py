@@ -147,8 +147,12 @@ def test_nf4_base_trains_on_cpu_and_its_lora_loads_on_the_full_model(tiny_flux, 
         "model.quantize": "nf4", "train.mixed_precision": "bf16", "train.max_train_steps": 2,
         "sample.prompts": [], "output.save_state": False, "dataset.validation_split": 0.0,
         "train.learning_rate": 1e-2})
-    result = train.run(cfg, EventLog(), keep_models=True)
+    log = EventLog()
+    result = train.run(cfg, log, keep_models=True)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.denoiser.modules())
+    t5 = result.text_encoder.encoders[1]  # stored like the base: it only encodes the captions
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in t5.modules())
+    assert any("T5EncoderModel stored in nf4" in e.text for e in log.of("message"))
     check = verify(result.lora_path, str(tiny_flux), steps=2)  # the unquantised model
     assert check.ok and check.loads and check.max_change >= 1.0, check.summary()
 
@@ -196,3 +200,24 @@ def test_fused_layers_read_back_exactly_by_diffusers_at_flux_widths():
         a, b = converted[f"transformer.{path}.lora_A.weight"], converted[f"transformer.{path}.lora_B.weight"]
         assert a.shape[0] == rank  # split back to the part's own rank
         torch.testing.assert_close(b @ a, up @ down * (alpha / rank), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_samples_from_cached_prompts_match_the_text_encoders(family, tiny_sd3, tiny_flux):
+    """During training the flow families' sample prompts come from the text cache (T5 stays off the card);
+    the picture is the one the pipeline makes from the prompt itself."""
+    import numpy as np
+
+    from core.base.models import load_models
+    from core.base.sample import generate, load_pipeline
+
+    model = _model(family, tiny_sd3, tiny_flux)
+    pipe = load_pipeline(str(model), device="cpu")
+    text = load_models(str(model)).text
+    (hidden, pooled), (neg_hidden, neg_pooled) = text.encode(["a photo of sks"]), text.encode(["blurry"])
+    embeds = {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": neg_hidden,
+              "negative_pooled_prompt_embeds": neg_pooled}
+    kw = dict(seed=2, steps=2, width=64, height=64, guidance_scale=4.0, negative_prompt="blurry")
+    from_text = np.asarray(generate(pipe, "a photo of sks", **kw), dtype=float)
+    from_cache = np.asarray(generate(pipe, "a photo of sks", embeds=embeds, **kw), dtype=float)
+    assert np.abs(from_text - from_cache).max() <= 1.0

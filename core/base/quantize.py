@@ -1,4 +1,4 @@
-"""A quantised frozen UNet (QLoRA): its linear layers stored in 8 or 4 bits by bitsandbytes.
+"""A quantised frozen UNet or transformer (QLoRA): its linear layers stored in 8 or 4 bits by bitsandbytes.
 
 diffusers' own bitsandbytes loader refuses to run without a GPU, so the
 layers are swapped here with bitsandbytes' modules (``Linear8bitLt`` for
@@ -8,7 +8,8 @@ that peft adds on top trains in fp32; its parameter names are those of the
 unquantised model, so the saved file is the same and loads on the full UNet.
 
 Only the transformer blocks' linear layers are quantised: the time and
-conditioning embeddings are small and steer every layer, so they stay exact,
+conditioning embeddings (and a flow transformer's input and final layers)
+are small and steer every layer, so they stay exact,
 and so does a layer whose input is not a whole number of quantisation blocks
 (64 values; every layer of the real models is, tiny test models have some
 that are not). The planner (core.training.plan) counts the same layers.
@@ -27,13 +28,15 @@ from __future__ import annotations
 
 import torch
 
-KEEP_EXACT = ("time_embedding", "add_embedding", "class_embedding", "time_proj", "add_time_proj")
+KEEP_EXACT = ("time_embedding", "add_embedding", "class_embedding", "time_proj", "add_time_proj",
+              # the flow transformers' embeddings and final layer (outside their blocks)
+              "time_text_embed", "x_embedder", "context_embedder", "pos_embed", "norm_out")
 KEEP_EXACT_FP8 = (*KEEP_EXACT, "conv_in", "conv_out")
 BLOCK = 64  # NF4 quantisation block (bitsandbytes' default)
 
 
 def quantizable(name: str, module: torch.nn.Module) -> bool:
-    return (type(module) is torch.nn.Linear and module.in_features % BLOCK == 0
+    return (type(module) is torch.nn.Linear and module.in_features % BLOCK == 0 and name != "proj_out"
             and not any(part in KEEP_EXACT for part in name.split(".")))
 
 
@@ -73,7 +76,7 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
 
 
 def fp8_castable(name: str, module: torch.nn.Module) -> bool:
-    return (type(module) in (torch.nn.Linear, torch.nn.Conv2d, FP8Linear, FP8Conv2d)
+    return (type(module) in (torch.nn.Linear, torch.nn.Conv2d, FP8Linear, FP8Conv2d) and name != "proj_out"
             and not any(part in KEEP_EXACT_FP8 for part in name.split(".")))
 
 

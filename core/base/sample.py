@@ -115,12 +115,15 @@ def apply_lora(pipe, lora_path: str | Path, scale: float = 1.0, adapter_name: st
 
 @torch.no_grad()
 def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float = 7.5, width: int = 512,
-             height: int = 512, negative_prompt: str = "", after_first_step=None):
+             height: int = 512, negative_prompt: str = "", after_first_step=None, embeds: dict | None = None):
     """One image at a fixed seed (the seed alone decides the starting noise, on any device).
 
     ``after_first_step`` is called once the prompt is encoded and the first denoising step is done: the
     moment the text encoders are no longer needed (training moves them off the GPU there, before the
     VAE decodes).
+
+    ``embeds`` (flow pipelines): the prompt's and the negative prompt's encoded text ("prompt_embeds",
+    "pooled_prompt_embeds", "negative_..."), used instead of the text encoders.
     """
     generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -129,7 +132,7 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
             after_first_step()
         return kwargs
 
-    extra = prompt_arguments(pipe, prompt, negative_prompt)
+    extra = prompt_arguments(pipe, prompt, negative_prompt) if embeds is None else _embed_arguments(pipe, embeds)
     result = pipe(
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
@@ -154,6 +157,19 @@ def prompt_arguments(pipe, prompt: str, negative_prompt: str = "") -> dict:
         args["max_sequence_length"] = _t5_window(pipe)
     if negative_prompt and "true_cfg_scale" not in accepted:
         args["negative_prompt"] = negative_prompt
+    return args
+
+
+def _embed_arguments(pipe, embeds: dict) -> dict:
+    """The encoded prompt as the pipeline takes it: SD 3.5 with the negative (its guidance needs one), FLUX.1
+    without (its guidance is distilled into the model)."""
+    import inspect
+
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    args = {"prompt_embeds": embeds["prompt_embeds"], "pooled_prompt_embeds": embeds["pooled_prompt_embeds"]}
+    if "true_cfg_scale" not in accepted:
+        args["negative_prompt_embeds"] = embeds["negative_prompt_embeds"]
+        args["negative_pooled_prompt_embeds"] = embeds["negative_pooled_prompt_embeds"]
     return args
 
 

@@ -71,7 +71,7 @@ def _frozen(pipe):
 def build_sd3(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    clip_l, clip_g, t5_width = 32, 48, 96  # T5 at least as wide as both CLIPs side by side, as 4096 >= 768 + 1280
+    clip_l, clip_g, t5_width = 32, 48, 128  # T5 at least as wide as both CLIPs side by side, as 4096 >= 768 + 1280
     tokenizers = (build_tokenizer(), build_tokenizer(), build_t5_tokenizer(256))
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -90,7 +90,7 @@ def build_flux(seed: int = 0, guidance: bool = True):
     """FLUX.1-dev (``guidance``) or schnell (no guidance embedding)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    clip_width, t5_width = 32, 48
+    clip_width, t5_width = 32, 64  # T5 a whole number of 64-value blocks wide: quantisable like the real one
     tokenizer, tokenizer_2 = build_tokenizer(), build_t5_tokenizer(512)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(

@@ -89,6 +89,9 @@ class Loop:
     updating: bool = False  # inside optimizer.step()
     spill: SpillWatch = field(default_factory=SpillWatch)  # GPU memory spilling into system RAM (CUDA)
     encoder: LatentEncoder | None = None  # latents cached while training (the VAE leaves once all are)
+    # Cached text of the sample prompts (and the negative prompt), for the flow families: their T5 never comes
+    # back to the card for samples. Empty: the text encoders encode each prompt.
+    sample_text: dict[str, Callable[[], dict]] = field(default_factory=dict)
 
     @property
     def paths(self) -> RunPaths:
@@ -229,19 +232,34 @@ class Loop:
         pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, unet,
                                    c.sample.sampler)
         for i, prompt in enumerate(c.sample.prompts):
-            text_encoder.to(self.accelerator.device)
+            embeds = self.sample_embeds(prompt)
+            if embeds is None:
+                text_encoder.to(self.accelerator.device)
             with self.accelerator.autocast():
                 image = generate(pipe, prompt, seed=c.sample.seed, steps=c.sample.steps,
                                  guidance_scale=c.sample.guidance_scale,
                                  width=c.sample.width or c.dataset.resolution,
                                  height=c.sample.height or c.dataset.resolution,
                                  negative_prompt=c.sample.negative_prompt,
-                                 after_first_step=lambda: text_encoder.to(text_device))
+                                 after_first_step=lambda: text_encoder.to(text_device), embeds=embeds)
             path = self.paths.sample(self.state.step, i)
             save_image(path, image)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
         self.base.vae.to(vae_device)
         text_encoder.to(text_device)
+
+    def sample_embeds(self, prompt: str) -> dict | None:
+        """The cached conditioning of a sample prompt and of the negative prompt, on the device; None when
+        the prompts are not cached (the text encoders then encode them)."""
+        if prompt not in self.sample_text:
+            return None
+        device = self.accelerator.device
+        positive = self.sample_text[prompt]()
+        negative = self.sample_text[self.config.sample.negative_prompt]()
+        as_batch = lambda t: t.unsqueeze(0).to(device)  # noqa: E731
+        return {"prompt_embeds": as_batch(positive["hidden"]), "pooled_prompt_embeds": as_batch(positive["pooled"]),
+                "negative_prompt_embeds": as_batch(negative["hidden"]),
+                "negative_pooled_prompt_embeds": as_batch(negative["pooled"])}
 
     def save(self, lora_path: Path) -> None:
         """The LoRA file (main process) and, if enabled, the resume state (all processes).

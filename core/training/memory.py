@@ -38,7 +38,7 @@ class StepShape:
     precision: str = "bf16"  # train.mixed_precision: frozen weights and compute in this dtype
     checkpointing: bool = True
     rank: int = 16
-    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    targets: tuple[str, ...] = ()  # empty: the family's default set
     train_text_encoder: bool = False
     text_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -187,18 +187,22 @@ def cuda_step_seconds(arch, shape: StepShape, repeats: int = 5) -> float:
 
 
 def _step_models(arch, shape: StepShape, dtype):
-    """UNet and text encoders on the meta device with the step's LoRA and checkpointing."""
+    """The denoiser and text encoders on the meta device with the step's LoRA and checkpointing (a text
+    encoder LoRA on the CLIP encoders only, as the engine trains it)."""
     from core.base.architecture import build_meta
+    from core.base.families import get_family
 
+    kind = get_family(arch.family)
     unet, encoders, _ = build_meta(arch, dtype)
-    add_lora_meta(unet, shape.targets, shape.rank)
+    add_lora_meta(unet, kind.lora_targets(unet, list(shape.targets)), shape.rank)
+    trainable = [e for i, e in enumerate(encoders) if i in kind.trainable_text]
     if shape.train_text_encoder:
-        for encoder in encoders:
+        for encoder in trainable:
             add_lora_meta(encoder, shape.text_targets, shape.rank)
     if shape.checkpointing:
         unet.enable_gradient_checkpointing()
         if shape.train_text_encoder:
-            for encoder in encoders:
+            for encoder in trainable:
                 encoder.gradient_checkpointing_enable()
     return unet, encoders
 
@@ -218,37 +222,59 @@ def _materialise(unet, encoders, device: str):
 
 
 def _step_inputs(arch, shape: StepShape, dtype, unet, encoders, device: str) -> dict[str, torch.Tensor]:
+    """Cached latents and text conditioning of a batch, shaped as the engine feeds them (token ids instead of
+    text states when the text encoder trains)."""
+    from core.base.families import get_family
+
+    kind = get_family(arch.family)
     b, side = shape.batch, shape.resolution // 8
-    inputs = {"latents": torch.zeros(b, unet.config.in_channels, side, side, dtype=dtype, device=device),
-              "timesteps": torch.zeros(b, dtype=torch.long, device=device)}
+    channels = arch.vae.get("latent_channels", 4)
+    inputs = {"latents": torch.zeros(b, channels, side, side, dtype=dtype, device=device),
+              "timesteps": torch.zeros(b, dtype=torch.float32 if kind.flow else torch.long, device=device)}
+    lengths = [n or 77 for n in kind.text_lengths(unet.config)]
     if shape.train_text_encoder:
-        inputs["ids"] = torch.zeros(b, 77, dtype=torch.long, device=device)
-    else:
-        inputs["text"] = torch.zeros(b, 77, unet.config.cross_attention_dim, dtype=dtype, device=device)
-    if arch.family == "sdxl":
+        for i, length in enumerate(lengths):
+            inputs[f"ids{i}"] = torch.zeros(b, length, dtype=torch.long, device=device)
+        return inputs
+    config = unet.config
+    if kind.flow:
+        seq = sum(lengths) if kind.name == "sd3" else lengths[-1]  # SD 3.5: CLIP's 77 then T5's in one sequence
+        inputs["hidden"] = torch.zeros(b, seq, config.joint_attention_dim, dtype=dtype, device=device)
+        inputs["pooled"] = torch.zeros(b, config.pooled_projection_dim, dtype=dtype, device=device)
+        return inputs
+    inputs["hidden"] = torch.zeros(b, 77, config.cross_attention_dim, dtype=dtype, device=device)
+    if kind.pooled:
         inputs["pooled"] = torch.zeros(b, encoders[-1].config.projection_dim, dtype=dtype, device=device)
         inputs["time_ids"] = torch.zeros(b, 6, dtype=dtype, device=device)
     return inputs
 
 
+def _cond(arch, shape: StepShape, encoders, inputs) -> dict:
+    """The denoiser's conditioning: the cached states, or the text encoders run on the token ids."""
+    from core.base.families import get_family
+
+    kind = get_family(arch.family)
+    if not shape.train_text_encoder:
+        return {k: v for k, v in inputs.items() if k in ("hidden", "pooled", "time_ids")}
+    for i, encoder in enumerate(encoders):
+        encoder.train(i in kind.trainable_text)
+    hidden, pooled = kind.encode(encoders, [inputs[f"ids{i}"] for i in range(len(encoders))])
+    cond = {"hidden": hidden, "pooled": pooled}
+    if kind.pooled and not kind.flow:
+        cond["time_ids"] = torch.zeros(hidden.shape[0], 6, dtype=hidden.dtype, device=hidden.device)
+    return cond
+
+
 def _forward_backward(arch, shape: StepShape, dtype, unet, encoders, inputs, device: str = "cpu") -> None:
+    from core.base.families import get_family
+
     unet.train()
     autocast = (torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     with autocast:
-        if shape.train_text_encoder:
-            states, pooled = [], None
-            for encoder in encoders:
-                encoder.train()
-                out = encoder(inputs["ids"], output_hidden_states=True)
-                states.append(out.hidden_states[-2] if arch.family == "sdxl" else out[0])
-                pooled = out[0]
-            text = torch.cat(states, dim=-1)
-        else:
-            text, pooled = inputs["text"], inputs.get("pooled")
-        added = {"text_embeds": pooled, "time_ids": inputs["time_ids"]} if arch.family == "sdxl" else None
-        prediction = unet(inputs["latents"], inputs["timesteps"], text, added_cond_kwargs=added).sample
+        cond = _cond(arch, shape, encoders, inputs)
+        prediction = get_family(arch.family).predict(unet, inputs["latents"], inputs["timesteps"], cond)
     loss = torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
-    del prediction, text, pooled
+    del prediction, cond
     loss.backward()
 
 
@@ -297,16 +323,18 @@ def measure_denoise(arch, resolution: int, precision: str = "bf16") -> int:
 
     from core.base.architecture import build_meta
 
+    from core.base.families import get_family
+
     dtype = torch_dtype(precision)
     unet, encoders, _ = build_meta(arch, dtype)
+    shape = StepShape(resolution, 2, precision)
     with FakeTensorMode(allow_non_fake_inputs=True):
         unet.to_empty(device="cpu")
-        inputs = _step_inputs(arch, StepShape(resolution, 2, precision), dtype, unet, encoders, "cpu")
+        inputs = _step_inputs(arch, shape, dtype, unet, encoders, "cpu")
         counter = _StorageCounter([*unet.parameters(), *unet.buffers(), *inputs.values()])
-        added = ({"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]} if arch.family == "sdxl"
-                 else None)
         with counter, torch.no_grad():
-            unet(inputs["latents"], inputs["timesteps"], inputs["text"], added_cond_kwargs=added)
+            get_family(arch.family).predict(unet, inputs["latents"], inputs["timesteps"],
+                                            _cond(arch, shape, encoders, inputs))
     return counter.peak
 
 

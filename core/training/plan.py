@@ -113,6 +113,8 @@ class Inventory:
     fp8: int  # UNet weights that fp8 storage keeps in one byte (count)
     largest_fp8: int  # parameters of the biggest such layer (cast up one at a time)
     offload_resident: int  # UNet weights on the card at once with group offloading, fp32 bytes
+    text_linear: int = 0  # quantisable linear weights of the frozen-only encoders (T5), fp32 bytes
+    text_fp8: int = 0  # weights fp8 storage keeps in one byte in them (count)
 
 
 @functools.lru_cache(maxsize=32)
@@ -122,6 +124,9 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
     from core.base.quantize import fp8_castable, quantizable
     from core.training.memory import add_lora_meta
 
+    from core.base.families import get_family
+
+    kind = get_family(arch.family)
     unet, encoders, vae = build_meta(arch)
     linears = [m for name, m in unet.named_modules() if quantizable(name, m)]
     frozen = lambda m: sum(p.numel() * 4 for p in (*m.parameters(), *m.buffers()))  # noqa: E731
@@ -130,10 +135,14 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
     linear_bytes = sum(m.weight.numel() * 4 for m in linears)
     fp8 = [m.weight.numel() for name, m in unet.named_modules() if fp8_castable(name, m)]
     resident = resident_weights(unet) * 4  # before the LoRA is added (offloading is applied before it)
-    lora_unet = sum(p.numel() for p in add_lora_meta(unet, targets, rank))
-    lora_text = sum(p.numel() for e in encoders for p in add_lora_meta(e, text_targets, rank))
+    lora_unet = sum(p.numel() for p in add_lora_meta(unet, kind.lora_targets(unet, list(targets)), rank))
+    trainable = [e for i, e in enumerate(encoders) if i in kind.trainable_text]  # the CLIP ones, never T5
+    frozen_only = [e for i, e in enumerate(encoders) if i not in kind.trainable_text]  # T5: stored like the base
+    text_linear = sum(m.weight.numel() * 4 for e in frozen_only for n, m in e.named_modules() if quantizable(n, m))
+    text_fp8 = sum(m.weight.numel() for e in frozen_only for n, m in e.named_modules() if fp8_castable(n, m))
+    lora_text = sum(p.numel() for e in trainable for p in add_lora_meta(e, text_targets, rank))
     return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text, sum(fp8),
-                     max(fp8, default=0), resident)
+                     max(fp8, default=0), resident, text_linear, text_fp8)
 
 
 def optimizer_bytes(params: int, optimizer: str) -> int:
@@ -185,7 +194,7 @@ def vae_bytes(rows: dict, resolution: int, decode: bool) -> int:
 def shape_of(config) -> StepShape:
     t, lora = config.train, config.lora
     return StepShape(config.dataset.resolution, t.batch_size, t.mixed_precision, t.gradient_checkpointing,
-                     lora.rank, tuple(lora.target_modules) or StepShape.targets, lora.train_text_encoder,
+                     lora.rank, tuple(lora.target_modules), lora.train_text_encoder,
                      tuple(lora.text_encoder_target_modules))
 
 
@@ -198,7 +207,7 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
     quantize = config.model.quantize
     unet = (inv.offload_resident * width // 4 if config.model.group_offload
             else _unet_weights(inv, width, quantize))
-    text = inv.text * width // 4
+    text = _text_weights(inv, width, quantize)
     lora_params = inv.lora_unet + (inv.lora_text if shape.train_text_encoder else 0)
     trained = {"lora": lora_params * 4, "optimizer": optimizer_bytes(lora_params, config.train.optimizer)}
     from core.training.train_data import pictures_per_encode, placement, text_is_cached
@@ -225,7 +234,11 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
         phases["training_and_caching"] = {**training, "vae_weights": inv.vae,
                                  "activations": max(training["activations"], encode * pictures)}
     if config.sample.prompts:
-        phases["samples"] = _samples_phase(config, rows, inv, training, text, dequantised, width)
+        from core.base.families import get_family
+
+        cached_prompts = get_family(arch.family).flow and text_is_cached(config)  # no text encoder for samples
+        phases["samples"] = _samples_phase(config, rows, inv, training, 0 if cached_prompts else text, dequantised,
+                                           width)
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     return Plan(arch.family, arch.source, phases, peak_phase, vram, card, notes=[note] if note else [])
 
@@ -241,6 +254,17 @@ def _samples_phase(config, rows: dict, inv: Inventory, training: dict, text: int
                 "activations": int(rows["denoise"] * tokens * width / 2) + dequantised}
     decoding = {**resident, "activations": vae_bytes(rows, side, decode=True)}
     return max(encoding, decoding, key=lambda phase: sum(phase.values()))
+
+
+def _text_weights(inv: Inventory, width: int, quantize: str) -> int:
+    """The text encoders in the compute dtype; a flow family's T5 stored as the base is (core.training.train
+    quantize_frozen_text)."""
+    if quantize == "none" or not (inv.text_linear or inv.text_fp8):
+        return inv.text * width // 4
+    if quantize == "fp8":
+        return (inv.text // 4 - inv.text_fp8) * width + inv.text_fp8
+    per_weight = NF4_BYTES if quantize == "nf4" else INT8_BYTES
+    return int((inv.text - inv.text_linear) * width // 4 + inv.text_linear // 4 * per_weight)
 
 
 def _unet_weights(inv: Inventory, width: int, quantize: str) -> int:

@@ -102,18 +102,21 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
                        config.model.family)
     emit(Message("info", f"{base.family.label} model ({base.prediction_type}) from {base.path}"))
     # The UNet (loaded in the compute dtype) goes to the device once the caches are built.
+    what = "UNet" if base.family.denoiser == "unet" else "transformer"
     if config.model.quantize == "fp8":
         from core.base.quantize import store_in_fp8
 
         count = store_in_fp8(base.denoiser, dtype)
-        emit(Message("info", f"UNet base stored in fp8 ({count / 1e6:.0f}M weights, cast to {dtype} per layer; "
+        emit(Message("info", f"{what} base stored in fp8 ({count / 1e6:.0f}M weights, cast to {dtype} per layer; "
                              f"the LoRA trains in fp32 on top)"))
     elif config.model.quantize != "none":
         from core.base.quantize import quantize_linears
 
         count = quantize_linears(base.denoiser, config.model.quantize, dtype)
-        emit(Message("info", f"UNet base quantised to {config.model.quantize} ({count} linear layers; the LoRA "
+        emit(Message("info", f"{what} base quantised to {config.model.quantize} ({count} linear layers; the LoRA "
                              f"trains in fp32 on top)"))
+    if config.model.quantize != "none":
+        quantize_frozen_text(config, base, dtype, emit)
     if config.model.group_offload:
         from core.base.offload import offload_linears
 
@@ -123,6 +126,22 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
     base.text.to(accelerator.device, dtype=dtype)
     base.vae.to(dtype=torch.float32)  # fp16 VAEs overflow; it comes to the card once the text is cached
     return base
+
+
+def quantize_frozen_text(config: TrainConfig, base, dtype, emit: Emit) -> None:
+    """The flow families' T5 (4.7 B parameters, 9.5 GB in bf16) stored like the base: it only encodes the
+    captions once, and in full precision it alone would not fit an 8 GB card (the peers ship it in fp8)."""
+    from core.base.quantize import quantize_linears, store_in_fp8
+
+    frozen = [e for i, e in enumerate(base.text.encoders) if i not in base.family.trainable_text]
+    for encoder in frozen:
+        if config.model.quantize == "fp8":
+            count = store_in_fp8(encoder, dtype)
+        else:
+            count = quantize_linears(encoder, config.model.quantize, dtype)
+        if count:
+            emit(Message("info", f"{type(encoder).__name__} stored in {config.model.quantize} too ({count} "
+                                 f"layers): it encodes every caption once, before training"))
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -322,9 +341,12 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     # while the first epoch draws them). Off the card stays what only sampling needs again; the UNet comes on.
     where = placement(config)
     with accelerator.main_process_first():
+        prompts = ([*config.sample.prompts, config.sample.negative_prompt]
+                   if base.family.flow and text_is_cached(config) else [])  # flow samples use cached prompts
         if text_is_cached(config):
             captions = [item.caption for item in [*train_items, *val_items]]
-            cache_texts(captions + ([""] if config.dataset.caption_dropout else []), base, cache)
+            cache_texts(captions + ([""] if config.dataset.caption_dropout else []) + prompts, base, cache)
+        sample_text = {prompt: cached_text(prompt, base, cache) for prompt in prompts}
         base.text.to(accelerator.device if where["text"] == "device" else "cpu")
         if encoder is None:
             base.vae.to(accelerator.device)
@@ -373,7 +395,8 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     loop = Loop(config=config, accelerator=accelerator, emit=emit, should_stop=should_stop, base=base, denoiser=unet,
                  text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
                  state=state, generator=generator, total=total, data_info=data_metadata(train_items, buckets),
-                 validator=Validator(config, val_entries, base, accelerator.device), encoder=encoder)
+                 validator=Validator(config, val_entries, base, accelerator.device), encoder=encoder,
+                 sample_text=sample_text)
     emit(RunStarted(str(config.run_dir), total, state.step, len(train_items), len(val_items),
                     config.train.batch_size, accelerator.num_processes, str(accelerator.device), resume))
     return loop.run(resume)
