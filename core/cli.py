@@ -10,8 +10,8 @@
     python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
     python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
     python -m core merge --model MODEL --lora FILE --scale S --out MERGED.safetensors [--precision fp16|bf16|fp32]
-    python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl] [--set section.key=value ...] [--vram GB] [--fit]
-                        [--json]
+    python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl|sd3|sd3-medium|flux|flux-schnell]
+                        [--set section.key=value ...] [--vram GB] [--fit] [--json]
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
 one line on stderr that says what went wrong and what to do.
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify-lora", help="check that a LoRA file maps onto its base model and changes its images")
     p.add_argument("file", help="the LoRA .safetensors (kohya or diffusers layout)")
     p.add_argument("--model", required=True, help="the base model (diffusers folder or hub id)")
-    p.add_argument("--family", choices=["auto", "sd1", "sd2", "sdxl"], default="auto")
+    p.add_argument("--family", choices=["auto", "sd1", "sd2", "sdxl", "sd3", "flux"], default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-image", action="store_true", help="skip generating images (names and shapes only)")
     p.add_argument("--prompt", default="a photo", help="prompt of the test images")
@@ -127,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="estimate a run's peak GPU memory; with --fit, pick settings that fit the card")
     p.add_argument("config", nargs="?", default="", help="a config .toml (default: the default settings)")
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="",
-                   help="plan for this family's reference model (no model needed); else model.family/model.path")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux", "flux-schnell"], default="",
+                   help="plan for this family's reference model (no model needed): SD 1.5, SD 2.1, SDXL, SD 3.5 "
+                        "Large or Medium, FLUX.1-dev or schnell; else model.family/model.path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--vram", type=float, default=0.0, help="the card's memory in GB (default: the GPU found)")
@@ -413,9 +414,13 @@ def cmd_plan(args) -> int:
             for item in args.overrides:
                 config_mod.apply_override(raw, item)
             config = config_mod.from_dict(raw, check_paths=False)
-        if args.family:
-            config.model.family = args.family
-        arch = of_model(config.model.path if not args.family else "", config.model.family)
+        if args.family:  # a family's reference model (or a variant of it), no model needed
+            from core.base.architecture import VARIANTS, reference
+
+            config.model.family = VARIANTS.get(args.family, args.family)
+            arch = reference(args.family)
+        else:
+            arch = of_model(config.model.path, config.model.family)
     except (config_mod.ConfigError, FamilyError, CheckpointError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     if args.vram < 0:

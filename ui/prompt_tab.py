@@ -115,13 +115,18 @@ def lists(settings: AppSettings):
 
 
 def model_size(model):
-    """Default the size to what the model was made for (512 for SD 1.5, 64 for the tiny demo model)."""
+    """Default the size to what the model was made for (512 for SD 1.5, 64 for the tiny demo model), and the
+    steps and guidance to the flow models' own (FLUX.1-schnell: 4 steps, no guidance)."""
     import gradio as gr
 
-    from core.base.models import native_resolution
+    from core.base.models import native_resolution, sample_defaults
 
     size = native_resolution(model) if model else None
-    return (gr.update(value=size), gr.update(value=size)) if size else (gr.skip(), gr.skip())
+    sizes = (gr.update(value=size), gr.update(value=size)) if size else (gr.skip(), gr.skip())
+    sampling = sample_defaults(model) if model else {}
+    steps, guidance = sampling.get("sample.steps"), sampling.get("sample.guidance_scale")
+    return (*sizes, gr.update(value=steps) if steps is not None else gr.skip(),
+            gr.update(value=guidance) if guidance is not None else gr.skip())
 
 
 # ------------------------------------------------------------------ layout
@@ -193,7 +198,7 @@ def build(settings: AppSettings, previewer: Previewer):
     def on_refresh():
         return lists(settings)
 
-    model.change(model_size, model, [width, height])
+    model.change(model_size, model, [width, height, steps, guidance])
     generate_button.click(on_generate, inputs, [output, message])
     compare_button.click(on_compare, inputs, [pair, message])
     grid_button.click(on_grid, inputs, [grid_out, message])

@@ -55,6 +55,11 @@ class Family:
         """What peft's ``target_modules`` gets: the configured names, or the family's defaults."""
         return list(names or self.default_targets)
 
+    def sampling(self, variant: str = "") -> dict:
+        """Sample settings the family's presets set (steps, guidance scale); the SD families keep the config's
+        defaults (20 steps at 7.5)."""
+        return {}
+
     def variant(self, denoiser_config) -> str:
         """Which model of the family the denoiser's config describes ("" where the family has one)."""
         return ""

@@ -34,6 +34,10 @@ class SD3Family(Family):
     def text_lengths(self, denoiser_config) -> tuple[int | None, ...]:
         return (None, None, 256)  # what StableDiffusion3Pipeline uses (max_sequence_length)
 
+    def sampling(self, variant: str = "") -> dict:
+        # Stability's cards: Large 28 steps at guidance 3.5-4.5, Medium 40 steps at 4.5
+        return {"sample.steps": 40 if variant == "3.5-medium" else 28, "sample.guidance_scale": 4.5}
+
     def variant(self, denoiser_config) -> str:
         layers = _get(denoiser_config, "num_layers", 0)
         if layers >= 38:
@@ -76,6 +80,12 @@ class FluxFamily(Family):
     def text_lengths(self, denoiser_config) -> tuple[int | None, ...]:
         # FluxPipeline's max_sequence_length: 512 for dev; schnell was distilled with 256.
         return (None, 512 if _get(denoiser_config, "guidance_embeds", False) else 256)
+
+    def sampling(self, variant: str = "") -> dict:
+        # dev: 28 steps with its distilled guidance 3.5; schnell: 4 steps, no guidance
+        if variant == "schnell":
+            return {"sample.steps": 4, "sample.guidance_scale": 0.0}
+        return {"sample.steps": 28, "sample.guidance_scale": 3.5}
 
     def variant(self, denoiser_config) -> str:
         return "dev" if _get(denoiser_config, "guidance_embeds", False) else "schnell"

@@ -337,10 +337,12 @@ def builtin_presets(arch, resolution: int = 0) -> dict[str, dict]:
     from core import config as config_mod
     from core.base.families import get_family
 
-    resolution = resolution or get_family(arch.family).native_resolution
+    kind = get_family(arch.family)
+    resolution = resolution or kind.native_resolution
     base = {"dataset.resolution": resolution, "train.mixed_precision": "bf16", "train.batch_size": 1,
             "lora.rank": 16, "lora.alpha": 16.0, "train.gradient_checkpointing": False, "model.quantize": "none",
-            "train.optimizer": "adamw8bit"}
+            "train.optimizer": "adamw8bit", "train.learning_rate": kind.learning_rate,
+            **kind.sampling(kind.variant(arch.denoiser))}
     start = config_mod.with_values(config_mod.TrainConfig(), base)
     presets = {}
     for gb in CARDS_GB:
