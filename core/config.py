@@ -66,12 +66,14 @@ class ModelConfig:
     prediction_type: PredictionType = opt(
         "auto", "What the model predicts. 'auto' reads it from the model's scheduler config; override only "
         "for models whose config is wrong (v-prediction fine-tunes shipped with an epsilon config).")
-    quantize: Quantize = opt("none", "Store the frozen UNet smaller while the LoRA trains in fp32 on top (QLoRA): "
-                             "'int8' and 'nf4' quantise its linear layers with bitsandbytes (half and a quarter "
-                             "of bf16's memory, at some speed); 'fp8' stores its linear and convolution weights in "
-                             "8-bit floats, cast up per layer. The saved LoRA is the same file either way and "
-                             "loads on the full model.")
-    group_offload: bool = opt(False, "Keep the frozen UNet's linear layers (most of its weights) in system RAM "
+    quantize: Quantize = opt("none", "Store the frozen UNet or transformer smaller while the LoRA trains in fp32 on "
+                             "top (QLoRA): 'int8' and 'nf4' quantise its linear layers with bitsandbytes (half and "
+                             "a quarter of bf16's memory, at some speed); 'fp8' stores its linear and convolution "
+                             "weights in 8-bit floats, cast up per layer. SD 3.5 and FLUX store their T5 text "
+                             "encoder the same way while it encodes the captions. The saved LoRA is the same file "
+                             "either way and loads on the full model.")
+    group_offload: bool = opt(False, "Keep the frozen UNet's (or transformer's) linear layers (most of its "
+                              "weights) in system RAM "
                               "and bring each to the GPU only while it runs (diffusers' group offloading): the "
                               "last resort for a model that does not fit even quantised; steps get slower. "
                               "Needs train.gradient_checkpointing and model.quantize = 'none'.")
@@ -205,7 +207,8 @@ class SampleConfig:
     guidance_scale: float = opt(7.5, "Classifier-free guidance scale of the samples.", min=0.0, max=50.0)
     seed: int = opt(0, "Seed of the sample images (the same at every step, so they are comparable).",
                     min=0, max=2**32 - 1)
-    sampler: Sampler = opt("default", "Sampler of the sample images; 'default' uses the model's own.")
+    sampler: Sampler = opt("default", "Sampler of the sample images; 'default' uses the model's own (the only "
+                           "choice for SD 3.5 and FLUX, which sample with their flow-matching scheduler).")
     width: int = opt(0, "Sample width; 0 uses dataset.resolution.", min=0, max=4096, multiple_of=8)
     height: int = opt(0, "Sample height; 0 uses dataset.resolution.", min=0, max=4096, multiple_of=8)
     validation_timesteps: int = opt(4, "Number of fixed timesteps (evenly spread) at which the validation "

@@ -101,6 +101,9 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
     base = load_models(config.model.path, config.model.revision, config.model.prediction_type, dtype,
                        config.model.family)
     emit(Message("info", f"{base.family.label} model ({base.prediction_type}) from {base.path}"))
+    if base.family.flow and config.sample.sampler != "default":
+        raise ConfigError(f"sample.sampler = {config.sample.sampler!r} is a sampler of the SD families; "
+                          f"{base.family.label} samples with its own flow-matching scheduler: set it to 'default'")
     # The UNet (loaded in the compute dtype) goes to the device once the caches are built.
     what = "UNet" if base.family.denoiser == "unet" else "transformer"
     if config.model.quantize == "fp8":
