@@ -2,12 +2,14 @@
 
     python benchmarks/family_sizes.py [--rank 16]
 
-The UNets and text encoders are built from their real configs on the meta
-device (no weights, no download, a few seconds), the default LoRA targets of
-the config (UNet attention projections; text-encoder q/k/v/out projections)
-are counted, a LoRA file's tensor names and shapes are laid out as the
-exporter names them, and verify-lora's name and shape check runs against the
-model.
+Each family's reference model (SD 1.5, SD 2.1 768, SDXL 1.0, SD 3.5 Large and
+Medium, FLUX.1-dev and schnell; core/base/architectures/) is built from its
+real configs on the meta device (no weights, no download), peft adds the
+family's default LoRA (lora.target_modules = [] and the text encoders' q/k/v/out
+projections) as the engine does, only the LoRA weights get memory, the real
+exporter writes the file's tensors (kohya's names; the original models' fused
+names for SD 3.5 and FLUX), and verify-lora's name and shape check runs
+against the model.
 """
 
 from __future__ import annotations
@@ -20,77 +22,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-UNETS = {
-    "sd1": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-    "sd2": dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                use_linear_projection=True),
-    "sdxl": dict(sample_size=128, block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816),
-}
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
-TEXT = {
-    "sd1": [CLIP_L],
-    "sd2": [dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                 projection_dim=512, hidden_act="gelu")],
-    "sdxl": [CLIP_L, dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                          projection_dim=1280, hidden_act="gelu")],
-}
+REFERENCES = ("sd1", "sd2", "sdxl", "sd3-medium", "sd3", "flux", "flux-schnell")
 
 
-def build(family: str):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def adapted(name: str, rank: int):
+    """(family, denoiser, text encoders) of a reference model with the engine's default LoRA, on meta; the
+    LoRA weights alone on the CPU (small random values)."""
+    from peft.tuners.lora import LoraLayer
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNETS[family])
-        encoders = [CLIPTextModel(CLIPTextConfig(**TEXT[family][0]))]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT[family][1])))
-    return unet, encoders
+    from core.base.architecture import build_meta, reference
+    from core.base.families import get_family
+    from core.base.text import TextEncoders
+    from core.config import LoraConfig
+    from core.training.memory import add_lora_meta
 
-
-def lora_layout(module_index: dict, targets: list[str], prefix: str, rank: int) -> tuple[dict, int]:
-    """Zero tensors named and shaped as the exporter writes them, for every targeted module."""
-    tensors, params = {}, 0
-    for name, module in module_index.items():
-        if not name.startswith(prefix) or not any(name.endswith("_" + t.replace(".", "_")) for t in targets):
-            continue
-        fan_in, fan_out = module.in_features, module.out_features
-        tensors[f"{name}.lora_down.weight"] = torch.zeros(rank, fan_in)
-        tensors[f"{name}.lora_up.weight"] = torch.zeros(fan_out, rank)
-        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
-        params += rank * (fan_in + fan_out)
-    return tensors, params
+    arch = reference(name)
+    family = get_family(arch.family)
+    denoiser, encoders, _ = build_meta(arch)
+    add_lora_meta(denoiser, family.lora_targets(denoiser, []), rank)
+    text = TextEncoders(family, [None] * len(encoders), encoders, (77,) * len(encoders))  # no tokenizers needed
+    for encoder in text.trainable():
+        add_lora_meta(encoder, LoraConfig().text_encoder_target_modules, rank)
+    gen = torch.Generator().manual_seed(0)
+    for model in (denoiser, *text.trainable()):
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for factor in (module.lora_A["default"], module.lora_B["default"]):
+                    factor.to_empty(device="cpu")
+                    torch.nn.init.normal_(factor.weight, std=0.01, generator=gen)
+    return family, denoiser, text
 
 
 def main() -> int:
-    from core.base.families import FAMILIES
-    from core.config import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    from core.lora.lora_io import kohya_state_dict
     from core.lora.verify import check_tensors, module_index, peft_index
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
-    defaults = LoraConfig()
-    for name, family in FAMILIES.items():
-        unet, encoders = build(name)
-        index = module_index(unet, encoders, family)
-        unet_tensors, unet_params = lora_layout(index, defaults.target_modules, "lora_unet_", args.rank)
-        text_tensors, text_params = {}, 0
-        for prefix in family.kohya_text_prefixes:
-            t, p = lora_layout(index, defaults.text_encoder_target_modules, prefix + "_", args.rank)
-            text_tensors.update(t)
-            text_params += p
-        everything = {**unet_tensors, **text_tensors}
-        _, modules, unmatched, problems, matched = check_tensors(everything, index, peft_index(unet, encoders, family))
-        print(f"{family.label}: UNet {len(unet_tensors) // 3} modules, {unet_params:,} LoRA parameters; "
-              f"text encoder(s) {len(text_tensors) // 3} modules, {text_params:,} parameters (rank {args.rank}); "
-              f"verify-lora: {matched}/{modules} modules map, {len(unmatched)} unmatched, {len(problems)} problems; "
-              f"sample keys: {sorted(unet_tensors)[0]}, {sorted(text_tensors)[0]}")
+    print("| model | denoiser: layers with LoRA / parameters | file modules | text encoders: layers / parameters "
+          "| verify-lora | sample key |")
+    print("|---|---|---|---|---|---|")
+    for name in REFERENCES:
+        family, denoiser, text = adapted(name, args.rank)
+        count = lambda m: (sum(isinstance(x, LoraLayer) for x in m.modules()),  # noqa: E731
+                           sum(p.numel() for p in m.parameters() if p.requires_grad))
+        layers, params = count(denoiser)
+        text_counts = [count(e) for e in text.trainable()]
+        tensors = kohya_state_dict(denoiser, text, dtype=torch.float16, family=family.name)
+        index = module_index(denoiser, list(text.encoders), family)
+        _, modules, unmatched, problems, matched = check_tensors(tensors, index,
+                                                                 peft_index(denoiser, list(text.encoders), family))
+        unet_key = sorted(k for k in tensors if k.startswith("lora_unet_"))[0].rsplit(".", 2)[0]
+        print(f"| {name} | {layers} / {params:,} | {sum(k.startswith('lora_unet_') for k in tensors) // 3} | "
+              f"{sum(c[0] for c in text_counts)} / {sum(c[1] for c in text_counts):,} | "
+              f"{matched}/{modules} map, {len(unmatched)} unmatched, {len(problems)} problems | `{unet_key}` |",
+              flush=True)
     return 0
 
 

@@ -53,6 +53,22 @@ def tiny_flux(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", family="flux")
 
 
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory) -> Path:
+    """A tiny Z-Image (Turbo's layout: single-stream DiT with refiners, Qwen3 encoder, FLUX.1's VAE)."""
+    from core.base.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-zimage", family="zimage")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory) -> Path:
+    """A tiny FLUX.2 [klein] base (Qwen3 encoder, 32-channel VAE with batch-norm statistics)."""
+    from core.base.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux2", family="flux2")
+
+
 def write_dataset(folder: Path, n: int = 6, size=(80, 96), captions: bool = True, seed: int = 0) -> Path:
     """n random-colour images (plus captions) with a few odd names."""
     import numpy as np

@@ -13,9 +13,18 @@ from conftest import EventLog, tiny_config, write_dataset
 from core.base.families import detect_family
 from core.training import train
 
+FAMILIES = ["sd3", "flux", "zimage", "flux2"]
+LABELS = {"sd3": "SD 3.5", "flux": "FLUX.1", "zimage": "Z-Image", "flux2": "FLUX.2 [klein]"}
+# A fused layer of each family's file (sd-scripts' names of the original model) and its number of parts.
+FUSED = {"sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", 3), "flux": ("lora_unet_double_blocks_0_img_attn_qkv", 3),
+         "zimage": ("lora_unet_layers_0_attention_qkv", 3), "flux2": ("lora_unet_double_blocks_0_img_attn_qkv", 3)}
+METADATA = {"sd3": ("5-medium", "stable-diffusion-3-5-medium/lora"), "flux": ("flux1", "flux-1-dev/lora"),
+            "zimage": ("z_image", "z-image-turbo/lora"), "flux2": ("flux2_klein", "flux-2-klein-4b-base/lora")}
 
-def _model(family, tiny_sd3, tiny_flux):
-    return {"sd3": tiny_sd3, "flux": tiny_flux}[family]
+
+@pytest.fixture(scope="module")
+def flow_models(tiny_sd3, tiny_flux, tiny_zimage, tiny_flux2):
+    return {"sd3": tiny_sd3, "flux": tiny_flux, "zimage": tiny_zimage, "flux2": tiny_flux2}
 
 
 def test_detected_from_the_model_files(tiny_sd3, tiny_flux, tmp_path):
@@ -44,9 +53,11 @@ def test_flow_target_and_sampling_against_hand_computed_values(tiny_flux):
     cfg = from_dict({}, check_paths=False)
     base = load_models(str(tiny_flux))
     # FLUX's dynamic shift: mu = 0.5 + 0.65 * (tokens - 256) / 3840, shift = e^mu; 1024 tokens at 512 px
-    assert flow_shift(cfg, base.noise_scheduler, (1, 16, 64, 64)) == pytest.approx(math.exp(0.5 + 0.65 * 768 / 3840))
-    assert flow_shift(cfg, base.noise_scheduler, (1, 16, 128, 128)) == pytest.approx(math.exp(1.15))
-    assert flow_shift(from_dict({"train": {"flow_shift": 2.0}}, check_paths=False), base.noise_scheduler, (1, 16, 8, 8)) == 2.0
+    at_512 = flow_shift(cfg, base.noise_scheduler, (1, 16, 64, 64), base.family)
+    assert at_512 == pytest.approx(math.exp(0.5 + 0.65 * 768 / 3840))
+    assert flow_shift(cfg, base.noise_scheduler, (1, 16, 128, 128), base.family) == pytest.approx(math.exp(1.15))
+    fixed = from_dict({"train": {"flow_shift": 2.0}}, check_paths=False)
+    assert flow_shift(fixed, base.noise_scheduler, (1, 16, 8, 8), base.family) == 2.0
     # logit-normal: sigmoid of a normal draw with the configured mean and std
     cfg = from_dict({"train": {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 2.0}},
                    check_paths=False)
@@ -71,14 +82,14 @@ def test_flow_target_and_sampling_against_hand_computed_values(tiny_flux):
     torch.testing.assert_close(weighted, loss * sigmas ** -2)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_a_few_steps_train_validate_sample_export_and_reload(family, tiny_sd3, tiny_flux, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_few_steps_train_validate_sample_export_and_reload(family, flow_models, tmp_path):
     from safetensors import safe_open
 
     from core.base.models import load_models
     from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
 
-    model = _model(family, tiny_sd3, tiny_flux)
+    model = flow_models[family]
     data = write_dataset(tmp_path / "d", n=4, size=(64, 96))
     cfg = tiny_config(model, data, tmp_path / "out", name=family, **{
         "train.max_train_steps": 3, "sample.every_n_steps": 0, "output.save_every_n_steps": 0,
@@ -88,8 +99,7 @@ def test_a_few_steps_train_validate_sample_export_and_reload(family, tiny_sd3, t
     log = EventLog()
     result = train.run(cfg, log, keep_models=True)
     assert result.status == "completed" and result.step == 3
-    label = {"sd3": "SD 3.5", "flux": "FLUX.1"}[family]
-    assert any(f"{label} model (flow)" in e.text for e in log.of("message"))
+    assert any(f"{LABELS[family]} model (flow)" in e.text for e in log.of("message"))
     assert len(log.of("validation_loss")) == 2 and len(log.of("sample")) == 2
     checks = log.of("lora_verified")
     assert len(checks) == 2 and all(c.ok and c.matched == c.modules > 0 for c in checks), checks
@@ -103,37 +113,39 @@ def test_a_few_steps_train_validate_sample_export_and_reload(family, tiny_sd3, t
     with safe_open(result.lora_path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     if family == "flux":
-        assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in keys)
         assert any(k.startswith("lora_unet_single_blocks_1_linear1.") for k in keys)
-        assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("flux1", "flux-1-dev/lora")
         assert meta["ss_network_module"] == "networks.lora_flux"
-    else:
-        assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv.") for k in keys)
+    if family == "sd3":
         assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn2_qkv.") for k in keys)
-        assert meta["ss_base_model_version"] == "5-medium"
-        assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
-    assert not any("transformer_blocks" in k for k in keys)  # the original model's names only
+    if family == "flux2":
+        assert any(k.startswith("lora_unet_single_blocks_1_linear1.") for k in keys)
+    if family == "zimage":
+        assert any(k.startswith("lora_unet_noise_refiner_0_attention_qkv.") for k in keys)
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == METADATA[family]
+    assert not any("transformer_blocks" in k or "to_q" in k for k in keys)  # the original model's names only
     assert "modelspec.prediction_type" not in meta and meta["ss_network_dim"] == "4"
     # a fused q/k/v layer: rank 3 x 4, alpha 3 x 2 (alpha / rank stays the trained 0.5)
-    qkv = next(k[: -len(".alpha")] for k in keys if k.endswith("attn_qkv.alpha"))
+    qkv, parts = FUSED[family]
     with safe_open(result.lora_path, "pt") as f:
-        assert f.get_tensor(qkv + ".lora_down.weight").shape[0] == 12 and float(f.get_tensor(qkv + ".alpha")) == 6.0
+        assert f.get_tensor(qkv + ".lora_down.weight").shape[0] == 4 * parts
+        assert float(f.get_tensor(qkv + ".alpha")) == 2.0 * parts
 
     # the file, loaded into the family's pipeline, gives the trained adapter's picture back
     base = load_models(str(model))
-    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", max_sequence_length=32)
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", max_sequence_length=32,
+              guidance_scale={"zimage": 0.0, "flux2": 1.0}.get(family, 3.5))
     in_memory = pipeline_from_parts(model, base.vae, base.text, result.denoiser)
-    trained_image = in_memory("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    trained_image = in_memory(prompt="a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
     pipe = load_pipeline(str(model), device="cpu")
-    base_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    base_image = pipe(prompt="a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
     apply_lora(pipe, result.lora_path)
-    loaded_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    loaded_image = pipe(prompt="a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
     assert abs(trained_image - base_image).max() > 1e-4, "the LoRA does not change the image"
     torch.testing.assert_close(torch.tensor(loaded_image), torch.tensor(trained_image), atol=2e-3, rtol=0)
     # the optional diffusers/peft layout, read by diffusers' own loader, too
     pipe = load_pipeline(str(model), device="cpu")
     pipe.load_lora_weights(str(result.run_dir / f"{family}-diffusers"), weight_name="pytorch_lora_weights.safetensors")
-    peft_image = pipe("a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    peft_image = pipe(prompt="a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
     torch.testing.assert_close(torch.tensor(peft_image), torch.tensor(trained_image), atol=2e-3, rtol=0)
 
 
@@ -202,8 +214,8 @@ def test_fused_layers_read_back_exactly_by_diffusers_at_flux_widths():
         torch.testing.assert_close(b @ a, up @ down * (alpha / rank), atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_samples_from_cached_prompts_match_the_text_encoders(family, tiny_sd3, tiny_flux):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_samples_from_cached_prompts_match_the_text_encoders(family, flow_models):
     """During training the flow families' sample prompts come from the text cache (T5 stays off the card);
     the picture is the one the pipeline makes from the prompt itself."""
     import numpy as np
@@ -211,12 +223,18 @@ def test_samples_from_cached_prompts_match_the_text_encoders(family, tiny_sd3, t
     from core.base.models import load_models
     from core.base.sample import generate, load_pipeline
 
-    model = _model(family, tiny_sd3, tiny_flux)
+    model = flow_models[family]
     pipe = load_pipeline(str(model), device="cpu")
-    text = load_models(str(model)).text
-    (hidden, pooled), (neg_hidden, neg_pooled) = text.encode(["a photo of sks"]), text.encode(["blurry"])
-    embeds = {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": neg_hidden,
-              "negative_pooled_prompt_embeds": neg_pooled}
+    base = load_models(str(model))
+
+    def cached(caption):  # as the text cache holds it: each caption's own tokens for Z-Image
+        hidden, second = base.text.encode([caption])
+        if base.family.variable_text:
+            return {"hidden": hidden[:, : int(second[0])]}
+        return {"hidden": hidden, "pooled": second} if second is not None else {"hidden": hidden}
+
+    negative = "blurry" if base.family.negative_prompt else ""  # FLUX.2's pipeline guides against "" always
+    embeds = base.family.pipeline_embeds(cached("a photo of sks"), cached(negative))
     kw = dict(seed=2, steps=2, width=64, height=64, guidance_scale=4.0, negative_prompt="blurry")
     from_text = np.asarray(generate(pipe, "a photo of sks", **kw), dtype=float)
     from_cache = np.asarray(generate(pipe, "a photo of sks", embeds=embeds, **kw), dtype=float)

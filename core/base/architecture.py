@@ -2,8 +2,9 @@
 
 Each family has a reference architecture kept in ``core/base/architectures/``
 (the configs of SD 1.5, SD 2.1 768, SDXL 1.0 base, SD 3.5 Large and Medium,
-FLUX.1-dev and schnell), so a plan works with no model downloaded. A local diffusers folder (or the converted copy of a single
-file) gives its own configs instead. ``build_meta`` turns an architecture into
+FLUX.1-dev and schnell), so a plan works with no model downloaded. A local
+diffusers folder (or the converted copy of a single file) gives its own
+configs instead. ``build_meta`` turns an architecture into
 real modules on the meta device: every shape is right, no memory is used.
 """
 
@@ -14,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-REFERENCE_DIR = Path(__file__).with_name("architectures")
+from core.base.reference import REFERENCE_DIR, VARIANTS, reference_config, reference_data  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,6 @@ class Architecture:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Reference models by name: a family's default, or a variant of it ("flux-schnell", "sd3-medium").
-VARIANTS = {"sd3": "sd3", "sd3-medium": "sd3", "flux": "flux", "flux-schnell": "flux"}
-
-
 def reference(name: str) -> Architecture:
     """The reference architecture of a family (sd1, sd2, sdxl, sd3 = SD 3.5 Large, flux = FLUX.1-dev) or of a
     variant (sd3-medium, flux-schnell)."""
@@ -46,19 +43,10 @@ def reference(name: str) -> Architecture:
 
     family = VARIANTS.get(name, name)
     get_family(family)  # FamilyError for an unknown name
-    data = _reference_data(name)
+    data = reference_data(name)
     denoiser = data.get("unet") or data["transformer"]
     return Architecture(family, "reference " + data["reference"], denoiser,
                         tuple((e["class"], e["config"]) for e in data["text_encoders"]), data["vae"])
-
-
-def reference_config(name: str, part: str) -> dict:
-    """One part's config ("transformer", "vae", ...) of a reference model."""
-    return dict(_reference_data(name)[part])
-
-
-def _reference_data(name: str) -> dict:
-    return json.loads((REFERENCE_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def of_model(path: str, family: str = "auto") -> Architecture:

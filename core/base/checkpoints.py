@@ -36,9 +36,6 @@ REFERENCE_REPOS = {
 }
 
 
-def reference_repo(family: str) -> str:
-    return REFERENCE_REPOS[family]
-
 
 class CheckpointError(RuntimeError):
     """A single-file model cannot be used; the message says what is missing and what to do."""
@@ -130,11 +127,7 @@ def convert(path: str | os.PathLike, models_dir: str | os.PathLike | None = None
     models_dir = roots[0]
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if family in ("sd3", "flux"):  # the transformer from the file, the rest from a folder of the family
-        from core.base.flow_checkpoint import convert_transformer_file
-
-        if path.suffix.lower() != ".safetensors":
-            raise CheckpointError(f"{path.name}: {_label(family)} transformer files are read as .safetensors only")
-        convert_transformer_file(path, family, config, target, offline)
+        _convert_transformer(path, family, config, target, offline)
         return target
     if config is None and offline:
         raise CheckpointError(
@@ -145,6 +138,41 @@ def convert(path: str | os.PathLike, models_dir: str | os.PathLike | None = None
             f" on a computer that is online")
     _convert(path, family, str(config) if config else REFERENCE_REPOS[family], target, offline)
     return target
+
+
+def _convert_transformer(path: Path, family: str, companion: Path | None, target: Path, offline: bool) -> None:
+    """An SD 3.5 / FLUX transformer file with the text encoders, tokenizers and VAE of ``companion`` (fetched
+    from the hub when online and none is local); the error names what is missing and how to get it."""
+    from core.base.families import get_family
+    from core.base.flow_checkpoint import convert_transformer_file
+    from core.quiet import quiet_local_loading
+
+    kind = get_family(family)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path.name}: {kind.label} transformer files are read as .safetensors only")
+    if companion is None and not offline:
+        from diffusers import DiffusionPipeline
+
+        try:
+            companion = Path(DiffusionPipeline.download(REFERENCE_REPOS[family]))
+        except Exception as exc:  # hub errors come in many classes; all mean "could not fetch"
+            raise CheckpointError(f"{path.name} holds a {kind.label} transformer; its text encoders and VAE come "
+                                  f"from {REFERENCE_REPOS[family]}, which could not be fetched "
+                                  f"({type(exc).__name__}: {exc})") from None
+    needed = [p for p in kind.missing_parts(companion) if p != kind.denoiser] if companion else None
+    if companion is None or needed:
+        where = f"{companion} lacks {', '.join(needed)}" if companion else "none was found in models/"
+        raise CheckpointError(
+            f"{path.name} holds only a {kind.label} transformer; the text encoders ({', '.join(kind.text_encoders)}), "
+            f"tokenizers and VAE come from a diffusers {kind.label} model folder, and {where}. Put one (all its "
+            f"parts, the transformer may be left out) at models/configs/{family}, e.g. `hf download "
+            f"{REFERENCE_REPOS[family]} --exclude 'transformer/*' --local-dir models/configs/{family}`")
+    quiet_local_loading()
+    try:
+        convert_transformer_file(path, family, companion, target)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name} could not be read as a {kind.label} transformer: "
+                              f"{' '.join(str(exc).split())[:400]}") from exc
 
 
 def _label(family: str) -> str:

@@ -10,8 +10,9 @@ encoders and the VAE are the family's and come from elsewhere.
   ``merge`` writes;
 * ``convert_transformer_file`` makes a diffusers folder of such a file: the
   transformer converted from it, every other part linked from a diffusers
-  folder of the same family (``models/configs/<family>``, any such model in
-  ``models/``, or the family's hub repository when online).
+  folder of the same family (``core.base.checkpoints`` finds it:
+  ``models/configs/<family>``, any such model in ``models/``, or the family's
+  hub repository when online).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from core.lora.fused_layout import LAYOUTS
+from core.base.flow_names import LAYOUTS
 
 # Modules outside the blocks, and the norms inside them (not linear layers, so not in the LoRA layout).
 _TOP = {
@@ -136,41 +137,15 @@ def transformer_file_family(keys: list[str]) -> str | None:
     return None
 
 
-def convert_transformer_file(path: Path, family: str, companion: Path | None, target: Path, offline: bool) -> None:
+def convert_transformer_file(path: Path, family: str, companion: Path, target: Path) -> None:
     """A diffusers folder at ``target``: the transformer from ``path``, the other parts linked from
-    ``companion`` (a diffusers folder of the family, its weights included). Raises CheckpointError naming
-    what is missing."""
-    import diffusers
-
-    from core.base.checkpoints import CheckpointError, reference_repo
+    ``companion`` (a complete diffusers folder of the family; core.base.checkpoints finds one). Raises
+    ValueError/KeyError/OSError when the file is not such a transformer."""
     from core.base.families import get_family
-    from core.base.models import missing_parts
     from core.fsutil import new_folder
-    from core.quiet import quiet_local_loading
 
     kind = get_family(family)
-    if companion is None and not offline:
-        from core.base.models import ModelError, resolve_model_path
-
-        try:
-            companion = resolve_model_path(reference_repo(family))
-        except ModelError as exc:
-            raise CheckpointError(f"{path.name} holds a {kind.label} transformer; its text encoders and VAE come "
-                                  f"from a diffusers {kind.label} model, which could not be fetched: {exc}") from None
-    needed = [p for p in missing_parts(companion, kind) if p != kind.denoiser] if companion else None
-    if companion is None or needed:
-        where = f"{companion} lacks {', '.join(needed)}" if companion else "none was found in models/"
-        raise CheckpointError(
-            f"{path.name} holds only a {kind.label} transformer; the text encoders ({', '.join(kind.text_encoders)}), "
-            f"tokenizers and VAE come from a diffusers {kind.label} model folder, and {where}. Put one (all its "
-            f"parts, the transformer may be left out) at models/configs/{family}, e.g. `hf download "
-            f"{reference_repo(family)} --exclude 'transformer/*' --local-dir models/configs/{family}`")
-    quiet_local_loading()
-    try:
-        transformer = read_transformer(path, family, companion)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name} could not be read as a {kind.label} transformer: "
-                              f"{' '.join(str(exc).split())[:400]}") from exc
+    transformer = read_transformer(path, family, companion)
     target.parent.mkdir(parents=True, exist_ok=True)
     with new_folder(target) as tmp:
         tmp = Path(tmp)
@@ -210,7 +185,7 @@ def read_transformer(path: Path, family: str, companion: Path | None = None):
 
 
 def _config_for(tensors: dict, family: str, companion: Path | None) -> dict:
-    from core.base.architecture import reference_config
+    from core.base.reference import reference_config
 
     names = {k.removeprefix("model.diffusion_model.") for k in tensors}
     if family == "flux":

@@ -21,15 +21,12 @@ from pathlib import Path
 
 import torch
 
-from core.base.families import Family, _device
+from core.base.family import Family, _device, config_value
 
 
 @dataclass(frozen=True)
 class SD3Family(Family):
     """Stable Diffusion 3 / 3.5: CLIP-L and OpenCLIP-bigG (both with projection) and T5-XXL."""
-
-    def lora_targets(self, denoiser, names):
-        return block_targets(denoiser, names or self.default_targets)
 
     def text_lengths(self, denoiser_config) -> tuple[int | None, ...]:
         return (None, None, 256)  # what StableDiffusion3Pipeline uses (max_sequence_length)
@@ -38,11 +35,11 @@ class SD3Family(Family):
         # Stability's cards: Large 28 steps at guidance 3.5-4.5, Medium 40 steps at 4.5
         return {"sample.steps": 40 if variant == "3.5-medium" else 28, "sample.guidance_scale": 4.5}
 
-    def variant(self, denoiser_config) -> str:
-        layers = _get(denoiser_config, "num_layers", 0)
+    def variant(self, denoiser_config, folder: Path | None = None) -> str:
+        layers = config_value(denoiser_config, "num_layers", 0)
         if layers >= 38:
             return "large"
-        return "3.5-medium" if _get(denoiser_config, "dual_attention_layers", ()) else "medium"
+        return "3.5-medium" if config_value(denoiser_config, "dual_attention_layers", ()) else "medium"
 
     def base_model_version(self, prediction_type: str, variant: str = "") -> str:
         # sd-scripts writes its MMDiT's model type: "medium" (SD 3), "5-medium", "5-large".
@@ -74,12 +71,9 @@ class SD3Family(Family):
 class FluxFamily(Family):
     """FLUX.1 dev/schnell: CLIP-L (pooled only) and T5-XXL; latents packed 2x2 into tokens."""
 
-    def lora_targets(self, denoiser, names):
-        return block_targets(denoiser, names or self.default_targets)
-
     def text_lengths(self, denoiser_config) -> tuple[int | None, ...]:
         # FluxPipeline's max_sequence_length: 512 for dev; schnell was distilled with 256.
-        return (None, 512 if _get(denoiser_config, "guidance_embeds", False) else 256)
+        return (None, 512 if config_value(denoiser_config, "guidance_embeds", False) else 256)
 
     def sampling(self, variant: str = "") -> dict:
         # dev: 28 steps with its distilled guidance 3.5; schnell: 4 steps, no guidance
@@ -87,8 +81,12 @@ class FluxFamily(Family):
             return {"sample.steps": 4, "sample.guidance_scale": 0.0}
         return {"sample.steps": 28, "sample.guidance_scale": 3.5}
 
-    def variant(self, denoiser_config) -> str:
-        return "dev" if _get(denoiser_config, "guidance_embeds", False) else "schnell"
+    def pipeline_embeds(self, positive: dict, negative: dict) -> dict:
+        # guidance-distilled: no negative prompt
+        return {"prompt_embeds": positive["hidden"], "pooled_prompt_embeds": positive["pooled"]}
+
+    def variant(self, denoiser_config, folder: Path | None = None) -> str:
+        return "dev" if config_value(denoiser_config, "guidance_embeds", False) else "schnell"
 
     def base_model_version(self, prediction_type: str, variant: str = "") -> str:
         return "flux1"
@@ -122,12 +120,6 @@ class FluxFamily(Family):
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-def _get(config, key: str, default=None):
-    if isinstance(config, dict):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
 # The layers the peers train by default: every projection of both attention streams for SD 3.5 (the diffusers
 # example's set, plus SD 3.5 Medium's second attention), and for FLUX every linear layer of the double and
 # single blocks except the modulations (sd-scripts' default): img_attn.qkv/proj, txt_attn.qkv/proj, img_mlp,
@@ -136,21 +128,6 @@ _SD3_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_v_proj", "attn.to_add_out")
 _FLUX_TARGETS = (*_SD3_TARGETS, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                  "proj_mlp", "single_transformer_blocks.*.proj_out")
-
-
-def block_targets(denoiser, names) -> list[str]:
-    """Full paths of the linear layers inside the transformer blocks whose names end with one of ``names``
-    (``*`` matches a block index), so that the top-level ``proj_out`` of a FLUX model (its final layer) is not
-    taken for a single block's ``proj_out``."""
-    import fnmatch
-
-    found = []
-    for path, module in denoiser.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "blocks." not in path or "lora_" in path:
-            continue
-        if any(path == n or path.endswith("." + n) or fnmatch.fnmatch(path, n) for n in names):
-            found.append(path)
-    return found
 
 
 FLOW_FAMILIES = {
@@ -164,17 +141,3 @@ FLOW_FAMILIES = {
                  native_resolution=1024, denoiser="transformer", denoiser_class="FluxTransformer2DModel", flow=True,
                  default_targets=_FLUX_TARGETS, trainable_text=(0,), learning_rate=1e-4),
 }
-
-_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-
-
-def detect_flow_family(folder: Path, index: dict) -> Family | None:
-    """The flow family of a diffusers folder, from its transformer's class (model_index.json or the
-    transformer config); None for a folder without a transformer of a known class."""
-    from core.base.families import _read_json
-
-    declared = index.get("transformer", [None, None])
-    cls = declared[1] if isinstance(declared, list) and len(declared) == 2 else None
-    cls = cls or _read_json(folder / "transformer" / "config.json").get("_class_name")
-    name = _TRANSFORMERS.get(cls or "")
-    return FLOW_FAMILIES[name] if name else None

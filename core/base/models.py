@@ -31,7 +31,7 @@ class BaseModel:
     @property
     def variant(self) -> str:
         """Which model of the family this is (FLUX.1 "dev"/"schnell", SD 3.5 "large"/"3.5-medium"...)."""
-        return self.family.variant(self.denoiser.config)
+        return self.family.variant(self.denoiser.config, self.path)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -97,7 +97,7 @@ def load_models(path: str, revision: str = "", prediction_type: str = "auto", dt
         kind = detect_family(folder) if family == "auto" else get_family(family)
     except FamilyError as exc:
         raise ModelError(str(exc)) from None
-    missing = missing_parts(folder, kind)
+    missing = kind.missing_parts(folder)
     if missing:
         raise ModelError(f"model folder {folder} is not a complete {kind.label} diffusers model: it has no "
                          f"{', '.join(missing)}. Point model.path at a full folder (or hub id) of the model")
@@ -138,12 +138,6 @@ def _prediction_type(kind, noise_scheduler, requested: str, folder: Path) -> str
     return resolved
 
 
-def missing_parts(folder: Path, kind) -> list[str]:
-    """The subfolders a family needs that ``folder`` lacks (each with its config)."""
-    needed = (kind.denoiser, "vae", "scheduler", *kind.text_encoders, *kind.tokenizers)
-    return [name for name in needed if not (folder / name).is_dir()]
-
-
 def _load_tokenizer(folder: Path, name: str):
     """The tokenizer class model_index.json names (CLIP's, or T5's for the flow families)."""
     import transformers
@@ -155,11 +149,15 @@ def _load_tokenizer(folder: Path, name: str):
 
 
 def _load_text_encoder(folder: Path, name: str, dtype):
-    """The class its own config names (CLIPTextModel, or CLIPTextModelWithProjection for SDXL's second)."""
+    """The class model_index.json names (Z-Image's Qwen3Model, not the causal LM its config mentions), else the
+    one its own config names (CLIPTextModel, or CLIPTextModelWithProjection for SDXL's second)."""
     import transformers
 
     config = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
-    architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    declared = index.get(name, [None, None])
+    architecture = (declared[1] if isinstance(declared, list) and len(declared) == 2 and declared[1]
+                    else (config.get("architectures") or ["CLIPTextModel"])[0])
     cls = getattr(transformers, architecture, None)
     if cls is None:
         raise ValueError(f"{name} is a {architecture}, which this transformers does not have")
@@ -231,4 +229,4 @@ def sample_defaults(model: str | Path) -> dict:
         config = json.loads((folder / kind.denoiser / "config.json").read_text(encoding="utf-8"))
     except (FamilyError, OSError, ValueError):
         return {}
-    return kind.sampling(kind.variant(config))
+    return kind.sampling(kind.variant(config, folder))

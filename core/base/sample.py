@@ -99,11 +99,11 @@ def apply_lora(pipe, lora_path: str | Path, scale: float = 1.0, adapter_name: st
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     converted = None
-    flow = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(type(pipe).__name__)
+    flow = _flow_family(pipe)
     if flow:  # sd-scripts' layout of the original model, read here at the pipeline's own layer widths
         from safetensors.torch import load_file
 
-        from core.lora.fused_layout import for_diffusers
+        from core.base.flow_names import for_diffusers
 
         converted = for_diffusers(pipe, flow, load_file(str(path)))
     if converted is not None:
@@ -122,8 +122,8 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
     moment the text encoders are no longer needed (training moves them off the GPU there, before the
     VAE decodes).
 
-    ``embeds`` (flow pipelines): the prompt's and the negative prompt's encoded text ("prompt_embeds",
-    "pooled_prompt_embeds", "negative_..."), used instead of the text encoders.
+    ``embeds`` (flow pipelines): the encoded prompt and negative prompt as the pipeline takes them
+    (``Family.pipeline_embeds``), used instead of the text encoders.
     """
     generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -132,7 +132,7 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
             after_first_step()
         return kwargs
 
-    extra = prompt_arguments(pipe, prompt, negative_prompt) if embeds is None else _embed_arguments(pipe, embeds)
+    extra = prompt_arguments(pipe, prompt, negative_prompt) if embeds is None else embeds
     result = pipe(
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
@@ -154,34 +154,26 @@ def prompt_arguments(pipe, prompt: str, negative_prompt: str = "") -> dict:
     args = {"prompt": prompt}
     accepted = inspect.signature(type(pipe).__call__).parameters
     if "max_sequence_length" in accepted:
-        args["max_sequence_length"] = _t5_window(pipe)
-    if negative_prompt and "true_cfg_scale" not in accepted:
+        args["max_sequence_length"] = _text_window(pipe)
+    if negative_prompt and "negative_prompt" in accepted and "true_cfg_scale" not in accepted:
         args["negative_prompt"] = negative_prompt
     return args
 
 
-def _embed_arguments(pipe, embeds: dict) -> dict:
-    """The encoded prompt as the pipeline takes it: SD 3.5 with the negative (its guidance needs one), FLUX.1
-    without (its guidance is distilled into the model)."""
-    import inspect
+def _flow_family(pipe) -> str | None:
+    """The flow family whose pipeline this is (None for the SD families)."""
+    from core.base.families import FAMILIES
 
-    accepted = inspect.signature(type(pipe).__call__).parameters
-    args = {"prompt_embeds": embeds["prompt_embeds"], "pooled_prompt_embeds": embeds["pooled_prompt_embeds"]}
-    if "true_cfg_scale" not in accepted:
-        args["negative_prompt_embeds"] = embeds["negative_prompt_embeds"]
-        args["negative_pooled_prompt_embeds"] = embeds["negative_pooled_prompt_embeds"]
-    return args
+    return next((f.name for f in FAMILIES.values() if f.flow and f.pipeline_class == type(pipe).__name__), None)
 
 
-def _t5_window(pipe) -> int:
-    """T5's token window of a flow pipeline: FLUX.1-dev 512, schnell 256 (no guidance embedding), SD 3.5 256."""
+def _text_window(pipe) -> int:
+    """The long text encoder's token window of a flow pipeline: T5's 512 for FLUX.1-dev, 256 for schnell and
+    SD 3.5; the Qwen3 families' 512."""
     from core.base.families import get_family
 
-    for name in ("flux", "sd3"):
-        family = get_family(name)
-        if type(pipe).__name__ == family.pipeline_class:
-            return family.text_lengths(pipe.transformer.config)[-1]
-    return 256
+    name = _flow_family(pipe)
+    return get_family(name).text_lengths(pipe.transformer.config)[-1] if name else 256
 
 
 class Previewer:

@@ -23,6 +23,10 @@ class TextEncoders(torch.nn.Module):
         self.lengths = tuple(length or tok.model_max_length
                              for tok, length in zip(self.tokenizers, lengths or (None,) * len(self.tokenizers),
                                                     strict=True))
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
+            config = getattr(encoder, "config", None)
+            if tokenizer is not None and config is not None and getattr(config, "pad_token_id", None) is None:
+                config.pad_token_id = tokenizer.pad_token_id  # what the encoder masks (Qwen3's config has none)
 
     @property
     def max_length(self) -> int:
@@ -39,9 +43,9 @@ class TextEncoders(torch.nn.Module):
         return [e for i, e in enumerate(self.encoders) if i in self.family.trainable_text]
 
     def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
-        """Token ids per tokenizer, padded/truncated to each one's window."""
-        return [tokenize(tokenizer, captions, length) for tokenizer, length in zip(self.tokenizers, self.lengths,
-                                                                                    strict=True)]
+        """Token ids per tokenizer, padded/truncated to each one's window (through the family: Qwen-based
+        ones wrap the caption in their chat template first)."""
+        return self.family.tokenize(self.tokenizers, captions, self.lengths)
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states for cross-attention, pooled embedding or None)."""

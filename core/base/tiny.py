@@ -22,34 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Words the in-code tokenizer knows as whole tokens; everything else is
-# spelled out byte by byte, which is enough for prompts in tests.
-_WORDS = ("a", "photo", "of", "sks", "dog", "cat", "the", "in", "painting", "style", "person")
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-
-
-def build_tokenizer(model_max_length: int = 77):
-    """A byte-level CLIP BPE tokenizer built in memory (no files needed)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(ByteLevel.alphabet())
-    tokens = list(alphabet) + [c + "</w>" for c in alphabet]
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for symbol in symbols[1:]:
-            merge = (current, symbol)
-            if merge not in merges:
-                merges.append(merge)
-            current += symbol
-            if current not in tokens:
-                tokens.append(current)
-    tokens += [BOS, EOS]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+from core.base.tiny_tokenizers import BOS, EOS, build_tokenizer  # noqa: F401 - tests and demos build it from here
 
 
 def _configs(shape: str, tokenizer) -> dict:
@@ -121,7 +94,7 @@ def _configs(shape: str, tokenizer) -> dict:
     raise ValueError(f"unknown model shape {shape!r}; use 'tiny' or 'sd15'")
 
 
-TINY_FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "flux-schnell")
+TINY_FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "flux-schnell", "flux2", "zimage")
 
 
 def build_pipeline(shape: str = "tiny", seed: int = 0, family: str = "sd15"):
@@ -132,7 +105,7 @@ def build_pipeline(shape: str = "tiny", seed: int = 0, family: str = "sd15"):
         raise ValueError(f"shape {shape!r} exists only for sd15; use the tiny shape for {family}")
     if family == "sdxl":
         return _build_sdxl(seed)
-    if family in ("sd3", "flux", "flux-schnell"):
+    if family in ("sd3", "flux", "flux-schnell", "flux2", "zimage"):
         from core.base.tiny_flow import BUILDERS
 
         return BUILDERS[family](seed)

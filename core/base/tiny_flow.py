@@ -13,20 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from core.base.tiny import BOS, EOS, _WORDS, build_tokenizer
-
-
-def build_t5_tokenizer(model_max_length: int = 512):
-    """A T5 (unigram) tokenizer in memory: <pad> 0, </s> 1, <unk> 2, a few whole words, then characters.
-
-    ``extra_ids=0`` leaves out T5's 100 sentinel tokens; size the encoder's vocabulary with ``len()``.
-    """
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + word, -3.0 - 0.01 * i) for i, word in enumerate(_WORDS)]
-    pieces += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-:;()"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+from core.base.tiny_tokenizers import BOS, EOS, build_qwen_tokenizer, build_t5_tokenizer, build_tokenizer
 
 
 def _clip(tokenizer, hidden: int, projection: bool):
@@ -105,4 +92,64 @@ def build_flux(seed: int = 0, guidance: bool = True):
         text_encoder_2=_t5(tokenizer_2, t5_width), tokenizer_2=tokenizer_2))
 
 
-BUILDERS = {"sd3": build_sd3, "flux": build_flux, "flux-schnell": lambda seed=0: build_flux(seed, guidance=False)}
+def _qwen3(tokenizer, width: int, layers: int, causal_lm: bool):
+    """A Qwen3 text encoder of ``layers`` layers (the pipelines read inner layers' states: Z-Image the
+    penultimate, FLUX.2 [klein] layers 9, 18 and 27, so it needs 28)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=width // 2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
+def build_zimage(seed: int = 0):
+    """Z-Image (Turbo's layout): the single-stream DiT with its refiners, a Qwen3 encoder, FLUX.1's VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tokenizer = build_qwen_tokenizer()
+    width = 64  # a whole number of 64-value blocks (quantisable), as 2560 is
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=width, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[4, 6, 6], axes_lens=[1024, 512, 512])  # axes sum to the head width (32 / 2)
+    return _frozen(ZImagePipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+        vae=_vae(0.3611, 0.1159), text_encoder=_qwen3(tokenizer, width, 2, causal_lm=False), tokenizer=tokenizer))
+
+
+def build_flux2_klein(seed: int = 0):
+    """FLUX.2 [klein] (base, not distilled): double and single streams, 32-channel VAE with its 2x2 patches and
+    batch-norm statistics, a 28-layer Qwen3 encoder whose layers 9, 18 and 27 condition the transformer."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    tokenizer = build_qwen_tokenizer()
+    width = 32
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * width, timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                             layers_per_block=1, latent_channels=32, norm_num_groups=8, sample_size=64,
+                             use_quant_conv=True, use_post_quant_conv=True, patch_size=(2, 2))
+    with torch.no_grad():  # statistics as a trained VAE has them (the defaults, 0 and 1, would hide mistakes)
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return _frozen(Flux2KleinPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                      text_encoder=_qwen3(tokenizer, width, 28, causal_lm=True),
+                                      tokenizer=tokenizer, is_distilled=False))
+
+
+BUILDERS = {"sd3": build_sd3, "flux": build_flux, "flux-schnell": lambda seed=0: build_flux(seed, guidance=False),
+            "zimage": build_zimage, "flux2": build_flux2_klein}

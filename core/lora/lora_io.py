@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from core.base.flow_names import kohya_module_name  # noqa: F401 - named with the other kohya rules
+
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
 # Prefixes other kohya files use (SDXL's two text encoders); only read, never written.
@@ -171,19 +173,6 @@ def _module_alpha(layer: Any, adapter_name: str) -> float:
     if layer.use_rslora.get(adapter_name, False):
         alpha *= math.sqrt(layer.r[adapter_name])
     return alpha
-
-
-def kohya_module_name(prefix: str, path: str, model: torch.nn.Module) -> str:
-    """``lora_unet_`` + module path with dots as underscores.
-
-    transformers 5 flattened ``CLIPTextModel`` (no ``text_model`` submodule), so
-    its paths start at ``encoder.``; kohya and A1111 keys keep the original
-    ``text_model_encoder_...`` spelling, which is restored here.
-    """
-    flattened = prefix.startswith("lora_te") and not hasattr(model, "text_model")
-    if flattened and path.split(".")[0] in ("encoder", "embeddings", "final_layer_norm"):
-        path = "text_model." + path
-    return prefix + path.replace(".", "_")
 
 
 def cpu_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

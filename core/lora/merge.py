@@ -49,7 +49,8 @@ def merge(model: str, lora: str | Path, scale: float, out: str | Path, precision
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if not family.flow else "flow"
     resolution = native_resolution(folder) or family.native_resolution
     metadata = {"modelspec.title": Path(out).stem,
-                "modelspec.architecture": _architecture(family, prediction, resolution, family.variant(denoiser.config)),
+                "modelspec.architecture": _architecture(family, prediction, resolution,
+                                                        family.variant(denoiser.config, folder)),
                 "lora_studio.merged_lora": lora.name, "lora_studio.merged_scale": f"{scale:g}",
                 "lora_studio.base_model": folder.name}
     if family.flow:  # the transformer alone, in the original model's names: the file FLUX/SD 3.5 users share

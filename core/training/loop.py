@@ -39,7 +39,7 @@ class RunResult:
     lora_path: Path
     run_dir: Path
     validation_losses: dict[int, float] = field(default_factory=dict)
-    denoiser: object = None  # the trained UNet or transformer with its adapter (unwrapped), only when run(keep_models=True)
+    denoiser: object = None  # the trained UNet or transformer with its adapter, only with run(keep_models=True)
     text_encoder: object = None
     base: object = None  # the loaded model parts (for the final check; let go after it)
 
@@ -254,12 +254,10 @@ class Loop:
         if prompt not in self.sample_text:
             return None
         device = self.accelerator.device
-        positive = self.sample_text[prompt]()
-        negative = self.sample_text[self.config.sample.negative_prompt]()
-        as_batch = lambda t: t.unsqueeze(0).to(device)  # noqa: E731
-        return {"prompt_embeds": as_batch(positive["hidden"]), "pooled_prompt_embeds": as_batch(positive["pooled"]),
-                "negative_prompt_embeds": as_batch(negative["hidden"]),
-                "negative_pooled_prompt_embeds": as_batch(negative["pooled"])}
+        as_batch = lambda text: {k: v.unsqueeze(0).to(device) for k, v in text.items()}  # noqa: E731
+        family = self.base.family
+        negative = self.config.sample.negative_prompt if family.negative_prompt else ""
+        return family.pipeline_embeds(as_batch(self.sample_text[prompt]()), as_batch(self.sample_text[negative]()))
 
     def save(self, lora_path: Path) -> None:
         """The LoRA file (main process) and, if enabled, the resume state (all processes).

@@ -224,12 +224,15 @@ def _materialise(unet, encoders, device: str):
 def _step_inputs(arch, shape: StepShape, dtype, unet, encoders, device: str) -> dict[str, torch.Tensor]:
     """Cached latents and text conditioning of a batch, shaped as the engine feeds them (token ids instead of
     text states when the text encoder trains)."""
+    from types import SimpleNamespace
+
     from core.base.families import get_family
 
     kind = get_family(arch.family)
-    b, side = shape.batch, shape.resolution // 8
-    channels = arch.vae.get("latent_channels", 4)
-    inputs = {"latents": torch.zeros(b, channels, side, side, dtype=dtype, device=device),
+    b = shape.batch
+    latent = kind.latent_shape(SimpleNamespace(**{"block_out_channels": (64,), "latent_channels": 4, **arch.vae}),
+                               shape.resolution, shape.resolution)
+    inputs = {"latents": torch.zeros(b, *latent, dtype=dtype, device=device),
               "timesteps": torch.zeros(b, dtype=torch.float32 if kind.flow else torch.long, device=device)}
     lengths = [n or 77 for n in kind.text_lengths(unet.config)]
     if shape.train_text_encoder:
@@ -239,8 +242,10 @@ def _step_inputs(arch, shape: StepShape, dtype, unet, encoders, device: str) -> 
     config = unet.config
     if kind.flow:
         seq = sum(lengths) if kind.name == "sd3" else lengths[-1]  # SD 3.5: CLIP's 77 then T5's in one sequence
-        inputs["hidden"] = torch.zeros(b, seq, config.joint_attention_dim, dtype=dtype, device=device)
-        inputs["pooled"] = torch.zeros(b, config.pooled_projection_dim, dtype=dtype, device=device)
+        width = config.get("joint_attention_dim") or config.get("cap_feat_dim")  # Z-Image: the caption features
+        inputs["hidden"] = torch.zeros(b, seq, width, dtype=dtype, device=device)
+        if config.get("pooled_projection_dim"):
+            inputs["pooled"] = torch.zeros(b, config.pooled_projection_dim, dtype=dtype, device=device)
         return inputs
     inputs["hidden"] = torch.zeros(b, 77, config.cross_attention_dim, dtype=dtype, device=device)
     if kind.pooled:
@@ -259,7 +264,7 @@ def _cond(arch, shape: StepShape, encoders, inputs) -> dict:
     for i, encoder in enumerate(encoders):
         encoder.train(i in kind.trainable_text)
     hidden, pooled = kind.encode(encoders, [inputs[f"ids{i}"] for i in range(len(encoders))])
-    cond = {"hidden": hidden, "pooled": pooled}
+    cond = {"hidden": hidden, "pooled": pooled} if pooled is not None and not kind.variable_text else {"hidden": hidden}
     if kind.pooled and not kind.flow:
         cond["time_ids"] = torch.zeros(hidden.shape[0], 6, dtype=hidden.dtype, device=hidden.device)
     return cond
@@ -322,7 +327,6 @@ def measure_denoise(arch, resolution: int, precision: str = "bf16") -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from core.base.architecture import build_meta
-
     from core.base.families import get_family
 
     dtype = torch_dtype(precision)

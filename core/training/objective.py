@@ -36,10 +36,8 @@ def latents_from_batch(batch: dict, base, generator: torch.Generator | None, dev
     else:
         dist = encode_latent_distribution(base.vae, batch["pixels"].to(device))
         mean, std = dist["mean"], dist["std"]
-    latents = mean if generator is None else mean + std * torch.randn(
-        mean.shape, generator=generator, device=device)
-    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * base.vae.config.scaling_factor
+    noise = None if generator is None else torch.randn(mean.shape, generator=generator, device=device)
+    return base.family.training_latents(base.vae, mean, std, noise)
 
 
 def text_states(batch: dict, base, text_encoder, device) -> dict:
@@ -51,7 +49,11 @@ def text_states(batch: dict, base, text_encoder, device) -> dict:
     else:  # encoded now: captions change per draw, or the text encoder trains
         hidden, pooled = text_encoder(base.text.tokenize(batch["caption"]))
     cond = {"hidden": hidden}
-    if pooled is not None:
+    if "hidden_lengths" in batch:  # cached text of each caption's own length (Z-Image), padded by collate
+        cond["lengths"] = batch["hidden_lengths"].to(device)
+    elif pooled is not None and base.family.variable_text:  # encoded now: the family returns the lengths
+        cond["lengths"] = pooled
+    elif pooled is not None:
         cond["pooled"] = pooled
     if "time_ids" in batch:
         cond["time_ids"] = batch["time_ids"].to(device)
@@ -121,20 +123,14 @@ def sample_levels(config: TrainConfig, family, count: int, generator, device) ->
                                                  mode_scale=t.mode_scale, device=device, generator=generator)
 
 
-def flow_shift(config: TrainConfig, scheduler, latent_shape) -> float:
+def flow_shift(config: TrainConfig, scheduler, latent_shape, family) -> float:
     """The shift of sampled sigmas: train.flow_shift, else the scheduler's fixed shift, else (schedulers with
-    dynamic shifting: FLUX) exp(mu) with mu interpolated in the number of image tokens, as its pipeline does."""
-    import math
-
+    dynamic shifting) the family's shift for the picture size, as its pipeline computes it at sampling."""
     if config.train.flow_shift:
         return config.train.flow_shift
-    sc = scheduler.config
-    if not sc.get("use_dynamic_shifting", False):
-        return float(sc.get("shift", 1.0))
-    tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-    lo, hi = sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096)
-    mu = sc.get("base_shift", 0.5) + (sc.get("max_shift", 1.15) - sc.get("base_shift", 0.5)) * (tokens - lo) / (hi - lo)
-    return math.exp(mu)
+    if not scheduler.config.get("use_dynamic_shifting", False):
+        return float(scheduler.config.get("shift", 1.0))
+    return family.dynamic_shift(scheduler.config, latent_shape)
 
 
 def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -151,7 +147,7 @@ def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generato
     if base.family.flow:
         cond["guidance"] = config.train.guidance_scale
         levels = sample_levels(config, base.family, latents.shape[0], generator, device)
-        sigmas = shifted(levels, flow_shift(config, base.noise_scheduler, latents.shape))
+        sigmas = shifted(levels, flow_shift(config, base.noise_scheduler, latents.shape, base.family))
         return flow_loss(unet, base.family, latents, noise, sigmas, cond, config.train.loss_weighting).mean()
     total = base.noise_scheduler.config.num_train_timesteps
     if config.train.timestep_sampling in ("auto", "uniform"):
@@ -185,8 +181,7 @@ class Validator:
         self.noise = []
         for entry in entries:  # drawn in a fixed order, so each image always gets the same noise
             width, height = entry.placement.bucket
-            shape = (base.vae.config.latent_channels, height // base.vae_scale_factor,
-                     width // base.vae_scale_factor)
+            shape = base.family.latent_shape(base.vae.config, width, height)
             self.noise.append(torch.randn((len(self.timesteps), *shape), generator=gen))
 
     @torch.no_grad()

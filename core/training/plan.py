@@ -120,11 +120,10 @@ class Inventory:
 @functools.lru_cache(maxsize=32)
 def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str, ...]) -> Inventory:
     from core.base.architecture import build_meta
+    from core.base.families import get_family
     from core.base.offload import resident_weights
     from core.base.quantize import fp8_castable, quantizable
     from core.training.memory import add_lora_meta
-
-    from core.base.families import get_family
 
     kind = get_family(arch.family)
     unet, encoders, vae = build_meta(arch)

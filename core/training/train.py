@@ -344,7 +344,8 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     # while the first epoch draws them). Off the card stays what only sampling needs again; the UNet comes on.
     where = placement(config)
     with accelerator.main_process_first():
-        prompts = ([*config.sample.prompts, config.sample.negative_prompt]
+        negative = config.sample.negative_prompt if base.family.negative_prompt else ""
+        prompts = ([*config.sample.prompts, negative]
                    if base.family.flow and text_is_cached(config) else [])  # flow samples use cached prompts
         if text_is_cached(config):
             captions = [item.caption for item in [*train_items, *val_items]]

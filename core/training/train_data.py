@@ -160,10 +160,19 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 def collate(examples: list[dict]) -> dict:
+    """Examples stacked into a batch; tensors of different lengths (Z-Image's text states, one row per
+    token of each caption) are zero-padded to the longest, with their lengths as ``KEY_lengths``."""
     batch = {}
     for key in examples[0]:
         values = [ex[key] for ex in examples]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        if isinstance(values[0], torch.Tensor) and len({v.shape for v in values}) > 1:
+            lengths = torch.tensor([v.shape[0] for v in values])
+            batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
+            batch[f"{key}_lengths"] = lengths
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
     return batch
 
 
@@ -385,8 +394,11 @@ def cache_texts(captions: list[str], base, cache) -> None:
         batch = missing[start:start + TEXT_BATCH]
         hidden, pooled = base.text.encode(batch)
         for i, caption in enumerate(batch):
-            tensors = {"hidden": hidden[i].float()}
-            if pooled is not None:
+            if base.family.variable_text:  # the caption's own tokens only (``pooled`` holds their counts)
+                tensors = {"hidden": hidden[i, :int(pooled[i])].float()}
+            else:
+                tensors = {"hidden": hidden[i].float()}
+            if pooled is not None and not base.family.variable_text:
                 tensors["pooled"] = pooled[i].float()
             cache.store("text", _text_key(caption, base, cache), tensors)
 
