@@ -52,7 +52,7 @@ def config_for(family, resolution, batch=1, precision="bf16", ckpt=True, te=Fals
         "model.quantize": quantize, "sample.prompts": list(prompts)})
 
 
-REFERENCES = ("sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux")
+REFERENCES = ("sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux", "flux2", "zimage")
 
 
 def write_table(models: list[str], references=REFERENCES) -> None:

@@ -1,6 +1,6 @@
 """``python -m core``: the command line the app itself runs as a subprocess.
 
-    python -m core tiny-model DIR [--family sd15|sd2|sdxl|sd3|flux|flux-schnell] [--shape tiny|sd15]
+    python -m core tiny-model DIR [--family sd15|sd2|sdxl|sd3|flux|flux-schnell|flux2|zimage] [--shape tiny|sd15]
     python -m core train CONFIG.toml [--set section.key=value ...] [--resume]
     python -m core sample --model MODEL [--lora FILE] [--scale S] --prompt TEXT --seed N --steps K --out FILE.png
     python -m core caption DIR [--captioner blip|wd14|florence2] [--model PATH_OR_HUB_ID] [--prefix TRIGGER]
@@ -10,7 +10,7 @@
     python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
     python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
     python -m core merge --model MODEL --lora FILE --scale S --out MERGED.safetensors [--precision fp16|bf16|fp32]
-    python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl|sd3|sd3-medium|flux|flux-schnell]
+    python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl|sd3|sd3-medium|flux|flux-schnell|flux2|zimage]
                         [--set section.key=value ...] [--vram GB] [--fit] [--json]
 
 Errors end with exit code 2 (bad input) or 1 (failure during the run) and
@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify-lora", help="check that a LoRA file maps onto its base model and changes its images")
     p.add_argument("file", help="the LoRA .safetensors (kohya or diffusers layout)")
     p.add_argument("--model", required=True, help="the base model (diffusers folder or hub id)")
-    p.add_argument("--family", choices=["auto", "sd1", "sd2", "sdxl", "sd3", "flux"], default="auto")
+    p.add_argument("--family", choices=["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "zimage"],
+                   default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-image", action="store_true", help="skip generating images (names and shapes only)")
     p.add_argument("--prompt", default="a photo", help="prompt of the test images")
@@ -127,9 +128,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="estimate a run's peak GPU memory; with --fit, pick settings that fit the card")
     p.add_argument("config", nargs="?", default="", help="a config .toml (default: the default settings)")
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux", "flux-schnell"], default="",
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux", "flux-schnell", "flux2",
+                                        "zimage"], default="",
                    help="plan for this family's reference model (no model needed): SD 1.5, SD 2.1, SDXL, SD 3.5 "
-                        "Large or Medium, FLUX.1-dev or schnell; else model.family/model.path")
+                        "Large or Medium, FLUX.1-dev or schnell, FLUX.2 [klein] 4B, Z-Image; else "
+                        "model.family/model.path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--vram", type=float, default=0.0, help="the card's memory in GB (default: the GPU found)")

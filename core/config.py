@@ -43,7 +43,7 @@ def opt(default, help: str, *, min=None, max=None, group: str = "advanced", mult
 
 
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
-ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]
+ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "zimage"]
 Quantize = Literal["none", "int8", "nf4", "fp8"]
 Optimizer = Literal["adamw8bit", "adamw"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -60,9 +60,9 @@ class ModelConfig:
                     "diffusers folder (with model_index.json) or a Hugging Face hub id such as "
                     "'stable-diffusion-v1-5/stable-diffusion-v1-5'.", group="basic")
     revision: str = opt("", "Hub revision (branch, tag or commit) when path is a hub id; empty for the default.")
-    family: ModelFamily = opt("auto", "Model family: 'auto' detects SD 1.x, SD 2.x, SDXL, SD 3.5 (sd3) or FLUX.1 "
-                              "(flux) from the model's "
-                              "files; set it only if detection is wrong.")
+    family: ModelFamily = opt("auto", "Model family: 'auto' detects SD 1.x, SD 2.x, SDXL, SD 3.5 (sd3), FLUX.1 "
+                              "(flux), FLUX.2 [klein] (flux2) or Z-Image (zimage) from the model's files; set it "
+                              "only if detection is wrong.")
     prediction_type: PredictionType = opt(
         "auto", "What the model predicts. 'auto' reads it from the model's scheduler config; override only "
         "for models whose config is wrong (v-prediction fine-tunes shipped with an epsilon config).")
@@ -178,16 +178,18 @@ class TrainStepsConfig:
         "auto", "How training draws noise levels. 'uniform': every level alike; 'logit_normal': mostly the middle "
         "levels (Stable Diffusion 3's recipe; train.logit_mean/logit_std); 'sigmoid': sd-scripts' name for "
         "logit_normal around the middle; 'mode': a mode-centred density (train.mode_scale). 'auto': uniform for "
-        "SD 1.x/2.x/SDXL, logit_normal for SD 3.5, sigmoid for FLUX. Flow models then apply the shift "
-        "(train.flow_shift).")
+        "SD 1.x/2.x/SDXL, logit_normal for SD 3.5 and Z-Image, sigmoid for FLUX.1 and FLUX.2. Flow models then "
+        "apply the shift (train.flow_shift).")
     logit_mean: float = opt(0.0, "Mean of the logit_normal timestep sampling.", min=-10.0, max=10.0)
     logit_std: float = opt(1.0, "Standard deviation of the logit_normal and sigmoid timestep sampling.",
                            min=0.01, max=10.0)
     mode_scale: float = opt(1.29, "Scale of the 'mode' timestep sampling.", min=0.0, max=2.0)
     flow_shift: float = opt(0.0, "Flow models: shift of the sampled noise levels towards noise (sigma' = "
                             "shift*sigma / (1 + (shift-1)*sigma)); larger for larger pictures. 0: the model's own "
-                            "(SD 3.5: 3.0 from its scheduler; FLUX: from the picture size, 1.9 at 512 px and 3.2 "
-                            "at 1024 px, as its scheduler's dynamic shift).", min=0.0, max=100.0)
+                            "(SD 3.5 and Z-Image-Turbo: 3.0 from the scheduler; FLUX.1: from the picture size, 1.9 "
+                            "at 512 px and 3.2 at 1024 px, as its scheduler's dynamic shift; FLUX.2 [klein]: its "
+                            "pipeline's empirical shift at 50 steps, 5.5 at 512 px and 7.6 at 1024 px).",
+                            min=0.0, max=100.0)
     loss_weighting: FlowWeighting = opt("none", "Flow models: weight of each noise level in the loss ('sigma_sqrt' "
                                         "or 'cosmap' from the SD3 paper); 'none' is what the peers use.")
     guidance_scale: float = opt(1.0, "FLUX.1-dev: the guidance value fed to its guidance embedding while training "

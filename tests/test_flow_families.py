@@ -27,7 +27,7 @@ def flow_models(tiny_sd3, tiny_flux, tiny_zimage, tiny_flux2):
     return {"sd3": tiny_sd3, "flux": tiny_flux, "zimage": tiny_zimage, "flux2": tiny_flux2}
 
 
-def test_detected_from_the_model_files(tiny_sd3, tiny_flux, tmp_path):
+def test_detected_from_the_model_files(tiny_sd3, tiny_flux, tiny_zimage, tiny_flux2, tmp_path):
     from core.base.models import load_models, native_resolution
     from core.base.tiny import write_tiny_model
 
@@ -40,6 +40,10 @@ def test_detected_from_the_model_files(tiny_sd3, tiny_flux, tmp_path):
     assert load_models(str(tiny_flux)).text.lengths == (77, 512)
     assert load_models(str(tiny_sd3)).text.lengths == (77, 77, 256)
     assert native_resolution(tiny_flux) == 64
+    zimage, klein = load_models(str(tiny_zimage)), load_models(str(tiny_flux2))
+    assert (zimage.family.name, zimage.variant, zimage.text.lengths) == ("zimage", "turbo", (512,))
+    assert (klein.family.name, klein.variant, klein.text.lengths) == ("flux2", "4b-base", (512,))
+    assert type(zimage.text.encoders[0]).__name__ == "Qwen3Model"  # model_index's class, not the causal LM
 
 
 def test_flow_target_and_sampling_against_hand_computed_values(tiny_flux):

@@ -33,6 +33,8 @@ REFERENCE_REPOS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd3": "stabilityai/stable-diffusion-3.5-large",
     "flux": "black-forest-labs/FLUX.1-dev",
+    "flux2": "black-forest-labs/FLUX.2-klein-base-4B",
+    "zimage": "Tongyi-MAI/Z-Image-Turbo",
 }
 
 
@@ -126,7 +128,7 @@ def convert(path: str | os.PathLike, models_dir: str | os.PathLike | None = None
     config = next((c for c in (find_config_folder(family, root) for root in roots) if c), None)
     models_dir = roots[0]
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    if family in ("sd3", "flux"):  # the transformer from the file, the rest from a folder of the family
+    if family in ("sd3", "flux", "flux2", "zimage"):  # the transformer from the file, the rest from a folder
         _convert_transformer(path, family, config, target, offline)
         return target
     if config is None and offline:

@@ -1,9 +1,10 @@
 """Single transformer files of the flow families: written in the original models' layout, read with a companion.
 
-Model sites ship FLUX.1 and SD 3.5 fine-tunes mostly as the transformer alone,
-in the original (Black Forest Labs / Stability MMDiT) names that ComfyUI's
-diffusion-model loader and diffusers' ``from_single_file`` read; the text
-encoders and the VAE are the family's and come from elsewhere.
+Model sites ship SD 3.5, FLUX.1, FLUX.2 and Z-Image fine-tunes mostly as the
+transformer alone, in the original names (Stability's MMDiT, Black Forest
+Labs' FLUX, ComfyUI's Z-Image repack) that ComfyUI's diffusion-model loader
+and diffusers' ``from_single_file`` read; the text encoders and the VAE are
+the family's and come from elsewhere.
 
 * ``original_state_dict`` turns a diffusers transformer into that layout
   (q, k, v fused, scale/shift halves of the final modulation swapped), which
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from core.base.flow_names import LAYOUTS
+from core.base.flow_names import LAYOUTS, depth_of
 
 # Modules outside the blocks, and the norms inside them (not linear layers, so not in the LoRA layout).
 _TOP = {
@@ -42,7 +43,23 @@ _TOP = {
             "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
             "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
             "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"},
+    "flux2": {"x_embedder": "img_in", "context_embedder": "txt_in",
+              "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+              "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+              "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+              "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+              "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+              "single_stream_modulation.linear": "single_stream_modulation.lin",
+              "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"},
+    # Z-Image keeps every other name (cap_embedder, t_embedder, the pad tokens) as the original has it.
+    "zimage": {"all_x_embedder.2-1": "x_embedder", "all_final_layer.2-1.linear": "final_layer.linear",
+               "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1"},
 }
+# Layouts whose final modulation stores (shift, scale) where diffusers stores (scale, shift).
+_SWAPPED_FINAL = ("flux", "sd3", "flux2")
+# Families whose block layers not listed in the layout keep their names (Z-Image's norms and modulations).
+_SAME_NAMES = ("zimage",)
 _NORMS = {
     "flux": {"transformer_blocks": {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
                                     "attn.norm_added_q": "txt_attn.norm.query_norm",
@@ -52,30 +69,43 @@ _NORMS = {
                                    "attn.norm_added_q": "context_block.attn.ln_q",
                                    "attn.norm_added_k": "context_block.attn.ln_k",
                                    "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}},
+    "flux2": {"transformer_blocks": {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                                     "attn.norm_added_q": "txt_attn.norm.query_norm",
+                                     "attn.norm_added_k": "txt_attn.norm.key_norm"},
+              "single_transformer_blocks": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}},
+    "zimage": {name: {"attention.norm_q": "attention.q_norm", "attention.norm_k": "attention.k_norm"}
+               for name in ("layers", "noise_refiner", "context_refiner")},
 }
 # The original name of a norm's weight: FLUX's RMS norms keep it as "scale".
-_NORM_WEIGHT = {"flux": "scale", "sd3": "weight"}
+_NORM_WEIGHT = {"flux": "scale", "sd3": "weight", "flux2": "scale", "zimage": "weight"}
 
 
 def _plan(transformer, family: str) -> dict[str, tuple[str, int | None, bool]]:
     """{diffusers weight name: (original name, position in a fused weight or None, scale/shift swapped)}."""
-    layout, depth = LAYOUTS[family], len(transformer.transformer_blocks)
+    layout, depth = LAYOUTS[family], depth_of(transformer)
     plan = {}
     for name in transformer.state_dict():
-        module, param = name.rsplit(".", 1)
+        module, _, param = name.rpartition(".")
         if name == "pos_embed.pos_embed":  # SD3's position table is a buffer, stored as is
             plan[name] = ("pos_embed", None, False)
             continue
         if module in _TOP[family]:
-            plan[name] = (f"{_TOP[family][module]}.{param}", None, module == "norm_out.linear")
+            swap = module == "norm_out.linear" and family in _SWAPPED_FINAL
+            plan[name] = (f"{_TOP[family][module]}.{param}", None, swap)
             continue
         block = re.fullmatch(r"([a-z_]+)\.(\d+)\.(.+)", module)
-        if block is None:
+        if block is None or block.group(1) not in layout.blocks:
+            if family in _SAME_NAMES:
+                plan[name] = (name, None, False)
+                continue
             raise ValueError(f"{family} transformer weight {name!r} has no name in the original layout")
         kind, number, inner = block.groups()
         norm = _NORMS[family].get(kind, {}).get(inner)
         if norm is not None:
             plan[name] = (f"{layout.blocks[kind][0]}.{number}.{norm}.{_NORM_WEIGHT[family]}", None, False)
+            continue
+        if family in _SAME_NAMES and inner not in layout.blocks[kind][1]:
+            plan[name] = (name, None, False)
             continue
         original, part = layout.original_name(module, depth)
         plan[name] = (f"{original}.{param}", part, part is None and layout.swapped(original, depth))
@@ -128,10 +158,15 @@ def _swap(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def transformer_file_family(keys: list[str]) -> str | None:
-    """flux or sd3 for a checkpoint holding that family's transformer (alone or with more), else None."""
+    """flux, flux2, sd3 or zimage for a checkpoint holding that family's transformer (alone or with more), else
+    None."""
     names = [k.removeprefix("model.diffusion_model.") for k in keys]
+    if any(k.startswith("double_stream_modulation_img.") for k in names):  # FLUX.2's shared modulations
+        return "flux2"
     if any(k.startswith("double_blocks.") for k in names):
         return "flux"
+    if any(k.startswith("cap_embedder.") for k in names) and any(k.startswith("noise_refiner.") for k in names):
+        return "zimage"
     if any(k.startswith("joint_blocks.") for k in names):
         return "sd3"
     return None
@@ -160,9 +195,9 @@ def convert_transformer_file(path: Path, family: str, companion: Path, target: P
 
 
 def read_transformer(path: Path, family: str, companion: Path | None = None):
-    """The diffusers transformer of a single file (bf16; float8 files are widened). Its config is the
-    companion's when that has one of the same shapes, else the family's reference of the variant the file's
-    keys show (FLUX.1-dev has a guidance input, schnell none; SD 3.5 Large has 38 blocks, Medium attn2)."""
+    """The diffusers transformer of a single file, in the file's precision (float8 widened to bf16). Its config
+    is the companion's when that has one of the same shapes, else the family's reference of the variant the
+    file's keys show (FLUX.1-dev has a guidance input, schnell none; SD 3.5 Large has 38 blocks, Medium attn2)."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -176,7 +211,8 @@ def read_transformer(path: Path, family: str, companion: Path | None = None):
         model = cls.from_config(config)
     state = diffusers_state_dict(tensors, family, model)
     del tensors
-    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    float8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    state = {k: v.to(torch.bfloat16) if v.dtype in float8 else v for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -190,15 +226,17 @@ def _config_for(tensors: dict, family: str, companion: Path | None) -> dict:
     names = {k.removeprefix("model.diffusion_model.") for k in tensors}
     if family == "flux":
         variant = "flux" if "guidance_in.in_layer.weight" in names else "flux-schnell"
-    else:
+    elif family == "sd3":
         depth = len({k.split(".")[1] for k in names if k.startswith("joint_blocks.")})
         variant = "sd3" if depth >= 38 else "sd3-medium"
+    else:
+        variant = family  # FLUX.2 [klein] 4B, Z-Image: one reference each
     own = companion / "transformer" / "config.json" if companion else None
     if own is not None and own.is_file():
         config = json.loads(own.read_text(encoding="utf-8"))
-        blocks = len({k.split(".")[1] for k in names if k.startswith(("double_blocks.", "joint_blocks."))})
-        if config.get("num_layers") == blocks and (family != "flux" or bool(config.get("guidance_embeds"))
-                                                    == (variant == "flux")):
+        blocks = len({k.split(".")[1] for k in names if k.startswith(("double_blocks.", "joint_blocks.", "layers."))})
+        layers = config.get("num_layers", config.get("n_layers"))
+        if layers == blocks and (family != "flux" or bool(config.get("guidance_embeds")) == (variant == "flux")):
             return config
     return reference_config(variant, "transformer")
 

@@ -114,7 +114,8 @@ def sample_levels(config: TrainConfig, family, count: int, generator, device) ->
     t = config.train
     scheme = t.timestep_sampling
     if scheme == "auto":
-        scheme = {"sd3": "logit_normal", "flux": "sigmoid"}.get(family.name, "uniform") if family.flow else "uniform"
+        scheme = ({"sd3": "logit_normal", "zimage": "logit_normal"}.get(family.name, "sigmoid") if family.flow
+                  else "uniform")
     if scheme == "sigmoid":  # sd-scripts' spelling of a logit-normal density centred on the middle
         scheme, mean = "logit_normal", 0.0
     else:
