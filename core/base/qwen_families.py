@@ -46,7 +46,8 @@ def _qwen_states(encoder, ids: torch.Tensor):
     """The hidden states of every layer (the decoder alone: a causal LM's head is not needed) and the mask."""
     model = getattr(encoder, "model", encoder)
     ids = ids.to(_device(encoder))
-    mask = ids != encoder.config.pad_token_id
+    pad = encoder.config.pad_token_id  # set from the tokenizer when the model is loaded (Qwen3's config has none)
+    mask = ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)
     return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, mask
 
 

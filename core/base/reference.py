@@ -1,8 +1,8 @@
 """The reference models' configs (``core/base/architectures/*.json``): read without building anything.
 
 One file per family's reference model (sd1, sd2, sdxl, sd3 = SD 3.5 Large, flux = FLUX.1-dev, flux2 =
-FLUX.2 [klein] 4B, zimage = Z-Image) and per variant (sd3-medium, flux-schnell): the denoiser's ("unet" or "transformer"), text encoders', VAE's and,
-for the flow families, scheduler's configs.
+FLUX.2 [klein] 4B, zimage = Z-Image) and per variant (sd3-medium, flux-schnell): the denoiser's ("unet" or
+"transformer"), text encoders', VAE's and, for the flow families, scheduler's configs.
 """
 
 from __future__ import annotations

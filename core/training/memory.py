@@ -356,9 +356,10 @@ def calibrate(arch, progress=lambda text: None) -> dict:
     native = get_family(arch.family).native_resolution
     sizes = (native // 2, native)
     rows: dict = {"source": arch.source}
+    text_choices = (False, True) if get_family(arch.family).trainable_text else (False,)  # no text LoRA: no row
     for precision in ("bf16", "no"):
         for checkpointing in (False, True):
-            for text in (False, True):
+            for text in text_choices:
                 shapes = [StepShape(resolution=r, precision=precision, checkpointing=checkpointing,
                                     train_text_encoder=text) for r in sizes]
                 (t1, m1), (t2, m2) = [(s.latent_tokens, measure_step(arch, s).step) for s in shapes]

@@ -185,6 +185,9 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
                           f"blocks; leave it empty for the {base.family.label} default set")
     unet_params = attach(base.denoiser, targets, what, "lora.target_modules")
     te_params = []
+    if config.lora.train_text_encoder and not base.text.trainable():
+        raise ConfigError(f"lora.train_text_encoder = true: {base.family.label}'s text encoder gets no LoRA (the "
+                          f"other trainers train its transformer only); set it to false")
     if config.lora.train_text_encoder:
         for encoder in base.text.trainable():  # both of SDXL's; the CLIP ones, never T5
             te_params += attach(encoder, config.lora.text_encoder_target_modules, "text encoder",
