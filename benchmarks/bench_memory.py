@@ -5,6 +5,7 @@
                                                  # core/training/memory_table.json (a few minutes)
     python benchmarks/bench_memory.py --write --model PATH   # add a model folder's own architecture
     python benchmarks/bench_memory.py --write --reference flux   # measure one reference model again
+    python benchmarks/bench_memory.py --flow     # the flow families (SD 3.5, FLUX.1/2, Z-Image), goals, cards
     python benchmarks/bench_memory.py --cuda     # on a GPU: real steps (max_memory_allocated) against both
     python benchmarks/bench_memory.py --toggles 6    # each setting: planned memory and step time here
     python benchmarks/bench_memory.py --quality 40   # each base precision: validation loss, speed
@@ -38,16 +39,25 @@ MATRIX = [  # (family, resolution, batch, precision, checkpointing, train_text_e
 MATRIX += [("sd1", 768, 1, "bf16", True, False), ("sd1", 384, 3, "no", False, False),
            ("sd2", 512, 2, "bf16", False, False), ("sdxl", 768, 2, "bf16", True, False),
            ("sdxl", 1280, 1, "bf16", True, False)]
+# The flow transformers: at the measured points and off them (768 px, batch 2, no checkpointing).
+MATRIX += [(family, resolution, batch, "bf16", ckpt, False)
+           for family in ("sd3-medium", "sd3", "flux", "flux2", "zimage")
+           for resolution, batch, ckpt in ((1024, 1, True), (768, 2, True), (768, 1, False))]
 GOALS = [("SD 1.x 512 px, rank 16, bf16, checkpointing, cached", "sd1", 512, "none", 2.5),
          ("SDXL 1024 px, same", "sdxl", 1024, "none", 6.5),
-         ("SDXL 1024 px, NF4 base", "sdxl", 1024, "nf4", 4.0)]
+         ("SDXL 1024 px, NF4 base", "sdxl", 1024, "nf4", 4.0),
+         ("FLUX.1-dev 512 px, NF4 base", "flux", 512, "nf4", 8.0),
+         ("SD 3.5 Large 512 px, NF4 base", "sd3", 512, "nf4", 8.0),
+         ("SD 3.5 Medium 512 px, bf16 base", "sd3-medium", 512, "none", 6.0)]
+FLOW = ("sd3-medium", "sd3", "flux", "flux2", "zimage")
 
 
 def config_for(family, resolution, batch=1, precision="bf16", ckpt=True, te=False, quantize="none", prompts=()):
     from core import config as config_mod
+    from core.base.reference import VARIANTS
 
     return config_mod.with_values(config_mod.TrainConfig(), {
-        "model.family": family, "dataset.resolution": resolution, "train.batch_size": batch,
+        "model.family": VARIANTS.get(family, family), "dataset.resolution": resolution, "train.batch_size": batch,
         "train.mixed_precision": precision, "train.gradient_checkpointing": ckpt, "lora.train_text_encoder": te,
         "model.quantize": quantize, "sample.prompts": list(prompts)})
 
@@ -124,14 +134,40 @@ def cards() -> None:
     from core.base.families import get_family
     from core.training.plan import CARDS_GB, fit
 
+    from core.base.reference import VARIANTS
+
     print("\nPlanner, per card (native resolution, rank 16, batch 1, bf16, with sample images):")
-    for family in ("sd1", "sd2", "sdxl"):
-        native = get_family(family).native_resolution
+    for family in ("sd1", "sd2", "sdxl", *FLOW):
+        native = get_family(VARIANTS.get(family, family)).native_resolution
         for gb in CARDS_GB:
             plan = fit(config_for(family, native, ckpt=False, prompts=["a photo"]), reference(family), gb * GiB)
             chosen = ", ".join(f"{k}={v}" for k, v in plan.settings.items()) or "as is"
             print(f"  {family:4} {native:4} px {gb:2} GB: peak {plan.peak / GiB:5.2f} GiB ({plan.peak_phase}), "
                   f"fits {plan.fits}: {chosen}")
+
+
+def flow_table() -> None:
+    """The flow families on their real architectures: the training phase's peak allocated memory at 512 and
+    1024 px with the bf16 and the NF4 base (rank 16, bf16, checkpointing, cached latents and text), from a
+    fake-tensor step (the NF4 weights counted as bitsandbytes stores them), and the planner's whole-run peak
+    with its margins (the T5 / Qwen3 encoder stored like the base while caching)."""
+    from core.base.architecture import reference
+    from core.training.memory import StepShape, measure_step
+    from core.training.plan import estimate, optimizer_bytes
+
+    print("\nFlow families (rank 16, bf16, checkpointing, cached; GiB): training step measured on fake tensors | "
+          "planner's run peak with margins (phase)")
+    for name in FLOW:
+        arch = reference(name)
+        for resolution in (512, 1024):
+            m = measure_step(arch, StepShape(resolution))
+            cells = []
+            for quantize in ("none", "nf4"):
+                plan = estimate(config_for(name, resolution, quantize=quantize, prompts=["a photo"]), arch)
+                weights = plan.phases["training"]["unet_weights"] if quantize != "none" else m.unet_weights
+                measured = weights + m.lora + optimizer_bytes(m.lora_params, "adamw8bit") + m.step
+                cells.append(f"{quantize:4} {measured / GiB:6.2f} | {plan.peak / GiB:6.2f} ({plan.peak_phase})")
+            print(f"  {name:10} {resolution:4} px: " + "; ".join(cells), flush=True)
 
 
 def on_cuda() -> None:
@@ -301,6 +337,8 @@ def main() -> int:
     parser.add_argument("--toggles", type=int, default=0, metavar="STEPS",
                         help="only each setting's planned memory and measured step time, with this many steps")
     parser.add_argument("--resolution", type=int, default=256, help="with --toggles: training resolution here")
+    parser.add_argument("--flow", action="store_true",
+                        help="only the flow families' table, the goals and the per-card plans")
     parser.add_argument("--quality", type=int, default=0, metavar="STEPS",
                         help="only the quality/speed table of the base precisions, with this many steps")
     args = parser.parse_args()
@@ -313,8 +351,14 @@ def main() -> int:
     if args.toggles:
         toggles(args.toggles, args.resolution)
         return 0
+    if args.flow:
+        goals()
+        flow_table()
+        cards()
+        return 0
     accuracy()
     goals()
+    flow_table()
     cards()
     flops()
     if args.cuda:

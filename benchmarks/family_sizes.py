@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-REFERENCES = ("sd1", "sd2", "sdxl", "sd3-medium", "sd3", "flux", "flux-schnell")
+REFERENCES = ("sd1", "sd2", "sdxl", "sd3-medium", "sd3", "flux", "flux-schnell", "flux2", "zimage")
 
 
 def adapted(name: str, rank: int):
