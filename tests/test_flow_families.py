@@ -243,3 +243,33 @@ def test_samples_from_cached_prompts_match_the_text_encoders(family, flow_models
     from_text = np.asarray(generate(pipe, "a photo of sks", **kw), dtype=float)
     from_cache = np.asarray(generate(pipe, "a photo of sks", embeds=embeds, **kw), dtype=float)
     assert np.abs(from_text - from_cache).max() <= 1.0
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_text_encoder_lora_trains_the_clip_encoders_only(family, flow_models, tmp_path):
+    """lora.train_text_encoder on SD 3.5 / FLUX trains CLIP (both of SD 3.5's), never T5; the file's
+    lora_te keys load back into the pipeline and give the trained picture."""
+    from safetensors import safe_open
+
+    from core.base.models import load_models
+    from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
+
+    model = flow_models[family]
+    cfg = tiny_config(model, write_dataset(tmp_path / "d", n=2), tmp_path / "out", **{
+        "train.max_train_steps": 2, "sample.prompts": [], "output.save_state": False,
+        "dataset.validation_split": 0.0, "lora.train_text_encoder": True, "train.learning_rate": 1e-2})
+    result = train.run(cfg, EventLog(), keep_models=True)
+    t5 = result.text_encoder.encoders[-1]
+    assert not any("lora_" in name for name, _ in t5.named_parameters())
+    with safe_open(result.lora_path, "pt") as f:
+        prefixes = {k.split("_text_model")[0] for k in f.keys() if k.startswith("lora_te")}
+    assert prefixes == ({"lora_te1", "lora_te2"} if family == "sd3" else {"lora_te1"})
+    base = load_models(str(model))
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", max_sequence_length=32,
+              guidance_scale=3.5)
+    trained = pipeline_from_parts(model, base.vae, result.text_encoder, result.denoiser)
+    expected = trained(prompt="a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    pipe = load_pipeline(str(model), device="cpu")
+    apply_lora(pipe, result.lora_path)
+    got = pipe(prompt="a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=2e-3, rtol=0)

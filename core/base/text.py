@@ -42,6 +42,15 @@ class TextEncoders(torch.nn.Module):
         """The encoders that may get a LoRA (the CLIP ones; never T5)."""
         return [e for i, e in enumerate(self.encoders) if i in self.family.trainable_text]
 
+    def train(self, mode: bool = True):
+        """Training mode for the encoders that carry a LoRA only: T5 (dropout 0.1 in its config) stays in eval
+        mode, or it would encode every caption differently while the CLIP encoders train."""
+        super().train(mode)
+        for i, encoder in enumerate(self.encoders):
+            if i not in self.family.trainable_text:
+                encoder.eval()
+        return self
+
     def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
         """Token ids per tokenizer, padded/truncated to each one's window (through the family: Qwen-based
         ones wrap the caption in their chat template first)."""

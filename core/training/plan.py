@@ -287,7 +287,8 @@ def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
     The order: cache latents before training (not while the first epoch runs), cache text (stop training
     the text encoder), gradient checkpointing, 8-bit AdamW, an int8 base, an NF4 base, then halve the batch
     (doubling gradient accumulation, so the effective batch stays), and last keep the frozen UNet in system
-    RAM (group offloading, with the full-precision base: its layers come to the card one at a time). The
+    RAM (group offloading, with the full-precision base: its layers come to the card one at a time; for the
+    flow families, whose text encoder would then be full precision too, smaller pictures: 768, then 512). The
     plan's ``settings`` are the changed values as ``--set`` keys; ``fits`` is False when even the last step
     does not fit.
     """
@@ -305,7 +306,14 @@ def fit(config, arch, vram: int, card: str = "", bf16: bool = True) -> Plan:
     while batch > 1:
         batch, accumulation = batch // 2, accumulation * 2
         steps.append({"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation})
-    steps.append({"model.quantize": "none", "model.group_offload": True})  # the frozen UNet stays in RAM
+    from core.base.families import get_family
+
+    if get_family(arch.family).flow:
+        # Group offloading would need the full-precision base, and its T5 / Qwen3 encoder (4-5 billion weights)
+        # would then cache the captions in bf16: smaller pictures instead, as the peers train these on small cards.
+        steps += [{"dataset.resolution": side} for side in (768, 512) if side < config.dataset.resolution]
+    else:
+        steps.append({"model.quantize": "none", "model.group_offload": True})  # the frozen UNet stays in RAM
     chosen = {"dataset.cache_latents": True, "dataset.cache_while_training": True,
               "train.gradient_checkpointing": False, "model.quantize": "none", "model.group_offload": False}
     if config.train.mixed_precision == "no":  # fp32 is the slowest on any GPU this plans for
