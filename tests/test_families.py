@@ -149,3 +149,23 @@ def test_verify_lora_on_each_family(tiny_sd2, tiny_sdxl, tmp_path):
         result = verify(lora, str(model), steps=2)
         assert result.ok and result.family == family and result.loads, result.summary()
         assert result.matched == result.modules > 0 and result.max_change >= 1.0
+
+
+def test_verify_lora_warns_of_modules_sd_scripts_tools_cannot_place(tiny_model, tmp_path):
+    """conv_in loads in ComfyUI and diffusers but has no slot in sd-scripts' network: a warning, not a failure."""
+    from core.lora.verify import verify
+
+    data = write_dataset(tmp_path / "d", n=2)
+    cfg = tiny_config(tiny_model, data, tmp_path / "out", **{
+        "train.max_train_steps": 2, "sample.prompts": [], "output.save_state": False, "train.learning_rate": 1e-2,
+        "dataset.validation_split": 0.0, "lora.target_modules": ["to_q", "conv_in"]})
+    log = EventLog()
+    lora = train.run(cfg, log).lora_path
+    result = verify(lora, str(tiny_model), steps=2)
+    assert result.ok and len(result.warnings) == 1 and "lora_unet_conv_in" in result.warnings[0]
+    assert "warning:" in result.summary()
+    assert any("sd-scripts" in e.text for e in log.of("message") if e.level == "warning")
+    plain = train.run(tiny_config(tiny_model, data, tmp_path / "out2", **{
+        "train.max_train_steps": 1, "sample.prompts": [], "output.save_state": False,
+        "dataset.validation_split": 0.0}), EventLog()).lora_path
+    assert verify(plain, str(tiny_model), image=False).warnings == []

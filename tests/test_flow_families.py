@@ -128,6 +128,18 @@ def test_a_few_steps_train_validate_sample_export_and_reload(family, flow_models
     assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == METADATA[family]
     assert not any("transformer_blocks" in k or "to_q" in k for k in keys)  # the original model's names only
     assert "modelspec.prediction_type" not in meta and meta["ss_network_dim"] == "4"
+    # ComfyUI's (and Forge's) rule for every model: lora_unet_ + a weight name of the original single file with
+    # dots as underscores; every module of the file is one, with the shapes of that weight
+    from core.base.flow_checkpoint import original_state_dict
+
+    original = original_state_dict(load_models(str(model)).denoiser, family)
+    weights = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): v.shape
+               for k, v in original.items() if k.endswith(".weight")}
+    with safe_open(result.lora_path, "pt") as f:
+        for name in {k.rsplit(".", 2)[0] for k in keys if k.endswith(".lora_down.weight")}:
+            assert name in weights, name
+            down, up = f.get_tensor(name + ".lora_down.weight"), f.get_tensor(name + ".lora_up.weight")
+            assert (up.shape[0], down.shape[1]) == tuple(weights[name]), name
     # a fused q/k/v layer: rank 3 x 4, alpha 3 x 2 (alpha / rank stays the trained 0.5)
     qkv, parts = FUSED[family]
     with safe_open(result.lora_path, "pt") as f:
