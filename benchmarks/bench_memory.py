@@ -132,9 +132,8 @@ def goals() -> None:
 def cards() -> None:
     from core.base.architecture import reference
     from core.base.families import get_family
-    from core.training.plan import CARDS_GB, fit
-
     from core.base.reference import VARIANTS
+    from core.training.plan import CARDS_GB, fit
 
     print("\nPlanner, per card (native resolution, rank 16, batch 1, bf16, with sample images):")
     for family in ("sd1", "sd2", "sdxl", *FLOW):
