@@ -62,7 +62,7 @@ def config_for(family, resolution, batch=1, precision="bf16", ckpt=True, te=Fals
         "model.quantize": quantize, "sample.prompts": list(prompts)})
 
 
-REFERENCES = ("sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux", "flux2", "zimage")
+REFERENCES = ("sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux", "flux2", "flux2-9b", "zimage")
 
 
 def write_table(models: list[str], references=REFERENCES) -> None:

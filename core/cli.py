@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="estimate a run's peak GPU memory; with --fit, pick settings that fit the card")
     p.add_argument("config", nargs="?", default="", help="a config .toml (default: the default settings)")
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "sd3-medium", "flux", "flux-schnell", "flux2",
-                                        "zimage"], default="",
+                                        "flux2-9b", "zimage"], default="",
                    help="plan for this family's reference model (no model needed): SD 1.5, SD 2.1, SDXL, SD 3.5 "
                         "Large or Medium, FLUX.1-dev or schnell, FLUX.2 [klein] 4B, Z-Image; else "
                         "model.family/model.path")

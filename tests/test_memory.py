@@ -161,7 +161,7 @@ def test_plan_command_for_a_family_with_no_model(tmp_path):
                                                       "sample.prompts": ["a dog"]}),
                                            reference("sdxl"), 8 * GiB, "8 GB given with --vram"))
     assert "Estimated peak GPU memory" in text and "fits 8.0 GiB (8 GB given with --vram" in text
-    assert '--set model.quantize="' in text and "UNet weights (frozen)" in text
+    assert '--set model.quantize="' in text and "UNet or transformer (frozen)" in text
     bad = run("--set", "model.path=somewhere/not/here")
     assert bad.returncode == 2 and "set model.family" in bad.stderr
 

@@ -229,8 +229,11 @@ def _config_for(tensors: dict, family: str, companion: Path | None) -> dict:
     elif family == "sd3":
         depth = len({k.split(".")[1] for k in names if k.startswith("joint_blocks.")})
         variant = "sd3" if depth >= 38 else "sd3-medium"
+    elif family == "flux2":  # klein 4B has 5 double blocks, 9B 8
+        depth = len({k.split(".")[1] for k in names if k.startswith("double_blocks.")})
+        variant = "flux2-9b" if depth >= 8 else "flux2"
     else:
-        variant = family  # FLUX.2 [klein] 4B, Z-Image: one reference each
+        variant = family  # Z-Image: Turbo and base share their shapes
     own = companion / "transformer" / "config.json" if companion else None
     if own is not None and own.is_file():
         config = json.loads(own.read_text(encoding="utf-8"))

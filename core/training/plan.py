@@ -372,7 +372,7 @@ def detect_card() -> tuple[int | None, str, bool]:
 
 
 
-LABELS = {"unet_weights": "UNet weights (frozen)", "text_encoder_weights": "text encoder weights",
+LABELS = {"unet_weights": "UNet or transformer (frozen)", "text_encoder_weights": "text encoder weights",
           "vae_weights": "VAE weights (fp32)", "lora": "LoRA weights (fp32)", "optimizer": "optimizer state",
           "activations": "activations (step, encode or decode)", "workspace": f"workspace ({WORKSPACE:.0%} margin)",
           "cuda_context": "CUDA context"}
