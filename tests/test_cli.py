@@ -83,20 +83,24 @@ def test_train_command_trains_and_reports(cli_run):
     assert saved.train.max_train_steps == 4  # --set overrides are part of the resolved config
 
 
-def test_sample_command_with_and_without_lora(cli_run, tiny_model, tmp_path):
+def test_sample_command_with_and_without_lora(cli_run, tiny_model, tmp_path, capsys):
+    from core.cli import main
+
     cfg, _ = cli_run
     common = ["--model", tiny_model, "--prompt", "a photo of sks", "--seed", 3, "--steps", 2, "--width", 64,
               "--height", 64]
-    base = core_cmd("sample", *common, "--out", tmp_path / "base.png")
-    assert base.returncode == 0, base.stderr
     lora = core_cmd("sample", *common, "--lora", cfg.run_dir / "cli-lora.safetensors", "--scale", 1.0,
                     "--out", tmp_path / "lora.png")
     assert lora.returncode == 0, lora.stderr
+    # the base picture and a refusal in this process (the same code, without a second start-up)
+    assert main(["sample", *map(str, common), "--out", str(tmp_path / "base.png")]) == 0
     a = np.asarray(Image.open(tmp_path / "base.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "lora.png"), dtype=np.int16)
     assert a.shape == (64, 64, 3) and np.abs(a - b).max() > 0
-    missing = core_cmd("sample", *common, "--lora", tmp_path / "nope.safetensors", "--out", tmp_path / "x.png")
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    capsys.readouterr()
+    missing = main(["sample", *map(str, common), "--lora", str(tmp_path / "nope.safetensors"), "--out",
+                    str(tmp_path / "x.png")])
+    assert missing == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_bad_config_fails_with_one_clear_line(tmp_path, tiny_model):

@@ -50,23 +50,24 @@ def test_merged_single_file_gives_base_plus_lora(family, tiny_model, tiny_sd2, t
     assert resolve_model_path(str(merged)) == converted  # converted once, then reused
 
 
-def test_merge_command_fp16_and_errors(tiny_model, tmp_path):
+def test_merge_command_fp16_and_errors(tiny_model, tmp_path, capsys):
     lora = _lora(tiny_model, tmp_path)
     out16 = core_cmd("merge", "--model", tiny_model, "--lora", lora, "--scale", "1",
                      "--out", tmp_path / "m16.safetensors")
     assert out16.returncode == 0, out16.stderr
-    out32 = core_cmd("merge", "--model", tiny_model, "--lora", lora, "--precision", "fp32",
-                     "--out", tmp_path / "m32.safetensors")
-    assert out32.returncode == 0, out32.stderr
+    merge(str(tiny_model), lora, 1.0, tmp_path / "m32.safetensors", precision="fp32")
     size16, size32 = ((tmp_path / n).stat().st_size for n in ("m16.safetensors", "m32.safetensors"))
     assert 0.45 < size16 / size32 < 0.55
     with safe_open(tmp_path / "m16.safetensors", "pt") as f:
         assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
-    missing = core_cmd("merge", "--model", tiny_model, "--lora", tmp_path / "none.safetensors", "--out",
-                       tmp_path / "x.safetensors")
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
-    wrong = core_cmd("merge", "--model", tiny_model, "--lora", lora, "--out", tmp_path / "x.ckpt")
-    assert wrong.returncode == 2 and ".safetensors" in wrong.stderr
+    # the command's refusals (in this process: the same code the subprocess runs, without its start-up)
+    from core.cli import main
+
+    missing = main(["merge", "--model", str(tiny_model), "--lora", str(tmp_path / "none.safetensors"), "--out",
+                    str(tmp_path / "x.safetensors")])
+    assert missing == 2 and "does not exist" in capsys.readouterr().err
+    wrong = main(["merge", "--model", str(tiny_model), "--lora", str(lora), "--out", str(tmp_path / "x.ckpt")])
+    assert wrong == 2 and ".safetensors" in capsys.readouterr().err
 
 
 def test_merged_sd2_768_v_file_is_labelled_by_its_prediction(tiny_sd2, tmp_path):
