@@ -237,10 +237,16 @@ TOGGLES = [  # (label, settings changed from bf16 + checkpointing + cached laten
     ("NF4 base", {"model.quantize": "nf4"}),
     ("fp8 storage", {"model.quantize": "fp8"}),
     ("group offloading (linear layers)", {"model.group_offload": True}),
+    ("optimizer paged_adamw8bit", {"train.optimizer": "paged_adamw8bit"}),
+    ("optimizer lion8bit", {"train.optimizer": "lion8bit", "train.learning_rate": 1e-5}),
+    ("optimizer prodigy", {"train.optimizer": "prodigy", "train.learning_rate": 1.0}),
+    ("optimizer adafactor", {"train.optimizer": "adafactor"}),
+    ("optimizer schedulefree_adamw", {"train.optimizer": "schedulefree_adamw"}),
+    ("LoRA+ (ratio 16)", {"train.loraplus_lr_ratio": 16.0}),
 ]
 
 
-def toggles(steps: int, resolution: int) -> None:
+def toggles(steps: int, resolution: int, only: str = "") -> None:
     """Each setting's effect on the planned peak (SD 1.5 reference at 512 px) and on the engine's step time
     (the SD-1.5-shaped random model on this machine at ``resolution``; median after two warm-up steps)."""
     import statistics
@@ -260,6 +266,8 @@ def toggles(steps: int, resolution: int) -> None:
         root = Path(tmp)
         data = make_dataset(root / "data", 4, resolution)
         for label, change in TOGGLES:
+            if only and only not in label and label != TOGGLES[0][0]:
+                continue
             values = {"model.path": str(model), "dataset.path": str(data), "dataset.resolution": resolution,
                       "dataset.validation_split": 0.0, "dataset.cache_dir": str(root / "cache"),
                       "dataset.cache_while_training": False,  # the steps timed are steady ones
@@ -336,6 +344,7 @@ def main() -> int:
     parser.add_argument("--toggles", type=int, default=0, metavar="STEPS",
                         help="only each setting's planned memory and measured step time, with this many steps")
     parser.add_argument("--resolution", type=int, default=256, help="with --toggles: training resolution here")
+    parser.add_argument("--only", default="", help="with --toggles: only the settings whose label has this text")
     parser.add_argument("--flow", action="store_true",
                         help="only the flow families' table, the goals and the per-card plans")
     parser.add_argument("--quality", type=int, default=0, metavar="STEPS",
@@ -348,7 +357,7 @@ def main() -> int:
         quality(args.quality)
         return 0
     if args.toggles:
-        toggles(args.toggles, args.resolution)
+        toggles(args.toggles, args.resolution, args.only)
         return 0
     if args.flow:
         goals()

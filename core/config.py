@@ -45,9 +45,9 @@ def opt(default, help: str, *, min=None, max=None, group: str = "advanced", mult
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 ModelFamily = Literal["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "zimage"]
 Quantize = Literal["none", "int8", "nf4", "fp8"]
-Optimizer = Literal["adamw8bit", "adamw"]
+Optimizer = Literal["adamw8bit", "adamw", "prodigy", "adafactor", "lion8bit", "paged_adamw8bit", "schedulefree_adamw"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
-LrScheduler = Literal["constant", "cosine", "linear"]
+LrScheduler = Literal["constant", "cosine", "linear", "cosine_with_restarts", "polynomial", "warmup_stable_decay"]
 TimestepSampling = Literal["auto", "uniform", "logit_normal", "sigmoid", "mode"]
 FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 Sampler = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m"]
@@ -155,10 +155,32 @@ class TrainStepsConfig:
     gradient_accumulation_steps: int = opt(1, "Accumulate gradients over this many batches per step "
                                            "(a larger effective batch without more VRAM).", min=1, max=1024)
     learning_rate: float = opt(1e-4, "Learning rate of the LoRA weights.", min=0.0, max=1.0, group="basic")
-    lr_scheduler: LrScheduler = opt("constant", "Learning-rate schedule after warmup.")
+    lr_scheduler: LrScheduler = opt("constant", "Learning-rate schedule after warmup: constant, linear or cosine decay "
+                                    "to 0, cosine_with_restarts (train.lr_scheduler_num_cycles), polynomial "
+                                    "(train.lr_scheduler_power), or warmup_stable_decay (constant, then a linear decay "
+                                    "over the last train.lr_decay_fraction of the run). Ignored by prodigy's and "
+                                    "schedulefree_adamw's own step sizes.")
+    lr_scheduler_num_cycles: int = opt(1, "cosine_with_restarts: how many cosine cycles (hard restarts) the run "
+                                       "has.", min=1, max=1000)
+    lr_scheduler_power: float = opt(1.0, "polynomial: the decay's power (1.0 is linear).", min=0.0, max=10.0)
+    lr_decay_fraction: float = opt(0.2, "warmup_stable_decay: the share of the run, at its end, over which the "
+                                   "learning rate decays to 0.", min=0.0, max=1.0)
     lr_warmup_steps: int = opt(0, "Steps of linear warmup from 0 to the learning rate.", min=0, max=10_000_000)
-    optimizer: Optimizer = opt("adamw8bit", "adamw8bit (bitsandbytes, about 4x less optimizer memory) or "
-                               "adamw (torch).")
+    optimizer: Optimizer = opt("adamw8bit", "adamw8bit (bitsandbytes, about 4x less optimizer memory), adamw (torch), "
+                               "paged_adamw8bit (8-bit state that can spill to system RAM), lion8bit (one 8-bit "
+                               "momentum; use a 3-10x smaller learning rate), prodigy (sets its own step size: "
+                               "learning rate 1.0, no warmup schedule needed; see train.prodigy_*), adafactor "
+                               "(factored moments, the least memory; train.adafactor_relative_step), or "
+                               "schedulefree_adamw (no schedule: validation, samples and saved files use its "
+                               "averaged weights; lr_warmup_steps is its own warmup).")
+    prodigy_d_coef: float = opt(1.0, "prodigy: multiplies the step size it estimates (below 1 for gentler steps).",
+                                min=0.01, max=100.0)
+    prodigy_safeguard_warmup: bool = opt(True, "prodigy: keep the step-size estimate from growing during warmup "
+                                         "(its authors' advice for diffusion models).")
+    adafactor_relative_step: bool = opt(False, "adafactor: its own step size, growing from a small start "
+                                        "(learning_rate and the schedule are then not used).")
+    loraplus_lr_ratio: float = opt(0.0, "LoRA+: the B (up) matrices learn this many times faster than the A "
+                                   "matrices (16 in the LoRA+ paper); 0 is off.", min=0.0, max=1000.0)
     adam_beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=0.9999)
     adam_beta2: float = opt(0.999, "Adam beta2.", min=0.0, max=0.99999)
     adam_epsilon: float = opt(1e-8, "Adam epsilon.", min=0.0, max=1.0)

@@ -33,6 +33,15 @@ def check_rules(config) -> None:
     if not is_caption_extension(config.dataset.caption_extension):
         raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "
                           f"dot followed by 1-15 letters or digits, e.g. '.txt' or '.caption'")
+    t = config.train
+    if t.optimizer == "prodigy" and t.loraplus_lr_ratio:
+        raise ConfigError(f"train.loraplus_lr_ratio = {t.loraplus_lr_ratio:g} needs another optimizer: Prodigy "
+                          f"estimates one step size for every weight (set it to 0, or choose adamw8bit)")
+    te_lr = config.lora.text_encoder_learning_rate
+    if t.optimizer == "prodigy" and config.lora.train_text_encoder and te_lr and te_lr != t.learning_rate:
+        raise ConfigError(f"lora.text_encoder_learning_rate = {te_lr:g} differs from train.learning_rate = "
+                          f"{t.learning_rate:g}, which Prodigy cannot do (one step size for every weight); set "
+                          f"it to 0 to use the same")
     if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
         raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
     if config.model.group_offload and (config.model.quantize != "none" or not config.train.gradient_checkpointing):

@@ -83,7 +83,7 @@ def test_resolve_paths_makes_local_paths_absolute(paths, monkeypatch, tmp_path):
 
 def test_field_info_drives_widgets():
     info = config.field_info("train", "optimizer")
-    assert info["choices"] == ["adamw8bit", "adamw"] and info["default"] == "adamw8bit" and info["help"]
+    assert info["choices"][:3] == ["adamw8bit", "adamw", "prodigy"] and info["default"] == "adamw8bit" and info["help"]
     assert config.field_info("dataset", "resolution")["multiple_of"] == 8
     assert config.field_info("lora", "rank")["group"] == "basic"
 

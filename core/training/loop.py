@@ -20,6 +20,7 @@ from core.config import TrainConfig
 from core.events import CheckpointSaved, Emit, Message, Progress, SampleWritten, ValidationLoss
 from core.training.memory_advice import SpillWatch, out_of_memory_advice, spill_advice
 from core.training.objective import Validator, training_loss
+from core.training.optimizers import averaged_weights, use_averaged_weights
 from core.training.run_folder import RunPaths, save_lora, save_state
 from core.training.train_data import LatentEncoder
 
@@ -111,6 +112,7 @@ class Loop:
         if not stopped:
             self.evaluate()
         self.save(lora_path)
+        use_averaged_weights(self.optimizer)  # schedule-free: the models handed back hold the saved weights
         if c.output.save_diffusers_format and acc.is_main_process:
             self.save_diffusers(self.paths.diffusers_lora)
         status = "stopped" if stopped else "completed"
@@ -203,6 +205,12 @@ class Loop:
         acc = self.accelerator
         unet = acc.unwrap_model(self.denoiser)
         text_encoder = acc.unwrap_model(self.text_encoder)
+        with averaged_weights(self.optimizer):
+            self._evaluate(unet, text_encoder)
+        acc.wait_for_everyone()
+
+    def _evaluate(self, unet, text_encoder) -> None:
+        acc = self.accelerator
         if acc.is_main_process:
             unet.eval()
             text_encoder.eval()
@@ -216,7 +224,6 @@ class Loop:
             unet.train()
             if self.config.lora.train_text_encoder:
                 text_encoder.train()
-        acc.wait_for_everyone()
 
     def write_samples(self, unet, text_encoder) -> None:
         from core.base.sample import generate, pipeline_from_parts
@@ -268,7 +275,9 @@ class Loop:
         acc, c = self.accelerator, self.config
         self.require_finite()
         if acc.is_main_process:
-            save_lora(c, acc, self.denoiser, self.text_encoder, lora_path, self.state.step, self.data_info, self.base)
+            with averaged_weights(self.optimizer):  # a schedule-free optimizer's averaged weights are the LoRA
+                save_lora(c, acc, self.denoiser, self.text_encoder, lora_path, self.state.step, self.data_info,
+                          self.base)
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
             self.last_saved = (self.state.step, lora_path)
             self.check_export(lora_path)

@@ -144,9 +144,12 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
                      max(fp8, default=0), resident, text_linear, text_fp8)
 
 
-def optimizer_bytes(params: int, optimizer: str) -> int:
-    """AdamW keeps two fp32 moments; bitsandbytes' 8-bit AdamW two uint8 moments and a fp32 scale per 256."""
-    return int(params * (2 + 8 / 256)) if optimizer == "adamw8bit" else params * 8
+def optimizer_bytes(params: int, optimizer: str, rank: int = 16) -> int:
+    """The optimizer's state (core.training.optimizers.state_bytes): AdamW keeps two fp32 moments,
+    bitsandbytes' 8-bit AdamW two uint8 moments and a fp32 scale per 256, Prodigy four fp32 tensors..."""
+    from core.training.optimizers import state_bytes
+
+    return state_bytes(params, optimizer, rank)
 
 
 # ------------------------------------------------------------ fitted parts
@@ -208,7 +211,8 @@ def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
             else _unet_weights(inv, width, quantize))
     text = _text_weights(inv, width, quantize)
     lora_params = inv.lora_unet + (inv.lora_text if shape.train_text_encoder else 0)
-    trained = {"lora": lora_params * 4, "optimizer": optimizer_bytes(lora_params, config.train.optimizer)}
+    trained = {"lora": lora_params * 4,
+               "optimizer": optimizer_bytes(lora_params, config.train.optimizer, shape.rank)}
     from core.training.train_data import pictures_per_encode, placement, text_is_cached
 
     where = placement(config)

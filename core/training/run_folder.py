@@ -127,7 +127,11 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
             "ss_batch_size_per_device": config.train.batch_size,
             "ss_gradient_accumulation_steps": config.train.gradient_accumulation_steps,
             "ss_lr_scheduler": config.train.lr_scheduler,
-            "ss_optimizer": config.train.optimizer,
+            "ss_lr_scheduler_num_cycles": config.train.lr_scheduler_num_cycles,
+            "ss_lr_scheduler_power": config.train.lr_scheduler_power,
+            "ss_lr_warmup_steps": config.train.lr_warmup_steps,
+            "ss_optimizer": optimizer_label(config),
+            "ss_loraplus_lr_ratio": config.train.loraplus_lr_ratio,
             "ss_mixed_precision": config.train.mixed_precision,
             "ss_noise_offset": config.train.noise_offset,
             "ss_min_snr_gamma": config.train.min_snr_gamma,
@@ -141,6 +145,15 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
             "ss_unet_lr": config.train.learning_rate,
         },
     )
+
+
+def optimizer_label(config: TrainConfig) -> str:
+    """The optimizer with its settings, as sd-scripts writes ``ss_optimizer`` ("name(arg=value,...)")."""
+    t = config.train
+    args = {"prodigy": f"d_coef={t.prodigy_d_coef},safeguard_warmup={t.prodigy_safeguard_warmup},"
+                       f"use_bias_correction=True",
+            "adafactor": f"relative_step={t.adafactor_relative_step}"}.get(t.optimizer, "")
+    return f"{t.optimizer}({args})" if args else t.optimizer
 
 
 def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, data_info: dict,

@@ -32,6 +32,7 @@ from core.events import (
 )
 from core.training.loop import Loop, RunResult, TrainingError, TrainState  # noqa: F401 - part of this API
 from core.training.objective import Validator
+from core.training.optimizers import build_lr_scheduler, build_optimizer, param_groups
 from core.training.run_folder import (
     RunPaths,
     check_run_dir,
@@ -201,34 +202,6 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
     return unet_params, te_params
 
 
-def build_optimizer(config: TrainConfig, unet_params, te_params, emit: Emit):
-    t = config.train
-    groups = [{"params": unet_params, "lr": t.learning_rate}]
-    if te_params:
-        groups.append({"params": te_params, "lr": config.lora.text_encoder_learning_rate or t.learning_rate})
-    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(groups, **kwargs)
-        except Exception as exc:  # missing package, or a build that cannot run on this machine
-            emit(Message("warning", f"8-bit AdamW is not available here ({type(exc).__name__}: {exc}); "
-                                    f"using torch AdamW instead (more optimizer memory, same results)"))
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-def build_lr_scheduler(config: TrainConfig, optimizer, total_steps: int, num_processes: int):
-    from diffusers.optimization import get_scheduler
-
-    name = config.train.lr_scheduler
-    if name == "constant" and config.train.lr_warmup_steps:
-        name = "constant_with_warmup"
-    # accelerate steps a prepared scheduler once per process per optimizer step.
-    return get_scheduler(name, optimizer, num_warmup_steps=config.train.lr_warmup_steps * num_processes,
-                         num_training_steps=total_steps * num_processes)
-
-
 def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambda: False,
         resume: bool = False, final_check: bool = False, keep_models: bool = False) -> RunResult:
     """Train a LoRA as ``config`` says (a config from ``core.config.load``/``from_dict``, which validate it).
@@ -338,7 +311,8 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     train_items, val_items = load_dataset(config, emit)
     base = load_base(config, accelerator, emit)
     unet_params, te_params = add_lora(config, base)
-    optimizer = build_optimizer(config, unet_params, te_params, emit)
+    named = {id(p): n for m in (base.denoiser, base.text) for n, p in m.named_parameters()}
+    optimizer = build_optimizer(config, param_groups(config, unet_params, te_params, named), emit)
     cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
     encoder = (LatentEncoder(config, base, cache, accelerator.device, emit)
                if config.dataset.cache_latents and config.dataset.cache_while_training else None)
