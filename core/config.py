@@ -49,6 +49,8 @@ Optimizer = Literal["adamw8bit", "adamw", "prodigy", "adafactor", "lion8bit", "p
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LrScheduler = Literal["constant", "cosine", "linear", "cosine_with_restarts", "polynomial", "warmup_stable_decay"]
 TimestepSampling = Literal["auto", "uniform", "logit_normal", "sigmoid", "mode"]
+LossType = Literal["l2", "huber", "smooth_l1"]
+HuberSchedule = Literal["snr", "exponential", "constant"]
 FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 Sampler = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m"]
 SavePrecision = Literal["fp16", "bf16", "fp32"]
@@ -196,6 +198,26 @@ class TrainStepsConfig:
                               min=0.0, max=1.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR-gamma loss weighting (5 is the usual value); 0 is off. SD "
                                "1.x/2.x/SDXL only.", min=0.0, max=100.0)
+    min_timestep: int = opt(0, "Lowest noise level drawn while training, of 1000 (for the flow families the same "
+                            "share of sigma): raise it to train less on the finest detail.", min=0, max=999)
+    max_timestep: int = opt(1000, "Highest noise level drawn, of 1000: lower it to train less on composition.",
+                            min=1, max=1000)
+    loss_type: LossType = opt("l2", "l2 (mean squared error), or huber / smooth_l1 (pseudo-Huber: quadratic near "
+                              "zero, linear beyond train.huber_c, so a few wrong pixels pull less).")
+    huber_schedule: HuberSchedule = opt("snr", "huber / smooth_l1: how c follows the noise level: 'snr' (near 1 "
+                                        "for clean inputs, huber_c for pure noise), 'exponential' (from 1 at t = 0 "
+                                        "to huber_c at t = 1000) or 'constant' (huber_c).")
+    huber_c: float = opt(0.1, "huber / smooth_l1: the c of the schedule (where the loss turns linear).",
+                         min=1e-4, max=10.0)
+    debiased_estimation: bool = opt(False, "Weight each example by 1/sqrt(SNR) (debiased estimation): less weight "
+                                    "on the nearly clean noise levels.")
+    multires_noise_iterations: int = opt(0, "Pyramid noise: octaves of lower-resolution noise added to the noise "
+                                         "(6-10 is usual; helps very light or dark pictures); 0 is off.",
+                                         min=0, max=20)
+    multires_noise_discount: float = opt(0.3, "Pyramid noise: the weight of each coarser octave (0.1-0.4).",
+                                         min=0.0, max=1.0)
+    ip_noise_gamma: float = opt(0.0, "Input perturbation: extra noise on the model's input only (0.1 is usual); "
+                                "0 is off.", min=0.0, max=1.0)
     timestep_sampling: TimestepSampling = opt(
         "auto", "How training draws noise levels. 'uniform': every level alike; 'logit_normal': mostly the middle "
         "levels (Stable Diffusion 3's recipe; train.logit_mean/logit_std); 'sigmoid': sd-scripts' name for "

@@ -34,6 +34,9 @@ def check_rules(config) -> None:
         raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "
                           f"dot followed by 1-15 letters or digits, e.g. '.txt' or '.caption'")
     t = config.train
+    if t.min_timestep >= t.max_timestep:
+        raise ConfigError(f"train.min_timestep = {t.min_timestep} must be below train.max_timestep = "
+                          f"{t.max_timestep}")
     if t.optimizer == "prodigy" and t.loraplus_lr_ratio:
         raise ConfigError(f"train.loraplus_lr_ratio = {t.loraplus_lr_ratio:g} needs another optimizer: Prodigy "
                           f"estimates one step size for every weight (set it to 0, or choose adamw8bit)")

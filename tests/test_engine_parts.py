@@ -16,10 +16,10 @@ def test_adamw8bit_is_the_default_and_falls_back_with_a_notice(tiny_model, tmp_p
     cfg = tiny_config(tiny_model, write_dataset(tmp_path / "d", n=1), tmp_path / "o")
     params = [torch.nn.Parameter(torch.zeros(64, 64))]
     log = EventLog()
-    optimizer = train.build_optimizer(cfg, params, [], log)
+    optimizer = train.build_optimizer(cfg, train.param_groups(cfg, params, [], {}), log)
     assert type(optimizer).__name__ == "AdamW8bit" and not log.events
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine where it cannot be imported
-    optimizer = train.build_optimizer(cfg, params, [], log)
+    optimizer = train.build_optimizer(cfg, train.param_groups(cfg, params, [], {}), log)
     assert type(optimizer) is torch.optim.AdamW
     assert log.of("message")[0].level == "warning" and "torch AdamW" in log.of("message")[0].text
 
@@ -28,8 +28,8 @@ def test_text_encoder_gets_its_own_learning_rate(tiny_model, tmp_path):
     cfg = tiny_config(tiny_model, write_dataset(tmp_path / "d", n=1), tmp_path / "o",
                       **{"lora.train_text_encoder": True, "lora.text_encoder_learning_rate": 5e-5,
                          "train.optimizer": "adamw"})
-    optimizer = train.build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))],
-                                      [torch.nn.Parameter(torch.zeros(2))], EventLog())
+    groups = train.param_groups(cfg, [torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(2))], {})
+    optimizer = train.build_optimizer(cfg, groups, EventLog())
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 5e-5]
 
 

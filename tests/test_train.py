@@ -147,7 +147,7 @@ def test_loss_decreases_with_fixed_noise_and_timestep(tiny_model, tmp_path):
                       **{"train.learning_rate": 1e-2})
     base = train.load_base(cfg, Accelerator(cpu=True), EventLog())
     unet_params, te_params = train.add_lora(cfg, base)
-    optimizer = train.build_optimizer(cfg, unet_params, te_params, EventLog())
+    optimizer = train.build_optimizer(cfg, train.param_groups(cfg, unet_params, te_params, {}), EventLog())
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 32, 32, generator=gen)
     noise = torch.randn(1, 4, 32, 32, generator=gen)

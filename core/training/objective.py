@@ -61,13 +61,16 @@ def text_states(batch: dict, base, text_encoder, device) -> dict:
 
 
 def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0,
-                   added: dict | None = None, family=None, cond: dict | None = None) -> torch.Tensor:
+                   added: dict | None = None, family=None, cond: dict | None = None, input_noise=None,
+                   config: TrainConfig | None = None) -> torch.Tensor:
     """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted.
 
     The UNet is called through ``family.predict`` with ``cond`` when given; otherwise directly with
-    ``states`` and ``added`` (its ``added_cond_kwargs``, SDXL only).
+    ``states`` and ``added`` (its ``added_cond_kwargs``, SDXL only). ``input_noise`` noises the input instead
+    of ``noise`` (input perturbation); ``config`` gives the loss type and weights (core.training.loss_options;
+    plain MSE without it).
     """
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
@@ -76,7 +79,12 @@ def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_g
         pred = family.predict(unet, noisy, timesteps, cond)
     else:
         pred = unet(noisy, timesteps, states, added_cond_kwargs=added, return_dict=False)[0]
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config is not None:
+        from core.training.loss_options import ddpm_noise_ratio, weighted
+
+        loss = weighted(config, pred, target, ddpm_noise_ratio(scheduler, timesteps), timesteps)
+    else:
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         # Min-SNR-gamma (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", ICCV
         # 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma) / SNR for a noise target. For a
@@ -94,16 +102,23 @@ def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_g
     return loss
 
 
-def flow_loss(denoiser, family, latents, noise, sigmas, cond: dict, weighting: str = "none") -> torch.Tensor:
+def flow_loss(denoiser, family, latents, noise, sigmas, cond: dict, weighting: str = "none", input_noise=None,
+              config: TrainConfig | None = None) -> torch.Tensor:
     """Per-example rectified-flow loss: the denoiser's velocity at ``(1 - sigma) x + sigma n`` against
-    ``n - x``, weighted per sigma (diffusers' SD3 weighting schemes)."""
+    ``n - x``, weighted per sigma (diffusers' SD3 weighting schemes); ``input_noise`` and ``config`` as for
+    ``diffusion_loss``."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
-    noisy = (1 - s) * latents + s * noise
+    noisy = (1 - s) * latents + s * (noise if input_noise is None else input_noise)
     pred = family.predict(denoiser, noisy.to(latents.dtype), sigmas, cond)
     target = noise - latents
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config is not None:
+        from core.training.loss_options import flow_noise_ratio, weighted
+
+        loss = weighted(config, pred, target, flow_noise_ratio(sigmas), sigmas * 1000)
+    else:
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return loss * compute_loss_weighting_for_sd3(weighting, sigmas.float())
 
 
@@ -139,25 +154,29 @@ def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generator, device) -> torch.Tensor:
+    from core.training.loss_options import step_noise
+
+    t = config.train
     latents = latents_from_batch(batch, base, generator, device)
-    noise = torch.randn(latents.shape, generator=generator, device=device)
-    if config.train.noise_offset:
-        noise = noise + config.train.noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+    noise, input_noise = step_noise(config, latents, generator)
     cond = text_states(batch, base, text_encoder, device)
+    low, high = t.min_timestep / 1000, t.max_timestep / 1000  # the range of noise levels drawn
     if base.family.flow:
-        cond["guidance"] = config.train.guidance_scale
+        cond["guidance"] = t.guidance_scale
         levels = sample_levels(config, base.family, latents.shape[0], generator, device)
-        sigmas = shifted(levels, flow_shift(config, base.noise_scheduler, latents.shape, base.family))
-        return flow_loss(unet, base.family, latents, noise, sigmas, cond, config.train.loss_weighting).mean()
+        sigmas = low + (high - low) * shifted(levels, flow_shift(config, base.noise_scheduler, latents.shape,
+                                                                 base.family))
+        return flow_loss(unet, base.family, latents, noise, sigmas, cond, t.loss_weighting, input_noise,
+                         config).mean()
     total = base.noise_scheduler.config.num_train_timesteps
-    if config.train.timestep_sampling in ("auto", "uniform"):
-        timesteps = torch.randint(0, total, (latents.shape[0],), generator=generator, device=device)
+    first, last = int(low * total), max(int(high * total), int(low * total) + 1)
+    if t.timestep_sampling in ("auto", "uniform"):
+        timesteps = torch.randint(first, last, (latents.shape[0],), generator=generator, device=device)
     else:
         levels = sample_levels(config, base.family, latents.shape[0], generator, device)
-        timesteps = (levels * total).long().clamp(0, total - 1)
-    return diffusion_loss(unet, base.noise_scheduler, latents, None, noise, timesteps, config.train.min_snr_gamma,
-                          family=base.family, cond=cond).mean()
+        timesteps = (first + levels * (last - first)).long().clamp(first, last - 1)
+    return diffusion_loss(unet, base.noise_scheduler, latents, None, noise, timesteps, t.min_snr_gamma,
+                          family=base.family, cond=cond, input_noise=input_noise, config=config).mean()
 
 
 # ================================================================ validation
