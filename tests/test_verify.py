@@ -70,14 +70,18 @@ def test_bad_shapes_and_alphas_are_problems(trained_sd1, tiny_model, tmp_path):
     assert "but the base module is" in text and "not a positive number" in text
 
 
-def test_the_command(trained_sd1, tiny_model, tmp_path):
+def test_the_command(trained_sd1, tiny_model, tmp_path, capsys):
+    from core.cli import main
+
     out = core_cmd("verify-lora", trained_sd1, "--model", tiny_model, "--json", "--steps", "2")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["ok"] and report["loads"] and report["matched"] == report["modules"]
-    missing = core_cmd("verify-lora", tmp_path / "none.safetensors", "--model", tiny_model)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # the refusals in this process (the same code the subprocess runs, without its start-up)
+    capsys.readouterr()
+    assert main(["verify-lora", str(tmp_path / "none.safetensors"), "--model", str(tiny_model)]) == 2
+    assert "does not exist" in capsys.readouterr().err
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    broken = core_cmd("verify-lora", junk, "--model", tiny_model)
-    assert broken.returncode == 2 and "cannot be read" in broken.stderr
+    assert main(["verify-lora", str(junk), "--model", str(tiny_model)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
