@@ -275,6 +275,11 @@ class OutputConfig:
                                       "(NAME-diffusers/pytorch_lora_weights.safetensors), for diffusers scripts.")
     save_state: bool = opt(True, "Save optimizer and data-order state with each checkpoint so "
                            "--resume can continue the run.")
+    save_every_n_epochs: int = opt(0, "Also save an intermediate LoRA (and the resume state) at the end of every N "
+                                   "epochs; 0: off.", min=0, max=100000)
+    keep_last_n: int = opt(0, "Keep only the newest N intermediate LoRA files (the one with the best validation "
+                           "loss is always kept too; an old file goes only once the new one is complete); 0 "
+                           "keeps them all.", min=0, max=100000)
     keep_states: int = opt(1, "How many resume states to keep (oldest are removed).", min=1, max=1000)
     overwrite: bool = opt(False, "Replace an earlier run of the same name instead of refusing to start.")
 

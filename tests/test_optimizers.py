@@ -152,3 +152,28 @@ def test_the_planner_counts_each_optimizers_state():
              .phases["training"]["optimizer"] for name in OPTIMIZERS}
     assert state["prodigy"] > state["adamw"] == state["schedulefree_adamw"] > state["adamw8bit"]
     assert state["adamw8bit"] == state["paged_adamw8bit"] > state["lion8bit"] > state["adafactor"] > 0
+
+
+def test_epoch_saves_and_keeping_the_last_n_files_with_the_best_one(tiny_model, tmp_path):
+    """Saves at epoch ends too; only the newest two intermediate files stay, plus the one with the best
+    validation loss, which is never deleted."""
+    from core.training.run_folder import RunPaths, prune_step_loras
+
+    cfg = tiny_config(tiny_model, write_dataset(tmp_path / "d", n=4), tmp_path / "out", **{
+        "train.max_train_steps": 9, "output.save_every_n_steps": 2, "output.save_every_n_epochs": 1,
+        "output.keep_last_n": 2, "sample.every_n_steps": 2, "sample.prompts": [], "output.save_state": False,
+        "dataset.validation_split": 0.25, "train.batch_size": 1, "dataset.repeats": 1})
+    log = EventLog()
+    result = train.run(cfg, log)
+    paths = RunPaths.of(cfg)
+    saved = sorted({int(e.path.rsplit("-step", 1)[1].split(".")[0]) for e in log.of("checkpoint")
+                    if e.kind == "lora" and "-step" in e.path})
+    assert 3 in saved and 6 in saved  # the ends of the 3-picture epochs, between the every-2-steps saves
+    losses = {e.step: e.loss for e in log.of("validation_loss")}
+    best = min((s for s in saved if s in losses), key=losses.get)
+    kept = [int(p.stem.rsplit("-step", 1)[1]) for p in paths.step_loras()]
+    assert set(kept) == set(saved[-2:]) | {best} and paths.final_lora.is_file()
+    assert any("keep_last_n" in e.text for e in log.of("message"))
+    assert result.status == "completed"
+    # the rule itself: the best is protected, the newest kept, nothing happens with keep 0
+    assert prune_step_loras(paths, 0, losses) == []

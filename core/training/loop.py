@@ -21,7 +21,7 @@ from core.events import CheckpointSaved, Emit, Message, Progress, SampleWritten,
 from core.training.memory_advice import SpillWatch, out_of_memory_advice, spill_advice
 from core.training.objective import Validator, training_loss
 from core.training.optimizers import averaged_weights, use_averaged_weights
-from core.training.run_folder import RunPaths, save_lora, save_state
+from core.training.run_folder import RunPaths, prune_step_loras, save_lora, save_state
 from core.training.train_data import LatentEncoder
 
 
@@ -165,6 +165,10 @@ class Loop:
             state.epoch += 1
             state.batches_in_epoch = 0
             self.settle_latents(recheck=True)
+            every = self.config.output.save_every_n_epochs
+            saved_now = self.last_saved is not None and self.last_saved[0] == state.step
+            if every and state.epoch % every == 0 and 0 < state.step < self.total and not saved_now:
+                self.save(self.paths.step_lora(state.step))
 
     def settle_latents(self, recheck: bool = False) -> None:
         """The VAE leaves the card once every latent is cached (see LatentEncoder)."""
@@ -281,6 +285,8 @@ class Loop:
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
             self.last_saved = (self.state.step, lora_path)
             self.check_export(lora_path)
+            for old in prune_step_loras(self.paths, c.output.keep_last_n, self.validation_losses):
+                self.emit(Message("info", f"removed {old.name} (output.keep_last_n = {c.output.keep_last_n})"))
         if c.output.save_state:
             self.state.noise_rng = self.generator.get_state()
             path = save_state(c, acc, self.state.step)

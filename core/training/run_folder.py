@@ -99,6 +99,10 @@ class RunPaths:
     def state(self, step: int) -> Path:
         return self.states / f"step-{step:08d}"
 
+    def step_loras(self) -> list[Path]:
+        """The intermediate LoRA files, oldest first."""
+        return sorted(self.dir.glob(f"{self.name}-step[0-9]*{LORA_SUFFIX}"))
+
     def lora_files(self) -> list[Path]:
         """The run's LoRA files, final and intermediate, sorted (never a hidden save in progress)."""
         return sorted(p for p in self.dir.glob(f"*{LORA_SUFFIX}") if not p.name.startswith("."))
@@ -184,6 +188,23 @@ def save_dtype(config: TrainConfig) -> torch.dtype:
     from core.precision import torch_dtype
 
     return torch_dtype(config.output.save_precision)
+
+
+def prune_step_loras(paths: RunPaths, keep: int, validation_losses: dict[int, float]) -> list[Path]:
+    """Delete intermediate LoRA files beyond the newest ``keep``, never the one saved at the step with the best
+    validation loss; returns what was deleted. Called only after a new file is complete."""
+    files = paths.step_loras()
+    if not keep or len(files) <= keep:
+        return []
+    steps = {int(p.stem.rsplit("-step", 1)[1]): p for p in files}
+    judged = {step: loss for step, loss in validation_losses.items() if step in steps}
+    best = steps[min(judged, key=judged.get)] if judged else None
+    removed = []
+    for path in files[:-keep]:
+        if path != best:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def latest_state(run_dir: Path) -> Path | None:
