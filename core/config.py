@@ -68,6 +68,10 @@ class ModelConfig:
     prediction_type: PredictionType = opt(
         "auto", "What the model predicts. 'auto' reads it from the model's scheduler config; override only "
         "for models whose config is wrong (v-prediction fine-tunes shipped with an epsilon config).")
+    clip_skip: int = opt(1, "SD 1.x/2.x: condition on the CLIP layer this many from the end (2 = the penultimate, "
+                         "what anime fine-tunes expect), through CLIP's final norm as A1111 and sd-scripts do; 1 "
+                         "is the last layer. SDXL always uses the penultimate layer and the flow families their "
+                         "own: it applies to them as 1.", min=1, max=12)
     quantize: Quantize = opt("none", "Store the frozen UNet or transformer smaller while the LoRA trains in fp32 on "
                              "top (QLoRA): 'int8' and 'nf4' quantise its linear layers with bitsandbytes (half and "
                              "a quarter of bf16's memory, at some speed); 'fp8' stores its linear and convolution "
@@ -111,8 +115,11 @@ class DatasetConfig:
                             "Off for subjects that are not symmetric (text, logos, a side parting).")
     shuffle_captions: bool = opt(False, "Shuffle the comma-separated tags of each caption every time it is "
                                  "drawn (for tag captions; turns off text-embedding caching).")
-    keep_tokens: int = opt(0, "With shuffle_captions: how many leading tags stay in place (e.g. 1 keeps the "
-                           "trigger word first).", min=0, max=255)
+    keep_tokens: int = opt(0, "With shuffle_captions or tag_dropout: how many leading tags stay in place and "
+                           "are never dropped (e.g. 1 keeps the trigger word first).", min=0, max=255)
+    tag_dropout: float = opt(0.0, "Probability of leaving out each comma-separated tag of a caption every time it "
+                             "is drawn (the first dataset.keep_tokens tags always stay; turns off text-embedding "
+                             "caching); 0.1 is usual for tag captions.", min=0.0, max=1.0)
     caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption (helps the "
                                  "LoRA work without its trigger; 0.05-0.1 is usual).", min=0.0, max=1.0)
     caption_extension: str = opt(CAPTION_EXTENSION, "Extension of caption files beside the images (the "

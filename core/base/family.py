@@ -110,16 +110,23 @@ class Family:
             return f"stable-diffusion-v2-{size}/lora"
         return "stable-diffusion-xl-v1-base/lora"
 
-    def encode(self, encoders, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, encoders, ids: list[torch.Tensor], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt token ids (one tensor per tokenizer) to the UNet's text conditioning.
 
         SD 1.x and 2.x: the text encoder's last hidden state (SD 2.x's
-        converted OpenCLIP already ends at the penultimate layer). SDXL: the
-        penultimate hidden states of both encoders side by side, plus the
-        second encoder's pooled, projected embedding.
+        converted OpenCLIP already ends at the penultimate layer), or with
+        ``clip_skip`` N > 1 the state N layers from the end through CLIP's
+        final norm (as A1111 and sd-scripts compute it). SDXL: the penultimate
+        hidden states of both encoders side by side, plus the second encoder's
+        pooled, projected embedding.
         """
         if not self.pooled:
-            return encoders[0](ids[0].to(_device(encoders[0])))[0], None
+            encoder = encoders[0]
+            if clip_skip <= 1:
+                return encoder(ids[0].to(_device(encoder)))[0], None
+            out = encoder(ids[0].to(_device(encoder)), output_hidden_states=True)
+            norm = encoder.text_model.final_layer_norm if hasattr(encoder, "text_model") else encoder.final_layer_norm
+            return norm(out.hidden_states[-clip_skip]), None
         states, pooled = [], None
         for encoder, tokens in zip(encoders, ids, strict=True):
             out = encoder(tokens.to(_device(encoder)), output_hidden_states=True)

@@ -48,7 +48,7 @@ class SD3Family(Family):
     def architecture(self, prediction_type: str, resolution: int, variant: str = "") -> str:
         return f"stable-diffusion-3-{self.base_model_version(prediction_type, variant)}/lora"
 
-    def encode(self, encoders, ids):
+    def encode(self, encoders, ids, clip_skip: int = 1):
         """The CLIP encoders' penultimate states side by side, zero-padded to T5's width, then T5's states
         after them in the sequence; pooled: both CLIP projections side by side (as the SD3 pipeline does)."""
         clip_states, pooled = [], []
@@ -94,7 +94,7 @@ class FluxFamily(Family):
     def architecture(self, prediction_type: str, resolution: int, variant: str = "") -> str:
         return f"flux-1-{variant or 'dev'}/lora"
 
-    def encode(self, encoders, ids):
+    def encode(self, encoders, ids, clip_skip: int = 1):
         clip, t5 = encoders
         pooled = clip(ids[0].to(_device(clip))).pooler_output
         hidden = t5(ids[1].to(_device(t5)))[0]

@@ -61,7 +61,7 @@ class ZImageFamily(Family):
         return [tokenizer(_chat(tokenizer, captions, thinking=True), padding="max_length", max_length=length,
                           truncation=True, return_tensors="pt").input_ids]
 
-    def encode(self, encoders, ids):
+    def encode(self, encoders, ids, clip_skip: int = 1):
         """(the penultimate layer's states, padded, and each caption's token count): the pipeline drops the
         padding, so only the first ``count`` rows of each caption are its conditioning."""
         states, mask = _qwen_states(encoders[0], ids[0])
@@ -107,7 +107,7 @@ class Flux2KleinFamily(Family):
         return [tokenizer(_chat(tokenizer, captions, thinking=False), padding="max_length", max_length=length,
                           truncation=True, return_tensors="pt").input_ids]
 
-    def encode(self, encoders, ids):
+    def encode(self, encoders, ids, clip_skip: int = 1):
         """Layers 9, 18 and 27 side by side, every row (the padding's too: the transformer sees them)."""
         states, _ = _qwen_states(encoders[0], ids[0])
         return torch.cat([states[i] for i in self.OUT_LAYERS], dim=-1), None

@@ -115,7 +115,8 @@ def apply_lora(pipe, lora_path: str | Path, scale: float = 1.0, adapter_name: st
 
 @torch.no_grad()
 def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float = 7.5, width: int = 512,
-             height: int = 512, negative_prompt: str = "", after_first_step=None, embeds: dict | None = None):
+             height: int = 512, negative_prompt: str = "", after_first_step=None, embeds: dict | None = None,
+             clip_skip: int = 1):
     """One image at a fixed seed (the seed alone decides the starting noise, on any device).
 
     ``after_first_step`` is called once the prompt is encoded and the first denoising step is done: the
@@ -123,7 +124,8 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
     VAE decodes).
 
     ``embeds`` (flow pipelines): the encoded prompt and negative prompt as the pipeline takes them
-    (``Family.pipeline_embeds``), used instead of the text encoders.
+    (``Family.pipeline_embeds``), used instead of the text encoders. ``clip_skip`` as in model.clip_skip
+    (A1111's count: 2 is the penultimate layer; diffusers counts one less).
     """
     generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -132,6 +134,8 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
             after_first_step()
         return kwargs
 
+    if embeds is None and clip_skip > 1:  # diffusers' own clip_skip expects the CLIP of transformers 4
+        embeds = _skipped_embeds(pipe, prompt, negative_prompt, clip_skip)
     extra = prompt_arguments(pipe, prompt, negative_prompt) if embeds is None else embeds
     result = pipe(
         num_inference_steps=steps,
@@ -158,6 +162,19 @@ def prompt_arguments(pipe, prompt: str, negative_prompt: str = "") -> dict:
     if negative_prompt and "negative_prompt" in accepted and "true_cfg_scale" not in accepted:
         args["negative_prompt"] = negative_prompt
     return args
+
+
+def _skipped_embeds(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> dict:
+    """An SD 1.x/2.x prompt and negative prompt encoded at ``clip_skip`` (core.base.families: Family.encode)."""
+    from core.base.families import get_family
+    from core.base.text import tokenize
+
+    family, encoder = get_family("sd1"), pipe.text_encoder
+
+    def encode(text: str) -> torch.Tensor:
+        return family.encode([encoder], [tokenize(pipe.tokenizer, [text])], clip_skip)[0]
+
+    return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt or "")}
 
 
 def _flow_family(pipe) -> str | None:

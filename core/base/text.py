@@ -17,6 +17,7 @@ class TextEncoders(torch.nn.Module):
                  lengths: tuple[int | None, ...] | None = None):
         super().__init__()
         self.family = family
+        self.clip_skip = 1  # SD 1.x/2.x: model.clip_skip (see Family.encode)
         self.tokenizers = list(tokenizers)
         self.encoders = torch.nn.ModuleList(encoders)
         # Tokens per tokenizer: CLIP's own 77-token window; T5's is the family's (256 or 512), not its config's.
@@ -36,7 +37,8 @@ class TextEncoders(torch.nn.Module):
     @property
     def window_key(self) -> str:
         """All token windows, for cache keys (SD families: the one CLIP window, as before T5 came)."""
-        return str(self.lengths[0]) if len(set(self.lengths)) == 1 else ",".join(map(str, self.lengths))
+        key = str(self.lengths[0]) if len(set(self.lengths)) == 1 else ",".join(map(str, self.lengths))
+        return key if self.clip_skip <= 1 else f"{key}+skip{self.clip_skip}"
 
     def trainable(self) -> list[torch.nn.Module]:
         """The encoders that may get a LoRA (the CLIP ones; never T5)."""
@@ -58,7 +60,7 @@ class TextEncoders(torch.nn.Module):
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states for cross-attention, pooled embedding or None)."""
-        return self.family.encode(self.encoders, ids)
+        return self.family.encode(self.encoders, ids, self.clip_skip)
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

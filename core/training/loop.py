@@ -252,7 +252,8 @@ class Loop:
                                  width=c.sample.width or c.dataset.resolution,
                                  height=c.sample.height or c.dataset.resolution,
                                  negative_prompt=c.sample.negative_prompt,
-                                 after_first_step=lambda: text_encoder.to(text_device), embeds=embeds)
+                                 after_first_step=lambda: text_encoder.to(text_device), embeds=embeds,
+                                 clip_skip=self.base.text.clip_skip)
             path = self.paths.sample(self.state.step, i)
             save_image(path, image)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))

@@ -49,7 +49,8 @@ INT8_BYTES = 1.0
 # The settings ``estimate`` reads (the Train tab's memory line follows them live).
 ESTIMATE_KEYS = ("model.path", "model.family", "model.quantize", "model.group_offload", "dataset.resolution",
                  "dataset.cache_latents", "dataset.cache_while_training", "dataset.random_flip",
-                 "dataset.shuffle_captions", "lora.rank", "lora.target_modules", "lora.train_text_encoder",
+                 "dataset.shuffle_captions", "dataset.tag_dropout", "lora.rank", "lora.target_modules",
+                 "lora.train_text_encoder",
                  "lora.text_encoder_target_modules", "train.batch_size", "train.mixed_precision",
                  "train.gradient_checkpointing", "train.optimizer", "sample.prompts", "sample.width", "sample.height")
 

@@ -102,6 +102,12 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
     base = load_models(config.model.path, config.model.revision, config.model.prediction_type, dtype,
                        config.model.family)
     emit(Message("info", f"{base.family.label} model ({base.prediction_type}) from {base.path}"))
+    if config.model.clip_skip > 1:
+        if base.family.name in ("sd1", "sd2"):
+            base.text.clip_skip = config.model.clip_skip
+        else:
+            emit(Message("warning", f"model.clip_skip = {config.model.clip_skip} applies to SD 1.x/2.x; "
+                                    f"{base.family.label} keeps its own text layers"))
     if base.family.flow and config.sample.sampler != "default":
         raise ConfigError(f"sample.sampler = {config.sample.sampler!r} is a sampler of the SD families; "
                           f"{base.family.label} samples with its own flow-matching scheduler: set it to 'default'")

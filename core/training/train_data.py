@@ -68,11 +68,12 @@ class Augment:
     keep_tokens: int = 0
     dropout: float = 0.0
     empty_text: Callable[[], dict] | None = None  # cached conditioning of "", for dropped captions
+    tag_dropout: float = 0.0
 
     @classmethod
     def from_config(cls, config: TrainConfig, empty_text=None) -> Augment:
         d = config.dataset
-        return cls(d.random_flip, d.shuffle_captions, d.keep_tokens, d.caption_dropout, empty_text)
+        return cls(d.random_flip, d.shuffle_captions, d.keep_tokens, d.caption_dropout, empty_text, d.tag_dropout)
 
     def __call__(self, entry: Entry, seed: int | None) -> dict:
         if seed is None:
@@ -83,9 +84,21 @@ class Augment:
         flipped = self.flip and flip_draw < 0.5
         if self.dropout and drop_draw < self.dropout:
             return example(entry, flipped, "", self.empty_text)
+        caption = entry.caption
+        if self.tag_dropout:  # decided from the shuffle's seed: no other option's draw moves
+            caption = drop_tags(caption, self.keep_tokens, self.tag_dropout, shuffle_seed ^ 0x5EED)
         if self.shuffle:
-            return example(entry, flipped, shuffle_tags(entry.caption, self.keep_tokens, shuffle_seed), None)
+            caption = shuffle_tags(caption, self.keep_tokens, shuffle_seed)
+        if caption != entry.caption or self.shuffle:
+            return example(entry, flipped, caption, None)
         return example(entry, flipped)
+
+
+def drop_tags(caption: str, keep: int, probability: float, seed: int) -> str:
+    """Leave out each comma-separated tag after the first ``keep`` with ``probability``."""
+    rng = random.Random(seed)
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    return ", ".join(tags[:keep] + [t for t in tags[keep:] if rng.random() >= probability])
 
 
 def shuffle_tags(caption: str, keep: int, seed: int) -> str:
@@ -366,7 +379,8 @@ def _latent_keys(path: Path, placement: Placement, base, cache, config: TrainCon
 
 def text_is_cached(config: TrainConfig) -> bool:
     """Text embeddings are cached unless the text encoder trains or the caption changes per draw."""
-    return not config.lora.train_text_encoder and not config.dataset.shuffle_captions
+    d = config.dataset
+    return not config.lora.train_text_encoder and not d.shuffle_captions and not d.tag_dropout
 
 
 def placement(config: TrainConfig) -> dict[str, str]:
