@@ -108,74 +108,11 @@ class RunPaths:
         return sorted(p for p in self.dir.glob(f"*{LORA_SUFFIX}") if not p.name.startswith("."))
 
 
-def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str = "sd1",
-                  prediction_type: str = "epsilon", variant: str = "") -> dict[str, str]:
-    from core.lora.lora_io import kohya_metadata
-
-    return kohya_metadata(
-        family=family,
-        prediction_type=prediction_type,
-        variant=variant,
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        output_name=config.output.name,
-        resolution=config.dataset.resolution,
-        steps=step,
-        learning_rate=config.train.learning_rate,
-        base_model=config.model.path,
-        train_text_encoder=config.lora.train_text_encoder,
-        extra={
-            "modelspec.trigger_phrase": config.output.trigger_phrase,
-            "ss_seed": config.train.seed,
-            **data_info,
-            "ss_batch_size_per_device": config.train.batch_size,
-            "ss_gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-            "ss_lr_scheduler": config.train.lr_scheduler,
-            "ss_lr_scheduler_num_cycles": config.train.lr_scheduler_num_cycles,
-            "ss_lr_scheduler_power": config.train.lr_scheduler_power,
-            "ss_lr_warmup_steps": config.train.lr_warmup_steps,
-            "ss_optimizer": optimizer_label(config),
-            "ss_loraplus_lr_ratio": config.train.loraplus_lr_ratio,
-            "ss_mixed_precision": config.train.mixed_precision,
-            "ss_noise_offset": config.train.noise_offset,
-            "ss_min_snr_gamma": config.train.min_snr_gamma,
-            "ss_timestep_sampling": config.train.timestep_sampling,
-            "ss_clip_skip": config.model.clip_skip,
-            "ss_tag_dropout": config.dataset.tag_dropout,
-            "ss_keep_tokens": config.dataset.keep_tokens,
-            "ss_min_timestep": config.train.min_timestep,
-            "ss_max_timestep": config.train.max_timestep,
-            "ss_loss_type": config.train.loss_type,
-            "ss_huber_schedule": config.train.huber_schedule,
-            "ss_huber_c": config.train.huber_c,
-            "ss_debiased_estimation": config.train.debiased_estimation,
-            "ss_multires_noise_iterations": config.train.multires_noise_iterations,
-            "ss_multires_noise_discount": config.train.multires_noise_discount,
-            "ss_ip_noise_gamma": config.train.ip_noise_gamma,
-            "ss_logit_mean": config.train.logit_mean,
-            "ss_logit_std": config.train.logit_std,
-            "ss_mode_scale": config.train.mode_scale,
-            **({"ss_discrete_flow_shift": config.train.flow_shift, "ss_weighting_scheme": config.train.loss_weighting,
-                "ss_guidance_scale": config.train.guidance_scale} if family in ("flux", "sd3") else {}),
-            "ss_text_encoder_lr": config.lora.text_encoder_learning_rate or config.train.learning_rate,
-            "ss_unet_lr": config.train.learning_rate,
-        },
-    )
-
-
-def optimizer_label(config: TrainConfig) -> str:
-    """The optimizer with its settings, as sd-scripts writes ``ss_optimizer`` ("name(arg=value,...)")."""
-    t = config.train
-    args = {"prodigy": f"d_coef={t.prodigy_d_coef},safeguard_warmup={t.prodigy_safeguard_warmup},"
-                       f"use_bias_correction=True",
-            "adafactor": f"relative_step={t.adafactor_relative_step}"}.get(t.optimizer, "")
-    return f"{t.optimizer}({args})" if args else t.optimizer
-
-
 def save_lora(config: TrainConfig, accelerator, unet, text_encoder, path: Path, step: int, data_info: dict,
               base=None) -> Path:
     """The kohya LoRA file of the run so far (``base``: the core.base.models.BaseModel, for its family)."""
     from core.lora.lora_io import save_kohya_lora
+    from core.training.lora_metadata import lora_metadata
 
     dtype = save_dtype(config)
     te = accelerator.unwrap_model(text_encoder) if config.lora.train_text_encoder else None
