@@ -299,8 +299,9 @@ def test_a_trainer_outlives_the_app_is_found_again_killed_resumed_and_stopped(ti
     assert "ended without finishing" in manager.active.poll().error and not manager.active.running
     # Resumed from the app; the next app start (this one closed) finds that run and stops it cleanly.
     saved = status.resumable_from
+    before = len(_starts(cfg.run_dir))
     resumed = manager.resume(cfg.run_dir, saved + 1000)
-    _wait_for(lambda: _steps_since_last_start(cfg.run_dir) >= saved + 2, proc=resumed.process)
+    _wait_for(lambda: _steps_since_last_start(cfg.run_dir, before) >= saved + 2, proc=resumed.process)
     restarted = RunManager(outputs)
     assert restarted.active.running and restarted.active.lock.pid == resumed.process.pid
     assert restarted.stop()
@@ -312,13 +313,20 @@ def test_a_trainer_outlives_the_app_is_found_again_killed_resumed_and_stopped(ti
     assert not (cfg.run_dir / LOCK_FILE).exists()
 
 
-def _steps_since_last_start(run_dir: Path) -> int:
-    """The newest step reported by the run's latest start (not by the process before it: the killed one may
-    have logged steps past its last save)."""
+def _starts(run_dir: Path) -> list[int]:
+    events, _ = read_typed(RunPaths(run_dir).events)
+    return [i for i, event in enumerate(events) if isinstance(event, RunStarted)]
+
+
+def _steps_since_last_start(run_dir: Path, starts_before: int = 0) -> int:
+    """The newest step reported by the run's latest start, once there have been more than ``starts_before``
+    starts (not by the process before it: the killed one may have logged steps past its last save, and the
+    resumed one may not have reported its start yet)."""
     events, _ = read_typed(RunPaths(run_dir).events)
     starts = [i for i, event in enumerate(events) if isinstance(event, RunStarted)]
-    later = events[starts[-1]:] if starts else []
-    return max((event.step for event in later if isinstance(event, Progress)), default=-1)
+    if len(starts) <= starts_before:
+        return -1
+    return max((event.step for event in events[starts[-1]:] if isinstance(event, Progress)), default=-1)
 
 
 def test_leftovers_of_killed_saves_are_never_offered_and_are_cleaned(tiny_model, tmp_path):
