@@ -13,60 +13,53 @@ from pathlib import Path
 import pytest
 
 
+def _tiny(tmp_path_factory, name: str, family: str) -> Path:
+    """A tiny random-weight diffusers folder of ``family`` (core.base.tiny), built once per session."""
+    from core.base.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / name, family=family)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random-weight SD-1.x diffusers folder, built once per session."""
-    from core.base.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    return _tiny(tmp_path_factory, "tiny", "sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory) -> Path:
     """A tiny SD-2.x-style model (linear projections, v-prediction)."""
-    from core.base.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2", family="sd2")
+    return _tiny(tmp_path_factory, "tiny-sd2", "sd2")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL model (two text encoders, text_time UNet)."""
-    from core.base.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+    return _tiny(tmp_path_factory, "tiny-sdxl", "sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory) -> Path:
     """A tiny SD 3.5 (Medium's MMDiT-X layout: CLIP-L, CLIP-G and T5 encoders, flow matching)."""
-    from core.base.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd3", family="sd3")
+    return _tiny(tmp_path_factory, "tiny-sd3", "sd3")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> Path:
     """A tiny FLUX.1-dev (double and single blocks, guidance embedding, CLIP-L and T5)."""
-    from core.base.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", family="flux")
+    return _tiny(tmp_path_factory, "tiny-flux", "flux")
 
 
 @pytest.fixture(scope="session")
 def tiny_zimage(tmp_path_factory) -> Path:
     """A tiny Z-Image (Turbo's layout: single-stream DiT with refiners, Qwen3 encoder, FLUX.1's VAE)."""
-    from core.base.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-zimage", family="zimage")
+    return _tiny(tmp_path_factory, "tiny-zimage", "zimage")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux2(tmp_path_factory) -> Path:
     """A tiny FLUX.2 [klein] base (Qwen3 encoder, 32-channel VAE with batch-norm statistics)."""
-    from core.base.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux2", family="flux2")
+    return _tiny(tmp_path_factory, "tiny-flux2", "flux2")
 
 
 def write_dataset(folder: Path, n: int = 6, size=(80, 96), captions: bool = True, seed: int = 0) -> Path:

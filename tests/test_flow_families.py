@@ -285,3 +285,43 @@ def test_text_encoder_lora_trains_the_clip_encoders_only(family, flow_models, tm
     apply_lora(pipe, result.lora_path)
     got = pipe(prompt="a photo of sks", generator=torch.Generator().manual_seed(3), **kw).images[0]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=2e-3, rtol=0)
+
+
+def test_the_app_trains_a_flux_lora_and_previews_it(tiny_flux, tmp_path):
+    """The whole app path for a flow family: the subprocess run, its check, the Prompt tab's model defaults,
+    base vs LoRA and the strengths grid through the Previewer."""
+    import shutil
+
+    import numpy as np
+
+    from core.base.sample import Previewer
+    from ui import prompt_tab
+    from ui.runner import RunManager
+    from ui.settings import AppSettings, find_loras, model_choices
+
+    settings = AppSettings(tmp_path / "home")
+    settings.ensure()
+
+    model = settings.models_dir / "flux-tiny"
+    shutil.copytree(tiny_flux, model)
+    assert model_choices(settings.models_dir) == [("flux-tiny — FLUX.1", str(model))]
+    manager = RunManager(settings.outputs_dir)
+    cfg = tiny_config(model, write_dataset(tmp_path / "d", n=3), settings.outputs_dir, name="flux-run",
+                      **{"train.max_train_steps": 2, "sample.every_n_steps": 0, "output.save_state": False,
+                         "train.learning_rate": 1e-2, "sample.guidance_scale": 3.5})
+    run = manager.start(cfg)
+    assert manager.wait(timeout=600) == 0, run.log_tail()
+    summary = run.poll()
+    assert summary.finished == "completed" and summary.error == ""
+    assert summary.check.ok and summary.check.loads and len(summary.samples) == 2
+    lora = find_loras(settings.outputs_dir)[0]
+    # picking the model sets FLUX.1-dev's own sampling
+    width, height, steps, guidance = prompt_tab.model_size(str(model))
+    assert (width["value"], steps["value"], guidance["value"]) == (64, 28, 3.5)
+    previewer = Previewer(device="cpu")
+    kw = dict(seed=1, steps=2, width=64, height=64, guidance_scale=3.5)
+    base = np.asarray(previewer.generate(str(model), "a photo of sks", **kw), dtype=np.int16)
+    with_lora = np.asarray(previewer.generate(str(model), "a photo of sks", lora=lora, **kw), dtype=np.int16)
+    assert np.abs(with_lora - base).max() > 0
+    grid = previewer.grid(str(model), "a photo of sks", [lora], [0.0, 1.0], **kw)
+    assert grid.size == (160 + 2 * 64, 24 + 64) and previewer.loads == 1

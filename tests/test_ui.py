@@ -494,37 +494,3 @@ def test_the_apps_health_report_follows_the_train_tabs_settings(tiny_model, tmp_
     assert not report.summary["tokens_checked"] and "caption length not checked" in checked
     assert "small" in [c["check"] for c in report.files[0].checks]
 
-
-
-def test_the_app_trains_a_flux_lora_and_previews_it(settings, tiny_flux, tmp_path):
-    """The whole app path for a flow family: the subprocess run, its check, the Prompt tab's model defaults,
-    base vs LoRA and the strengths grid through the Previewer."""
-    import shutil
-
-    from core.base.sample import Previewer
-    from ui import prompt_tab
-    from ui.settings import model_choices
-
-    model = settings.models_dir / "flux-tiny"
-    shutil.copytree(tiny_flux, model)
-    assert model_choices(settings.models_dir) == [("flux-tiny — FLUX.1", str(model))]
-    manager = RunManager(settings.outputs_dir)
-    cfg = tiny_config(model, write_dataset(tmp_path / "d", n=3), settings.outputs_dir, name="flux-run",
-                      **{"train.max_train_steps": 2, "sample.every_n_steps": 0, "output.save_state": False,
-                         "train.learning_rate": 1e-2, "sample.guidance_scale": 3.5})
-    run = manager.start(cfg)
-    assert manager.wait(timeout=600) == 0, run.log_tail()
-    summary = run.poll()
-    assert summary.finished == "completed" and summary.error == ""
-    assert summary.check.ok and summary.check.loads and len(summary.samples) == 2
-    lora = find_loras(settings.outputs_dir)[0]
-    # picking the model sets FLUX.1-dev's own sampling
-    width, height, steps, guidance = prompt_tab.model_size(str(model))
-    assert (width["value"], steps["value"], guidance["value"]) == (64, 28, 3.5)
-    previewer = Previewer(device="cpu")
-    kw = dict(seed=1, steps=2, width=64, height=64, guidance_scale=3.5)
-    base = np.asarray(previewer.generate(str(model), "a photo of sks", **kw), dtype=np.int16)
-    with_lora = np.asarray(previewer.generate(str(model), "a photo of sks", lora=lora, **kw), dtype=np.int16)
-    assert np.abs(with_lora - base).max() > 0
-    grid = previewer.grid(str(model), "a photo of sks", [lora], [0.0, 1.0], **kw)
-    assert grid.size == (160 + 2 * 64, 24 + 64) and previewer.loads == 1

@@ -37,10 +37,14 @@ class Family:
     variable_text: bool = False  # text states of each caption's own length (Z-Image): cached unpadded
     negative_prompt: bool = True  # the pipeline guides against a negative prompt (FLUX.2: always against "")
 
+    def prompt_text(self, tokenizer, captions: list[str]) -> list[str]:
+        """The text the tokenizer reads for each caption (the Qwen3 families wrap it in a chat template)."""
+        return captions
+
     def tokenize(self, tokenizers: list, captions: list[str], lengths: tuple[int, ...]) -> list[torch.Tensor]:
         """Token ids per tokenizer, padded/truncated to each one's window."""
-        return [tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                          return_tensors="pt").input_ids
+        return [tokenizer(self.prompt_text(tokenizer, captions), padding="max_length", max_length=length,
+                          truncation=True, return_tensors="pt").input_ids
                 for tokenizer, length in zip(tokenizers, lengths, strict=True)]
 
     def training_latents(self, vae, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None):

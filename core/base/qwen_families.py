@@ -36,12 +36,6 @@ from core.base.family import Family, _device, config_value, read_json
 TEXT_WINDOW = 512  # both pipelines' max_sequence_length
 
 
-def _chat(tokenizer, captions: list[str], thinking: bool) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False,
-                                          add_generation_prompt=True, enable_thinking=thinking)
-            for caption in captions]
-
-
 def _qwen_states(encoder, ids: torch.Tensor):
     """The hidden states of every layer (the decoder alone: a causal LM's head is not needed) and the mask."""
     model = getattr(encoder, "model", encoder)
@@ -52,14 +46,22 @@ def _qwen_states(encoder, ids: torch.Tensor):
 
 
 @dataclass(frozen=True)
-class ZImageFamily(Family):
+class QwenFamily(Family):
+    """A caption through Qwen3's chat template (one user turn, then the assistant's prompt), 512 tokens."""
+
+    THINKING = True  # the pipeline's enable_thinking (Z-Image: True, adding nothing; klein: False)
+
     def text_lengths(self, denoiser_config) -> tuple[int | None, ...]:
         return (TEXT_WINDOW,)
 
-    def tokenize(self, tokenizers, captions, lengths):
-        (tokenizer,), (length,) = tokenizers, lengths
-        return [tokenizer(_chat(tokenizer, captions, thinking=True), padding="max_length", max_length=length,
-                          truncation=True, return_tensors="pt").input_ids]
+    def prompt_text(self, tokenizer, captions: list[str]) -> list[str]:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=self.THINKING)
+                for caption in captions]
+
+
+@dataclass(frozen=True)
+class ZImageFamily(QwenFamily):
 
     def encode(self, encoders, ids, clip_skip: int = 1):
         """(the penultimate layer's states, padded, and each caption's token count): the pipeline drops the
@@ -96,16 +98,9 @@ class ZImageFamily(Family):
 
 
 @dataclass(frozen=True)
-class Flux2KleinFamily(Family):
+class Flux2KleinFamily(QwenFamily):
     OUT_LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers
-
-    def text_lengths(self, denoiser_config) -> tuple[int | None, ...]:
-        return (TEXT_WINDOW,)
-
-    def tokenize(self, tokenizers, captions, lengths):
-        (tokenizer,), (length,) = tokenizers, lengths
-        return [tokenizer(_chat(tokenizer, captions, thinking=False), padding="max_length", max_length=length,
-                          truncation=True, return_tensors="pt").input_ids]
+    THINKING = False
 
     def encode(self, encoders, ids, clip_skip: int = 1):
         """Layers 9, 18 and 27 side by side, every row (the padding's too: the transformer sees them)."""
