@@ -302,8 +302,9 @@ def _keep_traceback(run_dir) -> str:
 
 def cmd_sample(args) -> int:
     from core.base.models import ModelError
-    from core.base.sample import apply_lora, generate, load_pipeline
+    from core.base.sample import generate, load_pipeline
     from core.fsutil import save_image
+    from core.lora.preview import apply_lora
 
     if args.width % 8 or args.height % 8:
         return _fail(f"--width {args.width} / --height {args.height} must be multiples of 8", EXIT_BAD_INPUT)

@@ -45,6 +45,7 @@ def check_rules(config) -> None:
         raise ConfigError(f"lora.text_encoder_learning_rate = {te_lr:g} differs from train.learning_rate = "
                           f"{t.learning_rate:g}, which Prodigy cannot do (one step size for every weight); set "
                           f"it to 0 to use the same")
+    _check_adapter(config)
     if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
         raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
     if config.model.group_offload and (config.model.quantize != "none" or not config.train.gradient_checkpointing):
@@ -64,6 +65,29 @@ def check_rules(config) -> None:
     for i, prompt in enumerate(config.sample.prompts):
         if not prompt.strip():
             raise ConfigError(f"sample.prompts[{i}] is empty; remove it or write a prompt")
+
+
+def _check_adapter(config) -> None:
+    lora = config.lora
+    if lora.type == "locon" and not lora.conv_rank:
+        raise ConfigError("lora.type = 'locon' trains the convolution layers at lora.conv_rank, which is 0; set it "
+                          "(4-16 is typical), or choose lora.type = 'lora'")
+    if lora.type == "lora" and lora.conv_rank:
+        raise ConfigError(f"lora.conv_rank = {lora.conv_rank} while lora.type = 'lora', which trains no convolution "
+                          f"layers; choose lora.type = 'locon' (or set lora.conv_rank to 0)")
+    if lora.type in ("loha", "lokr"):
+        if lora.dropout:
+            raise ConfigError(f"lora.dropout = {lora.dropout:g} applies to lora and locon only ({lora.type} has no "
+                              f"dropout on its input); set it to 0")
+        if config.train.loraplus_lr_ratio:
+            raise ConfigError(f"train.loraplus_lr_ratio = {config.train.loraplus_lr_ratio:g} is for lora and locon "
+                              f"(it speeds up their up matrices, which {lora.type} does not have); set it to 0")
+        if config.output.save_diffusers_format:
+            raise ConfigError(f"output.save_diffusers_format = true cannot hold a {lora.type} (diffusers' LoRA "
+                              f"format knows only LoRA); set it to false: the .safetensors file in the LyCORIS "
+                              f"layout is what A1111, Forge and ComfyUI read")
+    if lora.type == "lokr" and lora.lokr_factor in (0, 1):
+        raise ConfigError(f"lora.lokr_factor = {lora.lokr_factor} splits nothing; use -1 (automatic) or 2 and up")
 
 
 def check_paths(config) -> None:

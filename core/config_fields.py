@@ -38,6 +38,7 @@ HuberSchedule = Literal["snr", "exponential", "constant"]
 FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 Sampler = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m"]
 SavePrecision = Literal["fp16", "bf16", "fp32"]
+LoraType = Literal["lora", "locon", "loha", "lokr"]
 
 
 @dataclass
@@ -125,6 +126,21 @@ class LoraConfig:
     alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha/rank. alpha = rank is neutral; "
                        "alpha = rank/2 halves the effective learning rate.", min=1e-6, max=100000.0, group="basic")
     dropout: float = opt(0.0, "Dropout on the LoRA path during training.", min=0.0, max=0.9)
+    type: LoraType = opt("lora", "Adapter kind. lora: low-rank update of the attention (and, for the flow "
+                         "families, MLP) layers. locon: lora plus the convolution layers of the ResNet blocks and "
+                         "down/upsamplers (SD 1.x/2.x/SDXL; lora.conv_rank, lora.conv_alpha). loha: a Hadamard "
+                         "product of two low-rank pairs (more expressive at the same rank, twice the weights; "
+                         "rank 4-16, alpha 1-4 typical). lokr: a Kronecker product (small files; lora.lokr_factor). "
+                         "loha and lokr are written in the LyCORIS layout (hada_*, lokr_* keys) that A1111, Forge "
+                         "and ComfyUI load natively.")
+    conv_rank: int = opt(0, "Rank of the convolution layers (ResNet blocks, down/upsamplers) of the SD 1.x/2.x/SDXL "
+                         "UNet; 0: they are not trained. lora.type = locon needs it above 0 (4-16 typical); loha "
+                         "and lokr train them too when it is above 0.", min=0, max=1024)
+    conv_alpha: float = opt(1.0, "Alpha of the convolution layers: their update is scaled by conv_alpha/conv_rank.",
+                            min=1e-6, max=100000.0)
+    lokr_factor: int = opt(-1, "lokr: the Kronecker factor; each layer's shape is split into a factor this size and "
+                           "the rest (-1: as close to a square root as the shape allows; 4-16 gives smaller files).",
+                           min=-1, max=1024)
     target_modules: list[str] = opt([], "Modules of the UNet or transformer that get LoRA (names or name suffixes; "
                                     "'*' stands for a block number). Empty: the family's default set: every "
                                     "attention projection for SD 1.x/2.x/SDXL (to_q, to_k, to_v, to_out.0), both "

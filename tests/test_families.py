@@ -95,7 +95,8 @@ def test_a_few_steps_train_validate_sample_and_save(family, tiny_sd2, tiny_sdxl,
     # the exported file, through diffusers' own loader, gives the trained adapter's image back
     from safetensors import safe_open
 
-    from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
+    from core.base.sample import load_pipeline, pipeline_from_parts
+    from core.lora.preview import apply_lora
 
     with safe_open(result.lora_path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

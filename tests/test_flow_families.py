@@ -91,7 +91,8 @@ def test_a_few_steps_train_validate_sample_export_and_reload(family, flow_models
     from safetensors import safe_open
 
     from core.base.models import load_models
-    from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
+    from core.base.sample import load_pipeline, pipeline_from_parts
+    from core.lora.preview import apply_lora
 
     model = flow_models[family]
     data = write_dataset(tmp_path / "d", n=4, size=(64, 96))
@@ -264,7 +265,8 @@ def test_text_encoder_lora_trains_the_clip_encoders_only(family, flow_models, tm
     from safetensors import safe_open
 
     from core.base.models import load_models
-    from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
+    from core.base.sample import load_pipeline, pipeline_from_parts
+    from core.lora.preview import apply_lora
 
     model = flow_models[family]
     cfg = tiny_config(model, write_dataset(tmp_path / "d", n=2), tmp_path / "out", **{
@@ -294,7 +296,7 @@ def test_the_app_trains_a_flux_lora_and_previews_it(tiny_flux, tmp_path):
 
     import numpy as np
 
-    from core.base.sample import Previewer
+    from core.lora.preview import Previewer
     from ui import prompt_tab
     from ui.runner import RunManager
     from ui.settings import AppSettings, find_loras, model_choices

@@ -8,8 +8,9 @@ import torch
 from safetensors import safe_open
 
 from core.base.models import resolve_model_path
-from core.base.sample import apply_lora, generate, load_pipeline
+from core.base.sample import generate, load_pipeline
 from core.lora.merge import merge
+from core.lora.preview import apply_lora
 from core.training import train
 from tests.conftest import EventLog, tiny_config, write_dataset
 from tests.test_cli import core_cmd

@@ -87,7 +87,8 @@ def _image(pipe, seed=0):
 
 def test_saved_file_reproduces_the_trained_adapter_and_changes_the_image(trained, tiny_model):
     from core.base.models import load_models
-    from core.base.sample import apply_lora, load_pipeline, pipeline_from_parts
+    from core.base.sample import load_pipeline, pipeline_from_parts
+    from core.lora.preview import apply_lora
 
     cfg, _, result = trained
     base = load_models(str(tiny_model))

@@ -183,7 +183,7 @@ def test_find_models(settings, tiny_model):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_previewer_keeps_the_pipeline_and_switches_loras(family, tiny_model, tiny_sdxl, tmp_path):
-    from core.base.sample import Previewer
+    from core.lora.preview import Previewer
     from core.training import train
     from tests.conftest import EventLog
 
@@ -439,7 +439,7 @@ def test_a_saved_preset_keeps_every_changed_setting_and_applies_back(settings, t
 
 
 def test_prompt_tab_handlers_take_the_form(tiny_model):
-    from core.base.sample import Previewer
+    from core.lora.preview import Previewer
     from ui import prompt_tab
 
     form = {"model": str(tiny_model), "lora": None, "scale": 1.0, "prompt": "a photo of sks", "negative": "",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.base.sample import Previewer
+from core.lora.preview import Previewer
 from ui.runner import RunManager
 from ui.server import served_paths
 from ui.settings import AppSettings, model_choices

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.base.sample import Previewer
+from core.lora.preview import Previewer
 from ui.settings import AppSettings, find_loras, find_models, model_choices
 from ui.widgets import Refresh
 

@@ -69,6 +69,19 @@ def detect_family(folder: str | Path) -> Family:
     return FAMILIES["sd1"]
 
 
+def detect_pipeline_family(pipe) -> Family:
+    """The family of a loaded diffusers pipeline (SD 2.x told from SD 1.x by its UNet, as ``detect_family``)."""
+    name = type(pipe).__name__
+    if name == "StableDiffusionPipeline":
+        unet = pipe.unet.config
+        return FAMILIES["sd2" if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024
+                        else "sd1"]
+    for family in FAMILIES.values():
+        if family.pipeline_class == name:
+            return family
+    raise FamilyError(f"a {name} pipeline is none of the families this app knows")
+
+
 def _transformer_family(folder: Path, index: dict) -> Family | None:
     """The flow family of a diffusers folder, from its transformer's class (model_index.json, else the
     transformer's config); None for a folder without a transformer of a known class."""

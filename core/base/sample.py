@@ -1,7 +1,7 @@
 """Generating images with a base model and, optionally, a LoRA.
 
 Used for sample images during training, by ``python -m core sample`` and by
-the app's Prompt tab (which keeps one pipeline loaded between generations).
+the app's Prompt tab (``core.lora.preview``, which also loads the LoRA files).
 """
 
 from __future__ import annotations
@@ -93,26 +93,6 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
     return pipe.to(device)
 
 
-def apply_lora(pipe, lora_path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
-    """Load a LoRA file (kohya/A1111 or diffusers layout) into the pipeline at ``scale``."""
-    path = Path(lora_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
-    converted = None
-    flow = _flow_family(pipe)
-    if flow:  # sd-scripts' layout of the original model, read here at the pipeline's own layer widths
-        from safetensors.torch import load_file
-
-        from core.base.flow_names import for_diffusers
-
-        converted = for_diffusers(pipe, flow, load_file(str(path)))
-    if converted is not None:
-        pipe.load_lora_weights(converted, adapter_name=adapter_name)
-    else:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
-    pipe.set_adapters([adapter_name], adapter_weights=[scale])
-
-
 @torch.no_grad()
 def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float = 7.5, width: int = 512,
              height: int = 512, negative_prompt: str = "", after_first_step=None, embeds: dict | None = None,
@@ -191,66 +171,6 @@ def _text_window(pipe) -> int:
 
     name = _flow_family(pipe)
     return get_family(name).text_lengths(pipe.transformer.config)[-1] if name else 256
-
-
-class Previewer:
-    """Keeps one pipeline loaded between generations (the Prompt tab's engine).
-
-    The base model is reloaded only when it changes; LoRA files are loaded once
-    each as named adapters and switched with their strength, so comparing
-    checkpoints and strengths does not reload anything.
-    """
-
-    def __init__(self, device: str | None = None):
-        self.device = device
-        self.pipe = None
-        self.model: str | None = None
-        self.loads = 0  # how many times a base model was loaded (tests check reuse)
-        self.adapters: dict[str, str] = {}  # LoRA file (path + mtime) -> adapter name
-
-    def pipeline(self, model: str):
-        if self.pipe is None or model != self.model:
-            self.pipe = None  # free the old one before loading the next
-            self.adapters.clear()
-            self.pipe = load_pipeline(model, device=self.device)
-            self.model = model
-            self.loads += 1
-        return self.pipe
-
-    def _use_lora(self, lora: str | None, scale: float) -> None:
-        pipe = self.pipe
-        if not lora:
-            if self.adapters:
-                pipe.disable_lora()
-            return
-        path = Path(lora)
-        if not path.is_file():
-            raise FileNotFoundError(f"LoRA file {path} does not exist")
-        key = f"{path.resolve()}:{path.stat().st_mtime_ns}"
-        if key not in self.adapters:
-            import warnings
-
-            name = f"lora{len(self.adapters)}"
-            with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                apply_lora(pipe, path, scale, adapter_name=name)
-            self.adapters[key] = name
-        pipe.enable_lora()
-        pipe.set_adapters([self.adapters[key]], adapter_weights=[scale])
-
-    def generate(self, model: str, prompt: str, *, lora: str | None = None, scale: float = 1.0, seed: int = 0,
-                 steps: int = 20, guidance_scale: float = 7.5, width: int = 512, height: int = 512,
-                 negative_prompt: str = ""):
-        pipe = self.pipeline(model)
-        self._use_lora(lora, scale)
-        return generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, width=width,
-                        height=height, negative_prompt=negative_prompt)
-
-    def grid(self, model: str, prompt: str, loras: list[str], scales: list[float], **kwargs):
-        """One image per (LoRA file, strength) at the same seed, as a labelled grid (rows: files)."""
-        cells = [[self.generate(model, prompt, lora=lora, scale=scale, **kwargs) for scale in scales]
-                 for lora in loras]
-        return image_grid(cells, [Path(p).stem for p in loras], [f"{s:g}" for s in scales])
 
 
 def image_grid(cells, row_labels: list[str], col_labels: list[str]):

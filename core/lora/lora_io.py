@@ -189,6 +189,15 @@ def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, wha
     """
     model = strip_wrappers(model)
     out: dict[str, torch.Tensor] = {}
+    from core.lora.adapters import layer_tensors, lycoris_layers
+
+    lycoris = lycoris_layers(model)
+    for path, layer in lycoris:  # LoHa / LoKr, in the LyCORIS layout
+        name = namer(path) if namer else kohya_module_name(prefix, path, model)
+        for key, tensor in layer_tensors(layer, adapter_name).items():
+            out[f"{name}.{key}"] = tensor.float().contiguous() if key == "alpha" else cpu_copy(tensor, dtype)
+    if lycoris:
+        return out
     for path, layer in _lora_layers(model, adapter_name, what):
         _check_exportable(path, layer, adapter_name)
         name = namer(path) if namer else kohya_module_name(prefix, path, model)
@@ -235,7 +244,11 @@ def kohya_state_dict(
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
     kind = get_family(family)
-    if kind.flow:
+    from core.lora.adapters import LYCORIS_FLOW_PREFIX, lycoris_layers
+
+    if kind.flow and lycoris_layers(strip_wrappers(unet)):  # LoHa/LoKr cannot be fused: diffusers names
+        tensors = _export_model(unet, LYCORIS_FLOW_PREFIX, adapter_name, dtype, "transformer")
+    elif kind.flow:
         tensors = _export_fused(unet, kind.name, adapter_name, dtype)
     else:
         namer = None
@@ -344,7 +357,9 @@ def _metadata_from_tensors(tensors: dict[str, torch.Tensor], family: str = "sd1"
     Written even when the caller gives no metadata: A1111 treats a LoRA with
     no metadata at all as of unknown version and may hide it.
     """
-    ranks = [t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")]
+    from core.lora.adapters import group_modules, rank_of
+
+    ranks = [rank_of(parts) or 0 for parts in group_modules(tensors).values()] or [0]
     alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
     alpha = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"  # kohya's word for mixed
     unet_only = not any(k.startswith(TE_READ_PREFIXES) for k in tensors)

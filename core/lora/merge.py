@@ -22,7 +22,8 @@ def merge(model: str, lora: str | Path, scale: float, out: str | Path, precision
     """Write ``model`` with ``lora`` fused in at ``scale`` to ``out`` (.safetensors) and return its path."""
     from core.base.families import detect_family
     from core.base.models import native_resolution, resolve_model_path
-    from core.base.sample import apply_lora, load_pipeline
+    from core.base.sample import load_pipeline
+    from core.lora.preview import apply_lora
     from core.lora.single_file import save_single_file
 
     lora = Path(lora)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from core.lora.module_names import _plain_modules, module_index, peft_index  # noqa: F401 - read from here too
+
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -75,51 +77,6 @@ class Verification:
 
 # --------------------------------------------------------------------------
 # names the base model offers
-
-
-def module_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
-    """Every Linear/Conv2d of the UNet and text encoders, keyed by its kohya name for ``family``."""
-    from core.lora.lora_io import UNET_PREFIX, kohya_module_name
-
-    index: dict[str, torch.nn.Module] = {}
-    config = unet.config
-    for path, module in [] if family.flow else _plain_modules(unet):
-        if family.ldm_unet_names:
-            from core.lora.kohya_names import kohya_unet_key
-
-            try:
-                index[kohya_unet_key(path, config, ldm=True)] = module
-            except ValueError:
-                continue  # a module kohya never trains (e.g. a norm-adjacent projection it cannot name)
-        else:
-            index[kohya_module_name(UNET_PREFIX, path, unet)] = module
-    if family.flow:  # the original model's names, with q, k and v fused (core.lora.fused_layout)
-        from core.lora.fused_layout import module_index as fused_index
-
-        index.update(fused_index(family.name, unet))
-    trainable = [e for i, e in enumerate(text_encoders) if i in family.trainable_text]  # never T5
-    for prefix, encoder in zip(family.kohya_text_prefixes, trainable, strict=True):
-        for path, module in _plain_modules(encoder):
-            index[kohya_module_name(prefix + "_", path, encoder)] = module
-    return index
-
-
-def peft_index(unet, text_encoders, family) -> dict[str, torch.nn.Module]:
-    """Every Linear/Conv2d keyed as the diffusers/peft layout names it (``unet.``, ``text_encoder.``...)."""
-    index = {f"{family.denoiser}.{path}": module for path, module in _plain_modules(unet)}
-    for name, encoder in zip(family.text_encoders, text_encoders, strict=True):
-        for path, module in _plain_modules(encoder):
-            index[f"{name}.{path}"] = module
-            if not path.startswith("text_model."):  # files written before transformers 5 flattened CLIP
-                index[f"{name}.text_model.{path}"] = module
-    return index
-
-
-def _plain_modules(model):
-    """(path, module) of every Linear/Conv2d; a peft-wrapped one under its own path (not ``.base_layer``)."""
-    for path, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in path:
-            yield path.removesuffix(".base_layer"), module
 
 
 # UNet modules outside the attention and resnet blocks (kohya and diffusers names): ComfyUI and diffusers apply
@@ -172,6 +129,10 @@ def verify_loaded(file: str | Path, unet, text_encoders, family) -> Verification
 
 def check_tensors(tensors: dict[str, torch.Tensor], index_kohya, index_peft) -> tuple[str, int, list, list, int]:
     """(layout, modules, unmatched names, problems, matched) for a file's tensors."""
+    from core.lora.adapters import is_lycoris
+
+    if is_lycoris(tensors):
+        return _check_lycoris(tensors, index_kohya)
     kohya = any(k.endswith(KOHYA_SUFFIXES) for k in tensors)
     suffixes = KOHYA_SUFFIXES if kohya else PEFT_SUFFIXES
     down_suffix, up_suffix = suffixes[0], suffixes[1]
@@ -195,6 +156,30 @@ def check_tensors(tensors: dict[str, torch.Tensor], index_kohya, index_peft) -> 
                 problems.append(f"{name}: alpha {alpha.flatten()[:1].tolist()} is not a positive number")
     problems += nonfinite_problems(tensors)
     return ("kohya" if kohya else "diffusers"), len(names), unmatched, problems, matched
+
+
+def _check_lycoris(tensors: dict[str, torch.Tensor], index) -> tuple[str, int, list, list, int]:
+    """The checks of ``check_tensors`` for a LoHa / LoKr file: each module's update is computed as its
+    readers compute it, and must have the base weight's size."""
+    from core.lora.adapters import delta, group_modules
+
+    modules = group_modules(tensors)
+    unmatched, problems, matched = [], [], 0
+    for name, parts in sorted(modules.items()):
+        module = index.get(name)
+        if module is None:
+            unmatched.append(name)
+            continue
+        matched += 1
+        alpha = parts.get("alpha")
+        if alpha is not None and (alpha.numel() != 1 or not math.isfinite(float(alpha)) or float(alpha) <= 0):
+            problems.append(f"{name}: alpha {alpha.flatten()[:1].tolist()} is not a positive number")
+        try:
+            delta(parts, module.weight.shape)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            problems.append(f"{name}: {exc}".split("\n")[0])
+    problems += nonfinite_problems(tensors)
+    return "lycoris", len(modules), unmatched, problems, matched
 
 
 def nonfinite_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -276,7 +261,8 @@ def _check_effect(result: Verification, pipe, kind, folder: Path, path: Path, pr
     import numpy as np
 
     from core.base.models import native_resolution
-    from core.base.sample import apply_lora, generate
+    from core.base.sample import generate
+    from core.lora.preview import apply_lora
 
     side = size or min(kind.native_resolution, native_resolution(folder) or kind.native_resolution)
     before = np.asarray(generate(pipe, prompt, seed=seed, steps=steps, width=side, height=side), dtype=np.float64)

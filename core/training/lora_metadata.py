@@ -54,10 +54,25 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
             "ss_mode_scale": config.train.mode_scale,
             **({"ss_discrete_flow_shift": config.train.flow_shift, "ss_weighting_scheme": config.train.loss_weighting,
                 "ss_guidance_scale": config.train.guidance_scale} if family in ("flux", "sd3") else {}),
+            **network_metadata(config, family),
             "ss_text_encoder_lr": config.lora.text_encoder_learning_rate or config.train.learning_rate,
             "ss_unet_lr": config.train.learning_rate,
         },
     )
+
+
+def network_metadata(config: TrainConfig, family: str) -> dict[str, str]:
+    """``ss_network_module`` and ``ss_network_args`` as sd-scripts writes them for the adapter kind: LoCon is
+    its ``networks.lora`` with ``conv_dim``/``conv_alpha``; LoHa and LoKr are LyCORIS' ``lycoris.kohya`` with
+    ``algo``."""
+    import json
+
+    lora = config.lora
+    args = {"conv_dim": str(lora.conv_rank), "conv_alpha": f"{lora.conv_alpha:g}"} if lora.conv_rank else {}
+    if lora.type in ("loha", "lokr"):
+        args = {"algo": lora.type, **args, **({"factor": str(lora.lokr_factor)} if lora.type == "lokr" else {})}
+        return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+    return {"ss_network_args": json.dumps(args)} if args else {}
 
 
 def optimizer_label(config: TrainConfig) -> str:

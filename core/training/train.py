@@ -162,12 +162,13 @@ def weight_dtype(accelerator) -> torch.dtype:
 
 def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """Add peft LoRA adapters; return the trainable (fp32) parameters of the UNet and the text encoder."""
-    from peft import LoraConfig as PeftLoraConfig
+    from core.lora.adapters import peft_config as adapter_config
 
-    def attach(model, targets, what, key):
-        peft_config = PeftLoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                     lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                     target_modules=list(targets))
+    def attach(model, targets, what, key, conv=()):
+        lora = config.lora
+        peft_config = adapter_config(lora.type, lora.rank, lora.alpha, list(targets), conv=conv,
+                                     conv_rank=lora.conv_rank, conv_alpha=lora.conv_alpha, dropout=lora.dropout,
+                                     lokr_factor=lora.lokr_factor)
         try:
             if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
                 model.add_adapter(peft_config)
@@ -190,7 +191,15 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
     if not targets:
         raise ConfigError(f"lora.target_modules = {config.lora.target_modules!r} matches no layer of the {what}'s "
                           f"blocks; leave it empty for the {base.family.label} default set")
-    unet_params = attach(base.denoiser, targets, what, "lora.target_modules")
+    conv = []
+    if config.lora.conv_rank:
+        from core.lora.adapters import conv_targets
+
+        conv = conv_targets(base.denoiser)
+        if not conv:
+            raise ConfigError(f"lora.conv_rank = {config.lora.conv_rank}: {base.family.label}'s {what} has no "
+                              f"convolution layers to train; set it to 0")
+    unet_params = attach(base.denoiser, targets, what, "lora.target_modules", conv)
     te_params = []
     if config.lora.train_text_encoder and not base.text.trainable():
         raise ConfigError(f"lora.train_text_encoder = true: {base.family.label}'s text encoder gets no LoRA (the "
