@@ -243,6 +243,9 @@ TOGGLES = [  # (label, settings changed from bf16 + checkpointing + cached laten
     ("optimizer adafactor", {"train.optimizer": "adafactor"}),
     ("optimizer schedulefree_adamw", {"train.optimizer": "schedulefree_adamw"}),
     ("LoRA+ (ratio 16)", {"train.loraplus_lr_ratio": 16.0}),
+    ("adapter locon (conv rank 8)", {"lora.type": "locon", "lora.conv_rank": 8, "lora.conv_alpha": 4.0}),
+    ("adapter loha", {"lora.type": "loha"}),
+    ("adapter lokr", {"lora.type": "lokr"}),
 ]
 
 

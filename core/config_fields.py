@@ -102,6 +102,10 @@ class DatasetConfig:
                                  "drawn (for tag captions; turns off text-embedding caching).")
     keep_tokens: int = opt(0, "With shuffle_captions or tag_dropout: how many leading tags stay in place and "
                            "are never dropped (e.g. 1 keeps the trigger word first).", min=0, max=255)
+    masked_loss: bool = opt(False, "Weight the loss by a mask per picture: its NAME.mask.png beside it (white "
+                            "trains, black does not, grey in between), else its transparency (a cut-out subject "
+                            "trains without its background, which is filled white). Pictures with neither train "
+                            "everywhere. The health report lists which have one and how much they mask.")
     tag_dropout: float = opt(0.0, "Probability of leaving out each comma-separated tag of a caption every time it "
                              "is drawn (the first dataset.keep_tokens tags always stay; turns off text-embedding "
                              "caching); 0.1 is usual for tag captions.", min=0.0, max=1.0)
@@ -205,6 +209,11 @@ class TrainStepsConfig:
                               min=0.0, max=1.0)
     min_snr_gamma: float = opt(0.0, "Min-SNR-gamma loss weighting (5 is the usual value); 0 is off. SD "
                                "1.x/2.x/SDXL only.", min=0.0, max=100.0)
+    zero_terminal_snr: bool = opt(False, "SD 1.x/2.x/SDXL v-prediction models: rescale the noise schedule so its "
+                                  "last step is pure noise (zero terminal SNR), so the model learns really dark "
+                                  "and bright pictures; the samples then use trailing timesteps. For models trained "
+                                  "that way (NoobAI-V-Pred, SD 2.1-v fine-tunes); a model whose scheduler already "
+                                  "says rescale_betas_zero_snr has it without this.")
     min_timestep: int = opt(0, "Lowest noise level drawn while training, of 1000 (for the flow families the same "
                             "share of sigma): raise it to train less on the finest detail.", min=0, max=999)
     max_timestep: int = opt(1000, "Highest noise level drawn, of 1000: lower it to train less on composition.",

@@ -173,6 +173,7 @@ def test_summary_counts(report):
         "images": 26, "usable": 23, "errors": 3, "warnings": 11, "excluded": 0, "kept": 0,
         "captioned": 21, "uncaptioned": 2,
         "duplicate_groups": 1, "near_duplicate_groups": 2, "tokens_checked": False,
+        "masked": 1,  # the palette picture with a transparent index: its transparency is a loss mask
     }
 
 
@@ -293,7 +294,7 @@ def test_manifest_decisions_show_and_change_the_groups(corpus):
 def test_json_layout(report):
     data = report.to_json()
     assert list(data) == ["version", "folder", "resolution", "summary", "files", "duplicate_groups",
-                          "near_duplicate_groups", "tag_frequency"]
+                          "near_duplicate_groups", "tag_frequency", "masks"]
     assert data["version"] == 1 and isinstance(data["folder"], str) and data["resolution"] == 512
     assert all(isinstance(v, bool if k == "tokens_checked" else int) for k, v in data["summary"].items())
     for f in data["files"]:

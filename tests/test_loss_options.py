@@ -109,3 +109,34 @@ def test_the_options_train_together(model, tiny_model, tiny_flux, tmp_path):
         "huber", "snr", "True")
     assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"]) == ("4", "0.1")
     assert (meta["ss_min_timestep"], meta["ss_max_timestep"]) == ("100", "900")
+
+
+def test_zero_terminal_snr_makes_the_last_step_pure_noise(tiny_model, tiny_sd2, tmp_path):
+    """v-prediction only; the training schedule's last step is noise alone, and the samples start there."""
+    from accelerate import Accelerator
+
+    from core.base.sample import pipeline_from_parts
+
+    data = write_dataset(tmp_path / "d", n=1)
+    cfg = tiny_config(tiny_sd2, data, tmp_path / "o", **{"train.zero_terminal_snr": True})
+    plain = train.load_base(tiny_config(tiny_sd2, data, tmp_path / "o"), Accelerator(cpu=True), EventLog())
+    base = train.load_base(cfg, Accelerator(cpu=True), EventLog())
+    assert plain.noise_scheduler.alphas_cumprod[-1] > 1e-3  # the usual schedule leaves signal at t = 999
+    assert base.noise_scheduler.alphas_cumprod[-1] < 1e-6
+    latents, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    last = torch.tensor([999])
+    assert torch.allclose(base.noise_scheduler.add_noise(latents, noise, last), noise, atol=1e-2)
+    assert not torch.allclose(plain.noise_scheduler.add_noise(latents, noise, last), noise, atol=1e-2)
+    pipe = pipeline_from_parts(base.path, base.vae, base.text, base.denoiser, zero_snr=True)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.config.rescale_betas_zero_snr and int(pipe.scheduler.timesteps[0]) == 999
+    with pytest.raises(config_mod.ConfigError, match="v-prediction"):
+        train.load_base(tiny_config(tiny_model, data, tmp_path / "o", **{"train.zero_terminal_snr": True}),
+                        Accelerator(cpu=True), EventLog())
+    cfg = tiny_config(tiny_sd2, data, tmp_path / "out", **{
+        "train.zero_terminal_snr": True, "train.max_train_steps": 2, "sample.every_n_steps": 2,
+        "output.save_state": False, "dataset.validation_split": 0.0})
+    log = EventLog()
+    result = train.run(cfg, log)
+    assert result.status == "completed" and log.of("sample")
+    assert all(math.isfinite(e.loss) for e in log.of("progress"))

@@ -62,6 +62,11 @@ def summary(report) -> str:
         lines.append(f"- same pixels: {', '.join(f'`{f}`' for f in group)}")
     for group in report.near_duplicate_groups:
         lines.append(f"- nearly the same: {', '.join(f'`{f}`' for f in group)}")
+    if report.masks:
+        shown = ", ".join(f"`{m['file']}` {m['masked']:.0%}" for m in report.masks[:10])
+        more = f" and {len(report.masks) - 10} more" if len(report.masks) > 10 else ""
+        lines.append(f"\n{len(report.masks)} picture(s) have a loss mask (share masked out; used with Masked "
+                     f"loss): {shown}{more}")
     if report.tag_frequency:
         top = ", ".join(f"{tag} ({count})" for tag, count in report.tag_frequency[:10])
         lines.append(f"\nMost common caption tags: {top}")

@@ -46,16 +46,23 @@ def _pipeline_extras(family) -> dict:
     return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-def pipeline_from_parts(model_folder, vae, text, denoiser, sampler: str = "default"):
+def pipeline_from_parts(model_folder, vae, text, denoiser, sampler: str = "default", zero_snr: bool = False):
     """A pipeline sharing already-loaded modules (no copy), for samples during training.
 
     ``text`` is the model's ``core.base.text.TextEncoders``; its family picks the pipeline class.
+    ``zero_snr``: the schedule rescaled to zero terminal SNR, sampled from its last (pure-noise) step.
     """
     import diffusers
 
     family = text.family
     cls = getattr(diffusers, family.pipeline_class)
-    parts = {"vae": vae, family.denoiser: denoiser, "scheduler": make_scheduler(model_folder, sampler)}
+    scheduler = make_scheduler(model_folder, sampler)
+    if zero_snr:
+        if isinstance(scheduler, diffusers.PNDMScheduler):  # it cannot rescale; DDIM is what the paper samples
+            scheduler = diffusers.DDIMScheduler.from_config(scheduler.config)
+        scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True,
+                                                timestep_spacing="trailing")
+    parts = {"vae": vae, family.denoiser: denoiser, "scheduler": scheduler}
     for name, tokenizer, encoder in zip(family.text_encoders, text.tokenizers, text.encoders, strict=True):
         parts[name] = encoder
         parts[name.replace("text_encoder", "tokenizer")] = tokenizer

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.data.images import ImageError, dhash, is_image_extension, load_image, looks_like_picture
+from core.data.images import ImageError, dhash, is_image_extension, is_mask_file, load_image, looks_like_picture
 from core.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 # Files that are expected beside images and are not images themselves.
@@ -110,9 +110,10 @@ def caption_path(picture: Path, extension: str = CAPTION_EXTENSION) -> Path:
 
 
 def is_companion(path: Path, caption_extension: str = CAPTION_EXTENSION) -> bool:
-    """A caption or another sidecar file (metadata, a cached latent): expected beside pictures, never one."""
+    """A caption or another sidecar file (metadata, a cached latent, a loss mask ``NAME.mask.png``): expected
+    beside pictures, never one."""
     suffix = path.suffix.lower()
-    return suffix == caption_extension.lower() or suffix in SIDECAR_SUFFIXES
+    return suffix == caption_extension.lower() or suffix in SIDECAR_SUFFIXES or is_mask_file(path)
 
 
 def candidate_files(folder: Path, caption_extension: str = CAPTION_EXTENSION, recursive: bool = True,

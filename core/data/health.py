@@ -17,7 +17,11 @@ check              status   when
 ``uniform``        warning  greyscale standard deviation below 3
 ``caption_*``      warning  caption file missing, empty, or over 75 CLIP tokens
 ``trigger_missing`` warning the trigger word is not in the caption
+``mask_*``         warning  loss mask (``NAME.mask.png``) unreadable, or masking everything out
 =================  =======  ==================================================
+
+Pictures with a loss mask (their ``NAME.mask.png``, or transparency) are listed
+with the share of the picture it masks out (``dataset.masked_loss`` uses them).
 
 Decisions recorded in the dataset's ``dataset.toml`` (see ``core.data.manifest``) are shown per
 file; excluded images do not count towards duplicates, tags or captions.
@@ -90,6 +94,7 @@ class HealthReport:
     duplicate_groups: list[list[str]]
     near_duplicate_groups: list[list[str]]
     tag_frequency: list[tuple[str, int]]
+    masks: list[dict] = field(default_factory=list)  # {"file", "source": "file"|"alpha", "masked": 0..1}
 
     def to_json(self) -> dict:
         """The report as plain JSON types. Layout (version 1)::
@@ -102,7 +107,8 @@ class HealthReport:
                         "checks": [{"check": str, "message": str}],
                         "decision": "exclude"|"keep"|null}],
              "duplicate_groups": [[str]], "near_duplicate_groups": [[str]],
-             "tag_frequency": [{"tag": str, "count": int}]}
+             "tag_frequency": [{"tag": str, "count": int}],
+             "masks": [{"file": str, "source": "file"|"alpha", "masked": float}]}
         """
         return {
             "version": JSON_VERSION,
@@ -113,6 +119,7 @@ class HealthReport:
             "duplicate_groups": [list(g) for g in self.duplicate_groups],
             "near_duplicate_groups": [list(g) for g in self.near_duplicate_groups],
             "tag_frequency": [{"tag": tag, "count": count} for tag, count in self.tag_frequency],
+            "masks": [dict(m) for m in self.masks],
         }
 
 
@@ -170,6 +177,7 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
     errors: set[str] = set()
     images: list[_Image] = []
     captions: list[str] = []
+    masks: list[dict] = []
     captioned = 0
 
     def flag(rel: str, check: str, message: str) -> None:
@@ -189,6 +197,9 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
         with image:
             info = _measure(rel, image)
         images.append(info)
+        mask = _mask_check(path, rel, info.size, flag)
+        if mask is not None and not manifest.is_excluded(rel):
+            masks.append(mask)
         for check, message in _image_checks(info, resolution, blur_threshold):
             flag(rel, check, message)
         caption = _caption_checks(caption_file(path, caption_extension), rel, tokenizer, specials, trigger, flag)
@@ -237,9 +248,10 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
         "duplicate_groups": len(duplicate_groups),
         "near_duplicate_groups": len(near_groups),
         "tokens_checked": tokenizer is not None,  # caption token length is only measured with a tokenizer
+        "masked": len(masks),
     }
     return HealthReport(str(folder), resolution, summary, files, duplicate_groups, near_groups,
-                        tag_frequency(captions))
+                        tag_frequency(captions), masks)
 
 
 def _image_checks(info: _Image, resolution: int, blur_threshold: float):
@@ -282,6 +294,28 @@ def _caption_checks(caption_path: Path, rel: str, tokenizer, specials: int, trig
         flag(rel, "trigger_missing", f"caption does not contain the trigger word {trigger!r}: add it so the "
                                      "LoRA ties what it learns to the trigger")
     return caption
+
+
+def _mask_check(path: Path, rel: str, size: tuple[int, int], flag) -> dict | None:
+    """The picture's loss mask as a report entry (how much of the picture it masks out), or None."""
+    from core.data.images import load_mask, mask_path
+
+    try:
+        mask = load_mask(path, size)
+    except ImageError as exc:
+        flag(rel, "mask_unreadable", f"its mask {mask_path(path).name} cannot be read ({exc.reason}): with "
+                                     f"dataset.masked_loss the run stops; re-export the mask as a PNG")
+        return None
+    if mask is None:
+        return None
+    with mask:
+        kept = float(np.asarray(mask.reduce(max(1, max(mask.size) // 256)), dtype=np.float32).mean() / 255)
+    source = "file" if mask_path(path).is_file() else "alpha"
+    if kept < 0.01:
+        what = mask_path(path).name if source == "file" else "its transparency"
+        flag(rel, "mask_empty", f"{what} masks out the whole picture: with dataset.masked_loss it trains "
+                                f"nothing; fix the mask or remove the picture")
+    return {"file": rel, "source": source, "masked": round(1 - kept, 3)}
 
 
 def tag_frequency(captions: list[str]) -> list[tuple[str, int]]:
@@ -373,6 +407,10 @@ def format_report(report: HealthReport, top_tags: int = 20) -> str:
                           ("near duplicates", report.near_duplicate_groups)):
         if groups:
             lines += ["", f"{title}:"] + [f"  {', '.join(group)}" for group in groups]
+    if report.masks:
+        lines += ["", f"loss masks (dataset.masked_loss): {len(report.masks)} picture(s)"]
+        source = {"file": "its .mask.png", "alpha": "transparency"}
+        lines += [f"  {m['file']}: {m['masked']:.0%} masked out (from {source[m['source']]})" for m in report.masks]
     if report.tag_frequency:
         lines += ["", f"most common tags (of {len(report.tag_frequency)}):"]
         lines += [f"  {count:4d}  {_shorten(tag)}" for tag, count in report.tag_frequency[:top_tags]]

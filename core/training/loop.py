@@ -240,8 +240,8 @@ class Loop:
         # (core.training.plan counts the samples phase this way).
         vae_device, text_device = self.base.vae.device, _device_of(text_encoder)
         self.base.vae.to(self.accelerator.device)
-        pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, unet,
-                                   c.sample.sampler)
+        zero_snr = bool(self.base.noise_scheduler.config.get("rescale_betas_zero_snr", False))
+        pipe = pipeline_from_parts(self.base.path, self.base.vae, text_encoder, unet, c.sample.sampler, zero_snr)
         for i, prompt in enumerate(c.sample.prompts):
             embeds = self.sample_embeds(prompt)
             if embeds is None:

@@ -36,6 +36,8 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
             "ss_mixed_precision": config.train.mixed_precision,
             "ss_noise_offset": config.train.noise_offset,
             "ss_min_snr_gamma": config.train.min_snr_gamma,
+            "ss_zero_terminal_snr": config.train.zero_terminal_snr,
+            "ss_masked_loss": config.dataset.masked_loss,
             "ss_timestep_sampling": config.train.timestep_sampling,
             "ss_clip_skip": config.model.clip_skip,
             "ss_tag_dropout": config.dataset.tag_dropout,

@@ -30,8 +30,10 @@ import torch
 from core.config import TrainConfig
 
 
-def per_example(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", c: torch.Tensor | None = None):
-    """The loss of each example, averaged over its elements; ``c`` (one per example) for the Huber kinds."""
+def per_example(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", c: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
+    """The loss of each example, averaged over its elements; ``c`` (one per example) for the Huber kinds;
+    ``mask`` (B, 1, h, w) weights each position (``dataset.masked_loss``), brought to the prediction's grid."""
     diff = pred.float() - target.float()
     if loss_type == "l2":
         loss = diff ** 2
@@ -39,7 +41,17 @@ def per_example(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
         c = c.float().view(-1, *[1] * (diff.dim() - 1))
         root = torch.sqrt(diff ** 2 + c ** 2) - c
         loss = 2 * c * root if loss_type == "huber" else 2 * root
+    if mask is not None:
+        loss = loss * mask_weights(mask, loss.shape[-2:]).to(loss.device)
     return loss.mean(dim=tuple(range(1, diff.dim())))
+
+
+def mask_weights(mask: torch.Tensor, size) -> torch.Tensor:
+    """Loss weights at ``size``: the mask averaged over each cell (a latent grid, or FLUX.2's and Z-Image's
+    patches of 2x2 latents), so a half-covered cell weighs half."""
+    mask = mask.float()
+    return mask if tuple(mask.shape[-2:]) == tuple(size) else torch.nn.functional.interpolate(mask, size=size,
+                                                                                               mode="area")
 
 
 def huber_c(config: TrainConfig, noise_ratio: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
@@ -67,11 +79,11 @@ def debiased_weight(noise_ratio: torch.Tensor) -> torch.Tensor:
     return 1 / torch.sqrt(snr)
 
 
-def weighted(config: TrainConfig, pred, target, noise_ratio, time) -> torch.Tensor:
-    """The configured per-example loss (type, Huber schedule, debiased weight)."""
+def weighted(config: TrainConfig, pred, target, noise_ratio, time, mask=None) -> torch.Tensor:
+    """The configured per-example loss (type, Huber schedule, debiased weight, loss mask)."""
     t = config.train
     c = huber_c(config, noise_ratio, time) if t.loss_type != "l2" else None
-    loss = per_example(pred, target, t.loss_type, c)
+    loss = per_example(pred, target, t.loss_type, c, mask)
     if t.debiased_estimation:
         loss = loss * debiased_weight(noise_ratio)
     return loss

@@ -41,6 +41,9 @@ class StepShape:
     targets: tuple[str, ...] = ()  # empty: the family's default set
     train_text_encoder: bool = False
     text_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    adapter: str = "lora"  # lora.type
+    conv_rank: int = 0
+    lokr_factor: int = -1
 
     @property
     def latent_tokens(self) -> int:
@@ -107,11 +110,17 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def add_lora_meta(model, targets, rank: int) -> list[torch.nn.Parameter]:
-    """peft LoRA on a meta-device model, as the engine adds it; returns the trainable parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
+def add_lora_meta(model, targets, rank: int, adapter: str = "lora", conv_rank: int = 0,
+                  lokr_factor: int = -1) -> list[torch.nn.Parameter]:
+    """The engine's adapter (``lora.type``; LoCon's convolutions at ``conv_rank``) on a meta-device model;
+    returns the trainable parameters."""
+    from peft import inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+    from core.lora.adapters import conv_targets, peft_config
+
+    conv = conv_targets(model) if conv_rank and hasattr(model, "conv_in") else []
+    config = peft_config(adapter, rank, float(rank), list(targets), conv=conv, conv_rank=conv_rank,
+                         conv_alpha=float(conv_rank or 1), lokr_factor=lokr_factor)
     if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):
         model.add_adapter(config)
     else:
@@ -194,11 +203,12 @@ def _step_models(arch, shape: StepShape, dtype):
 
     kind = get_family(arch.family)
     unet, encoders, _ = build_meta(arch, dtype)
-    add_lora_meta(unet, kind.lora_targets(unet, list(shape.targets)), shape.rank)
+    add_lora_meta(unet, kind.lora_targets(unet, list(shape.targets)), shape.rank, shape.adapter, shape.conv_rank,
+                  shape.lokr_factor)
     trainable = [e for i, e in enumerate(encoders) if i in kind.trainable_text]
     if shape.train_text_encoder:
         for encoder in trainable:
-            add_lora_meta(encoder, shape.text_targets, shape.rank)
+            add_lora_meta(encoder, shape.text_targets, shape.rank, shape.adapter)
     if shape.checkpointing:
         unet.enable_gradient_checkpointing()
         if shape.train_text_encoder:
@@ -272,8 +282,12 @@ def _cond(arch, shape: StepShape, encoders, inputs) -> dict:
 
 def _forward_backward(arch, shape: StepShape, dtype, unet, encoders, inputs, device: str = "cpu") -> None:
     from core.base.families import get_family
+    from core.lora.adapters import lycoris_layers
 
     unet.train()
+    for model in (unet, *encoders):  # LoHa/LoKr layers in training mode draw a module-dropout number, which
+        for _, layer in lycoris_layers(model):  # fake tensors cannot compare; with module_dropout 0 the
+            layer.training = False  # computation is the same
     autocast = (torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     with autocast:
         cond = _cond(arch, shape, encoders, inputs)

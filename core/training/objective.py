@@ -62,13 +62,13 @@ def text_states(batch: dict, base, text_encoder, device) -> dict:
 
 def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_gamma: float = 0.0,
                    added: dict | None = None, family=None, cond: dict | None = None, input_noise=None,
-                   config: TrainConfig | None = None) -> torch.Tensor:
+                   config: TrainConfig | None = None, mask=None) -> torch.Tensor:
     """Per-example MSE between the UNet output and the scheduler's target, optionally min-SNR weighted.
 
     The UNet is called through ``family.predict`` with ``cond`` when given; otherwise directly with
     ``states`` and ``added`` (its ``added_cond_kwargs``, SDXL only). ``input_noise`` noises the input instead
     of ``noise`` (input perturbation); ``config`` gives the loss type and weights (core.training.loss_options;
-    plain MSE without it).
+    plain MSE without it); ``mask`` weights positions (dataset.masked_loss).
     """
     noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
@@ -82,7 +82,7 @@ def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_g
     if config is not None:
         from core.training.loss_options import ddpm_noise_ratio, weighted
 
-        loss = weighted(config, pred, target, ddpm_noise_ratio(scheduler, timesteps), timesteps)
+        loss = weighted(config, pred, target, ddpm_noise_ratio(scheduler, timesteps), timesteps, mask)
     else:
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
@@ -103,7 +103,7 @@ def diffusion_loss(unet, scheduler, latents, states, noise, timesteps, min_snr_g
 
 
 def flow_loss(denoiser, family, latents, noise, sigmas, cond: dict, weighting: str = "none", input_noise=None,
-              config: TrainConfig | None = None) -> torch.Tensor:
+              config: TrainConfig | None = None, mask=None) -> torch.Tensor:
     """Per-example rectified-flow loss: the denoiser's velocity at ``(1 - sigma) x + sigma n`` against
     ``n - x``, weighted per sigma (diffusers' SD3 weighting schemes); ``input_noise`` and ``config`` as for
     ``diffusion_loss``."""
@@ -116,7 +116,7 @@ def flow_loss(denoiser, family, latents, noise, sigmas, cond: dict, weighting: s
     if config is not None:
         from core.training.loss_options import flow_noise_ratio, weighted
 
-        loss = weighted(config, pred, target, flow_noise_ratio(sigmas), sigmas * 1000)
+        loss = weighted(config, pred, target, flow_noise_ratio(sigmas), sigmas * 1000, mask)
     else:
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return loss * compute_loss_weighting_for_sd3(weighting, sigmas.float())
@@ -167,7 +167,7 @@ def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generato
         sigmas = low + (high - low) * shifted(levels, flow_shift(config, base.noise_scheduler, latents.shape,
                                                                  base.family))
         return flow_loss(unet, base.family, latents, noise, sigmas, cond, t.loss_weighting, input_noise,
-                         config).mean()
+                         config, batch.get("mask")).mean()
     total = base.noise_scheduler.config.num_train_timesteps
     first, last = int(low * total), max(int(high * total), int(low * total) + 1)
     if t.timestep_sampling in ("auto", "uniform"):
@@ -176,7 +176,8 @@ def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generato
         levels = sample_levels(config, base.family, latents.shape[0], generator, device)
         timesteps = (first + levels * (last - first)).long().clamp(first, last - 1)
     return diffusion_loss(unet, base.noise_scheduler, latents, None, noise, timesteps, t.min_snr_gamma,
-                          family=base.family, cond=cond, input_noise=input_noise, config=config).mean()
+                          family=base.family, cond=cond, input_noise=input_noise, config=config,
+                          mask=batch.get("mask")).mean()
 
 
 # ================================================================ validation

@@ -49,7 +49,8 @@ INT8_BYTES = 1.0
 # The settings ``estimate`` reads (the Train tab's memory line follows them live).
 ESTIMATE_KEYS = ("model.path", "model.family", "model.quantize", "model.group_offload", "dataset.resolution",
                  "dataset.cache_latents", "dataset.cache_while_training", "dataset.random_flip",
-                 "dataset.shuffle_captions", "dataset.tag_dropout", "lora.rank", "lora.target_modules",
+                 "dataset.shuffle_captions", "dataset.tag_dropout", "lora.rank", "lora.target_modules", "lora.type",
+                 "lora.conv_rank", "lora.lokr_factor",
                  "lora.train_text_encoder",
                  "lora.text_encoder_target_modules", "train.batch_size", "train.mixed_precision",
                  "train.gradient_checkpointing", "train.optimizer", "sample.prompts", "sample.width", "sample.height")
@@ -119,7 +120,8 @@ class Inventory:
 
 
 @functools.lru_cache(maxsize=32)
-def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str, ...]) -> Inventory:
+def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str, ...], adapter: str = "lora",
+              conv_rank: int = 0, lokr_factor: int = -1) -> Inventory:
     from core.base.architecture import build_meta
     from core.base.families import get_family
     from core.base.offload import resident_weights
@@ -135,12 +137,13 @@ def inventory(arch, rank: int, targets: tuple[str, ...], text_targets: tuple[str
     linear_bytes = sum(m.weight.numel() * 4 for m in linears)
     fp8 = [m.weight.numel() for name, m in unet.named_modules() if fp8_castable(name, m)]
     resident = resident_weights(unet) * 4  # before the LoRA is added (offloading is applied before it)
-    lora_unet = sum(p.numel() for p in add_lora_meta(unet, kind.lora_targets(unet, list(targets)), rank))
+    lora_unet = sum(p.numel() for p in add_lora_meta(unet, kind.lora_targets(unet, list(targets)), rank, adapter,
+                                                     conv_rank, lokr_factor))
     trainable = [e for i, e in enumerate(encoders) if i in kind.trainable_text]  # the CLIP ones, never T5
     frozen_only = [e for i, e in enumerate(encoders) if i not in kind.trainable_text]  # T5: stored like the base
     text_linear = sum(m.weight.numel() * 4 for e in frozen_only for n, m in e.named_modules() if quantizable(n, m))
     text_fp8 = sum(m.weight.numel() for e in frozen_only for n, m in e.named_modules() if fp8_castable(n, m))
-    lora_text = sum(p.numel() for e in trainable for p in add_lora_meta(e, text_targets, rank))
+    lora_text = sum(p.numel() for e in trainable for p in add_lora_meta(e, text_targets, rank, adapter))
     return Inventory(unet_bytes, linear_bytes, largest, text_bytes, frozen(vae), lora_unet, lora_text, sum(fp8),
                      max(fp8, default=0), resident, text_linear, text_fp8)
 
@@ -198,14 +201,15 @@ def shape_of(config) -> StepShape:
     t, lora = config.train, config.lora
     return StepShape(config.dataset.resolution, t.batch_size, t.mixed_precision, t.gradient_checkpointing,
                      lora.rank, tuple(lora.target_modules), lora.train_text_encoder,
-                     tuple(lora.text_encoder_target_modules))
+                     tuple(lora.text_encoder_target_modules), lora.type, lora.conv_rank, lora.lokr_factor)
 
 
 def estimate(config, arch, vram: int | None = None, card: str = "") -> Plan:
     """The plan of ``config`` (a TrainConfig) on ``arch``; ``vram`` in bytes, if a card is known."""
     shape = shape_of(config)
     rows, note = fit_rows(arch)
-    inv = inventory(arch, shape.rank, shape.targets, shape.text_targets)
+    inv = inventory(arch, shape.rank, shape.targets, shape.text_targets, shape.adapter, shape.conv_rank,
+                    shape.lokr_factor)
     width = 4 if shape.precision == "no" else 2
     quantize = config.model.quantize
     unet = (inv.offload_resident * width // 4 if config.model.group_offload

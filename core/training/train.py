@@ -108,6 +108,8 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
         else:
             emit(Message("warning", f"model.clip_skip = {config.model.clip_skip} applies to SD 1.x/2.x; "
                                     f"{base.family.label} keeps its own text layers"))
+    if config.train.zero_terminal_snr:
+        zero_terminal_snr(base)
     if base.family.flow and config.sample.sampler != "default":
         raise ConfigError(f"sample.sampler = {config.sample.sampler!r} is a sampler of the SD families; "
                           f"{base.family.label} samples with its own flow-matching scheduler: set it to 'default'")
@@ -136,6 +138,18 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
     base.text.to(accelerator.device, dtype=dtype)
     base.vae.to(dtype=torch.float32)  # fp16 VAEs overflow; it comes to the card once the text is cached
     return base
+
+
+def zero_terminal_snr(base) -> None:
+    """Rescale the training schedule's betas so the last timestep has zero SNR (diffusers' own rescaling)."""
+    if base.family.flow or base.prediction_type != "v_prediction":
+        what = ("a flow-matching model, whose last step is pure noise already" if base.family.flow
+                else f"an {base.prediction_type} model: at zero SNR the noise it predicts is the input itself")
+        raise ConfigError(f"train.zero_terminal_snr = true needs a v-prediction SD 1.x/2.x/SDXL model; "
+                          f"{base.path.name} is {what}. Set it to false (or model.prediction_type = "
+                          f"'v_prediction' for a v-prediction model with a wrong config)")
+    scheduler = base.noise_scheduler
+    base.noise_scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
 
 
 def quantize_frozen_text(config: TrainConfig, base, dtype, emit: Emit) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.config import TrainConfig
@@ -37,6 +38,7 @@ class Entry:
     # function giving them, encoding the picture first if the cache lacks it}
     pixels: Callable[[bool], torch.Tensor] | None  # flipped -> (3, H, W), when latents are not cached
     text: Callable[[], dict] | None  # cached text conditioning of the caption ({"hidden"[, "pooled"]}), if cached
+    mask: Callable[[bool], torch.Tensor] | None = None  # flipped -> (1, H/8, W/8) loss weights (dataset.masked_loss)
 
     @property
     def caption(self) -> str:
@@ -56,6 +58,8 @@ def example(entry: Entry, flipped: bool = False, caption: str | None = None,
     text = text if caption is not None else entry.text
     if text is not None:
         out.update(text())
+    if entry.mask is not None:
+        out["mask"] = entry.mask(flipped)
     return out
 
 
@@ -259,7 +263,8 @@ def build_entries(config: TrainConfig, items: list[ImageItem], base, cache, emit
             latents = _latents_loader(cache, keys[i]) if keys else None
         pixels = None if keys else _pixels_loader(item.path, placement)
         text = cached_text(item.caption, base, cache) if cache_text else None
-        entries.append(Entry(item, placement, latents, pixels, text))
+        mask = _mask_loader(item, placement) if config.dataset.masked_loss else None
+        entries.append(Entry(item, placement, latents, pixels, text, mask))
     return entries
 
 
@@ -448,6 +453,32 @@ def _load_pixels(path: Path, placement: Placement, flipped: bool) -> torch.Tenso
     if flipped:
         fitted_image = fitted_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(fitted_image)
+
+
+def load_loss_mask(item: ImageItem, placement: Placement) -> torch.Tensor:
+    """A picture's loss weights in [0, 1] at an eighth of its bucket (the VAE's latent grid), cropped as the
+    picture is; all ones for a picture without a mask (core.data.images.load_mask)."""
+    from core.data.images import fit_image, load_mask
+
+    width, height = placement.bucket
+    mask = load_mask(item.path, item.size)
+    if mask is None:
+        return torch.ones(1, height // 8, width // 8)
+    with mask:
+        fitted_mask = fit_image(mask, width, height)[0]
+    values = torch.from_numpy(np.asarray(fitted_mask, dtype=np.float32) / 255.0)[None, None]
+    return torch.nn.functional.interpolate(values, size=(height // 8, width // 8), mode="area")[0]
+
+
+def _mask_loader(item: ImageItem, placement: Placement) -> Callable[[bool], torch.Tensor]:
+    """Loaded once (a few kilobytes at latent size), mirrored for flipped draws."""
+    held: list[torch.Tensor] = []
+
+    def get(flipped: bool) -> torch.Tensor:
+        if not held:
+            held.append(load_loss_mask(item, placement))
+        return held[0].flip(-1) if flipped else held[0]
+    return get
 
 
 def _pixels_loader(path: Path, placement: Placement) -> Callable[[bool], torch.Tensor]:
