@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-extension", default=CAPTION_EXTENSION,
                    help="extension of the caption files (default .txt; the training config's "
                         "dataset.caption_extension)")
+    p.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
+                   help="caption tokens that count (the training config's dataset.max_token_length; default 75)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (version 1 layout)")
     p.set_defaults(func=cmd_check_dataset)
 
@@ -394,7 +396,7 @@ def cmd_check_dataset(args) -> int:
     try:
         tokenizer = model_tokenizer(args.model) if args.model else None
         report = check_dataset(args.dir, resolution=args.resolution, tokenizer=tokenizer, trigger=args.trigger,
-                               caption_extension=args.caption_extension)
+                               caption_extension=args.caption_extension, max_tokens=args.max_token_length)
     except DatasetError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     print(json.dumps(report.to_json(), indent=2, ensure_ascii=False) if args.json else format_report(report))

@@ -106,6 +106,11 @@ class DatasetConfig:
                             "trains, black does not, grey in between), else its transparency (a cut-out subject "
                             "trains without its background, which is filled white). Pictures with neither train "
                             "everywhere. The health report lists which have one and how much they mask.")
+    max_token_length: int = opt(75, "SD 1.x/2.x/SDXL: caption tokens that count. 75 is CLIP's window (longer "
+                                "captions are cut); 150 or 225 encode longer captions in two or three windows, as "
+                                "A1111 and sd-scripts do. The health report flags captions longer than this. The "
+                                "flow families read long captions with their own text encoders.",
+                                min=75, max=225, multiple_of=75)
     tag_dropout: float = opt(0.0, "Probability of leaving out each comma-separated tag of a caption every time it "
                              "is drawn (the first dataset.keep_tokens tags always stay; turns off text-embedding "
                              "caching); 0.1 is usual for tag captions.", min=0.0, max=1.0)

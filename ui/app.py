@@ -47,7 +47,8 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
         # The health report checks what the run will train: the Train tab's resolution, model and trigger.
         health, fields = dataset["health"], train["components"]
         health["check"].click(health["on_check"], [dataset["picker"], fields["dataset.resolution"],
-                                                   fields["model.path"], fields["output.trigger_phrase"]],
+                                                   fields["model.path"], fields["output.trigger_phrase"],
+                                                   fields["dataset.max_token_length"]],
                               health["outputs"])
 
         def on_demo():

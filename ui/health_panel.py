@@ -22,10 +22,10 @@ def check(folder: Path, resolution=512, model: str = "", trigger: str = ""):
     return check_for_run(folder, resolution, model, trigger)[0]
 
 
-def check_for_run(folder: Path, resolution=512, model: str = "", trigger: str = ""):
+def check_for_run(folder: Path, resolution=512, model: str = "", trigger: str = "", max_tokens=75):
     """The report the run's settings call for, as ``python -m core check-dataset`` makes it: the Train tab's
-    resolution, the picked model's tokenizer (caption length), the run's trigger phrase. -> (report, a line
-    saying what was checked and what could not be)."""
+    resolution, the picked model's tokenizer (caption length, against dataset.max_token_length), the run's
+    trigger phrase. -> (report, a line saying what was checked and what could not be)."""
     from core.data.dataset import DatasetError
     from core.data.health import check_dataset, model_tokenizer
 
@@ -37,10 +37,11 @@ def check_for_run(folder: Path, resolution=512, model: str = "", trigger: str = 
             tokenizer, missing = model_tokenizer(model), ""
         except DatasetError as exc:
             missing = f"caption length not checked: {exc}"
-    report = check_dataset(folder, resolution=resolution, tokenizer=tokenizer, trigger=trigger)
+    report = check_dataset(folder, resolution=resolution, tokenizer=tokenizer, trigger=trigger,
+                           max_tokens=int(max_tokens or 75))
     done = [f"at the Train tab's resolution, {resolution} px"]
     if tokenizer is not None:
-        done.append(f"caption length with the tokenizer of {Path(model).name}")
+        done.append(f"caption length (up to {int(max_tokens or 75)} tokens) with the tokenizer of {Path(model).name}")
     done.append(f"trigger phrase {trigger!r}" if trigger else "no trigger phrase set (Train tab, Advanced)")
     return report, "Checked " + "; ".join(done) + (f". ({missing})" if missing else ".")
 
@@ -199,11 +200,11 @@ def build(folder_of, picker):
     def render(report, folder):
         return summary(report), gallery(report, folder), rows(report)
 
-    def on_check(name, resolution=512, model="", trigger=""):
+    def on_check(name, resolution=512, model="", trigger="", max_tokens=75):
         folder = folder_of(name)
         if folder is None:
             return "⚠️ create or pick a dataset first", gr.skip(), gr.skip(), gr.skip(), "", ""
-        state["report"], checked = check_for_run(folder, resolution, model, trigger)
+        state["report"], checked = check_for_run(folder, resolution, model, trigger, max_tokens)
         state["folder"] = folder
         headline_text, *rest = render(state["report"], folder)
         return f"{headline_text}\n\n{checked}", *rest, concept_rows(folder), "", ""

@@ -103,7 +103,7 @@ def load_pipeline(model: str, revision: str = "", device: str | None = None, sam
 @torch.no_grad()
 def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float = 7.5, width: int = 512,
              height: int = 512, negative_prompt: str = "", after_first_step=None, embeds: dict | None = None,
-             clip_skip: int = 1):
+             clip_skip: int = 1, chunks: int = 0):
     """One image at a fixed seed (the seed alone decides the starting noise, on any device).
 
     ``after_first_step`` is called once the prompt is encoded and the first denoising step is done: the
@@ -112,7 +112,9 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
 
     ``embeds`` (flow pipelines): the encoded prompt and negative prompt as the pipeline takes them
     (``Family.pipeline_embeds``), used instead of the text encoders. ``clip_skip`` as in model.clip_skip
-    (A1111's count: 2 is the penultimate layer; diffusers counts one less).
+    (A1111's count: 2 is the penultimate layer; diffusers counts one less). ``chunks``: CLIP windows of 75
+    tokens per prompt for the SD families (dataset.max_token_length / 75); 0: as many as the longer of the
+    prompt and the negative prompt needs, up to three, as A1111 reads long prompts.
     """
     generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -121,8 +123,10 @@ def generate(pipe, prompt: str, *, seed: int, steps: int, guidance_scale: float 
             after_first_step()
         return kwargs
 
-    if embeds is None and clip_skip > 1:  # diffusers' own clip_skip expects the CLIP of transformers 4
-        embeds = _skipped_embeds(pipe, prompt, negative_prompt, clip_skip)
+    if embeds is None and _flow_family(pipe) is None:
+        chunks = chunks or _windows_needed(pipe.tokenizer, [prompt, negative_prompt])
+        if clip_skip > 1 or chunks > 1:  # diffusers' clip_skip expects transformers 4's CLIP; it cuts at 77
+            embeds = _clip_embeds(pipe, prompt, negative_prompt, clip_skip, chunks)
     extra = prompt_arguments(pipe, prompt, negative_prompt) if embeds is None else embeds
     result = pipe(
         num_inference_steps=steps,
@@ -151,17 +155,30 @@ def prompt_arguments(pipe, prompt: str, negative_prompt: str = "") -> dict:
     return args
 
 
-def _skipped_embeds(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> dict:
-    """An SD 1.x/2.x prompt and negative prompt encoded at ``clip_skip`` (core.base.families: Family.encode)."""
-    from core.base.families import get_family
-    from core.base.text import tokenize
+def _windows_needed(tokenizer, texts: list[str]) -> int:
+    """CLIP windows of 75 tokens the longest of ``texts`` fills, at most three."""
+    longest = max(len(tokenizer(text, truncation=False).input_ids) - 2 for text in texts)
+    return min(3, max(1, -(-longest // 75)))
 
-    family, encoder = get_family("sd1"), pipe.text_encoder
 
-    def encode(text: str) -> torch.Tensor:
-        return family.encode([encoder], [tokenize(pipe.tokenizer, [text])], clip_skip)[0]
+def _clip_embeds(pipe, prompt: str, negative_prompt: str, clip_skip: int, chunks: int) -> dict:
+    """An SD 1.x/2.x/SDXL prompt and negative prompt encoded as training encodes captions
+    (``core.base.text.TextEncoders``: clip skip, several CLIP windows)."""
+    from core.base.families import detect_pipeline_family
+    from core.base.text import TextEncoders
 
-    return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt or "")}
+    family = detect_pipeline_family(pipe)
+    tokenizers = [getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in family.text_encoders]
+    text = TextEncoders(family, tokenizers, [getattr(pipe, name) for name in family.text_encoders])
+    text.clip_skip = clip_skip if family.name in ("sd1", "sd2") else 1
+    text.chunks = chunks
+    (hidden, pooled), (negative, negative_pooled) = (text.encode([t]) for t in (prompt, negative_prompt or ""))
+    if not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):  # SDXL, as its pipeline
+        negative, negative_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    embeds = {"prompt_embeds": hidden, "negative_prompt_embeds": negative}
+    if pooled is not None:
+        embeds.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
+    return embeds
 
 
 def _flow_family(pipe) -> str | None:

@@ -15,7 +15,7 @@ check              status   when
 ``near_duplicate`` warning  perceptual hash within ``near_threshold`` bits
 ``blurry``         warning  variance of the Laplacian below ``blur_threshold``
 ``uniform``        warning  greyscale standard deviation below 3
-``caption_*``      warning  caption file missing, empty, or over 75 CLIP tokens
+``caption_*``      warning  caption file missing, empty, or over 75 CLIP tokens (``max_tokens``)
 ``trigger_missing`` warning the trigger word is not in the caption
 ``mask_*``         warning  loss mask (``NAME.mask.png``) unreadable, or masking everything out
 =================  =======  ==================================================
@@ -165,12 +165,12 @@ def model_tokenizer(model: str | Path):
 
 def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = "",
                   blur_threshold: float = BLUR_THRESHOLD, near_threshold: int = NEAR_THRESHOLD,
-                  caption_extension: str = CAPTION_EXTENSION) -> HealthReport:
+                  caption_extension: str = CAPTION_EXTENSION, max_tokens: int = CLIP_TOKENS) -> HealthReport:
     """Check every image under ``folder`` and its caption; raise DatasetError if there is no folder.
 
     ``tokenizer`` (a CLIP tokenizer) enables the caption length check;
     ``trigger`` enables the trigger word check; ``caption_extension`` is the
-    training config's (dataset.caption_extension).
+    training config's (dataset.caption_extension); ``max_tokens`` its dataset.max_token_length.
     """
     folder, manifest = open_dataset(folder)
     findings: dict[str, list[dict]] = {}
@@ -202,7 +202,8 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
             masks.append(mask)
         for check, message in _image_checks(info, resolution, blur_threshold):
             flag(rel, check, message)
-        caption = _caption_checks(caption_file(path, caption_extension), rel, tokenizer, specials, trigger, flag)
+        caption = _caption_checks(caption_file(path, caption_extension), rel, tokenizer, specials, trigger, flag,
+                                  max_tokens)
         if manifest.is_excluded(rel):
             continue  # reported, but not part of the training set: its caption and copies do not count
         if caption is not None:
@@ -274,7 +275,8 @@ def _image_checks(info: _Image, resolution: int, blur_threshold: float):
                          "learns blur from it; use a sharper original or remove it")
 
 
-def _caption_checks(caption_path: Path, rel: str, tokenizer, specials: int, trigger: str, flag) -> str | None:
+def _caption_checks(caption_path: Path, rel: str, tokenizer, specials: int, trigger: str, flag,
+                    max_tokens: int = CLIP_TOKENS) -> str | None:
     """Flag caption problems; return the caption text, or None when there is no usable caption."""
     if not caption_path.is_file():
         flag(rel, "caption_missing", f"no caption file {caption_path.name}: it trains with an empty caption; "
@@ -287,9 +289,12 @@ def _caption_checks(caption_path: Path, rel: str, tokenizer, specials: int, trig
         return None
     if tokenizer is not None:
         tokens = len(tokenizer(caption, truncation=False)["input_ids"]) - specials
-        if tokens > CLIP_TOKENS:
-            flag(rel, "caption_too_long", f"caption is {tokens} tokens, over CLIP's {CLIP_TOKENS}: the last "
-                                          f"{tokens - CLIP_TOKENS} are cut off in training; shorten it")
+        if tokens > max_tokens:
+            more = (f"shorten it, or set dataset.max_token_length to {min(225, -(-tokens // 75) * 75)}"
+                    if max_tokens < 225 and tokens <= 225 else "shorten it")
+            limit = f"CLIP's {CLIP_TOKENS}" if max_tokens == CLIP_TOKENS else f"dataset.max_token_length = {max_tokens}"
+            flag(rel, "caption_too_long", f"caption is {tokens} tokens, over {limit}: the last "
+                                          f"{tokens - max_tokens} are cut off in training; {more}")
     if trigger and not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE):
         flag(rel, "trigger_missing", f"caption does not contain the trigger word {trigger!r}: add it so the "
                                      "LoRA ties what it learns to the trigger")

@@ -253,7 +253,7 @@ class Loop:
                                  height=c.sample.height or c.dataset.resolution,
                                  negative_prompt=c.sample.negative_prompt,
                                  after_first_step=lambda: text_encoder.to(text_device), embeds=embeds,
-                                 clip_skip=self.base.text.clip_skip)
+                                 clip_skip=self.base.text.clip_skip, chunks=self.base.text.chunks)
             path = self.paths.sample(self.state.step, i)
             save_image(path, image)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))

@@ -38,6 +38,7 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
             "ss_min_snr_gamma": config.train.min_snr_gamma,
             "ss_zero_terminal_snr": config.train.zero_terminal_snr,
             "ss_masked_loss": config.dataset.masked_loss,
+            "ss_max_token_length": config.dataset.max_token_length,
             "ss_timestep_sampling": config.train.timestep_sampling,
             "ss_clip_skip": config.model.clip_skip,
             "ss_tag_dropout": config.dataset.tag_dropout,

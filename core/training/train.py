@@ -110,6 +110,13 @@ def load_base(config: TrainConfig, accelerator, emit: Emit):
                                     f"{base.family.label} keeps its own text layers"))
     if config.train.zero_terminal_snr:
         zero_terminal_snr(base)
+    if config.dataset.max_token_length > 75:
+        if base.family.flow:
+            emit(Message("warning", f"dataset.max_token_length = {config.dataset.max_token_length} applies to SD "
+                                    f"1.x/2.x/SDXL; {base.family.label} reads captions with its own text "
+                                    f"encoders' windows"))
+        else:
+            base.text.chunks = config.dataset.max_token_length // 75
     if base.family.flow and config.sample.sampler != "default":
         raise ConfigError(f"sample.sampler = {config.sample.sampler!r} is a sampler of the SD families; "
                           f"{base.family.label} samples with its own flow-matching scheduler: set it to 'default'")
