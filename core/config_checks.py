@@ -46,6 +46,9 @@ def check_rules(config) -> None:
                           f"{t.learning_rate:g}, which Prodigy cannot do (one step size for every weight); set "
                           f"it to 0 to use the same")
     _check_adapter(config)
+    if t.ema and t.optimizer == "schedulefree_adamw":
+        raise ConfigError("train.ema = true with train.optimizer = 'schedulefree_adamw': schedule-free AdamW "
+                          "already averages its weights (and saves the average); set train.ema to false")
     if config.lora.train_text_encoder and not config.lora.text_encoder_target_modules:
         raise ConfigError("lora.text_encoder_target_modules is empty while lora.train_text_encoder = true")
     if config.model.group_offload and (config.model.quantize != "none" or not config.train.gradient_checkpointing):

@@ -199,6 +199,15 @@ class TrainStepsConfig:
                                         "(learning_rate and the schedule are then not used).")
     loraplus_lr_ratio: float = opt(0.0, "LoRA+: the B (up) matrices learn this many times faster than the A "
                                    "matrices (16 in the LoRA+ paper); 0 is off.", min=0.0, max=1000.0)
+    ema: bool = opt(False, "Also keep an exponential moving average of the LoRA weights (in system RAM): it is "
+                    "validated and sampled beside the live weights and saved as its own file "
+                    "(NAME-ema.safetensors, NAME-ema-stepN.safetensors). Smoother, often better at the end of "
+                    "a run with a high learning rate.")
+    ema_decay: float = opt(0.999, "EMA: how much of the average each update keeps (0.999 averages about the last "
+                           "1000 updates); the first updates keep less, as diffusers' EMAModel warms up.",
+                           min=0.5, max=0.99999)
+    ema_update_every: int = opt(1, "EMA: average the weights in every N optimizer steps (each update copies the "
+                                "LoRA weights to system RAM).", min=1, max=10000)
     adam_beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=0.9999)
     adam_beta2: float = opt(0.999, "Adam beta2.", min=0.0, max=0.99999)
     adam_epsilon: float = opt(1e-8, "Adam epsilon.", min=0.0, max=1.0)

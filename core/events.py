@@ -67,7 +67,8 @@ class Progress(Event):
 class ValidationLoss(Event):
     step: int
     loss: float
-    best: bool  # the lowest validation loss of the run so far
+    best: bool  # the lowest validation loss of the run so far (of these weights)
+    ema: bool = False  # the loss of the moving average of the weights (train.ema), not the live ones
 
 
 @dataclass

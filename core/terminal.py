@@ -70,7 +70,8 @@ class TerminalProgress:
         elif kind == "message":
             self._write(f"{event.level}: {event.text}")
         elif kind == "validation_loss":
-            self._write(f"step {event.step}: validation loss {event.loss:.5f}{' (best)' if event.best else ''}")
+            what = "validation loss of the EMA weights" if getattr(event, "ema", False) else "validation loss"
+            self._write(f"step {event.step}: {what} {event.loss:.5f}{' (best)' if event.best else ''}")
         elif kind == "checkpoint" and event.kind == "lora":
             self._write(f"step {event.step}: saved {event.path}")
         elif kind == "lora_verified":

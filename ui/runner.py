@@ -64,6 +64,7 @@ class RunSummary:
     eta_s: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
+    ema_validation: list[tuple[int, float]] = field(default_factory=list)  # train.ema's average
     samples: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, prompt)
     checkpoints: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
@@ -83,6 +84,8 @@ class RunSummary:
                 self.step, self.total_steps = event.step, event.total_steps
                 self.it_per_s, self.eta_s = event.it_per_s, event.eta_s
                 self.losses.append((event.step, event.loss))
+            case ValidationLoss(ema=True):
+                self.ema_validation.append((event.step, event.loss))
             case ValidationLoss():
                 self.validation.append((event.step, event.loss))
             case SampleWritten():

@@ -169,13 +169,15 @@ def loss_frame(summary: RunSummary | None):
     if summary:
         rows += [{"step": s, "loss": v, "series": "training"} for s, v in summary.losses]
         rows += [{"step": s, "loss": v, "series": "validation"} for s, v in summary.validation]
+        rows += [{"step": s, "loss": v, "series": "validation (EMA)"} for s, v in summary.ema_validation]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[str, str]]:
     if not summary:
         return []
-    return [(path, f"step {step}: {prompt}") for step, path, prompt in summary.samples[-newest:]][::-1]
+    return [(path, f"step {step}{' (EMA)' if path.endswith('-ema.png') else ''}: {prompt}")
+            for step, path, prompt in summary.samples[-newest:]][::-1]
 
 
 def run_files_text(run_dir: Path) -> str:

@@ -85,6 +85,7 @@ class Loop:
     data_info: dict  # what the LoRA's metadata records about the data (ss_num_train_images, buckets, tags)
     validator: Validator
     validation_losses: dict[int, float] = field(default_factory=dict)
+    ema_losses: dict[int, float] = field(default_factory=dict)  # of the moving average (train.ema)
     last_batch: list[str] = field(default_factory=list)  # image paths of the newest batch
     last_saved: tuple[int, Path] | None = None  # (step, LoRA file) of the newest save
     updating: bool = False  # inside optimizer.step()
@@ -93,6 +94,7 @@ class Loop:
     # Cached text of the sample prompts (and the negative prompt), for the flow families: their T5 never comes
     # back to the card for samples. Empty: the text encoders encode each prompt.
     sample_text: dict[str, Callable[[], dict]] = field(default_factory=dict)
+    ema: object = None  # core.training.ema.LoraEma (train.ema): validated, sampled and saved beside the weights
 
     @property
     def paths(self) -> RunPaths:
@@ -153,6 +155,8 @@ class Loop:
                 if not acc.sync_gradients:
                     continue
                 state.step += 1
+                if self.ema is not None:
+                    self.ema.update(state.step)
                 self.report(torch.stack(losses).mean(), timer.tick())
                 self.watch_memory(time.perf_counter() - step_started)
                 losses = []
@@ -211,25 +215,30 @@ class Loop:
         text_encoder = acc.unwrap_model(self.text_encoder)
         with averaged_weights(self.optimizer):
             self._evaluate(unet, text_encoder)
+        if self.ema is not None:
+            with self.ema.weights():
+                self._evaluate(unet, text_encoder, ema=True)
         acc.wait_for_everyone()
 
-    def _evaluate(self, unet, text_encoder) -> None:
+    def _evaluate(self, unet, text_encoder, ema: bool = False) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             unet.eval()
             text_encoder.eval()
             loss = self.validator(unet, text_encoder, acc.autocast)
             if loss is not None:
-                best = loss < self.state.best_validation
-                self.state.best_validation = min(loss, self.state.best_validation)
-                self.validation_losses[self.state.step] = loss
-                self.emit(ValidationLoss(self.state.step, loss, best))
-            self.write_samples(unet, text_encoder)
+                losses = self.ema_losses if ema else self.validation_losses
+                best = loss < min(losses.values(), default=math.inf) if ema else loss < self.state.best_validation
+                if not ema:
+                    self.state.best_validation = min(loss, self.state.best_validation)
+                losses[self.state.step] = loss
+                self.emit(ValidationLoss(self.state.step, loss, best, ema))
+            self.write_samples(unet, text_encoder, "ema" if ema else "")
             unet.train()
             if self.config.lora.train_text_encoder:
                 text_encoder.train()
 
-    def write_samples(self, unet, text_encoder) -> None:
+    def write_samples(self, unet, text_encoder, kind: str = "") -> None:
         from core.base.sample import generate, pipeline_from_parts
         from core.fsutil import save_image
 
@@ -254,7 +263,7 @@ class Loop:
                                  negative_prompt=c.sample.negative_prompt,
                                  after_first_step=lambda: text_encoder.to(text_device), embeds=embeds,
                                  clip_skip=self.base.text.clip_skip, chunks=self.base.text.chunks)
-            path = self.paths.sample(self.state.step, i)
+            path = self.paths.sample(self.state.step, i, kind)
             save_image(path, image)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
         self.base.vae.to(vae_device)
@@ -286,6 +295,13 @@ class Loop:
             self.emit(CheckpointSaved(self.state.step, str(lora_path), "lora"))
             self.last_saved = (self.state.step, lora_path)
             self.check_export(lora_path)
+            if self.ema is not None:
+                ema_path = self.paths.ema_lora(lora_path)
+                with self.ema.weights():
+                    save_lora(c, acc, self.denoiser, self.text_encoder, ema_path, self.state.step, self.data_info,
+                              self.base)
+                self.emit(CheckpointSaved(self.state.step, str(ema_path), "lora"))
+                self.check_export(ema_path)
             for old in prune_step_loras(self.paths, c.output.keep_last_n, self.validation_losses):
                 self.emit(Message("info", f"removed {old.name} (output.keep_last_n = {c.output.keep_last_n})"))
         if c.output.save_state:

@@ -89,12 +89,17 @@ class RunPaths:
     def step_lora(self, step: int) -> Path:
         return self.dir / f"{self.name}-step{step:06d}{LORA_SUFFIX}"
 
+    def ema_lora(self, lora: Path) -> Path:
+        """The moving average's file beside a LoRA file (train.ema): NAME-ema[-stepN].safetensors."""
+        return lora.with_name(lora.name.replace(self.name, f"{self.name}-ema", 1))
+
     @property
     def diffusers_lora(self) -> Path:
         return self.dir / f"{self.name}-diffusers" / f"pytorch_lora_weights{LORA_SUFFIX}"
 
-    def sample(self, step: int, index: int) -> Path:
-        return self.samples / f"step{step:06d}-{index:02d}.png"
+    def sample(self, step: int, index: int, kind: str = "") -> Path:
+        """A sample image; ``kind`` "ema" for the moving average's (train.ema)."""
+        return self.samples / f"step{step:06d}-{index:02d}{'-' + kind if kind else ''}.png"
 
     def state(self, step: int) -> Path:
         return self.states / f"step-{step:08d}"
@@ -144,6 +149,10 @@ def prune_step_loras(paths: RunPaths, keep: int, validation_losses: dict[int, fl
         if path != best:
             path.unlink(missing_ok=True)
             removed.append(path)
+            ema = paths.ema_lora(path)  # its moving average's file goes with it
+            if ema.exists():
+                ema.unlink()
+                removed.append(ema)
     return removed
 
 

@@ -403,6 +403,13 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     register_lora_state_hooks(accelerator, unet, text_encoder if train_te else None)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    ema = None
+    if config.train.ema:
+        from core.training.ema import LoraEma
+
+        ema = LoraEma([p for group in optimizer.param_groups for p in group["params"]], config.train.ema_decay,
+                      config.train.ema_update_every)
+        accelerator.register_for_checkpointing(ema)
     generator = torch.Generator(device=accelerator.device).manual_seed(
         config.train.seed + accelerator.process_index)
     if resume:
@@ -413,7 +420,7 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
                  text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
                  state=state, generator=generator, total=total, data_info=data_metadata(train_items, buckets),
                  validator=Validator(config, val_entries, base, accelerator.device), encoder=encoder,
-                 sample_text=sample_text)
+                 sample_text=sample_text, ema=ema)
     emit(RunStarted(str(config.run_dir), total, state.step, len(train_items), len(val_items),
                     config.train.batch_size, accelerator.num_processes, str(accelerator.device), resume))
     return loop.run(resume)
