@@ -56,6 +56,12 @@ def check_rules(config) -> None:
                           "moved one by one) and train.gradient_checkpointing = true (without it every layer's "
                           "weights stay on the GPU until the backward pass)")
     d = config.dataset
+    changing = [name for name, on in (("dataset.random_crop", d.random_crop), ("dataset.color_jitter", d.color_jitter),
+                                      ("dataset.hue_jitter", d.hue_jitter)) if on]
+    if changing and d.cache_latents:
+        raise ConfigError(f"{' and '.join(changing)} change(s) every draw of a picture, and a cached latent is one "
+                          f"fixed picture: set dataset.cache_latents = false (each picture then goes through the "
+                          f"VAE every step: slower, as sd-scripts does), or turn {' and '.join(changing)} off")
     if d.no_upscale and not d.buckets:
         raise ConfigError("dataset.no_upscale = true needs dataset.buckets = true (without buckets every image "
                           "is cropped to the resolution square, which enlarges small ones)")

@@ -98,6 +98,15 @@ class DatasetConfig:
                            "(rounded down to bucket_step) instead. Needs buckets.")
     random_flip: bool = opt(False, "Mirror images left-right at random (a second latent per image is cached). "
                             "Off for subjects that are not symmetric (text, logos, a side parting).")
+    random_crop: bool = opt(False, "Crop each draw at a random place of the resized picture instead of its centre "
+                            "(the whole picture fits the bucket on one side; the crop moves along the other). "
+                            "Needs dataset.cache_latents = false: a cached latent is one fixed crop.")
+    color_jitter: float = opt(0.0, "Change brightness, contrast and saturation of each draw by a random factor "
+                              "within 1 +/- this (0.1 is mild); 0 is off. Needs dataset.cache_latents = false.",
+                              min=0.0, max=0.5)
+    hue_jitter: float = opt(0.0, "Turn the hue of each draw by up to this share of the colour circle either way "
+                            "(0.02 is mild; colour is often what a LoRA should learn, so keep it small); 0 is off. "
+                            "Needs dataset.cache_latents = false.", min=0.0, max=0.5)
     shuffle_captions: bool = opt(False, "Shuffle the comma-separated tags of each caption every time it is "
                                  "drawn (for tag captions; turns off text-embedding caching).")
     keep_tokens: int = opt(0, "With shuffle_captions or tag_dropout: how many leading tags stay in place and "
@@ -120,7 +129,8 @@ class DatasetConfig:
                                  "app's Dataset tab writes .txt; check-dataset and caption take "
                                  "--caption-extension).")
     cache_latents: bool = opt(True, "Encode each image with the VAE once and reuse the latents (much faster, "
-                              "less VRAM). Turn off only to debug.")
+                              "less VRAM). Off: every draw goes through the VAE, which random_crop, color_jitter "
+                              "and hue_jitter need.")
     cache_while_training: bool = opt(True, "With cache_latents: encode each picture the first time a step "
                                      "draws it, so training starts at once (the VAE stays on the card until "
                                      "every latent is cached, about one epoch). Off: encode them all before the "

@@ -399,9 +399,10 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> I
 
 
 def fit_image(
-    image: Image.Image, width: int, height: int, no_upscale: bool = False
+    image: Image.Image, width: int, height: int, no_upscale: bool = False, crop: tuple[int, int] | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize to cover ``width``×``height`` keeping aspect, then center-crop.
+    """Resize to cover ``width``×``height`` keeping aspect, then center-crop (or crop at ``crop``, (top, left)
+    in the resized picture's pixels, for a random crop).
 
     Returns the image and ``(crop_top, crop_left)`` in the resized image's
     pixels: SDXL is conditioned on these offsets. With ``no_upscale`` an
@@ -416,7 +417,7 @@ def fit_image(
             f"image is {src_w}x{src_h}, smaller than the {width}x{height} target, and no_upscale is set"
         )
     new_w, new_h = cover_size(src_w, src_h, width, height)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
+    top, left = crop if crop is not None else ((new_h - height) // 2, (new_w - width) // 2)
     if (new_w, new_h) == image.size:
         return image.crop((left, top, left + width, top + height)), (top, left)
     # Resample only the part of the source that survives the crop (``box``),
@@ -428,6 +429,24 @@ def fit_image(
     sx, sy = new_w / src_w, new_h / src_h
     box = (left / sx, top / sy, (left + width) / sx, (top + height) / sy)
     return image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0), (top, left)
+
+
+def jitter_colour(image: Image.Image, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0,
+                  hue: float = 0.0) -> Image.Image:
+    """An RGB picture with its brightness, contrast and saturation scaled by the factors and its hue turned by
+    ``hue`` of the colour circle (Pillow's enhancers and its HSV mode)."""
+    from PIL import ImageEnhance
+
+    for enhancer, factor in ((ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
+                             (ImageEnhance.Color, saturation)):
+        if factor != 1.0:
+            image = enhancer(image).enhance(factor)
+    if hue:
+        h, s, v = image.convert("HSV").split()
+        shift = round(hue * 256) % 256
+        h = h.point(lambda value: (value + shift) % 256)
+        image = Image.merge("HSV", (h, s, v)).convert("RGB")
+    return image
 
 
 def cover_size(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int]:

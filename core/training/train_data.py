@@ -14,6 +14,7 @@ would, and every process of a multi-GPU run agrees on the order.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class Entry:
     placement: Placement
     latents: Callable[[bool], dict] | None  # flipped -> {"mean", "std"} from the cache, or {"latent": a
     # function giving them, encoding the picture first if the cache lacks it}
-    pixels: Callable[[bool], torch.Tensor] | None  # flipped -> (3, H, W), when latents are not cached
+    pixels: Callable[..., torch.Tensor] | None  # (flipped, PixelAugment | None) -> (3, H, W), latents not cached
     text: Callable[[], dict] | None  # cached text conditioning of the caption ({"hidden"[, "pooled"]}), if cached
     mask: Callable[[bool], torch.Tensor] | None = None  # flipped -> (1, H/8, W/8) loss weights (dataset.masked_loss)
 
@@ -45,21 +46,44 @@ class Entry:
         return self.item.caption
 
 
+@dataclass(frozen=True)
+class PixelAugment:
+    """How one draw of a picture is changed before the VAE (uncached latents only): where the crop sits in the
+    resized picture's slack (fractions; None: the centre) and its colour factors."""
+
+    crop: tuple[float, float] | None = None  # (down, across), each 0..1
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+
+    def placed(self, placement: Placement) -> Placement:
+        """The placement with this draw's crop."""
+        if self.crop is None:
+            return placement
+        slack_h = placement.resized[1] - placement.bucket[1]
+        slack_w = placement.resized[0] - placement.bucket[0]
+        return dataclasses.replace(placement, crop=(round(self.crop[0] * slack_h), round(self.crop[1] * slack_w)))
+
+
 def example(entry: Entry, flipped: bool = False, caption: str | None = None,
-            text: Callable[[], dict] | None = None) -> dict:
-    """The tensors of one example; ``caption``/``text`` replace the entry's own (augmentation)."""
+            text: Callable[[], dict] | None = None, pixels: PixelAugment | None = None) -> dict:
+    """The tensors of one example; ``caption``/``text`` replace the entry's own, ``pixels`` changes the picture
+    (augmentation)."""
+    placement = pixels.placed(entry.placement) if pixels is not None else entry.placement
     out = {"caption": entry.caption if caption is None else caption,
            "path": str(entry.item.path),  # named in the error when a step diverges
-           "time_ids": torch.tensor(entry.placement.time_ids(flipped), dtype=torch.float32)}
+           "time_ids": torch.tensor(placement.time_ids(flipped), dtype=torch.float32)}
     if entry.latents is not None:
         out.update(entry.latents(flipped))
     else:
-        out["pixels"] = entry.pixels(flipped)
+        out["pixels"] = entry.pixels(flipped, pixels)
     text = text if caption is not None else entry.text
     if text is not None:
         out.update(text())
     if entry.mask is not None:
-        out["mask"] = entry.mask(flipped)
+        mask = entry.mask(flipped) if placement is entry.placement else load_loss_mask(entry.item, placement)
+        out["mask"] = mask.flip(-1) if flipped and placement is not entry.placement else mask
     return out
 
 
@@ -73,11 +97,15 @@ class Augment:
     dropout: float = 0.0
     empty_text: Callable[[], dict] | None = None  # cached conditioning of "", for dropped captions
     tag_dropout: float = 0.0
+    random_crop: bool = False
+    color_jitter: float = 0.0
+    hue_jitter: float = 0.0
 
     @classmethod
     def from_config(cls, config: TrainConfig, empty_text=None) -> Augment:
         d = config.dataset
-        return cls(d.random_flip, d.shuffle_captions, d.keep_tokens, d.caption_dropout, empty_text, d.tag_dropout)
+        return cls(d.random_flip, d.shuffle_captions, d.keep_tokens, d.caption_dropout, empty_text, d.tag_dropout,
+                   d.random_crop, d.color_jitter, d.hue_jitter)
 
     def __call__(self, entry: Entry, seed: int | None) -> dict:
         if seed is None:
@@ -86,16 +114,27 @@ class Augment:
         # Always draw all three numbers, so one option never shifts another's randomness.
         flip_draw, drop_draw, shuffle_seed = rng.random(), rng.random(), rng.getrandbits(32)
         flipped = self.flip and flip_draw < 0.5
+        pixels = self.pixel_augment(shuffle_seed ^ 0xC0105)  # its own draws, from the shuffle's seed
         if self.dropout and drop_draw < self.dropout:
-            return example(entry, flipped, "", self.empty_text)
+            return example(entry, flipped, "", self.empty_text, pixels)
         caption = entry.caption
         if self.tag_dropout:  # decided from the shuffle's seed: no other option's draw moves
             caption = drop_tags(caption, self.keep_tokens, self.tag_dropout, shuffle_seed ^ 0x5EED)
         if self.shuffle:
             caption = shuffle_tags(caption, self.keep_tokens, shuffle_seed)
         if caption != entry.caption or self.shuffle:
-            return example(entry, flipped, caption, None)
-        return example(entry, flipped)
+            return example(entry, flipped, caption, None, pixels)
+        return example(entry, flipped, pixels=pixels)
+
+    def pixel_augment(self, seed: int) -> PixelAugment | None:
+        """This draw's crop and colour change (None when those options are off)."""
+        if not (self.random_crop or self.color_jitter or self.hue_jitter):
+            return None
+        rng = random.Random(seed)
+        crop = (rng.random(), rng.random())
+        factors = [1 + rng.uniform(-self.color_jitter, self.color_jitter) for _ in range(3)]
+        hue = rng.uniform(-self.hue_jitter, self.hue_jitter)
+        return PixelAugment(crop if self.random_crop else None, *factors, hue)
 
 
 def drop_tags(caption: str, keep: int, probability: float, seed: int) -> str:
@@ -442,17 +481,36 @@ def _read(cache, kind: str, key: str, name: str) -> torch.Tensor:
     return tensors[name]
 
 
-def _load_pixels(path: Path, placement: Placement, flipped: bool) -> torch.Tensor:
+def _load_pixels(path: Path, placement: Placement, flipped: bool, augment: PixelAugment | None = None
+                 ) -> torch.Tensor:
     from PIL import Image
 
-    from core.data.images import fit_image, load_image, to_tensor
+    from core.data.images import fit_image, jitter_colour, load_image, to_tensor
 
+    crop = None
+    if augment is not None and augment.crop is not None:
+        placement = augment.placed(placement)
+        crop = placement.crop
     # A giant picture is decoded at twice the bucket's size (enough to cover it at any aspect), not in full.
     with load_image(path, max_side=2 * max(placement.bucket)) as image:
-        fitted_image = fit_image(image, *placement.bucket)[0]
+        fitted_image = fit_image(image, *placement.bucket, crop=_scaled_crop(image, placement, crop))[0]
+    if augment is not None:
+        fitted_image = jitter_colour(fitted_image, augment.brightness, augment.contrast, augment.saturation,
+                                     augment.hue)
     if flipped:
         fitted_image = fitted_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(fitted_image)
+
+
+def _scaled_crop(image, placement: Placement, crop: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A crop given in the placement's resized pixels, for this decoded picture (a giant one decoded reduced
+    covers the bucket at a slightly different size): kept within its slack."""
+    if crop is None:
+        return None
+    from core.data.images import cover_size
+
+    width, height = cover_size(*image.size, *placement.bucket)
+    return (max(0, min(crop[0], height - placement.bucket[1])), max(0, min(crop[1], width - placement.bucket[0])))
 
 
 def load_loss_mask(item: ImageItem, placement: Placement) -> torch.Tensor:
@@ -465,7 +523,7 @@ def load_loss_mask(item: ImageItem, placement: Placement) -> torch.Tensor:
     if mask is None:
         return torch.ones(1, height // 8, width // 8)
     with mask:
-        fitted_mask = fit_image(mask, width, height)[0]
+        fitted_mask = fit_image(mask, width, height, crop=_scaled_crop(mask, placement, placement.crop))[0]
     values = torch.from_numpy(np.asarray(fitted_mask, dtype=np.float32) / 255.0)[None, None]
     return torch.nn.functional.interpolate(values, size=(height // 8, width // 8), mode="area")[0]
 
@@ -481,8 +539,8 @@ def _mask_loader(item: ImageItem, placement: Placement) -> Callable[[bool], torc
     return get
 
 
-def _pixels_loader(path: Path, placement: Placement) -> Callable[[bool], torch.Tensor]:
-    return lambda flipped: _load_pixels(path, placement, flipped)
+def _pixels_loader(path: Path, placement: Placement) -> Callable[..., torch.Tensor]:
+    return lambda flipped, augment=None: _load_pixels(path, placement, flipped, augment)
 
 
 def build_dataloader(config: TrainConfig, entries: list[Entry], empty_text=None):
