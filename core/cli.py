@@ -10,6 +10,7 @@
     python -m core check-dataset DIR [--resolution R] [--model MODEL] [--trigger WORD] [--json]
     python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
     python -m core merge --model MODEL --lora FILE --scale S --out MERGED.safetensors [--precision fp16|bf16|fp32]
+    python -m core class-pictures --model MODEL --prompt TEXT --count N --out DIR   (core/cli_class.py)
     python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl|sd3|sd3-medium|flux|flux-schnell|flux2|zimage]
                         [--set section.key=value ...] [--vram GB] [--fit] [--json]
 
@@ -142,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="choose the fastest settings predicted to fit, printed as --set lines")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+    from core.cli_class import add_command
+
+    add_command(sub)
     return parser
 
 

@@ -84,6 +84,13 @@ class DatasetConfig:
     validation_path: str = opt("", "A folder of held-out images for the validation loss, instead of "
                                "validation_split. A subfolder of the dataset is left out of training; "
                                "training images that nearly duplicate one of them are dropped.")
+    regularization_path: str = opt("", "A folder of class pictures (prior preservation, as in DreamBooth: photos of "
+                                   "dogs in general for one particular dog), with their own captions; mixed into "
+                                   "the batches, their loss weighted by train.prior_loss_weight. Empty: none. "
+                                   "python -m core class-pictures draws such a folder with the base model.")
+    regularization_ratio: float = opt(1.0, "Class-picture draws per training draw each epoch (each class picture "
+                                      "is repeated the whole number of times closest to it; at least once).",
+                                      min=0.01, max=100.0)
     repeats: int = opt(1, "How many times each image is seen per epoch (multiplied by the folder's repeats "
                        "from dataset.toml).", min=1, max=10000, group="basic")
     buckets: bool = opt(True, "Aspect-ratio buckets: train each image near its own shape (sizes in steps of "
@@ -209,6 +216,8 @@ class TrainStepsConfig:
                                         "(learning_rate and the schedule are then not used).")
     loraplus_lr_ratio: float = opt(0.0, "LoRA+: the B (up) matrices learn this many times faster than the A "
                                    "matrices (16 in the LoRA+ paper); 0 is off.", min=0.0, max=1000.0)
+    prior_loss_weight: float = opt(1.0, "Weight of the class pictures' loss (dataset.regularization_path) "
+                                   "against the training pictures'.", min=0.0, max=100.0)
     ema: bool = opt(False, "Also keep an exponential moving average of the LoRA weights (in system RAM): it is "
                     "validated and sampled beside the live weights and saved as its own file "
                     "(NAME-ema.safetensors, NAME-ema-stepN.safetensors). Smoother, often better at the end of "

@@ -166,8 +166,8 @@ def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generato
         levels = sample_levels(config, base.family, latents.shape[0], generator, device)
         sigmas = low + (high - low) * shifted(levels, flow_shift(config, base.noise_scheduler, latents.shape,
                                                                  base.family))
-        return flow_loss(unet, base.family, latents, noise, sigmas, cond, t.loss_weighting, input_noise,
-                         config, batch.get("mask")).mean()
+        return _weighted_mean(flow_loss(unet, base.family, latents, noise, sigmas, cond, t.loss_weighting,
+                                        input_noise, config, batch.get("mask")), batch)
     total = base.noise_scheduler.config.num_train_timesteps
     first, last = int(low * total), max(int(high * total), int(low * total) + 1)
     if t.timestep_sampling in ("auto", "uniform"):
@@ -175,9 +175,16 @@ def training_loss(config: TrainConfig, base, unet, text_encoder, batch, generato
     else:
         levels = sample_levels(config, base.family, latents.shape[0], generator, device)
         timesteps = (first + levels * (last - first)).long().clamp(first, last - 1)
-    return diffusion_loss(unet, base.noise_scheduler, latents, None, noise, timesteps, t.min_snr_gamma,
-                          family=base.family, cond=cond, input_noise=input_noise, config=config,
-                          mask=batch.get("mask")).mean()
+    return _weighted_mean(diffusion_loss(unet, base.noise_scheduler, latents, None, noise, timesteps,
+                                         t.min_snr_gamma, family=base.family, cond=cond, input_noise=input_noise,
+                                         config=config, mask=batch.get("mask")), batch)
+
+
+def _weighted_mean(losses: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The batch's loss: each example's weighted by its own weight (train.prior_loss_weight for class
+    pictures), averaged over the examples."""
+    weight = batch.get("weight")
+    return (losses * weight.to(losses.device, losses.dtype)).mean() if weight is not None else losses.mean()
 
 
 # ================================================================ validation

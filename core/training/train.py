@@ -345,6 +345,9 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     from core.training.cache import FeatureCache
 
     train_items, val_items = load_dataset(config, emit)
+    from core.training.regularization import load_regularization
+
+    class_items = load_regularization(config, train_items, emit)
     base = load_base(config, accelerator, emit)
     unet_params, te_params = add_lora(config, base)
     named = {id(p): n for m in (base.denoiser, base.text) for n, p in m.named_parameters()}
@@ -361,7 +364,7 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         prompts = ([*config.sample.prompts, negative]
                    if base.family.flow and text_is_cached(config) else [])  # flow samples use cached prompts
         if text_is_cached(config):
-            captions = [item.caption for item in [*train_items, *val_items]]
+            captions = [item.caption for item in [*train_items, *val_items, *class_items]]
             cache_texts(captions + ([""] if config.dataset.caption_dropout else []) + prompts, base, cache)
         sample_text = {prompt: cached_text(prompt, base, cache) for prompt in prompts}
         base.text.to(accelerator.device if where["text"] == "device" else "cpu")
@@ -370,6 +373,10 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         train_entries = build_entries(config, train_items, base, cache, emit, "training",
                                       flips=config.dataset.random_flip, encoder=encoder)
         val_entries = build_entries(config, val_items, base, cache, emit, "validation", encoder=encoder)
+        class_entries = build_entries(config, class_items, base, cache, emit, "class picture",
+                                      flips=config.dataset.random_flip, encoder=encoder)
+        for entry in class_entries:
+            entry.weight = config.train.prior_loss_weight
         empty_text = (cached_text("", base, cache)
                       if text_is_cached(config) and config.dataset.caption_dropout else None)
     base.vae.to(accelerator.device if where["vae"] == "device" else "cpu")
@@ -387,7 +394,7 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     buckets = bucket_record(config, train_items, [e.placement for e in train_entries])
     report_buckets(config, buckets, emit, accelerator.is_main_process)
     train_te = config.lora.train_text_encoder
-    dataloader = build_dataloader(config, train_entries, empty_text)
+    dataloader = build_dataloader(config, train_entries + class_entries, empty_text)
     place_unet = not config.model.group_offload  # accelerate would move an offloaded UNet to the card whole
     if train_te:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(
@@ -418,7 +425,8 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
         emit(Message("info", f"resumed from step {state.step} ({latest_state(config.run_dir).name})"))
     loop = Loop(config=config, accelerator=accelerator, emit=emit, should_stop=should_stop, base=base, denoiser=unet,
                  text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
-                 state=state, generator=generator, total=total, data_info=data_metadata(train_items, buckets),
+                 state=state, generator=generator, total=total,
+                 data_info={**data_metadata(train_items, buckets), "ss_num_reg_images": len(class_items)},
                  validator=Validator(config, val_entries, base, accelerator.device), encoder=encoder,
                  sample_text=sample_text, ema=ema)
     emit(RunStarted(str(config.run_dir), total, state.step, len(train_items), len(val_items),

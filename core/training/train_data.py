@@ -40,6 +40,7 @@ class Entry:
     pixels: Callable[..., torch.Tensor] | None  # (flipped, PixelAugment | None) -> (3, H, W), latents not cached
     text: Callable[[], dict] | None  # cached text conditioning of the caption ({"hidden"[, "pooled"]}), if cached
     mask: Callable[[bool], torch.Tensor] | None = None  # flipped -> (1, H/8, W/8) loss weights (dataset.masked_loss)
+    weight: float = 1.0  # of its loss: train.prior_loss_weight for a class picture (regularisation)
 
     @property
     def caption(self) -> str:
@@ -73,7 +74,8 @@ def example(entry: Entry, flipped: bool = False, caption: str | None = None,
     placement = pixels.placed(entry.placement) if pixels is not None else entry.placement
     out = {"caption": entry.caption if caption is None else caption,
            "path": str(entry.item.path),  # named in the error when a step diverges
-           "time_ids": torch.tensor(placement.time_ids(flipped), dtype=torch.float32)}
+           "time_ids": torch.tensor(placement.time_ids(flipped), dtype=torch.float32),
+           "weight": torch.tensor(entry.weight, dtype=torch.float32)}
     if entry.latents is not None:
         out.update(entry.latents(flipped))
     else:
