@@ -32,8 +32,8 @@ def add_command(sub) -> None:
 
 
 def cmd_class_pictures(args) -> int:
-    from core.cli import EXIT_BAD_INPUT, EXIT_FAILURE, _fail
     from core.base.models import ModelError
+    from core.cli import EXIT_BAD_INPUT, EXIT_FAILURE, _fail
     from core.events import RunError, jsonl_writer
     from core.terminal import StopSignal
     from core.training.regularization import make_class_pictures
