@@ -322,6 +322,9 @@ class OutputConfig:
                                         "and ComfyUI users expect; fp32 doubles the file).")
     save_diffusers_format: bool = opt(False, "Also write the final LoRA in the diffusers/peft layout "
                                       "(NAME-diffusers/pytorch_lora_weights.safetensors), for diffusers scripts.")
+    tensorboard: bool = opt(False, "Also log the losses, learning rate, validation loss and sample images for "
+                            "TensorBoard (accelerate's tracker; needs pip install tensorboard) in the run's "
+                            "tensorboard folder; the command to open it is printed. The app's own plots stay.")
     save_state: bool = opt(True, "Save optimizer and data-order state with each checkpoint so "
                            "--resume can continue the run.")
     save_every_n_epochs: int = opt(0, "Also save an intermediate LoRA (and the resume state) at the end of every N "

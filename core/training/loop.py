@@ -184,8 +184,11 @@ class Loop:
         if not math.isfinite(loss):
             raise TrainingError(self.divergence(f"the training loss became {loss}"), "diverged")
         remaining = self.total - self.state.step
-        self.emit(Progress(self.state.step, self.total, self.state.epoch, loss,
-                           self.lr_scheduler.get_last_lr()[0], rate, remaining / rate if rate else 0.0))
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.emit(Progress(self.state.step, self.total, self.state.epoch, loss, lr, rate,
+                           remaining / rate if rate else 0.0))
+        if self.config.output.tensorboard:
+            self.accelerator.log({"loss": loss, "learning_rate": lr}, step=self.state.step)
 
     def watch_memory(self, step_seconds: float) -> None:
         """On CUDA, warn once when the card is full or steps slow down as when memory spills to system RAM."""
@@ -233,6 +236,8 @@ class Loop:
                     self.state.best_validation = min(loss, self.state.best_validation)
                 losses[self.state.step] = loss
                 self.emit(ValidationLoss(self.state.step, loss, best, ema))
+                if self.config.output.tensorboard:
+                    acc.log({"validation_loss_ema" if ema else "validation_loss": loss}, step=self.state.step)
             self.write_samples(unet, text_encoder, "ema" if ema else "")
             unet.train()
             if self.config.lora.train_text_encoder:
@@ -265,6 +270,10 @@ class Loop:
                                  clip_skip=self.base.text.clip_skip, chunks=self.base.text.chunks)
             path = self.paths.sample(self.state.step, i, kind)
             save_image(path, image)
+            if c.output.tensorboard:
+                from core.training.tracking import log_image
+
+                log_image(self.accelerator, f"sample {i}{' (EMA)' if kind else ''}", image, self.state.step)
             self.emit(SampleWritten(self.state.step, str(path), prompt, c.sample.seed))
         self.base.vae.to(vae_device)
         text_encoder.to(text_device)

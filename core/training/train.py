@@ -77,9 +77,19 @@ def build_accelerator(config: TrainConfig, emit: Emit):
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         project_dir=str(config.run_dir),
+        **tracking(config),
     )
     set_seed(config.train.seed)
     return accelerator
+
+
+def tracking(config: TrainConfig) -> dict:
+    """accelerate's tracker arguments: TensorBoard in RUN/tensorboard when output.tensorboard is on."""
+    if not config.output.tensorboard:
+        return {}
+    from core.training.tracking import tracker_arguments
+
+    return tracker_arguments(config)
 
 
 def load_dataset(config: TrainConfig, emit: Emit) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -265,6 +275,10 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
             prepare_run_dir(config, resume)
             config_mod.save(config, RunPaths.of(config).config)
         accelerator.wait_for_everyone()
+        if config.output.tensorboard:  # into the run folder, once it is there
+            from core.training.tracking import start_tensorboard
+
+            start_tensorboard(config, accelerator, main_emit)
         result = _train(config, accelerator, main_emit, should_stop, resume)
         base, result.base = result.base, None
         if final_check or not keep_models:
