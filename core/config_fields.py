@@ -172,6 +172,14 @@ class LoraConfig:
                                     "attention projection for SD 1.x/2.x/SDXL (to_q, to_k, to_v, to_out.0), both "
                                     "attention streams for SD 3.5, and every linear layer of the double and "
                                     "single blocks but the modulations for FLUX (as sd-scripts trains them).")
+    blocks: list[str] = opt([], "Train only these blocks (empty: all): SD 1.x/2.x/SDXL IN00-IN11, MID, OUT00-OUT11 "
+                            "(A1111's LoRA Block Weight names; SDXL's attention is in IN04-IN08, MID, OUT00-OUT05); "
+                            "FLUX double.N and single.N, SD 3.5 joint.N, Z-Image layer.N. Ranges (IN04-IN08, "
+                            "single.0-19) and * (double.*) work.")
+    block_ranks: list[str] = opt([], "Rank per block, as BLOCKS=RANK (e.g. OUT00-OUT02=8); alpha scales with it so "
+                                 "alpha/rank stays lora.alpha/lora.rank. Others keep lora.rank.")
+    block_lr_weights: list[str] = opt([], "Learning-rate weight per block, as BLOCKS=WEIGHT (e.g. MID=0.5, "
+                                      "single.*=2); 0 leaves a block untrained. Others: 1.")
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder (stronger concept binding, "
                                    "more VRAM; disables text-embedding caching).")
     text_encoder_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "out_proj"],

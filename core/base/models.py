@@ -27,6 +27,7 @@ class BaseModel:
     denoiser: Any  # the network that trains: the UNet, or the transformer of a flow family
     noise_scheduler: Any  # DDPMScheduler with the model's training schedule (flow families: FlowMatchEuler...)
     prediction_type: str  # "epsilon", "v_prediction" or "flow" (velocity = noise - latents)
+    block_plan: Any = None  # core.lora.blocks.BlockPlan when lora.blocks / block_ranks / block_lr_weights are set
 
     @property
     def variant(self) -> str:

@@ -56,17 +56,21 @@ def conv_targets(denoiser) -> list[str]:
 
 def peft_config(kind: str, rank: int, alpha: float, targets: list[str], *, conv: list[str] = (),
                 conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, lokr_factor: int = -1,
-                init: Any = "gaussian"):
+                init: Any = "gaussian", ranks: dict | None = None, alphas: dict | None = None):
     """The peft config of one model's adapter: ``targets`` (names or suffixes, as peft matches them) at
-    ``rank``/``alpha``, and the convolution paths ``conv`` at ``conv_rank``/``conv_alpha``."""
+    ``rank``/``alpha``, the convolution paths ``conv`` at ``conv_rank``/``conv_alpha``, and module paths of
+    ``ranks``/``alphas`` at their own (per-block ranks, core.lora.blocks)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if kind not in KINDS:
         raise ValueError(f"lora.type = {kind!r}: choose one of {', '.join(KINDS)}")
     conv = list(conv)
-    ranks = {re.escape(path): conv_rank for path in conv}  # peft reads pattern keys as regular expressions
-    alphas = {re.escape(path): conv_alpha for path in conv}
-    common = {"r": rank, "target_modules": list(targets) + conv, "rank_pattern": ranks, "alpha_pattern": alphas}
+    # peft reads pattern keys as regular expressions
+    rank_pattern = {re.escape(path): conv_rank for path in conv} | {re.escape(p): r for p, r in (ranks or {}).items()}
+    alpha_pattern = ({re.escape(path): conv_alpha for path in conv}
+                     | {re.escape(p): a for p, a in (alphas or {}).items()})
+    common = {"r": rank, "target_modules": list(targets) + conv, "rank_pattern": rank_pattern,
+              "alpha_pattern": alpha_pattern}
     if kind in ("lora", "locon"):
         return LoraConfig(lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init, **common)
     if kind == "loha":

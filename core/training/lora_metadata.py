@@ -38,6 +38,9 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
             "ss_min_snr_gamma": config.train.min_snr_gamma,
             "ss_zero_terminal_snr": config.train.zero_terminal_snr,
             "ss_masked_loss": config.dataset.masked_loss,
+            **({"ss_blocks": config.lora.blocks, "ss_block_dims": config.lora.block_ranks,
+                "ss_block_lr_weights": config.lora.block_lr_weights}
+               if config.lora.blocks or config.lora.block_ranks or config.lora.block_lr_weights else {}),
             "ss_prior_loss_weight": config.train.prior_loss_weight,
             "ss_max_token_length": config.dataset.max_token_length,
             "ss_random_crop": config.dataset.random_crop,

@@ -29,21 +29,26 @@ from core.events import Emit, Message
 SELF_SCHEDULED = ("schedulefree_adamw",)
 
 
-def param_groups(config: TrainConfig, denoiser_params: list, text_params: list, named: dict) -> list[dict]:
+def param_groups(config: TrainConfig, denoiser_params: list, text_params: list, named: dict,
+                 block_weight=None) -> list[dict]:
     """The optimizer's groups: the denoiser's and the text encoders' LoRA (their own learning rate), each split
-    into A and B matrices with LoRA+ (``named``: parameter -> its name)."""
+    into A and B matrices with LoRA+ (``named``: parameter -> its name), the denoiser's also by learning-rate
+    weight per block (``block_weight``: parameter name -> weight, lora.block_lr_weights)."""
     lr, ratio = config.train.learning_rate, config.train.loraplus_lr_ratio
     text_lr = config.lora.text_encoder_learning_rate or lr
     groups = []
-    for params, base_lr in ((denoiser_params, lr), (text_params, text_lr)):
-        if not params:
-            continue
-        if not ratio:
-            groups.append({"params": params, "lr": base_lr})
-            continue
-        ups = [p for p in params if ".lora_B." in named.get(id(p), "")]
-        downs = [p for p in params if ".lora_B." not in named.get(id(p), "")]
-        groups += [{"params": downs, "lr": base_lr}, {"params": ups, "lr": base_lr * ratio}]
+    parts = [(denoiser_params, lr, block_weight), (text_params, text_lr, None)]
+    for params, base_lr, weight_of in parts:
+        by_weight: dict[float, list] = {}
+        for p in params:
+            by_weight.setdefault(weight_of(named.get(id(p), "")) if weight_of else 1.0, []).append(p)
+        for weight, members in by_weight.items():
+            if not ratio:
+                groups.append({"params": members, "lr": base_lr * weight})
+                continue
+            ups = [p for p in members if ".lora_B." in named.get(id(p), "")]
+            downs = [p for p in members if ".lora_B." not in named.get(id(p), "")]
+            groups += [{"params": downs, "lr": base_lr * weight}, {"params": ups, "lr": base_lr * weight * ratio}]
     return [g for g in groups if g["params"]]
 
 

@@ -195,11 +195,12 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
     """Add peft LoRA adapters; return the trainable (fp32) parameters of the UNet and the text encoder."""
     from core.lora.adapters import peft_config as adapter_config
 
-    def attach(model, targets, what, key, conv=()):
+    def attach(model, targets, what, key, conv=(), plan=None):
         lora = config.lora
         peft_config = adapter_config(lora.type, lora.rank, lora.alpha, list(targets), conv=conv,
                                      conv_rank=lora.conv_rank, conv_alpha=lora.conv_alpha, dropout=lora.dropout,
-                                     lokr_factor=lora.lokr_factor)
+                                     lokr_factor=lora.lokr_factor, ranks=plan.ranks if plan else None,
+                                     alphas=plan.alphas if plan else None)
         try:
             if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
                 model.add_adapter(peft_config)
@@ -230,7 +231,17 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
         if not conv:
             raise ConfigError(f"lora.conv_rank = {config.lora.conv_rank}: {base.family.label}'s {what} has no "
                               f"convolution layers to train; set it to 0")
-    unet_params = attach(base.denoiser, targets, what, "lora.target_modules", conv)
+    lora = config.lora
+    if lora.blocks or lora.block_ranks or lora.block_lr_weights:
+        from core.lora.blocks import BlockError, plan_blocks
+
+        try:
+            base.block_plan = plan_blocks(base.family, base.denoiser, list(targets) + list(conv), lora)
+        except BlockError as exc:
+            raise ConfigError(str(exc)) from None
+        conv = [p for p in base.block_plan.paths if p in set(conv)]
+        targets = [p for p in base.block_plan.paths if p not in set(conv)]
+    unet_params = attach(base.denoiser, targets, what, "lora.target_modules", conv, base.block_plan)
     te_params = []
     if config.lora.train_text_encoder and not base.text.trainable():
         raise ConfigError(f"lora.train_text_encoder = true: {base.family.label}'s text encoder gets no LoRA (the "
@@ -365,7 +376,11 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     base = load_base(config, accelerator, emit)
     unet_params, te_params = add_lora(config, base)
     named = {id(p): n for m in (base.denoiser, base.text) for n, p in m.named_parameters()}
-    optimizer = build_optimizer(config, param_groups(config, unet_params, te_params, named), emit)
+    weights = base.block_plan.lr_weights if base.block_plan else {}
+    from core.lora.blocks import lr_weight
+
+    weight = (lambda name: lr_weight(base.family, base.denoiser.config, name, weights)) if weights else None  # noqa: E731
+    optimizer = build_optimizer(config, param_groups(config, unet_params, te_params, named, weight), emit)
     cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
     encoder = (LatentEncoder(config, base, cache, accelerator.device, emit)
                if config.dataset.cache_latents and config.dataset.cache_while_training else None)
