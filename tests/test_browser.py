@@ -162,6 +162,7 @@ def test_whole_flow(page, server, tmp_path):
     _fill(page, "#train-sample-prompts", "a photo of sks")
     _fill(page, "#train-sample-every-n-steps", 3)
     page.click("#train-advanced button, #train-advanced .label-wrap >> nth=0")
+    page.click("#train-advanced-samples-validation button, #train-advanced-samples-validation .label-wrap >> nth=0")
     _fill(page, "#train-sample-steps", 2)
     # The memory line follows the settings: an 8 GB card holds the tiny model; Fit my GPU keeps it fitting.
     _fill(page, "#train-vram", 8)
