@@ -27,10 +27,8 @@ import sys
 import traceback
 
 from core.base.tiny import TINY_FAMILIES
-from core.terminal import StopSignal, TerminalProgress, is_main_process
-
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
+from core.terminal import EXIT_BAD_INPUT, EXIT_FAILURE, StopSignal, TerminalProgress, is_main_process
+from core.terminal import fail as _fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,19 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("check-dataset", help="report unreadable, small, blurry, duplicate and badly captioned images")
-    p.add_argument("dir", help="dataset folder (images with same-name .txt captions)")
-    p.add_argument("--resolution", type=int, default=512, help="training resolution (default 512)")
-    p.add_argument("--model", default="",
-                   help="diffusers model folder: its CLIP tokenizer checks caption length (else not checked)")
-    p.add_argument("--trigger", default="", help="warn about captions that lack this trigger word")
-    p.add_argument("--caption-extension", default=CAPTION_EXTENSION,
-                   help="extension of the caption files (default .txt; the training config's "
-                        "dataset.caption_extension)")
-    p.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
-                   help="caption tokens that count (the training config's dataset.max_token_length; default 75)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON (version 1 layout)")
-    p.set_defaults(func=cmd_check_dataset)
+    _add_check_dataset_command(sub, CAPTION_EXTENSION)
 
     p = sub.add_parser("plan", help="estimate a run's peak GPU memory; with --fit, pick settings that fit the card")
     p.add_argument("config", nargs="?", default="", help="a config .toml (default: the default settings)")
@@ -147,6 +133,22 @@ def _parser() -> argparse.ArgumentParser:
 
     add_command(sub)
     return parser
+
+
+def _add_check_dataset_command(sub, caption_extension: str) -> None:
+    p = sub.add_parser("check-dataset", help="report unreadable, small, blurry, duplicate and badly captioned images")
+    p.add_argument("dir", help="dataset folder (images with same-name .txt captions)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (default 512)")
+    p.add_argument("--model", default="",
+                   help="diffusers model folder: its CLIP tokenizer checks caption length (else not checked)")
+    p.add_argument("--trigger", default="", help="warn about captions that lack this trigger word")
+    p.add_argument("--caption-extension", default=caption_extension,
+                   help="extension of the caption files (default .txt; the training config's "
+                        "dataset.caption_extension)")
+    p.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
+                   help="caption tokens that count (the training config's dataset.max_token_length; default 75)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (version 1 layout)")
+    p.set_defaults(func=cmd_check_dataset)
 
 
 def _add_caption_command(sub) -> None:
@@ -483,11 +485,6 @@ def cmd_merge(args) -> int:
 
 
 # ================================================================= helpers
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
 
 
 def _quiet_environment() -> None:

@@ -33,9 +33,9 @@ def add_command(sub) -> None:
 
 def cmd_class_pictures(args) -> int:
     from core.base.models import ModelError
-    from core.cli import EXIT_BAD_INPUT, EXIT_FAILURE, _fail
     from core.events import RunError, jsonl_writer
-    from core.terminal import StopSignal
+    from core.terminal import EXIT_BAD_INPUT, EXIT_FAILURE, StopSignal
+    from core.terminal import fail as _fail
     from core.training.regularization import make_class_pictures
 
     writer = jsonl_writer(args.events) if args.events else None

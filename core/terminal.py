@@ -8,6 +8,16 @@ import signal
 import sys
 import time
 
+# Exit codes of ``python -m core``: bad input (fix the command or the config), or a failure during the run.
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int) -> int:
+    """One line on stderr saying what went wrong and what to do; returns the exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
 
 def is_main_process() -> bool:
     """False in the other processes of a multi-GPU run (accelerate sets RANK): only the first one prints."""

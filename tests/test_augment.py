@@ -11,12 +11,13 @@ from core.data.buckets import fitted
 from core.data.dataset import ImageItem
 from core.data.images import jitter_colour
 from core.training import train
-from core.training.train_data import Augment, Entry, PixelAugment, _pixels_loader
+from core.training.pictures import PixelAugment, pixels_loader
+from core.training.train_data import Augment, Entry
 
 
 def _entry(path, size, bucket):
     placement = fitted(size, bucket)
-    return Entry(ImageItem(path, "a photo", None, size, 0, 1), placement, None, _pixels_loader(path, placement), None)
+    return Entry(ImageItem(path, "a photo", None, size, 0, 1), placement, None, pixels_loader(path, placement), None)
 
 
 def test_random_crops_move_the_picture_and_its_sdxl_crop_ids(tmp_path):

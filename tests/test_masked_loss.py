@@ -12,7 +12,8 @@ from PIL import Image
 from core.data.dataset import ImageItem, scan_dataset
 from core.data.health import check_dataset, format_report
 from core.training import loss_options, train
-from core.training.train_data import load_loss_mask, placements
+from core.training.pictures import load_loss_mask
+from core.training.train_data import placements
 from tests.conftest import EventLog, tiny_config, write_dataset
 
 

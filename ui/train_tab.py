@@ -417,6 +417,21 @@ def model_picked(model, current):
 # ------------------------------------------------------------------ layout
 
 
+def advanced_widgets(defaults: dict, settings: AppSettings) -> dict[str, Any]:
+    """The Advanced fold: one fold per topic (advanced_groups), each with its fields' widgets."""
+    import gradio as gr
+
+    from ui.widgets import field_component
+
+    components = {}
+    with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+        for topic, keys in advanced_groups():
+            with gr.Accordion(topic, open=False, elem_id=group_id(topic)):
+                for key in keys:
+                    components[key] = field_component(key, defaults[key], settings)
+    return components
+
+
 def build(settings: AppSettings, manager: RunManager):
     """The Train tab's components and events (called inside a gr.Blocks)."""
     import gradio as gr
@@ -438,11 +453,7 @@ def build(settings: AppSettings, manager: RunManager):
                 components[key] = field_component(key, defaults[key], settings)
             readout = gr.Markdown(elem_id="train-steps-readout")
             vram, fit_button, memory = memory_panel.memory_widgets()
-            with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
-                for topic, keys in advanced_groups():
-                    with gr.Accordion(topic, open=False, elem_id=group_id(topic)):
-                        for key in keys:
-                            components[key] = field_component(key, defaults[key], settings)
+            components.update(advanced_widgets(defaults, settings))
         with gr.Column(scale=3):
             with gr.Row():
                 start = gr.Button("Train", variant="primary", elem_id="train-start")

@@ -18,8 +18,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.data.images import ImageError, dhash, is_image_extension, is_mask_file, load_image, looks_like_picture
+from core.data.images import ImageError, dhash, is_image_extension, load_image, looks_like_picture
 from core.data.manifest import MANIFEST_NAME, Manifest, load_manifest
+from core.data.masks import is_mask_file
 
 # Files that are expected beside images and are not images themselves.
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md", ".npz", ".safetensors"}

@@ -303,7 +303,7 @@ def _caption_checks(caption_path: Path, rel: str, tokenizer, specials: int, trig
 
 def _mask_check(path: Path, rel: str, size: tuple[int, int], flag) -> dict | None:
     """The picture's loss mask as a report entry (how much of the picture it masks out), or None."""
-    from core.data.images import load_mask, mask_path
+    from core.data.masks import load_mask, mask_path
 
     try:
         mask = load_mask(path, size)
