@@ -91,6 +91,17 @@ def dataset(tmp_path) -> Path:
     return write_dataset(tmp_path / "pictures")
 
 
+def cli(*args) -> int:
+    """``python -m core ARGS`` in this process (for refusals: the same code without another interpreter
+    start); the exit code, argparse's own refusals included."""
+    from core.cli import main
+
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code)
+
+
 def tiny_config(model: Path, dataset: Path, out: Path, name: str = "test-lora", **overrides):
     """A config for a fast run on the tiny model; overrides are {"section.key": value}."""
     from core import config

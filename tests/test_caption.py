@@ -225,7 +225,7 @@ def test_two_images_that_would_share_a_caption_file_are_not_both_captioned(tmp_p
 # the command line
 
 
-def test_caption_command_writes_captions_and_events(tmp_path, tiny_blip):
+def test_caption_command_writes_captions_and_events(tmp_path, tiny_blip, capsys):
     folder = tmp_path / "pics"
     folder.mkdir()
     for i, name in enumerate(["a.png", "b.png", ODD_NAME]):
@@ -244,21 +244,25 @@ def test_caption_command_writes_captions_and_events(tmp_path, tiny_blip):
     assert sorted(events[-1]["written"]) == sorted(["a.png", "b.png", ODD_NAME])
     assert events[-1]["stopped"] is False
 
-    missing = core_cmd("caption", folder, "--model", tmp_path / "no-such-model", "--overwrite",
-                       "--events", events_file)
-    assert missing.returncode == 2
-    assert missing.stderr.count("error:") == 1 and missing.stderr.startswith("error: ")
-    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    from core.cli import main  # the refusal in this process: the same code, without another interpreter start
+
+    capsys.readouterr()
+    assert main(["caption", str(folder), "--model", str(tmp_path / "no-such-model"), "--overwrite", "--events",
+                 str(events_file)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("error:") == 1 and stderr.startswith("error: ")
+    assert len(stderr.strip().splitlines()) == 1, stderr
     events, _ = read_events(events_file)
     assert events[-1]["type"] == "error" and "no-such-model" in events[-1]["message"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM kills at once on Windows")
 def test_tiny_captioner_command_and_sigterm_stops_after_the_batch(tmp_path):
-    made = core_cmd("tiny-captioner", tmp_path / "tiny")
-    assert made.returncode == 0, made.stderr
+    from core.cli import main
+
+    assert main(["tiny-captioner", str(tmp_path / "tiny")]) == 0
     assert (tmp_path / "tiny" / "model.safetensors").is_file()
-    assert core_cmd("tiny-captioner", tmp_path / "tiny").returncode == 2
+    assert main(["tiny-captioner", str(tmp_path / "tiny")]) == 2
 
     folder = tmp_path / "pics"
     folder.mkdir()

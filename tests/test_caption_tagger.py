@@ -248,7 +248,7 @@ def test_bad_tagger_options_fail_before_any_work(tmp_path, tiny_wd):
     assert not list(folder.glob("*.txt"))
 
 
-def test_caption_command_with_the_tagger(tmp_path):
+def test_caption_command_with_the_tagger(tmp_path, capsys):
     made = core_cmd("tiny-captioner", tmp_path / "wd", "--kind", "wd14")
     assert made.returncode == 0, made.stderr
     assert "--captioner wd14" in made.stdout
@@ -263,15 +263,19 @@ def test_caption_command_with_the_tagger(tmp_path):
         tags = tags_of((folder / f"img{i}.txt").read_text(encoding="utf-8"))
         assert tags[0] == "sks" and "star \\(symbol\\)" in tags and not {"long hair", "^_^"} & set(tags)
 
-    unknown = core_cmd("caption", folder, "--captioner", "deepdanbooru", "--overwrite")
-    assert unknown.returncode == 2
-    assert unknown.stderr.strip() == ("error: unknown captioner 'deepdanbooru'; choose one of: "
-                                      "blip, florence2, wd14")
-    misplaced = core_cmd("caption", folder, "--threshold", "0.5", "--overwrite")
-    assert misplaced.returncode == 2 and "--threshold" in misplaced.stderr and "wd14" in misplaced.stderr
+    from tests.conftest import cli
+
+    capsys.readouterr()
+    assert cli("caption", folder, "--captioner", "deepdanbooru", "--overwrite") == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown captioner 'deepdanbooru'; choose one of: "
+                                               "blip, florence2, wd14")
+    assert cli("caption", folder, "--threshold", "0.5", "--overwrite") == 2
+    misplaced = capsys.readouterr().err
+    assert "--threshold" in misplaced and "wd14" in misplaced
 
 
-def test_captioning_a_dataset_reaches_its_concept_folders_and_honours_the_caption_extension(tmp_path, tiny_wd):
+def test_captioning_a_dataset_reaches_its_concept_folders_and_honours_the_caption_extension(tmp_path, tiny_wd,
+                                                                                           capsys):
     """Training reads subfolders, so the captioner captions them too; the health report and the training
     scan then find every caption under the same extension."""
     from core.data.dataset import scan_dataset
@@ -291,5 +295,8 @@ def test_captioning_a_dataset_reaches_its_concept_folders_and_honours_the_captio
     health = check_dataset(data, resolution=64, caption_extension=".caption")
     assert health.summary["captioned"] == 2 and health.summary["uncaptioned"] == 0
     assert check_dataset(data, resolution=64).summary["captioned"] == 0  # .txt: none
-    done = core_cmd("caption", data, "--captioner", "wd14", "--model", tiny_wd, "--caption-extension", "txt")
-    assert done.returncode == 2 and "--caption-extension 'txt'" in done.stderr
+    from tests.conftest import cli
+
+    capsys.readouterr()
+    assert cli("caption", data, "--captioner", "wd14", "--model", tiny_wd, "--caption-extension", "txt") == 2
+    assert "--caption-extension 'txt'" in capsys.readouterr().err

@@ -24,7 +24,8 @@ def test_training_on_the_odd_corpus_uses_only_the_valid_images(tiny_model, tmp_p
         "dataset.resolution": 128, "dataset.bucket_step": 32, "dataset.random_flip": True,
         "dataset.shuffle_captions": True, "dataset.keep_tokens": 1, "dataset.caption_dropout": 0.2,
         "dataset.validation_split": 0.2, "train.batch_size": 2, "train.max_train_epochs": 1,
-        "sample.prompts": [], "output.save_every_n_steps": 0, "output.save_state": False})
+        "sample.prompts": [], "sample.every_n_steps": 0,  # validated once, at the end
+        "output.save_every_n_steps": 0, "output.save_state": False})
     log = EventLog()
     result = train.run(cfg, log)
     assert result.status == "completed"
