@@ -246,6 +246,14 @@ TOGGLES = [  # (label, settings changed from bf16 + checkpointing + cached laten
     ("adapter locon (conv rank 8)", {"lora.type": "locon", "lora.conv_rank": 8, "lora.conv_alpha": 4.0}),
     ("adapter loha", {"lora.type": "loha"}),
     ("adapter lokr", {"lora.type": "lokr"}),
+    ("adapter lora + dora", {"lora.dora": True}),
+    ("masked loss", {"dataset.masked_loss": True}),
+    ("ema (every step)", {"train.ema": True}),
+    ("long captions (225 tokens)", {"dataset.max_token_length": 225}),
+    ("random crop + colour jitter (latents not cached)", {"dataset.cache_latents": False, "dataset.random_crop": True,
+                                                          "dataset.color_jitter": 0.1}),
+    ("huber loss, debiased, pyramid noise", {"train.loss_type": "huber", "train.debiased_estimation": True,
+                                             "train.multires_noise_iterations": 6}),
 ]
 
 

@@ -5,8 +5,9 @@ Not part of the test run (it needs a ComfyUI checkout, which CI does not have):
     pip install einops
     python benchmarks/comfyui_check.py --comfyui /path/to/ComfyUI
 
-For each kind, a tiny SD 1.x, SDXL and FLUX.1 model gets a non-zero adapter
-(peft, as training makes it); the file the app writes is read by ComfyUI's
+For each kind (DoRA: LoRA with the app's input-axis magnitudes), a tiny SD 1.x,
+SDXL and FLUX.1 model gets a non-zero adapter (peft, as training makes it); the
+file the app writes is read by ComfyUI's
 ``comfy.lora.load_lora`` and applied by its ``calculate_weight`` to the base
 weights, and the result is compared with the weights peft's own merge gives.
 SD names are mapped one to one (the name rules are tested in
@@ -96,8 +97,12 @@ def prepare_sd(kind: str, family: str, shape: str):
     pipe = build_pipeline(family=shape)
     unet = pipe.unet
     torch.manual_seed(3)
-    unet.add_adapter(peft_config(kind, 4, 16.0, ["to_q", "to_k", "to_v", "to_out.0"], conv=conv_targets(unet),
-                                 conv_rank=2, conv_alpha=4.0, init=False))
+    dora = kind == "dora"
+    conv = [] if dora else conv_targets(unet)
+    unet.add_adapter(peft_config("lora" if dora else kind, 4, 16.0, ["to_q", "to_k", "to_v", "to_out.0"],
+                                 conv=conv, conv_rank=2, conv_alpha=4.0, init=False))
+    if dora:
+        _add_magnitudes(unet)
     tensors = kohya_state_dict(unet, None, family=family, dtype=torch.float32)
     fam = get_family(family)
     index = module_index(unet, [getattr(pipe, n) for n in fam.text_encoders], fam)
@@ -106,8 +111,26 @@ def prepare_sd(kind: str, family: str, shape: str):
     weights = {}
     for name in names:
         base = index[name].weight.detach().float().clone()
-        weights[name] = (base, base + layers[id(index[name])].get_delta_weight("default").float())
+        layer = layers[id(index[name])]
+        weights[name] = (base, _effective(layer) if dora else base + layer.get_delta_weight("default").float())
     return tensors, {n: n for n in names}, weights
+
+
+def _add_magnitudes(model) -> None:
+    """DoRA on every LoRA layer, its magnitudes moved away from the weights' norms (as training moves them)."""
+    from core.lora.dora import add_dora
+
+    for magnitude in add_dora(model):
+        with torch.no_grad():
+            magnitude.mul_(1 + 0.5 * torch.rand_like(magnitude))
+
+
+def _effective(layer) -> torch.Tensor:
+    """The weight a linear layer applies, read from its outputs (W x + b for x the unit vectors)."""
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        out = layer(torch.eye(base.in_features))
+    return (out - (base.bias if base.bias is not None else 0)).T.float()
 
 
 def prepare_flux(kind: str):
@@ -120,9 +143,18 @@ def prepare_flux(kind: str):
     transformer = build_flux().transformer
     base_weights = original_state_dict(transformer, "flux", torch.float32)
     torch.manual_seed(3)
-    transformer.add_adapter(peft_config(kind, 4, 16.0, ["to_q", "to_k", "to_v", "proj_mlp"], init=False))
+    dora = kind == "dora"
+    transformer.add_adapter(peft_config("lora" if dora else kind, 4, 16.0, ["to_q", "to_k", "to_v", "proj_mlp"],
+                                        init=False))
+    if dora:
+        _add_magnitudes(transformer)
     tensors = kohya_state_dict(transformer, None, family="flux", dtype=torch.float32)
-    transformer.fuse_lora(lora_scale=1.0)
+    if dora:
+        from core.lora.dora import fuse
+
+        fuse(transformer, "default")  # W' per layer, as the SD cases read it from the layers' outputs
+    else:
+        transformer.fuse_lora(lora_scale=1.0)
     transformer.unload_lora()  # the fused weights stay
     want = original_state_dict(transformer, "flux", torch.float32)
     config = transformer.config
@@ -149,7 +181,7 @@ def main() -> None:
     parser.add_argument("--comfyui", required=True, help="a ComfyUI checkout (the folder holding comfy/)")
     args = parser.parse_args()
     cases = []  # every model is built before ComfyUI (and its import stand-ins) is imported
-    for kind in ("locon", "loha", "lokr"):
+    for kind in ("locon", "loha", "lokr", "dora"):
         for family, shape in (("sd1", "sd15"), ("sdxl", "sdxl")):
             cases.append((kind, family, *prepare_sd(kind, family, shape)))
         if kind != "locon":

@@ -95,6 +95,16 @@ def _check_adapter(config) -> None:
             raise ConfigError(f"output.save_diffusers_format = true cannot hold a {lora.type} (diffusers' LoRA "
                               f"format knows only LoRA); set it to false: the .safetensors file in the LyCORIS "
                               f"layout is what A1111, Forge and ComfyUI read")
+    if lora.dora:
+        if lora.type in ("loha", "lokr"):
+            raise ConfigError(f"lora.dora = true with lora.type = {lora.type!r}: DoRA is trained on lora and locon "
+                              f"here; set lora.dora to false or choose lora.type = 'lora'")
+        if config.model.group_offload:
+            raise ConfigError("lora.dora = true needs each layer's whole weight at every step, which "
+                              "model.group_offload keeps in system RAM; turn one of them off")
+        if config.output.save_diffusers_format:
+            raise ConfigError("output.save_diffusers_format = true cannot hold DoRA's input-axis scales (diffusers' "
+                              "format has peft's output-axis DoRA only); set it to false")
     if lora.type == "lokr" and lora.lokr_factor in (0, 1):
         raise ConfigError(f"lora.lokr_factor = {lora.lokr_factor} splits nothing; use -1 (automatic) or 2 and up")
 

@@ -159,6 +159,9 @@ class LoraConfig:
                          "rank 4-16, alpha 1-4 typical). lokr: a Kronecker product (small files; lora.lokr_factor). "
                          "loha and lokr are written in the LyCORIS layout (hada_*, lokr_* keys) that A1111, Forge "
                          "and ComfyUI load natively.")
+    dora: bool = opt(False, "DoRA (weight-decomposed LoRA): also train a magnitude per input column of each "
+                     "layer; often closer to full fine-tuning at the same rank, each step somewhat slower. For "
+                     "lora and locon; the file's dora_scale keys are what A1111, Forge and ComfyUI read.")
     conv_rank: int = opt(0, "Rank of the convolution layers (ResNet blocks, down/upsamplers) of the SD 1.x/2.x/SDXL "
                          "UNet; 0: they are not trained. lora.type = locon needs it above 0 (4-16 typical); loha "
                          "and lokr train them too when it is above 0.", min=0, max=1024)

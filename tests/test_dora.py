@@ -39,8 +39,9 @@ def test_the_file_is_the_weight_every_reader_computes():
     column. The layer's own output must be W' x + b."""
     pipe = adapted()
     tensors = kohya_state_dict(pipe.unet, None, family="sd1", dtype=torch.float32)
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    path = next(p for p, _ in pipe.unet.named_modules() if p.endswith("attn1.to_q"))
+    name = "lora_unet_" + path.replace(".", "_")
+    layer = pipe.unet.get_submodule(path)
     base = layer.get_base_layer()
     scale = tensors[f"{name}.dora_scale"]
     assert scale.shape == (1, base.in_features)
@@ -97,6 +98,11 @@ def test_a_dora_locon_trains_verifies_and_resumes(tiny_model, tmp_path):
     scales = [k for k in tensors if k.endswith(".dora_scale")]
     assert any("attn1_to_q" in k for k in scales) and any("resnets_0_conv1" in k for k in scales)
     assert next(tensors[k] for k in scales if "conv1" in k).dim() == 4
+    from safetensors import safe_open
+
+    with safe_open(str(straight.lora_path), "pt") as f:
+        args = f.metadata()["ss_network_args"]
+    assert '"dora_wd": "True"' in args and '"algo": "locon"' in args
     cfg = tiny_config(tiny_model, data, tmp_path / "o", name="stopped", **overrides)
 
     def touch_stop(event):

@@ -38,7 +38,7 @@ KINDS = ("lora", "locon", "loha", "lokr")
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 # Parts of a module in a file with a meaning no reader here applies: refused rather than dropped.
-UNSUPPORTED_KEYS = ("hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "dora_scale", "oft_blocks", "oft_diag",
+UNSUPPORTED_KEYS = ("hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "oft_blocks", "oft_diag",
                     "diff", "diff_b", "w_norm", "b_norm", "a1.weight", "a2.weight", "b1.weight", "b2.weight")
 SUFFIXES = tuple("." + k for k in LOHA_KEYS + LOKR_KEYS)
 
@@ -112,10 +112,14 @@ def layer_tensors(layer, adapter: str) -> dict[str, torch.Tensor]:
 
 
 def kind_of(parts: dict[str, torch.Tensor]) -> str:
-    """"lora", "loha" or "lokr" for one module's tensors (suffix -> tensor); ValueError for other kinds."""
+    """"lora", "dora", "loha" or "lokr" for one module's tensors (suffix -> tensor); ValueError for others."""
     odd = sorted(k for k in parts if k in UNSUPPORTED_KEYS)
+    if "dora_scale" in parts and "lora_down.weight" not in parts:
+        odd.append("dora_scale on a LoHa/LoKr")
     if odd:
         raise ValueError(f"holds {', '.join(odd)}: a LyCORIS variant this app cannot apply")
+    if "dora_scale" in parts:
+        return "dora"
     if "hada_w1_a" in parts:
         return "loha"
     if any(k.startswith("lokr_") for k in parts):
@@ -137,7 +141,7 @@ def rank_of(parts: dict[str, torch.Tensor]) -> int | None:
 
 def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """A file's tensors per module name: ``{module: {suffix: tensor}}`` (suffix without the leading dot)."""
-    known = ("lora_down.weight", "lora_up.weight", "alpha", *LOHA_KEYS, *LOKR_KEYS, *UNSUPPORTED_KEYS)
+    known = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale", *LOHA_KEYS, *LOKR_KEYS, *UNSUPPORTED_KEYS)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         for suffix in known:
@@ -149,7 +153,7 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 
 def is_lycoris(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether a file holds LoHa / LoKr (or other LyCORIS-only) modules, which diffusers' loaders drop."""
-    return any(key.rsplit(".", 1)[-1] in LOHA_KEYS + LOKR_KEYS or key.endswith(
+    return any(key.rsplit(".", 1)[-1] in (*LOHA_KEYS, *LOKR_KEYS, "dora_scale") or key.endswith(
         tuple("." + k for k in UNSUPPORTED_KEYS)) for key in tensors)
 
 
@@ -160,7 +164,9 @@ def delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     alpha = parts.get("alpha")
     scale = float(alpha) / rank if alpha is not None and rank else 1.0
     f = {k: v.float() for k, v in parts.items()}
-    if kind == "lora":
+    if kind == "dora" and f["dora_scale"].numel() != shape[1]:
+        raise ValueError(f"dora_scale has {f['dora_scale'].numel()} values for a layer of {shape[1]} inputs")
+    if kind in ("lora", "dora"):  # (a DoRA's magnitude acts on the whole weight: see core.lora.dora)
         # a LoCon convolution keeps its kernel in down (rank, in, k, k) and a 1x1 up (out, rank, 1, 1)
         return (f["lora_up.weight"].flatten(1) @ f["lora_down.weight"].flatten(1)).reshape(shape) * scale
     if kind == "loha":
@@ -186,14 +192,30 @@ def inject(model, modules: dict[str, dict[str, torch.Tensor]], adapter: str) -> 
         by_kind.setdefault(kind_of(parts), []).append(path)
     for kind, paths in by_kind.items():
         if kind == "lora":
-            raise ValueError("inject is for LoHa / LoKr modules; LoRA modules load through diffusers")
-        config = peft_config(kind, 1, 1.0, [re.escape(p) for p in paths], init=True)
+            raise ValueError("inject is for LoHa / LoKr / DoRA modules; LoRA modules load through diffusers")
+        ranks = {p: rank_of(modules[p]) for p in paths} if kind == "dora" else None
+        alphas = ({p: float(modules[p].get("alpha", rank_of(modules[p]))) for p in paths} if kind == "dora"
+                  else None)
+        config = peft_config("lora" if kind == "dora" else kind, 1, 1.0, [re.escape(p) for p in paths], init=True,
+                             ranks=ranks, alphas=alphas)
         config.target_modules = "|".join(f"({re.escape(p)})" for p in paths)  # exact paths, as one pattern
         if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):
             model.add_adapter(config, adapter_name=adapter)
         else:  # a text encoder; diffusers' set_adapters finds the adapter through peft_config
             inject_adapter_in_model(config, model, adapter_name=adapter)
             model.peft_config = {**(getattr(model, "peft_config", None) or {}), adapter: config}
+        if kind == "dora":
+            from core.lora.dora import add_dora
+
+            for path in paths:
+                layer = model.get_submodule(path)
+                with torch.no_grad():
+                    layer.lora_A[adapter].weight.copy_(modules[path]["lora_down.weight"].reshape(
+                        layer.lora_A[adapter].weight.shape))
+                    layer.lora_B[adapter].weight.copy_(modules[path]["lora_up.weight"].reshape(
+                        layer.lora_B[adapter].weight.shape))
+            add_dora(model, adapter, {p: modules[p]["dora_scale"] for p in paths})
+            continue
         for path in paths:
             _fill(model.get_submodule(path), modules[path], adapter)
 

@@ -206,6 +206,10 @@ def _export_model(model, prefix: str, adapter_name: str, dtype: torch.dtype, wha
         # alpha stays float32 whatever `dtype` is: it is one number, and fp16
         # would round values such as 0.3, changing the scale it encodes.
         out[f"{name}.alpha"] = torch.tensor(_module_alpha(layer, adapter_name), dtype=torch.float32)
+        if isinstance(getattr(layer, "lora_dora_scale", None), torch.nn.ParameterDict):
+            from core.lora.dora import scale_tensor
+
+            out[f"{name}.dora_scale"] = cpu_copy(scale_tensor(layer, adapter_name), dtype)
     return out
 
 
@@ -245,8 +249,10 @@ def kohya_state_dict(
         raise ValueError(f"dtype must be one of float16, bfloat16, float32; got {dtype}")
     kind = get_family(family)
     from core.lora.adapters import LYCORIS_FLOW_PREFIX, lycoris_layers
+    from core.lora.dora import dora_layers
 
-    if kind.flow and lycoris_layers(strip_wrappers(unet)):  # LoHa/LoKr cannot be fused: diffusers names
+    if kind.flow and (lycoris_layers(strip_wrappers(unet)) or dora_layers(strip_wrappers(unet))):
+        # LoHa/LoKr cannot be stacked into a fused qkv, nor can DoRA's per-part input scales: diffusers names
         tensors = _export_model(unet, LYCORIS_FLOW_PREFIX, adapter_name, dtype, "transformer")
     elif kind.flow:
         tensors = _export_fused(unet, kind.name, adapter_name, dtype)

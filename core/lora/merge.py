@@ -44,7 +44,14 @@ def merge(model: str, lora: str | Path, scale: float, out: str | Path, precision
                                  f"ComfyUI's diffusion-model loader reads): the text part would be lost. Use the "
                                  f"LoRA file as it is, or train with lora.train_text_encoder = false to merge")
     apply_lora(pipe, lora, 1.0, adapter_name="merge")  # read as the Prompt tab reads it, every layout included
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
+    from core.lora.dora import dora_layers, fuse
+
+    parts = [getattr(pipe, name) for name in (family.denoiser, *family.text_encoders)]
+    if any(dora_layers(part, "merge") for part in parts):  # as the readers blend it: W + scale * (W' - W)
+        for part in parts:
+            fuse(part, "merge", scale)
+    else:
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
     pipe.unload_lora_weights()
     denoiser = getattr(pipe, family.denoiser)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if not family.flow else "flow"

@@ -73,14 +73,17 @@ def lora_metadata(config: TrainConfig, step: int, data_info: dict, family: str =
 
 def network_metadata(config: TrainConfig, family: str) -> dict[str, str]:
     """``ss_network_module`` and ``ss_network_args`` as sd-scripts writes them for the adapter kind: LoCon is
-    its ``networks.lora`` with ``conv_dim``/``conv_alpha``; LoHa and LoKr are LyCORIS' ``lycoris.kohya`` with
-    ``algo``."""
+    its ``networks.lora`` with ``conv_dim``/``conv_alpha``; LoHa, LoKr and DoRA are LyCORIS' ``lycoris.kohya``
+    with ``algo`` (and ``dora_wd``)."""
     import json
 
     lora = config.lora
     args = {"conv_dim": str(lora.conv_rank), "conv_alpha": f"{lora.conv_alpha:g}"} if lora.conv_rank else {}
-    if lora.type in ("loha", "lokr"):
-        args = {"algo": lora.type, **args, **({"factor": str(lora.lokr_factor)} if lora.type == "lokr" else {})}
+    if lora.type in ("loha", "lokr") or lora.dora:
+        algo = lora.type if lora.type in ("loha", "lokr") else "locon"  # LyCORIS' name for LoRA with convolutions
+        args = {"algo": algo, **args, **({"factor": str(lora.lokr_factor)} if lora.type == "lokr" else {})}
+        if lora.dora:  # LyCORIS' words for DoRA along the input axis
+            args.update(dora_wd="True", wd_on_output="False")
         return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
     return {"ss_network_args": json.dumps(args)} if args else {}
 

@@ -213,6 +213,10 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
             example = "to_q, to_k, to_v, to_out.0" if what == "UNet" else "q_proj, k_proj, v_proj, out_proj"
             raise ConfigError(f"{key} = {list(targets)!r}: {exc}. Use module names of the {what}, "
                               f"e.g. {example}") from None
+        if lora.dora:
+            from core.lora.dora import add_dora
+
+            add_dora(model)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
