@@ -124,3 +124,25 @@ def test_a_dora_locon_trains_verifies_and_resumes(tiny_model, tmp_path):
 def test_settings_dora_cannot_work_with_are_refused(overrides, message, tiny_model, tmp_path):
     with pytest.raises(config_mod.ConfigError, match=message):
         tiny_config(tiny_model, tmp_path, tmp_path / "o", **overrides)
+
+
+def test_a_flux_run_with_dora_masks_and_blocks(tiny_flux, tmp_path):
+    """The options on a flow transformer: DoRA (written under diffusers names, as its per-part scales need), a
+    loss mask on FLUX's packed latents, and a block choice."""
+    from PIL import Image
+
+    data = write_dataset(tmp_path / "d", n=2, size=(64, 64))
+    for picture in data.glob("*.png"):
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[:, :32] = 255
+        Image.fromarray(mask).save(picture.with_name(picture.stem + ".mask.png"))
+    cfg = tiny_config(tiny_flux, data, tmp_path / "out", **{
+        "lora.dora": True, "dataset.masked_loss": True, "lora.blocks": ["single.*"], "train.max_train_steps": 2,
+        "sample.prompts": [], "output.save_state": False, "dataset.validation_split": 0.0})
+    log = EventLog()
+    result = train.run(cfg, log)
+    assert result.status == "completed"
+    tensors = load_file(str(result.lora_path))
+    assert tensors and all(k.startswith("lycoris_single_transformer_blocks_") for k in tensors)
+    assert any(k.endswith(".dora_scale") for k in tensors)
+    assert all(e.ok for e in log.of("lora_verified"))
