@@ -96,3 +96,22 @@ def test_bad_regularization_folders_are_refused(tiny_model, tmp_path):
         cfg = tiny_config(tiny_model, data, tmp_path / "o", **{"dataset.regularization_path": str(path)})
         with pytest.raises(config_mod.ConfigError, match=message):
             load_regularization(cfg, scan_dataset(data).items, EventLog())
+
+
+def test_the_dataset_tabs_class_box_draws_into_a_dataset_of_its_own(tiny_model, tmp_path):
+    from ui.class_pictures import ClassJobs
+    from ui.settings import AppSettings
+
+    settings = AppSettings(tmp_path / "home")
+    settings.ensure()
+    jobs = ClassJobs(settings)
+    assert "pick the dataset" in jobs.start("", str(tiny_model), "a photo of a dog", 2)[0]
+    assert "class prompt" in jobs.start("dogs", str(tiny_model), " ", 2)[0]
+    message, _ = jobs.start("dogs", str(tiny_model), "a photo of a dog", 1)
+    assert message == "Loading the model…"
+    jobs.job.process.wait(timeout=300)
+    text, _ = jobs.tick()
+    folder = settings.datasets_dir / "dogs class"
+    assert f"1 class pictures in `{folder}`" in text, jobs.job.log_tail()
+    assert sorted(p.name for p in folder.glob("*.png")) == ["class_0000.png"]
+    assert (folder / "class_0000.txt").read_text() == "a photo of a dog"

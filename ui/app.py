@@ -46,6 +46,8 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
         dataset["picker"].change(follow_dataset, dataset["picker"], train["dataset"])
         # The health report checks what the run will train: the Train tab's resolution, model and trigger.
         health, fields = dataset["health"], train["components"]
+        # Class pictures are drawn with the model the run trains on.
+        fields["model.path"].change(lambda model: model, fields["model.path"], dataset["class_pictures"]["model"])
         health["check"].click(health["on_check"], [dataset["picker"], fields["dataset.resolution"],
                                                    fields["model.path"], fields["output.trigger_phrase"],
                                                    fields["dataset.max_token_length"]],

@@ -402,6 +402,9 @@ def build(settings: AppSettings):
                     append = gr.Button("Append", elem_id="dataset-append")
     with gr.Accordion("Health report", open=False, elem_id="dataset-health-box"):
         health = health_panel.build(partial(folder_of, settings), picker)
+    from ui import class_pictures
+
+    classes = class_pictures.build(settings, picker)
 
     jobs = CaptionJobs(settings)
     caption_timer = gr.Timer(1.0, active=False)
@@ -434,4 +437,5 @@ def build(settings: AppSettings):
     prepend.click(tool(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *shown])
     append.click(tool(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *shown])
     return {"picker": picker, "caption_model": box["model"], "captioner": box["kind"], "health": health,
+            "class_pictures": classes,
             "on_load": [Refresh(handler(listing, settings, name="on_load_dataset"), [picker], shown)]}
