@@ -277,7 +277,7 @@ def toggles(steps: int, resolution: int, only: str = "") -> None:
         root = Path(tmp)
         data = make_dataset(root / "data", 4, resolution)
         for label, change in TOGGLES:
-            if only and only not in label and label != TOGGLES[0][0]:
+            if only and not any(part in label for part in only.split(",")) and label != TOGGLES[0][0]:
                 continue
             values = {"model.path": str(model), "dataset.path": str(data), "dataset.resolution": resolution,
                       "dataset.validation_split": 0.0, "dataset.cache_dir": str(root / "cache"),
@@ -355,7 +355,8 @@ def main() -> int:
     parser.add_argument("--toggles", type=int, default=0, metavar="STEPS",
                         help="only each setting's planned memory and measured step time, with this many steps")
     parser.add_argument("--resolution", type=int, default=256, help="with --toggles: training resolution here")
-    parser.add_argument("--only", default="", help="with --toggles: only the settings whose label has this text")
+    parser.add_argument("--only", default="", help="with --toggles: only the settings whose label has this text "
+                                                   "(several, separated by commas)")
     parser.add_argument("--flow", action="store_true",
                         help="only the flow families' table, the goals and the per-card plans")
     parser.add_argument("--quality", type=int, default=0, metavar="STEPS",

@@ -46,12 +46,7 @@ def test_every_config_field_has_a_widget_and_basic_ones_come_first():
     assert set(train_tab.basic_fields()) <= set(fields)
     assert set(fields) == set(train_tab.basic_fields()) | set(train_tab.advanced_fields())
     assert "train.optimizer" in train_tab.advanced_fields()
-    grouped = [key for _, keys in train_tab.advanced_groups() for key in keys]
-    assert sorted(grouped) == sorted(train_tab.advanced_fields())  # every Advanced field in exactly one group
-    topics = dict(train_tab.advanced_groups())
-    assert "lora.type" in topics["LoRA"] and "train.loss_type" in topics["Noise and loss"]
-    assert "train.optimizer" in topics["Optimizer"] and "model.quantize" in topics["Memory"]
-    assert "dataset.masked_loss" in topics["Data"] and "output.tensorboard" in topics["Saving"]
+
 
 
 def test_steps_readout(tmp_path):
