@@ -194,6 +194,16 @@ def test_whole_flow(page, server, tmp_path):
     print(f"first progress update {first_progress:.1f} s after clicking Train")
     page.wait_for_selector("#train-samples img")
     assert page.locator("#train-loss-plot canvas, #train-loss-plot svg").count() > 0
+    # The page was open before the run existed: the axes must still be numbers, with a line per curve.
+    axes = {label.split(" ")[0]: label for label in page.eval_on_selector_all(
+        "#train-loss-plot g.role-axis", "axes => axes.map(a => a.getAttribute('aria-label')).filter(Boolean)")}
+    assert "linear scale" in axes["X-axis"] and "linear scale" in axes["Y-axis"], axes
+    lines = page.eval_on_selector_all(
+        "#train-loss-plot g.mark-line path",
+        "ps => ps.map(p => [p.getAttribute('aria-label'), p.getAttribute('stroke'), (p.getAttribute('d') || '')])")
+    curves = {label.rsplit("series: ", 1)[1]: (stroke, path.count("L")) for label, stroke, path in lines}
+    assert curves["training"][0] == "#2563eb" and curves["training"][1] >= 4, lines  # 6 steps: a drawn line
+    assert curves["validation"][0] == "#f97316" and curves["validation"][1] >= 1, lines  # each in its colour
     lora = home / "outputs" / "e2e-lora" / "e2e-lora.safetensors"
     assert lora.is_file()
     page.click("#train-advanced button, #train-advanced .label-wrap >> nth=0")  # fold Advanced for the picture

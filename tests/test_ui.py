@@ -84,7 +84,12 @@ def test_summary_folds_events_and_views_render(tmp_path):
     html = train_tab.progress_html(s, running=False)
     assert "data-state='failed'" in html and "step 1/10" in html and "ETA 0:04" in html
     frame = train_tab.loss_frame(s)
-    assert sorted(frame["series"]) == ["training", "validation"]
+    points = frame.dropna()  # the curves' empty first points (their legend) carry no loss
+    assert sorted(points["series"]) == ["training", "validation"]
+    # Numbers even with no point yet: the plot reads its axes' kinds from the first frame it gets.
+    empty = train_tab.loss_frame(None)
+    assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"
+    assert sorted(empty["series"]) == sorted(train_tab.SERIES_COLOURS) and empty["loss"].isna().all()
     assert train_tab.sample_gallery(s) == [("/x/a.png", "step 1: p")]
     assert train_tab.error_text(s).startswith("out of GPU memory")
     s.apply(LoraVerified(-1, "/x/my.safetensors", False, 12, 10, ["not in the base model: lora_unet_x"], 3.5, True))

@@ -147,7 +147,15 @@ def check_html(check: LoraVerified | None) -> str:
             f"{check.matched}/{check.modules} modules map onto the base model{loads}{change} {verdict}</span>")
 
 
+# A colour per curve, set when the plot is made: the plot keeps the legend and colours it starts with, so
+# curves whose first points come later (every one, on a page opened before the first run) need them then.
+SERIES_COLOURS = {"training": "#2563eb", "validation": "#f97316", "validation (EMA)": "#16a34a"}
+
+
 def loss_frame(summary: RunSummary | None):
+    """The loss plot's points. The columns keep their types even with no point yet: the plot reads its axes'
+    kinds from the first frame it gets, and an empty frame of untyped columns made every loss value its own
+    label on a page opened before the first run."""
     import pandas as pd
 
     rows = []
@@ -155,7 +163,11 @@ def loss_frame(summary: RunSummary | None):
         rows += [{"step": s, "loss": v, "series": "training"} for s, v in summary.losses]
         rows += [{"step": s, "loss": v, "series": "validation"} for s, v in summary.validation]
         rows += [{"step": s, "loss": v, "series": "validation (EMA)"} for s, v in summary.ema_validation]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # One empty point per curve, first (an empty point breaks a line, so before any real one): the plot takes
+    # its curves (legend, colours) from the first frame it gets.
+    rows = [{"step": 0, "loss": float("nan"), "series": name} for name in SERIES_COLOURS] + rows
+    frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return frame.astype({"step": "int64", "loss": "float64", "series": "string"})
 
 
 def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[str, str]]:
@@ -389,6 +401,7 @@ def build(settings: AppSettings, manager: RunManager):
             progress = gr.HTML(progress_html(None, False), elem_id="train-progress")
             error = gr.Textbox(label="Error", visible=True, interactive=False, elem_id="train-error")
             plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Loss",
+                               color_map=SERIES_COLOURS,
                                elem_id="train-loss-plot", height=260)
             samples = gr.Gallery(label="Newest samples", columns=4, height=260, elem_id="train-samples")
             log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
