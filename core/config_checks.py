@@ -34,6 +34,9 @@ def check_rules(config) -> None:
         raise ConfigError(f"dataset.caption_extension = {config.dataset.caption_extension!r} must start with a "
                           f"dot followed by 1-15 letters or digits, e.g. '.txt' or '.caption'")
     t = config.train
+    if t.learning_rate <= 0 and not (t.optimizer == "adafactor" and t.adafactor_relative_step):
+        raise ConfigError("train.learning_rate = 0 trains nothing: the LoRA would never change; set it above 0 "
+                          "(1e-4 is usual for LoRA, 1.0 for prodigy)")
     if t.min_timestep >= t.max_timestep:
         raise ConfigError(f"train.min_timestep = {t.min_timestep} must be below train.max_timestep = "
                           f"{t.max_timestep}")
@@ -146,3 +149,34 @@ def check_paths(config) -> None:
 
 
 # ---------------------------------------------------------------- writing
+
+
+def preflight(config) -> None:
+    """What the app checks before it starts a run's process, beyond the config's own rules: a dataset with
+    pictures left to train, and a model folder with every part. (The engine checks them again; this is so
+    the form says so at once, naming the setting.)"""
+    from core.data.dataset import picture_files
+    from core.data.manifest import load_manifest
+
+    folder = Path(config.dataset.path).expanduser()
+    if folder.is_dir():
+        pictures = picture_files(folder, config.dataset.caption_extension)
+        manifest = load_manifest(folder)
+        left = [p for p in pictures if not manifest.is_excluded(p.relative_to(folder).as_posix())]
+        if not left:
+            excluded = len(pictures) - len(left)
+            why = (f"all {excluded} of its pictures are excluded in the health report" if excluded
+                   else "it has no pictures")
+            raise ConfigError(f"dataset.path: {folder.name} has nothing to train: {why}; add pictures or keep some")
+    model = Path(config.model.path).expanduser()
+    if (model / "model_index.json").is_file():
+        from core.base.families import FamilyError, detect_family
+
+        try:
+            family = detect_family(model)
+        except FamilyError as exc:
+            raise ConfigError(f"model.path: {exc}") from None
+        missing = family.missing_parts(model)
+        if missing:
+            raise ConfigError(f"model.path: {model.name} is missing its {', '.join(missing)} (an incomplete "
+                              f"download?); download the whole model again or pick another")

@@ -254,14 +254,31 @@ def preset_values(values: dict[str, Any]) -> dict:
 
 
 def start_run(settings: AppSettings, manager: RunManager, values: dict[str, Any]):
-    """Train with the form's settings: (status line, error box)."""
+    """Train with the form's settings: (status line, error box, run name).
+
+    A name an earlier run has is never trained into (that run's status would show as this one's): the run
+    gets the first free NAME-2, NAME-3..., the name field shows it and the status line says so.
+    """
     import gradio as gr
 
+    from core.training.run_folder import free_name, name_taken
+
     try:
-        run = manager.start(form_to_config(values, settings))
+        config = form_to_config(values, settings)
+        from core.config_checks import preflight
+
+        preflight(config_mod.resolve_paths(config))
+        taken = name_taken(config_mod.resolve_paths(config))
+        if taken:
+            old = config.output.name
+            config = config_mod.with_values(config, {"output.name": free_name(config_mod.resolve_paths(config))})
+        run = manager.start(config)
     except (ConfigError, RunBusyError) as exc:
-        return f"⚠️ {exc}", gr.skip()
-    return f"Starting **{run.run_dir.name}**… (`python -m core train`)", ""
+        return f"⚠️ {exc}", gr.skip(), gr.skip()
+    if taken:
+        return (f"Starting **{run.run_dir.name}**: **{old}** is an earlier run, kept as it is (to go on with it, "
+                f"pick it under Past runs and resume it).", "", config.output.name)
+    return f"Starting **{run.run_dir.name}**…", "", gr.skip()
 
 
 def resume_run(manager: RunManager, run_dir, steps):
@@ -274,7 +291,7 @@ def resume_run(manager: RunManager, run_dir, steps):
         run = manager.resume(run_dir, int(steps or 0))
     except (ConfigError, RunBusyError) as exc:
         return f"⚠️ {exc}", gr.skip()
-    return f"Starting **{run.run_dir.name}** again from its last save… (`python -m core train --resume`)", ""
+    return f"Starting **{run.run_dir.name}** again from its last save…", ""
 
 
 def stop_run(manager: RunManager) -> str:
@@ -440,7 +457,7 @@ def build(settings: AppSettings, manager: RunManager):
     def on_save_preset(data):
         return save_preset(settings, data.get(preset_name), as_values(data))
 
-    start.click(on_start, inputs=inputs, outputs=[status, error])
+    start.click(on_start, inputs=inputs, outputs=[status, error, components["output.name"]])
     stop.click(on_stop, outputs=status)
     timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status], show_progress="hidden")
     open_button.click(open_run, inputs=runs, outputs=[progress, plot, samples, error, status])

@@ -235,6 +235,32 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
                           f"to replace it")
 
 
+def name_taken(config: TrainConfig) -> bool:
+    """Whether starting ``config`` afresh would be refused because its name is an earlier run's (or a folder
+    this app did not make): the rule of ``check_run_dir``, without raising."""
+    run_dir, paths = config.run_dir, RunPaths.of(config)
+    if not _contents(run_dir):
+        return False
+    if not (paths.events.exists() or paths.config.exists()):
+        return True
+    return not config.output.overwrite and has_progress(run_dir)
+
+
+def free_name(config: TrainConfig) -> str:
+    """The first of NAME-2, NAME-3, ... that no run (nor other folder) has taken in the output folder."""
+    import dataclasses
+
+    from core import config as config_mod
+
+    for number in range(2, 10_000):
+        name = f"{config.output.name}-{number}"
+        candidate = config_mod.resolve_paths(dataclasses.replace(
+            config, output=dataclasses.replace(config.output, name=name)))
+        if not candidate.run_dir.exists():
+            return name
+    raise ConfigError(f"every name from {config.output.name}-2 to -9999 is taken in {config.output.dir}")
+
+
 def _contents(run_dir: Path) -> list[Path]:
     """What a run folder holds, apart from the lock of the process that is about to use it."""
     if not run_dir.is_dir():
