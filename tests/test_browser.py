@@ -175,6 +175,11 @@ def test_whole_flow(page, server, tmp_path):
     # Reloading the page re-attaches to the run in progress.
     page.reload()
     page.wait_for_selector("#dataset-upload")
+    # The dataset made in this session is still listed after the reload, and none is picked for you.
+    assert page.input_value("#dataset-name input") == ""
+    page.click("#dataset-name input")
+    page.wait_for_selector("[role=option]:has-text('e2e pics')")
+    page.keyboard.press("Escape")
     page.click("#tab-train-button")
     page.wait_for_selector("#train-progress .run-progress")
     assert "e2e-lora" in page.inner_text("#train-progress")

@@ -133,6 +133,14 @@ def view_of(settings: AppSettings, name: str | None, sub: str | None = TOP_LEVEL
     return view_folder(folder_of(settings, name), sub)
 
 
+def dataset_names(settings: AppSettings, name: str | None = None):
+    """The picker's choices read again (datasets made since the page was built), keeping its pick."""
+    import gradio as gr
+
+    names = store.list_datasets(settings.datasets_dir)
+    return gr.update(choices=names, value=name if name in names else None)
+
+
 def listing(settings: AppSettings, name: str | None, sub: str | None = TOP_LEVEL) -> tuple[list, str]:
     """(gallery items, counts line) of the folder in view; a bad folder name shows the dataset itself."""
     root = folder_of(settings, name)
@@ -367,11 +375,12 @@ def build(settings: AppSettings):
 
     names = store.list_datasets(settings.datasets_dir)
     with gr.Row():
-        picker = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="dataset-name",
+        # Nothing picked at first: never a silent guess at which dataset a new page means.
+        picker = gr.Dropdown(names, value=None, label="Dataset", elem_id="dataset-name",
                              allow_custom_value=True, scale=3)
         new_name = gr.Textbox(label="New dataset", placeholder="my-character", elem_id="dataset-new-name", scale=3)
         create = gr.Button("Create", elem_id="dataset-create", scale=1)
-        sub = gr.Dropdown(subfolders(folder_of(settings, names[0]) if names else None), value=TOP_LEVEL,
+        sub = gr.Dropdown(subfolders(None), value=TOP_LEVEL,
                           allow_custom_value=True, label="Folder (concept)", scale=3, elem_id="dataset-folder",
                           info="Pictures in a subfolder train with its own repeats (Health report → Folder "
                                "repeats). Type a new name to start one.")
@@ -438,4 +447,5 @@ def build(settings: AppSettings):
     append.click(tool(lambda f, t: edits.add_text(f, t, "append")), [picker, sub, text], [message, *shown])
     return {"picker": picker, "caption_model": box["model"], "captioner": box["kind"], "health": health,
             "class_pictures": classes,
-            "on_load": [Refresh(handler(listing, settings, name="on_load_dataset"), [picker], shown)]}
+            "on_load": [Refresh(handler(dataset_names, settings, name="on_load_names"), [picker], [picker]),
+                        Refresh(handler(listing, settings, name="on_load_dataset"), [picker], shown)]}
