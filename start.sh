@@ -2,12 +2,24 @@
 # LoRA Studio launcher for Linux: double-click it (or run ./start.sh).
 # The first start creates a Python environment in .venv and installs what the app needs;
 # later starts open the app at once. Arguments go to launch.py (e.g. ./start.sh --no-browser).
-# LORA_STUDIO_VENV=/path/to/venv uses another environment (CI reuses the one it already has).
+# LORA_STUDIO_VENV=/path/to/venv uses another environment: one that exists is used as it is (never
+# installed into; it must hold the packages already), one that does not is created there.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${LORA_STUDIO_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.lora-studio-requirements"
+
+if [ -n "${LORA_STUDIO_VENV:-}" ] && [ -x "$VENV/bin/python" ] && [ ! -f "$STAMP" ]; then
+  # An environment you named and made yourself: used as it is, never installed into.
+  if ! "$VENV/bin/python" -c 'import gradio, torch, diffusers, peft' 2>/dev/null; then
+    echo "error: the environment LORA_STUDIO_VENV names ($VENV) lacks the app's packages; install them into" \
+         "it (\"$VENV/bin/python\" -m pip install -r requirements.txt) or unset LORA_STUDIO_VENV to let the" \
+         "app make its own in .venv" >&2
+    exit 1
+  fi
+  exec "$VENV/bin/python" launch.py "$@"
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

@@ -36,13 +36,17 @@ def _wait_for_url(proc, timeout=300) -> str:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="start.sh is the Linux launcher")
 def test_start_sh_creates_its_environment_installs_and_serves(tmp_path):
-    venv = tmp_path / "venv"
-    # The venv sees this interpreter's packages, so start.sh's real `pip install -r requirements.txt`
-    # finds everything satisfied instead of downloading it a second time.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    venv = tmp_path / "venv"  # not there yet: start.sh creates it
+    # The venv it creates sees this interpreter's packages (through a stand-in for python that adds
+    # --system-site-packages), so start.sh's real `pip install -r requirements.txt` finds everything
+    # satisfied instead of downloading it a second time.
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/bash\nif [ "$1 $2" = "-m venv" ]; then shift 2; exec "{sys.executable}" -m venv '
+                      f'--system-site-packages "$@"; fi\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     port = _free_port()
     env = {**os.environ, "LORA_STUDIO_VENV": str(venv), "LORA_STUDIO_HOME": str(tmp_path / "home"),
-           "PYTHON": sys.executable}
+           "PYTHON": str(python)}
     proc = subprocess.Popen(["bash", "start.sh", "--no-browser", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -54,6 +58,18 @@ def test_start_sh_creates_its_environment_installs_and_serves(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert (venv / ".lora-studio-requirements").read_text().strip()  # the next start skips the install
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="start.sh is the Linux launcher")
+def test_an_environment_you_name_is_never_installed_into(tmp_path):
+    venv = tmp_path / "mine"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)  # without the packages
+    env = {**os.environ, "LORA_STUDIO_VENV": str(venv), "LORA_STUDIO_HOME": str(tmp_path / "home")}
+    done = subprocess.run(["bash", "start.sh", "--no-browser"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "lacks the app's packages" in done.stderr, done.stderr
+    assert "installing" not in done.stdout + done.stderr
+    assert not (venv / ".lora-studio-requirements").exists()
 
 
 def test_launch_takes_the_next_free_port_and_refuses_bad_auth(tmp_path):
