@@ -66,3 +66,46 @@ def test_runs_that_cannot_train_are_refused_in_the_form(tiny_model, tmp_path):
     form = train_tab.config_to_form(tiny_config(broken, data, settings.outputs_dir, name="r"))
     status = train_tab.start_run(settings, manager, form)[0]
     assert "model.path" in status and "missing its vae" in status and manager.active is None
+
+
+def test_progress_tells_what_is_happening(tiny_model, tmp_path):
+    """Before the first step: the phase, not "step 0/0 · ETA 0:00"; after the last: the final validation,
+    saving and checking, in that order, with no time left shown; a run that ended shows no ETA."""
+    from core.events import Phase, RunStarted
+    from core.training import train
+    from tests.conftest import EventLog
+    from ui.runner import RunSummary
+
+    summary = RunSummary(tmp_path / "run")
+    summary.apply(Phase("caching training latents", 3, 9))
+    html = train_tab.progress_html(summary, running=True)
+    assert "caching training latents 3/9" in html and "step 0/0" not in html and "ETA" not in html
+    summary.apply(RunStarted(str(tmp_path / "run"), 6, 0, 4, 1, 1, 1, "cpu", False))
+    summary.apply(Progress(6, 6, 1, 0.1, 1e-4, 2.0, 0.0))
+    summary.apply(Phase("final validation and samples", 0, 0))
+    html = train_tab.progress_html(summary, running=True)
+    assert "final validation and samples" in html and "step 6/6" in html and "ETA" not in html
+
+    log = EventLog()
+    cfg = tiny_config(tiny_model, write_dataset(tmp_path / "d", n=2), tmp_path / "out", **{
+        "train.max_train_steps": 2, "sample.prompts": [], "output.save_state": False})
+    train.run(cfg, log, final_check=True)
+    names = [e.name for e in log.of("phase")]
+    after = names[names.index("final validation and samples"):]
+    assert after == ["final validation and samples", "saving the LoRA", "checking the LoRA file"]
+    assert log.events[-1].type == "finished"
+
+
+def test_steps_per_second_leave_out_validation_and_samples(monkeypatch):
+    from core.training import loop
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["now"])
+    rate = loop._Rate()
+    for _ in range(3):  # a step a second
+        clock["now"] += 1.0
+        assert rate.tick() == 1.0
+    clock["now"] += 30.0  # validation and samples between two steps
+    rate.skip(30.0)
+    clock["now"] += 1.0
+    assert rate.tick() == 1.0  # the next step is still a step a second: the time left does not jump

@@ -123,15 +123,21 @@ def progress_html(summary: RunSummary | None, running: bool) -> str:
     if summary is None:
         return "<div class='run-idle'>No run yet.</div>"
     total = max(summary.total_steps, 1)
-    eta = f"{int(summary.eta_s // 60)}:{int(summary.eta_s % 60):02d}"
     state = "running" if running else (summary.finished or ("failed" if summary.error else "ended"))
+    if summary.total_steps:
+        line = f"step {summary.step}/{summary.total_steps}"
+        if running and summary.step < summary.total_steps:  # a time left only while steps are left to run
+            eta = f"{int(summary.eta_s // 60)}:{int(summary.eta_s % 60):02d}"
+            line += f" · {summary.it_per_s:.2f} it/s · ETA {eta}"
+        line += f" · {state}"
+    else:  # before the first step: what it is doing (loading the model, caching latents), not "step 0/0"
+        line = html.escape(summary.phase or "starting") if running else state
     return (
         f"<div class='run-progress' data-state='{state}' data-step='{summary.step}' "
         f"data-total='{summary.total_steps}'>"
         f"<b>{html.escape(summary.run_dir.name)}</b> — {html.escape(summary.phase or state)}<br>"
         f"<progress max='{total}' value='{summary.step}' style='width:100%'></progress><br>"
-        f"step {summary.step}/{summary.total_steps} · {summary.it_per_s:.2f} it/s · ETA {eta} · {state}"
-        f"{check_html(summary.check)}</div>"
+        f"{line}{check_html(summary.check)}</div>"
     )
 
 

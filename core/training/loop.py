@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from core.config import TrainConfig
-from core.events import CheckpointSaved, Emit, Message, Progress, SampleWritten, ValidationLoss
+from core.events import CheckpointSaved, Emit, Message, Phase, Progress, SampleWritten, ValidationLoss
 from core.training.memory_advice import SpillWatch, out_of_memory_advice, spill_advice
 from core.training.objective import Validator, training_loss
 from core.training.optimizers import averaged_weights, use_averaged_weights
@@ -112,7 +112,9 @@ class Loop:
             raise TrainingError(out_of_memory_advice(c, state.step, saved), "out_of_memory") from None
         lora_path = self.paths.final_lora
         if not stopped:
+            self.emit(Phase("final validation and samples", 0, 0))
             self.evaluate()
+        self.emit(Phase("saving the LoRA", 0, 0))
         self.save(lora_path)
         use_averaged_weights(self.optimizer)  # schedule-free: the models handed back hold the saved weights
         if c.output.save_diffusers_format and acc.is_main_process:
@@ -161,8 +163,10 @@ class Loop:
                 self.watch_memory(time.perf_counter() - step_started)
                 losses = []
                 self.settle_latents()
+                outside = time.perf_counter()
                 if self.between_steps():
                     return True
+                timer.skip(time.perf_counter() - outside)
                 step_started = time.perf_counter()
                 if state.step >= self.total:
                     return False
@@ -401,7 +405,8 @@ def _device_of(module) -> torch.device:
 
 
 class _Rate:
-    """Optimizer steps per second over the recent steps (a moving window)."""
+    """Optimizer steps per second over the recent steps (a moving window), not counting the time spent
+    between steps (validation, samples, saves), so the time left does not jump after each of them."""
 
     def __init__(self, window: int = 20):
         self.times: list[float] = [time.perf_counter()]
@@ -412,3 +417,7 @@ class _Rate:
         self.times = self.times[-(self.window + 1):]
         elapsed = self.times[-1] - self.times[0]
         return (len(self.times) - 1) / elapsed if elapsed > 0 else 0.0
+
+    def skip(self, seconds: float) -> None:
+        """Leave ``seconds`` (just spent outside training steps) out of the window."""
+        self.times = [t + seconds for t in self.times]

@@ -229,6 +229,8 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
             result.denoiser = result.text_encoder = None
             accelerator.free_memory()
         reuse = final_check and accelerator.is_main_process and reusable_for_check(config)
+        if final_check and accelerator.is_main_process:
+            main_emit(Phase("checking the LoRA file", 0, 0))
         check = (verify_final(config, main_emit, base if reuse else None, accelerator.device)
                  if final_check and accelerator.is_main_process else None)
         del base
