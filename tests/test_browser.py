@@ -214,11 +214,19 @@ def test_whole_flow(page, server, tmp_path):
     page.click("#train-advanced button, #train-advanced .label-wrap >> nth=0")  # fold Advanced for the picture
     _shot(page, "train")
 
-    # --- Prompt tab: the new LoRA against the base model at the same seed.
-    page.click("#tab-prompt-button")
-    page.click("#prompt-refresh")
-    _fill(page, "#prompt-model", model)
-    _fill(page, "#prompt-lora", lora)
+    # Where the LoRA is: named with its size and check above the progress, to download or to try at once.
+    assert "Your LoRA:" in page.inner_text("#train-status") and "e2e-lora.safetensors" in page.inner_text(
+        "#train-status") and "✓ checked" in page.inner_text("#train-status")
+    with page.expect_download() as download:
+        page.click("#train-download")
+    assert download.value.suggested_filename == "e2e-lora.safetensors"
+    assert Path(download.value.path()).stat().st_size == lora.stat().st_size
+    page.click("#train-use-lora")
+
+    # --- Prompt tab (brought to the front with the new LoRA picked): the LoRA against the base model.
+    page.wait_for_function("document.querySelector('#prompt-lora input') && "
+                           "document.querySelector('#prompt-lora input').value.endsWith('e2e-lora.safetensors')")
+    assert page.input_value("#prompt-model input").startswith("tiny")  # the model the run trained on
     _fill(page, "#prompt-width", 64)
     _fill(page, "#prompt-height", 64)
     _fill(page, "#prompt-steps", 2)

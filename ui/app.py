@@ -27,7 +27,7 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
             gr.Markdown("# LoRA Studio\nDrop pictures in, train a LoRA on your GPU, try it with prompts.")
             demo = gr.Button("Set up the offline demo", elem_id="app-demo", size="sm", scale=0)
         demo_message = gr.Markdown(elem_id="app-demo-message")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
                 dataset = dataset_tab.build(settings)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
@@ -69,6 +69,23 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
 
         demo.click(on_demo, outputs=[demo_message, dataset["picker"], train["model"], dataset["captioner"],
                                      dataset["caption_model"], *prompt["lists"].outputs])
+        def use_in_prompt(lora):
+            """The run's final LoRA and the model it was trained on picked in the Prompt tab, brought to the
+            front (the model from the run's own config: the form may show other settings by now)."""
+            from pathlib import Path
+
+            from core import config as config_mod
+            from core.training.run_folder import RunPaths
+
+            models, loras, grid = prompt_tab.lists(settings)
+            try:
+                model = config_mod.load(RunPaths(Path(lora).parent).config, check_paths=False).model.path
+            except (OSError, ValueError):
+                model = None
+            return (gr.update(choices=models["choices"], value=model), gr.update(choices=loras["choices"], value=lora),
+                    grid, gr.Tabs(selected="prompt"))
+
+        train["use_lora"].click(use_in_prompt, train["final_lora"], [*prompt["lists"].outputs, tabs])
         # A page load re-reads what each tab lists (and the Train tab re-attaches to the run in progress).
         for refresh in (*dataset["on_load"], *train["on_load"], *prompt["on_load"]):
             app.load(refresh.fn, refresh.inputs, refresh.outputs)

@@ -205,5 +205,5 @@ def build(settings: AppSettings, previewer: Previewer):
     refresh.click(on_refresh, outputs=[model, lora, grid_loras])
     merge_button.click(lambda m, lo, sc, n, pr: merge_into_model(settings, m, lo, sc, n, pr),
                        [model, lora, scale, merge_name, merge_precision], message)
-    return {"lists": Refresh(on_refresh, [], [model, lora, grid_loras]),
+    return {"lists": Refresh(on_refresh, [], [model, lora, grid_loras]), "lora": lora, "model": model,
             "on_load": [Refresh(on_refresh, [], [model, lora, grid_loras])]}

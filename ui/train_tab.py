@@ -206,7 +206,7 @@ def status_text(summary: RunSummary | None, running: bool) -> str:
     if summary.error:
         return f"⚠️ {name} failed: see the error below."
     if summary.finished == "completed":
-        return f"{name} completed: `{summary.lora_path}`"
+        return f"{name} completed. {final_file_text(summary)}"
     if summary.finished == "stopped":
         return f"{name} stopped at step {summary.step} and saved; **Resume** under Past runs continues it."
     if not running:
@@ -214,6 +214,30 @@ def status_text(summary: RunSummary | None, running: bool) -> str:
     if summary.total_steps:
         return f"Training {name}."
     return f"Starting {name}… {summary.phase or '(loading the engine)'}"
+
+
+def final_file_text(summary: RunSummary) -> str:
+    """Where the LoRA is: its name, size and folder, and its check (the last one, the full one after a run)."""
+    path = Path(summary.lora_path)
+    if not path.is_file():
+        return ""
+    size = path.stat().st_size
+    text = f"**Your LoRA:** `{path.name}` ({size / 2**20:.1f} MB) in `{path.parent}`"
+    check = summary.check
+    if check is not None and Path(check.path) == path:
+        verdict = "✓ checked" if check.ok else "✗ failed its check: " + "; ".join(check.problems[:2])
+        text += f" · {verdict} ({check.matched}/{check.modules} modules map onto the base model)"
+    return text
+
+
+def final_file(summary: RunSummary | None):
+    """The Download and Use-in-Prompt-tab buttons: shown, with the file, once a run has its final LoRA."""
+    import gradio as gr
+
+    path = Path(summary.lora_path) if summary is not None and summary.lora_path else None
+    ready = path is not None and path.is_file() and summary.finished in ("completed", "stopped")
+    return (gr.update(value=str(path) if ready else None, visible=ready), gr.update(visible=ready),
+            str(path) if ready else "")
 
 
 def run_choices(outputs_dir: Path) -> list[tuple[str, str]]:
@@ -310,11 +334,11 @@ def follow_run(manager: RunManager):
 
     active = manager.active
     if active is None:
-        return (gr.skip(),) * 6
+        return (gr.skip(),) * 9
     summary = active.poll()
     running = active.running
     return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), active.log_tail(),
-            error_text(summary), status_text(summary, running))
+            error_text(summary), status_text(summary, running), *final_file(summary))
 
 
 def open_run(run_dir):
@@ -324,11 +348,11 @@ def open_run(run_dir):
     from core.training.run_folder import run_status
 
     if not run_dir:
-        return (gr.skip(),) * 5
+        return (gr.skip(),) * 8
     summary = summarize(run_dir)
     running = run_status(Path(run_dir)).state == "running"
     return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), error_text(summary),
-            run_files_text(Path(run_dir)))
+            run_files_text(Path(run_dir)), *final_file(summary))
 
 
 def apply_preset(settings: AppSettings, keys: list[str], name, model: str | None = None):
@@ -421,6 +445,11 @@ def build(settings: AppSettings, manager: RunManager):
                 start = gr.Button("Train", variant="primary", elem_id="train-start")
                 stop = gr.Button("Stop and save", variant="stop", elem_id="train-stop")
             status = gr.Markdown(elem_id="train-status")
+            with gr.Row():
+                download = gr.DownloadButton("Download the LoRA", visible=False, elem_id="train-download",
+                                             size="sm")
+                use_lora = gr.Button("Use in Prompt tab", visible=False, elem_id="train-use-lora", size="sm")
+            final_lora = gr.State("")
             progress = gr.HTML(progress_html(None, False), elem_id="train-progress")
             error = gr.Textbox(label="Error", visible=True, interactive=False, elem_id="train-error")
             plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Loss",
@@ -465,8 +494,9 @@ def build(settings: AppSettings, manager: RunManager):
 
     start.click(on_start, inputs=inputs, outputs=[status, error, components["output.name"]])
     stop.click(on_stop, outputs=status)
-    timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status], show_progress="hidden")
-    open_button.click(open_run, inputs=runs, outputs=[progress, plot, samples, error, status])
+    final = [download, use_lora, final_lora]
+    timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status, *final], show_progress="hidden")
+    open_button.click(open_run, inputs=runs, outputs=[progress, plot, samples, error, status, *final])
     resume_button.click(on_resume, inputs=[runs, resume_steps], outputs=[status, error])
     load_preset.click(on_apply_preset, inputs=[preset, components["model.path"]], outputs=list(components.values()))
     save_preset_button.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
@@ -491,5 +521,7 @@ def build(settings: AppSettings, manager: RunManager):
         "timer": timer,
         # A page load re-reads the lists and re-attaches to the run in progress.
         "on_load": [Refresh(on_load_lists, [], [runs, components["model.path"], components["dataset.path"]]),
-                    Refresh(on_tick, [], [progress, plot, samples, log, error, status]), memory_refresh],
+                    Refresh(on_tick, [], [progress, plot, samples, log, error, status, *final]), memory_refresh],
+        "use_lora": use_lora,
+        "final_lora": final_lora,
     }
