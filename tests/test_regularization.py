@@ -107,7 +107,7 @@ def test_the_dataset_tabs_class_box_draws_into_a_dataset_of_its_own(tiny_model, 
     jobs = ClassJobs(settings)
     assert "pick the dataset" in jobs.start("", str(tiny_model), "a photo of a dog", 2)[0]
     assert "class prompt" in jobs.start("dogs", str(tiny_model), " ", 2)[0]
-    message, _ = jobs.start("dogs", str(tiny_model), "a photo of a dog", 1)
+    message, _ = jobs.start("dogs", str(tiny_model), "a photo of a dog", 1, 2)
     assert message == "Loading the model…"
     jobs.job.process.wait(timeout=300)
     text, _ = jobs.tick()

@@ -43,11 +43,12 @@ class ClassStatus:
 
 
 class ClassJob(CliJob):
-    def __init__(self, model: str, prompt: str, count: int, out: Path, jobs_dir: Path, python: str = sys.executable):
+    def __init__(self, model: str, prompt: str, count: int, out: Path, jobs_dir: Path, steps: int = 0,
+                 python: str = sys.executable):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         events = jobs_dir / f"class-pictures-{out.name}-{stamp}.jsonl"
         args = ["class-pictures", "--model", model, "--prompt", prompt, "--count", str(count), "--out", str(out),
-                "--events", str(events)]
+                "--events", str(events)] + (["--steps", str(steps)] if steps else [])
         super().__init__(args, events, jobs_dir / f"class-pictures-{out.name}-{stamp}.log",
                          ClassStatus(folder=str(out)), python)
 
@@ -59,7 +60,7 @@ class ClassJobs:
         self.settings = settings
         self.job: ClassJob | None = None
 
-    def start(self, name, model, prompt, count):
+    def start(self, name, model, prompt, count, steps=0):
         """-> (message, timer update)."""
         import gradio as gr
 
@@ -75,7 +76,8 @@ class ClassJobs:
             out = store.create_dataset(self.settings.datasets_dir, f"{name} class")
         except store.DatasetStoreError as exc:
             return f"⚠️ {exc}", gr.skip()
-        self.job = ClassJob(model.strip(), prompt.strip(), int(count or 1), out, self.settings.outputs_dir / ".app")
+        self.job = ClassJob(model.strip(), prompt.strip(), int(count or 1), out, self.settings.outputs_dir / ".app",
+                            int(steps or 0))
         return "Loading the model…", gr.Timer(active=True)
 
     def tick(self):
@@ -108,12 +110,15 @@ def build(settings: AppSettings, picker) -> dict:
             model = gr.Textbox(label="Base model", placeholder="the model you train on", elem_id="class-model")
             prompt = gr.Textbox(label="Class prompt", placeholder="a photo of a dog", elem_id="class-prompt")
             count = gr.Number(label="How many", value=50, precision=0, minimum=1, maximum=2000, elem_id="class-count")
+            steps = gr.Number(label="Steps", value=0, precision=0, minimum=0, maximum=200, elem_id="class-steps",
+                              info="0: the model's own")
         with gr.Row():
             start = gr.Button("Draw class pictures", elem_id="class-start")
             stop = gr.Button("Stop", elem_id="class-stop")
         progress = gr.Markdown(elem_id="class-progress")
     timer = gr.Timer(1.0, active=False)
-    start.click(handler(jobs.start, name="on_class_pictures"), [picker, model, prompt, count], [progress, timer])
+    start.click(handler(jobs.start, name="on_class_pictures"), [picker, model, prompt, count, steps],
+                [progress, timer])
     timer.tick(handler(jobs.tick, name="on_class_tick"), outputs=[progress, timer], show_progress="hidden")
     stop.click(handler(jobs.stop, name="on_stop_class"), outputs=progress)
     return {"model": model, "jobs": jobs}
