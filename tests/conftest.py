@@ -102,6 +102,18 @@ def cli(*args) -> int:
         return int(exc.code)
 
 
+def stop_then_resume(cfg, step: int = 2):
+    """Train ``cfg`` until a STOP file ends it after ``step``, then resume it to the end: (stopped, resumed)."""
+    from core.training import train
+    from core.training.run_folder import RunPaths
+
+    def touch_stop(event):
+        if event.type == "progress" and event.step == step:
+            RunPaths.of(cfg).stop.touch()
+
+    return train.run(cfg, EventLog(touch_stop)), train.run(cfg, EventLog(), resume=True)
+
+
 def tiny_config(model: Path, dataset: Path, out: Path, name: str = "test-lora", **overrides):
     """A config for a fast run on the tiny model; overrides are {"section.key": value}."""
     from core import config

@@ -35,6 +35,17 @@ def test_random_crops_move_the_picture_and_its_sdxl_crop_ids(tmp_path):
     assert torch.equal(augment(entry, 3)["pixels"], augment(entry, 3)["pixels"])  # the seed decides it
     centred = Augment()(entry, 3)
     assert int(centred["time_ids"][3]) == 96  # without the option: the centre
+    # A loss mask is cropped with its picture: here the picture's own brightness, as a mask file.
+    import dataclasses
+
+    from core.training.pictures import load_loss_mask, mask_loader
+
+    Image.fromarray(gradient).save(tmp_path / "wide.mask.png")
+    masked = dataclasses.replace(entry, mask=mask_loader(entry.item, entry.placement))
+    draw = augment(masked, 4)
+    left = int(draw["time_ids"][3])
+    assert left != 96 and draw["mask"][0, 0, 0].item() == pytest.approx(left / 255, abs=0.05)
+    assert torch.equal(masked.mask(False), load_loss_mask(entry.item, entry.placement))  # its own: the centre
 
 
 def test_colour_jitter_changes_colour_not_shape(tmp_path):

@@ -15,22 +15,23 @@ def test_sdxl_modules_get_a1111s_block_names():
 
     unet = build_meta(reference("sdxl"))[0]
     sdxl, config = get_family("sdxl"), unet.config
-    assert block_of(sdxl, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", config) == "IN04"
-    assert block_of(sdxl, "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k", config) == "IN08"
-    assert block_of(sdxl, "mid_block.attentions.0.transformer_blocks.0.attn1.to_q", config) == "MID"
-    assert block_of(sdxl, "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_v", config) == "OUT02"
-    assert block_of(sdxl, "up_blocks.1.attentions.0.proj_in", config) == "OUT03"
-    assert block_of(sdxl, "down_blocks.0.resnets.1.conv1", config) == "IN02"
-    assert block_of(sdxl, "time_embedding.linear_1", config) is None
+    for path, block in [("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "IN04"),
+                        ("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k", "IN08"),
+                        ("mid_block.attentions.0.transformer_blocks.0.attn1.to_q", "MID"),
+                        ("up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_v", "OUT02"),
+                        ("up_blocks.1.attentions.0.proj_in", "OUT03"),
+                        ("down_blocks.0.resnets.1.conv1", "IN02"),
+                        ("time_embedding.linear_1", None)]:
+        assert block_of(sdxl, path, config) == block, path
 
 
 def test_transformer_blocks_are_numbered_per_stack():
-    flux, sd3, zimage = get_family("flux"), get_family("sd3"), get_family("zimage")
-    assert block_of(flux, "transformer_blocks.3.attn.to_q", None) == "double.3"
-    assert block_of(flux, "single_transformer_blocks.12.proj_mlp", None) == "single.12"
-    assert block_of(sd3, "transformer_blocks.0.attn.add_q_proj", None) == "joint.0"
-    assert block_of(zimage, "layers.5.attention.to_q", None) == "layer.5"
-    assert block_of(flux, "proj_out", None) is None
+    for family, path, block in [("flux", "transformer_blocks.3.attn.to_q", "double.3"),
+                                ("flux", "single_transformer_blocks.12.proj_mlp", "single.12"),
+                                ("sd3", "transformer_blocks.0.attn.add_q_proj", "joint.0"),
+                                ("zimage", "layers.5.attention.to_q", "layer.5"),
+                                ("flux", "proj_out", None)]:
+        assert block_of(get_family(family), path, None) == block, (family, path)
 
 
 def test_names_ranges_and_patterns():
@@ -42,6 +43,7 @@ def test_names_ranges_and_patterns():
         parse_values(["MID"], "lora.block_ranks")
     assert module_of("up_blocks.0.attentions.1.proj_in.lora_A.default.weight") == "up_blocks.0.attentions.1.proj_in"
     assert module_of("transformer_blocks.0.attn.to_q.hada_w1_a.default") == "transformer_blocks.0.attn.to_q"
+    assert module_of("mid_block.attentions.0.proj_in.lora_dora_scale.default") == "mid_block.attentions.0.proj_in"
 
 
 def test_block_learning_rates_make_their_own_groups():

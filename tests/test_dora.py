@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import EventLog, tiny_config, write_dataset
+from conftest import EventLog, stop_then_resume, tiny_config, write_dataset
 from safetensors.torch import load_file, save_file
 
 from core import config as config_mod
@@ -86,7 +86,6 @@ def test_the_app_reads_and_merges_its_dora_files(tiny_model, tmp_path):
 
 
 def test_a_dora_locon_trains_verifies_and_resumes(tiny_model, tmp_path):
-    from core.training.run_folder import RunPaths
 
     data = write_dataset(tmp_path / "d", n=3)
     overrides = {"lora.dora": True, "lora.type": "locon", "lora.conv_rank": 2, "sample.prompts": [],
@@ -104,13 +103,8 @@ def test_a_dora_locon_trains_verifies_and_resumes(tiny_model, tmp_path):
         args = f.metadata()["ss_network_args"]
     assert '"dora_wd": "True"' in args and '"algo": "locon"' in args
     cfg = tiny_config(tiny_model, data, tmp_path / "o", name="stopped", **overrides)
-
-    def touch_stop(event):
-        if event.type == "progress" and event.step == 2:
-            RunPaths.of(cfg).stop.touch()
-
-    assert train.run(cfg, EventLog(touch_stop)).status == "stopped"
-    assert train.run(cfg, EventLog(), resume=True).status == "completed"
+    stopped, resumed = stop_then_resume(cfg)
+    assert stopped.status == "stopped" and resumed.status == "completed"
     resumed = load_file(str(cfg.run_dir / "stopped.safetensors"))
     for key in tensors:  # the magnitudes came back with the resume state
         torch.testing.assert_close(resumed[key], tensors[key], rtol=1e-5, atol=1e-6, msg=key)

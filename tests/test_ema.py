@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import EventLog, tiny_config, write_dataset
+from conftest import EventLog, stop_then_resume, tiny_config, write_dataset
 from safetensors.torch import load_file
 
 from core import config as config_mod
@@ -61,7 +61,6 @@ def test_ema_with_schedule_free_is_refused(tiny_model, tmp_path):
 
 
 def test_the_average_resumes_where_it_was(tiny_model, tmp_path):
-    from core.training.run_folder import RunPaths
 
     data = write_dataset(tmp_path / "d", n=3)
     overrides = {"train.ema": True, "train.ema_decay": 0.9, "sample.prompts": [], "output.save_every_n_steps": 0,
@@ -69,13 +68,8 @@ def test_the_average_resumes_where_it_was(tiny_model, tmp_path):
                  "dataset.validation_split": 0.0}
     straight = train.run(tiny_config(tiny_model, data, tmp_path / "o", name="straight", **overrides), EventLog())
     cfg = tiny_config(tiny_model, data, tmp_path / "o", name="stopped", **overrides)
-
-    def touch_stop(event):
-        if event.type == "progress" and event.step == 2:
-            RunPaths.of(cfg).stop.touch()
-
-    assert train.run(cfg, EventLog(touch_stop)).status == "stopped"
-    assert train.run(cfg, EventLog(), resume=True).status == "completed"
+    stopped, resumed = stop_then_resume(cfg)
+    assert stopped.status == "stopped" and resumed.status == "completed"
     a = load_file(cfg.run_dir / "stopped-ema.safetensors")
     b = load_file(straight.run_dir / "straight-ema.safetensors")
     for key in b:

@@ -40,7 +40,6 @@ LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_
 # Parts of a module in a file with a meaning no reader here applies: refused rather than dropped.
 UNSUPPORTED_KEYS = ("hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "oft_blocks", "oft_diag",
                     "diff", "diff_b", "w_norm", "b_norm", "a1.weight", "a2.weight", "b1.weight", "b2.weight")
-SUFFIXES = tuple("." + k for k in LOHA_KEYS + LOKR_KEYS)
 
 # The UNet's convolutions a LoCon trains (sd-scripts' and LyCORIS' choice): the ResNet blocks' and the
 # down/upsamplers'; never conv_in / conv_out, which sd-scripts-based tools cannot place.
@@ -76,6 +75,19 @@ def peft_config(kind: str, rank: int, alpha: float, targets: list[str], *, conv:
     if kind == "loha":
         return LoHaConfig(alpha=alpha, init_weights=init is not False, **common)
     return LoKrConfig(alpha=alpha, decompose_factor=lokr_factor, init_weights=init is not False, **common)
+
+
+def add_adapter(model, config, adapter: str = "default") -> None:
+    """Put a peft adapter on a model: a diffusers model through its own ``add_adapter``; a transformers
+    text encoder (whose integration wants a newer peft than the one pinned) injected directly, its
+    ``peft_config`` set where peft's state-dict helpers and diffusers' ``set_adapters`` look for it."""
+    from peft import inject_adapter_in_model
+
+    if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):
+        model.add_adapter(config, adapter_name=adapter)
+        return
+    inject_adapter_in_model(config, model, adapter_name=adapter)
+    model.peft_config = {**(getattr(model, "peft_config", None) or {}), adapter: config}
 
 
 # ---------------------------------------------------------------------------
@@ -152,9 +164,9 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 
 
 def is_lycoris(tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether a file holds LoHa / LoKr (or other LyCORIS-only) modules, which diffusers' loaders drop."""
-    return any(key.rsplit(".", 1)[-1] in (*LOHA_KEYS, *LOKR_KEYS, "dora_scale") or key.endswith(
-        tuple("." + k for k in UNSUPPORTED_KEYS)) for key in tensors)
+    """Whether a file holds LoHa / LoKr / DoRA (or other LyCORIS-only) modules, which diffusers' loaders drop."""
+    lycoris = tuple("." + k for k in (*LOHA_KEYS, *LOKR_KEYS, "dora_scale", *UNSUPPORTED_KEYS))
+    return any(key.endswith(lycoris) for key in tensors)
 
 
 def delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -185,8 +197,6 @@ def inject(model, modules: dict[str, dict[str, torch.Tensor]], adapter: str) -> 
     peft derives a LoKr's factor shapes from its factor setting; the file's own factors replace the ones it
     made, whatever their shapes, since the update is their product reshaped to the weight.
     """
-    from peft import inject_adapter_in_model
-
     by_kind: dict[str, list[str]] = {}
     for path, parts in modules.items():
         by_kind.setdefault(kind_of(parts), []).append(path)
@@ -199,11 +209,7 @@ def inject(model, modules: dict[str, dict[str, torch.Tensor]], adapter: str) -> 
         config = peft_config("lora" if kind == "dora" else kind, 1, 1.0, [re.escape(p) for p in paths], init=True,
                              ranks=ranks, alphas=alphas)
         config.target_modules = "|".join(f"({re.escape(p)})" for p in paths)  # exact paths, as one pattern
-        if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):
-            model.add_adapter(config, adapter_name=adapter)
-        else:  # a text encoder; diffusers' set_adapters finds the adapter through peft_config
-            inject_adapter_in_model(config, model, adapter_name=adapter)
-            model.peft_config = {**(getattr(model, "peft_config", None) or {}), adapter: config}
+        add_adapter(model, config, adapter)
         if kind == "dora":
             from core.lora.dora import add_dora
 

@@ -23,7 +23,8 @@ import torch
 
 _STACKS = {"transformer_blocks": "double", "single_transformer_blocks": "single", "layers": "layer",
            "noise_refiner": "noise_refiner", "context_refiner": "context_refiner"}
-_ADAPTER_PART = re.compile(r"\.(lora_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)(\.|$)")
+# The adapter's own parameters inside a layer: LoRA's lora_A/lora_B, DoRA's lora_dora_scale, LoHa's and LoKr's.
+_ADAPTER_PART = re.compile(r"\.(lora_\w+|hada_\w+|lokr_\w+)(\.|$)")
 
 
 class BlockError(ValueError):
@@ -150,3 +151,12 @@ def lr_weight(family, denoiser_config, parameter_name: str, weights: dict[str, f
     if not weights:
         return 1.0
     return weights.get(block_of(family, module_of(parameter_name), denoiser_config), 1.0)
+
+
+def weight_function(base):
+    """``param_groups``' block weight (parameter name -> weight) for a loaded model's block plan; None when
+    no block has a learning-rate weight."""
+    weights = base.block_plan.lr_weights if base.block_plan else {}
+    if not weights:
+        return None
+    return lambda name: lr_weight(base.family, base.denoiser.config, name, weights)

@@ -10,6 +10,7 @@ from core.config import ConfigError, TrainConfig
 
 def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """Add peft LoRA adapters; return the trainable (fp32) parameters of the UNet and the text encoder."""
+    from core.lora.adapters import add_adapter
     from core.lora.adapters import peft_config as adapter_config
 
     def attach(model, targets, what, key, conv=(), plan=None):
@@ -19,13 +20,7 @@ def add_lora(config: TrainConfig, base) -> tuple[list[torch.nn.Parameter], list[
                                      lokr_factor=lora.lokr_factor, ranks=plan.ranks if plan else None,
                                      alphas=plan.alphas if plan else None)
         try:
-            if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
-                model.add_adapter(peft_config)
-            else:  # transformers' integration needs a newer peft than the one pinned; inject directly
-                from peft import inject_adapter_in_model
-
-                inject_adapter_in_model(peft_config, model)
-                model.peft_config = {"default": peft_config}  # read by peft's get_peft_model_state_dict
+            add_adapter(model, peft_config)
         except ValueError as exc:
             example = "to_q, to_k, to_v, to_out.0" if what == "UNet" else "q_proj, k_proj, v_proj, out_proj"
             raise ConfigError(f"{key} = {list(targets)!r}: {exc}. Use module names of the {what}, "

@@ -114,17 +114,12 @@ def add_lora_meta(model, targets, rank: int, adapter: str = "lora", conv_rank: i
                   lokr_factor: int = -1) -> list[torch.nn.Parameter]:
     """The engine's adapter (``lora.type``; LoCon's convolutions at ``conv_rank``) on a meta-device model;
     returns the trainable parameters."""
-    from peft import inject_adapter_in_model
-
-    from core.lora.adapters import conv_targets, peft_config
+    from core.lora.adapters import add_adapter, conv_targets, peft_config
 
     conv = conv_targets(model) if conv_rank and hasattr(model, "conv_in") else []
     config = peft_config(adapter, rank, float(rank), list(targets), conv=conv, conv_rank=conv_rank,
                          conv_alpha=float(conv_rank or 1), lokr_factor=lokr_factor)
-    if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):
-        model.add_adapter(config)
-    else:
-        inject_adapter_in_model(config, model)
+    add_adapter(model, config)
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -83,14 +83,19 @@ def load_loss_mask(item: ImageItem, placement: Placement) -> torch.Tensor:
     return torch.nn.functional.interpolate(values, size=(height // 8, width // 8), mode="area")[0]
 
 
-def mask_loader(item: ImageItem, placement: Placement) -> Callable[[bool], torch.Tensor]:
-    """Loaded once (a few kilobytes at latent size), mirrored for flipped draws."""
+def mask_loader(item: ImageItem, placement: Placement) -> Callable[..., torch.Tensor]:
+    """(flipped, the draw's placement) -> its mask: the picture's own placement loaded once (a few kilobytes at
+    latent size), a random crop's loaded for that draw; mirrored for flipped draws."""
     held: list[torch.Tensor] = []
 
-    def get(flipped: bool) -> torch.Tensor:
-        if not held:
-            held.append(load_loss_mask(item, placement))
-        return held[0].flip(-1) if flipped else held[0]
+    def get(flipped: bool, draw: Placement | None = None) -> torch.Tensor:
+        if draw is not None and draw != placement:
+            mask = load_loss_mask(item, draw)
+        else:
+            if not held:
+                held.append(load_loss_mask(item, placement))
+            mask = held[0]
+        return mask.flip(-1) if flipped else mask
     return get
 
 

@@ -311,11 +311,10 @@ def _train(config: TrainConfig, accelerator, emit: Emit, should_stop, resume: bo
     base = load_base(config, accelerator, emit)
     unet_params, te_params = add_lora(config, base)
     named = {id(p): n for m in (base.denoiser, base.text) for n, p in m.named_parameters()}
-    weights = base.block_plan.lr_weights if base.block_plan else {}
-    from core.lora.blocks import lr_weight
+    from core.lora.blocks import weight_function
 
-    weight = (lambda name: lr_weight(base.family, base.denoiser.config, name, weights)) if weights else None  # noqa: E731
-    optimizer = build_optimizer(config, param_groups(config, unet_params, te_params, named, weight), emit)
+    optimizer = build_optimizer(config, param_groups(config, unet_params, te_params, named, weight_function(base)),
+                                emit)
     cache = FeatureCache(config.dataset.cache_dir or Path(config.output.dir) / ".cache")
     encoder = (LatentEncoder(config, base, cache, accelerator.device, emit)
                if config.dataset.cache_latents and config.dataset.cache_while_training else None)

@@ -25,7 +25,7 @@ from core.config import TrainConfig
 from core.data.buckets import Placement, bucket_sizes, fitted, place
 from core.data.dataset import ImageItem
 from core.events import Emit, Message, Phase
-from core.training.pictures import PixelAugment, load_loss_mask, load_pixels, mask_loader, pixels_loader
+from core.training.pictures import PixelAugment, load_pixels, mask_loader, pixels_loader
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Entry:
     # function giving them, encoding the picture first if the cache lacks it}
     pixels: Callable[..., torch.Tensor] | None  # (flipped, PixelAugment | None) -> (3, H, W), latents not cached
     text: Callable[[], dict] | None  # cached text conditioning of the caption ({"hidden"[, "pooled"]}), if cached
-    mask: Callable[[bool], torch.Tensor] | None = None  # flipped -> (1, H/8, W/8) loss weights (dataset.masked_loss)
+    mask: Callable[..., torch.Tensor] | None = None  # (flipped, placement) -> (1, H/8, W/8) loss weights (masked_loss)
     weight: float = 1.0  # of its loss: train.prior_loss_weight for a class picture (regularisation)
 
     @property
@@ -63,8 +63,7 @@ def example(entry: Entry, flipped: bool = False, caption: str | None = None,
     if text is not None:
         out.update(text())
     if entry.mask is not None:
-        mask = entry.mask(flipped) if placement is entry.placement else load_loss_mask(entry.item, placement)
-        out["mask"] = mask.flip(-1) if flipped and placement is not entry.placement else mask
+        out["mask"] = entry.mask(flipped, placement)
     return out
 
 
