@@ -11,6 +11,7 @@
     python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
     python -m core merge --model MODEL --lora FILE --scale S --out MERGED.safetensors [--precision fp16|bf16|fp32]
     python -m core class-pictures --model MODEL --prompt TEXT --count N --out DIR   (core/cli_class.py)
+    python -m core queue add|list|run|start|pause|cancel|move|clear ...             (core/cli_queue.py)
     python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl|sd3|sd3-medium|flux|flux-schnell|flux2|zimage]
                         [--set section.key=value ...] [--vram GB] [--fit] [--json]
 
@@ -129,9 +130,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="choose the fastest settings predicted to fit, printed as --set lines")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
-    from core.cli_class import add_command
+    # Commands with their own modules (cli_class, cli_queue, ...), each adding its parser.
+    import importlib
 
-    add_command(sub)
+    for module in ("core.cli_class", "core.cli_queue"):
+        importlib.import_module(module).add_command(sub)
     return parser
 
 
