@@ -126,3 +126,59 @@ def test_the_worker_moves_on_after_a_stop_and_a_failure(tiny_model, tmp_path):
     listed = subprocess.run([sys.executable, "-m", "core", "queue", "list", "--outputs", str(outputs), "--json"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     assert [e["state"] for e in json.loads(listed.stdout)["entries"]] == ["stopped", "failed", "completed"]
+
+
+# ------------------------------------------------------------ the Train tab's queue box (handlers)
+
+
+def test_queue_box_adds_the_forms_run_with_a_sweep_and_acts_on_entries(tiny_model, tmp_path):
+    from ui import queue_panel, train_tab
+    from ui.settings import AppSettings
+
+    settings = AppSettings(tmp_path / "home")
+    settings.ensure()
+    values = train_tab.config_to_form(quick(tiny_model, tmp_path, "photos"))
+    form = lambda: train_tab.form_to_config(values, settings)  # noqa: E731
+    message, rows, picker = queue_panel.add_to_queue(settings, form, [("lora.rank", "4, 8"), (None, "")],
+                                                     start=False)
+    assert "Queued 2 run(s): photos-rank4, photos-rank8" in message and "2 waiting" in message
+    assert [row[1:4] for row in rows] == [["photos-rank4", "lora.rank = 4", "⏳ waiting"],
+                                          ["photos-rank8", "lora.rank = 8", "⏳ waiting"]]
+    assert [value for _, value in picker["choices"]] == [1, 2]
+    # A bad sweep names the setting and the value; nothing is queued.
+    message, *_ = queue_panel.add_to_queue(settings, form, [("train.learning_rate", "1e-4, zero")], start=False)
+    assert message.startswith("⚠️") and "train.learning_rate = 'zero'" in message
+    message, *_ = queue_panel.add_to_queue(settings, lambda: (_ for _ in ()).throw(ConfigError("lora.rank bad")),
+                                           [], start=False)
+    assert message == "⚠️ lora.rank bad"
+    _, rows, _ = queue_panel.act(settings, "down", 1)
+    assert [row[1] for row in rows] == ["photos-rank8", "photos-rank4"]
+    message, rows, _ = queue_panel.act(settings, "cancel", 1)
+    assert "cancelled" in message and rows[1][3] == "✖ cancelled"
+    assert queue_panel.act(settings, "cancel", None)[0] == "⚠️ pick an entry of the queue first"
+    message, rows, _ = queue_panel.act(settings, "clear", None)
+    assert "Forgot 1" in message and len(rows) == 1
+    # An app started later does not restart a queue the user paused.
+    queue_panel.act(settings, "pause", None)
+    assert not queue_panel.resume_on_start(settings) and "paused" in queue_panel.view(settings)[0]
+
+
+def test_the_train_tab_follows_a_run_another_process_started(tiny_model, tmp_path):
+    """The queue's next run (or one started from a terminal) takes over the live view once the last one ended."""
+    import os
+
+    import psutil
+
+    from core.fsutil import write_json
+    from core.training.run_folder import TrainerLock
+    from ui.runner import AttachedRun, RunManager
+
+    outputs = tmp_path / "outputs"
+    manager = RunManager(outputs)
+    assert manager.follow_live() is None
+    run_dir = outputs / "queued"
+    run_dir.mkdir(parents=True)
+    lock = TrainerLock(os.getpid(), psutil.Process().create_time(), time.time())
+    write_json(RunPaths(run_dir).lock, lock.__dict__)
+    followed = manager.follow_live()
+    assert isinstance(followed, AttachedRun) and followed.run_dir == run_dir

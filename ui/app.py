@@ -13,7 +13,7 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
     """Build the whole UI; nothing runs at import time."""
     import gradio as gr
 
-    from ui import dataset_tab, prompt_tab, train_tab
+    from ui import dataset_tab, prompt_tab, runs_tab, train_tab
 
     settings = settings or AppSettings.from_env()
     settings.ensure()
@@ -21,6 +21,9 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
     # (a gallery of a thousand pictures would otherwise leave a thousand copies there).
     gr.set_static_paths(served_paths(settings))
     manager = manager or RunManager(settings.outputs_dir)
+    from ui.queue_panel import resume_on_start
+
+    resume_on_start(settings)  # a queue the app (or the machine) left with runs waiting goes on
     previewer = previewer or Previewer()
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:
         with gr.Row():
@@ -34,6 +37,8 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
                 train = train_tab.build(settings, manager)
             with gr.Tab("Prompt", id="prompt", elem_id="tab-prompt"):
                 prompt = prompt_tab.build(settings, previewer)
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                runs = runs_tab.build(settings)
 
         def follow_dataset(name):
             """The Train tab trains the dataset picked in the Dataset tab."""
@@ -87,7 +92,7 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
 
         train["use_lora"].click(use_in_prompt, train["final_lora"], [*prompt["lists"].outputs, tabs])
         # A page load re-reads what each tab lists (and the Train tab re-attaches to the run in progress).
-        for refresh in (*dataset["on_load"], *train["on_load"], *prompt["on_load"]):
+        for refresh in (*dataset["on_load"], *train["on_load"], *prompt["on_load"], *runs["on_load"]):
             app.load(refresh.fn, refresh.inputs, refresh.outputs)
     app.lora_studio = {"settings": settings, "manager": manager, "previewer": previewer}
     return app

@@ -279,6 +279,19 @@ class RunManager:
                 return f"a run is already training ({run_dir.name}, process {lock.pid})"
         return None
 
+    def follow_live(self) -> ActiveRun | None:
+        """The run to show: the active one while it trains; once it ended, a run another process started since
+        (the queue's next run, or one started from the command line), else the ended one."""
+        if self.active is None or not self.active.running:
+            for run_dir in list_runs(self.outputs_dir):
+                lock = live_lock(run_dir)
+                if lock is not None:
+                    if self.active is not None:
+                        self.active.poll()  # the ended run's last events are folded before it is left
+                    self.active = AttachedRun(run_dir, lock)
+                    break
+        return self.active
+
     def start(self, config: TrainConfig) -> ActiveRun:
         reason = self.busy()
         if reason:

@@ -9,11 +9,12 @@ from typing import Any
 
 from core import config as config_mod
 from core.config import ConfigError, TrainConfig
-from ui import memory_panel
+from ui import memory_panel, queue_panel
 from ui import presets as presets_mod
 from ui.run_view import (  # noqa: F401 - the live view of a run (read from here too)
     SERIES_COLOURS,
     check_html,
+    error_box,
     error_text,
     final_file,
     final_file_text,
@@ -194,8 +195,8 @@ def start_run(settings: AppSettings, manager: RunManager, values: dict[str, Any]
         return f"⚠️ {exc}", gr.skip(), gr.skip()
     if taken:
         return (f"Starting **{run.run_dir.name}**: **{old}** is an earlier run, kept as it is (to go on with it, "
-                f"pick it under Past runs and resume it).", "", config.output.name)
-    return f"Starting **{run.run_dir.name}**…", "", gr.skip()
+                f"pick it under Past runs and resume it).", error_box(), config.output.name)
+    return f"Starting **{run.run_dir.name}**…", error_box(), gr.skip()
 
 
 def resume_run(manager: RunManager, run_dir, steps):
@@ -208,7 +209,7 @@ def resume_run(manager: RunManager, run_dir, steps):
         run = manager.resume(run_dir, int(steps or 0))
     except (ConfigError, RunBusyError) as exc:
         return f"⚠️ {exc}", gr.skip()
-    return f"Starting **{run.run_dir.name}** again from its last save…", ""
+    return f"Starting **{run.run_dir.name}** again from its last save…", error_box()
 
 
 def stop_run(manager: RunManager) -> str:
@@ -219,13 +220,13 @@ def follow_run(manager: RunManager):
     """The live view of the active run: (progress, plot, samples, log, error, status); nothing when none."""
     import gradio as gr
 
-    active = manager.active
+    active = manager.follow_live()
     if active is None:
         return (gr.skip(),) * 9
     summary = active.poll()
     running = active.running
     return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), active.log_tail(),
-            error_text(summary), status_text(summary, running), *final_file(summary))
+            error_box(error_text(summary)), status_text(summary, running), *final_file(summary))
 
 
 def open_run(run_dir):
@@ -238,7 +239,8 @@ def open_run(run_dir):
         return (gr.skip(),) * 8
     summary = summarize(run_dir)
     running = run_status(Path(run_dir)).state == "running"
-    return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), error_text(summary),
+    return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary),
+            error_box(error_text(summary)),
             run_files_text(Path(run_dir)), *final_file(summary))
 
 
@@ -305,6 +307,20 @@ def model_picked(model, current):
 # ------------------------------------------------------------------ layout
 
 
+def preset_row(settings: AppSettings):
+    """The presets' row: (picker, Apply, name for saving, Save)."""
+    import gradio as gr
+
+    with gr.Row():
+        preset = gr.Dropdown(presets_mod.list_presets(settings.presets_dir), label="Preset", value=None,
+                             elem_id="train-preset", scale=3)
+        load_preset = gr.Button("Apply preset", elem_id="train-apply-preset", scale=1)
+        preset_name = gr.Textbox(label="Save settings as preset", placeholder="my preset", scale=3,
+                                 elem_id="train-preset-name")
+        save_preset_button = gr.Button("Save preset", elem_id="train-save-preset", scale=1)
+    return preset, load_preset, preset_name, save_preset_button
+
+
 def build(settings: AppSettings, manager: RunManager):
     """The Train tab's components and events (called inside a gr.Blocks)."""
     import gradio as gr
@@ -313,13 +329,7 @@ def build(settings: AppSettings, manager: RunManager):
 
     defaults = form_defaults()
     components: dict[str, Any] = {}
-    with gr.Row():
-        preset = gr.Dropdown(presets_mod.list_presets(settings.presets_dir), label="Preset", value=None,
-                             elem_id="train-preset", scale=3)
-        load_preset = gr.Button("Apply preset", elem_id="train-apply-preset", scale=1)
-        preset_name = gr.Textbox(label="Save settings as preset", placeholder="my preset", scale=3,
-                                 elem_id="train-preset-name")
-        save_preset_button = gr.Button("Save preset", elem_id="train-save-preset", scale=1)
+    preset, load_preset, preset_name, save_preset_button = preset_row(settings)
     with gr.Row():
         with gr.Column(scale=2):
             for key in basic_fields():
@@ -331,6 +341,7 @@ def build(settings: AppSettings, manager: RunManager):
             with gr.Row():
                 start = gr.Button("Train", variant="primary", elem_id="train-start")
                 stop = gr.Button("Stop and save", variant="stop", elem_id="train-stop")
+                enqueue = gr.Button("Add to queue", elem_id="train-enqueue")
             view = run_view()
             status, download, use_lora, final_lora = (view[k] for k in ("status", "download", "use_lora", "final"))
             progress, error, plot, samples, log = (view[k] for k in ("progress", "error", "plot", "samples", "log"))
@@ -343,6 +354,7 @@ def build(settings: AppSettings, manager: RunManager):
                                              info="0: the run's own total. Another number trains it up to "
                                                   "that step instead (a finished run further).",
                                              elem_id="train-resume-steps")
+            queue = queue_panel.build(settings)
     timer = gr.Timer(1.0)
     inputs = set(components.values())
     keys = {comp: key for key, comp in components.items()}
@@ -371,6 +383,8 @@ def build(settings: AppSettings, manager: RunManager):
 
     start.click(on_start, inputs=inputs, outputs=[status, error, components["output.name"]])
     stop.click(on_stop, outputs=status)
+    queue_refresh = queue_panel.wire(settings, queue, enqueue, inputs,
+                                     lambda data: form_to_config(as_values(data), settings))
     final = [download, use_lora, final_lora]
     timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status, *final], show_progress="hidden")
     open_button.click(open_run, inputs=runs, outputs=[progress, plot, samples, error, status, *final])
@@ -398,7 +412,8 @@ def build(settings: AppSettings, manager: RunManager):
         "timer": timer,
         # A page load re-reads the lists and re-attaches to the run in progress.
         "on_load": [Refresh(on_load_lists, [], [runs, components["model.path"], components["dataset.path"]]),
-                    Refresh(on_tick, [], [progress, plot, samples, log, error, status, *final]), memory_refresh],
+                    Refresh(on_tick, [], [progress, plot, samples, log, error, status, *final]), memory_refresh,
+                    queue_refresh],
         "use_lora": use_lora,
         "final_lora": final_lora,
     }
