@@ -117,6 +117,7 @@ class Finished(Event):
     status: str  # "completed" or "stopped"
     step: int
     lora_path: str
+    peak_memory_mb: float = 0.0  # the process's peak: GPU memory allocated on CUDA, else RAM (0: not recorded)
 
 
 @dataclass

@@ -190,10 +190,10 @@ def test_whole_flow(page, server, tmp_path):
         step = int(page.get_attribute("#train-progress .run-progress", "data-step") or 0)
         if step and first_progress is None:
             first_progress = time.time() - clicked
-        if state in ("completed", "stopped") or page.input_value("#train-error textarea"):
+        if state in ("completed", "stopped") or page.locator("#train-error textarea").is_visible():
             break
         time.sleep(0.5)
-    assert page.input_value("#train-error textarea") == ""
+    assert not page.locator("#train-error textarea").is_visible()  # the Error box only shows an error
     assert page.get_attribute("#train-progress .run-progress", "data-state") == "completed"
     assert page.get_attribute("#train-progress .run-progress", "data-step") == "6"
     print(f"first progress update {first_progress:.1f} s after clicking Train")
@@ -225,10 +225,15 @@ def test_whole_flow(page, server, tmp_path):
 
     # --- Prompt tab (brought to the front with the new LoRA picked): the LoRA against the base model.
     page.wait_for_function("document.querySelector('#prompt-lora input') && "
-                           "document.querySelector('#prompt-lora input').value.endsWith('e2e-lora.safetensors')")
+                           "document.querySelector('#prompt-lora input').value == 'e2e-lora.safetensors'")
     assert page.input_value("#prompt-model input").startswith("tiny")  # the model the run trained on
-    _fill(page, "#prompt-width", 64)
-    _fill(page, "#prompt-height", 64)
+    # The size follows the picked model (the tiny model draws 64 px), the run's final file is listed first.
+    page.wait_for_function("document.querySelector('#prompt-width input').value == '64'")
+    assert page.input_value("#prompt-height input") == "64"
+    page.click("#prompt-lora input")
+    options = page.locator("[role=option]").all_inner_texts()
+    page.keyboard.press("Escape")
+    assert options[0].strip() == "e2e-lora.safetensors", options
     _fill(page, "#prompt-steps", 2)
     page.click("#prompt-generate")
     page.wait_for_selector("#prompt-output img")
@@ -238,6 +243,24 @@ def test_whole_flow(page, server, tmp_path):
     base, with_lora = (page.request.get(src).body() for src in sources[:2])
     assert _pixels(base) != _pixels(with_lora), "the LoRA did not change the image"
     _shot(page, "prompt")
+
+    # --- The queue: a sweep of two learning rates from the Train tab's form, trained one after another.
+    page.click("#tab-train-button")
+    _fill(page, "#train-train-max-train-steps", 2)
+    page.click("#queue-box button, #queue-box .label-wrap >> nth=0")
+    _fill(page, "#queue-sweep-key", "train.learning_rate")
+    _fill(page, "#queue-sweep-values", "1e-3, 2e-3")
+    page.click("#train-enqueue")
+    page.wait_for_function("document.querySelector('#queue-message').innerText.includes('Queued 2 run(s)')")
+    assert "e2e-lora-lr0.001" in page.inner_text("#queue-table") and "e2e-lora-lr0.002" in page.inner_text(
+        "#queue-table")
+    # The live view follows each queued run as the queue starts it.
+    page.wait_for_function("document.querySelector('#train-progress').innerText.includes('e2e-lora-lr0.00')",
+                           timeout=300_000)
+    page.wait_for_function("(document.querySelector('#queue-table').innerText.match(/completed/g) || []).length"
+                           " >= 2", timeout=600_000)
+    assert (home / "outputs" / "e2e-lora-lr0.002" / "e2e-lora-lr0.002.safetensors").is_file()
+    _shot(page, "queue")
 
 
 def _noise_png(path: Path) -> None:
@@ -274,6 +297,6 @@ def test_screenshots_are_copied_for_the_readme():
     if os.environ.get("UPDATE_SCREENSHOTS"):
         docs = ROOT / "docs" / "screenshots"
         docs.mkdir(parents=True, exist_ok=True)
-        for name in ("dataset", "train", "prompt"):
+        for name in ("dataset", "train", "prompt", "queue"):
             shutil.copyfile(SHOTS / f"{name}.png", docs / f"{name}.png")
-    assert all((SHOTS / f"{n}.png").stat().st_size > 10_000 for n in ("dataset", "train", "prompt"))
+    assert all((SHOTS / f"{n}.png").stat().st_size > 10_000 for n in ("dataset", "train", "prompt", "queue"))

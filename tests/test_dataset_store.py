@@ -218,28 +218,35 @@ def test_reimporting_the_same_file_copies_nothing(tmp_path, ds):
     mtime = (ds / "dog.png").stat().st_mtime_ns
     caption = write(tmp_path / "Downloads", "dog.txt", "second try")
     report = store.import_files(ds, [original, caption])
-    assert report.added == ["dog.png"]  # counted, so the user sees it is in the dataset
+    assert report.added == [] and report.unchanged == ["dog.png"]  # said so: "already there", not "added"
     assert report.captions == ["dog.txt"]
     assert sorted(p.name for p in ds.iterdir()) == ["dog.png", "dog.txt"]
     assert (ds / "dog.png").stat().st_mtime_ns == mtime  # not rewritten
     assert (ds / "dog.txt").read_text(encoding="utf-8") == "second try"
 
 
-def test_a_different_file_with_a_taken_name_is_renamed_and_keeps_its_caption(tmp_path, ds):
+def test_a_different_picture_under_a_taken_name_replaces_it_and_the_old_one_is_kept(tmp_path, ds):
+    """Dropping edited pictures again under their names replaces them; the old ones go to .removed/ (restorable),
+    and their captions stay unless new ones came with the upload."""
     first = write(tmp_path / "day1", "dog.png", png_bytes(1))
+    other = write(tmp_path / "day1", "cat.png", png_bytes(3))
     write(tmp_path / "day1", "dog.txt", "first dog")
-    store.import_files(ds, [first, tmp_path / "day1" / "dog.txt"])
+    write(tmp_path / "day1", "cat.txt", "first cat")
+    store.import_files(ds, [first, other, tmp_path / "day1" / "dog.txt", tmp_path / "day1" / "cat.txt"])
     second = write(tmp_path / "day2", "dog.png", png_bytes(2))
+    second_cat = write(tmp_path / "day2", "cat.png", png_bytes(4))
     second_caption = write(tmp_path / "day2", "dog.txt", "second dog")
-    report = store.import_files(ds, [second, second_caption])
-    assert report.added == ["dog (2).png"] and report.captions == ["dog (2).txt"]
-    assert (ds / "dog (2).png").read_bytes() == second.read_bytes()
-    assert (ds / "dog.txt").read_text(encoding="utf-8") == "first dog"  # untouched
-    assert (ds / "dog (2).txt").read_text(encoding="utf-8") == "second dog"
-    # Importing the second file again finds it under its new name: still no third copy.
-    again = store.import_files(ds, [second])
-    assert again.added == ["dog (2).png"]
+    report = store.import_files(ds, [second, second_cat, second_caption])
+    assert report.replaced == ["dog.png", "cat.png"] and report.added == [] and report.captions == ["dog.txt"]
+    assert (ds / "dog.png").read_bytes() == second.read_bytes()
+    assert (ds / "dog.txt").read_text(encoding="utf-8") == "second dog"  # a new caption came
+    assert (ds / "cat.txt").read_text(encoding="utf-8") == "first cat"  # none came: the old one stays
+    assert store.list_removed(ds) == ["cat.png", "dog.png"]
+    assert (ds / store.REMOVED_DIR / "dog.png").read_bytes() == first.read_bytes()
     assert store.counts(ds)["images"] == 2
+    # Importing the second file again: the same bytes, nothing copied or replaced.
+    again = store.import_files(ds, [second])
+    assert again.unchanged == ["dog.png"] and again.replaced == [] and again.added == []
 
 
 def test_same_stem_other_extension_or_case_is_renamed(tmp_path, ds):

@@ -1,5 +1,7 @@
 """What a new user hits in a first session (issue 14): each surprise as a handler test."""
 
+import time
+
 from conftest import tiny_config, write_dataset
 
 from core.events import Finished, Progress, jsonl_writer
@@ -25,7 +27,7 @@ def test_a_taken_run_name_gets_a_free_one_and_the_earlier_run_is_kept(tiny_model
     manager = RunManager(settings.outputs_dir)
     status, error, name = train_tab.start_run(settings, manager, train_tab.config_to_form(cfg))
     try:
-        assert name == "photos-3" and error == "", status
+        assert name == "photos-3" and error["visible"] is False and error["value"] == "", status
         assert "Starting **photos-3**" in status and "**photos** is an earlier run, kept" in status
         assert "python -m core" not in status  # no command-line wording in the app
         assert manager.active.run_dir.name == "photos-3"  # the live view follows the new run, not the old one
@@ -109,3 +111,72 @@ def test_steps_per_second_leave_out_validation_and_samples(monkeypatch):
     rate.skip(30.0)
     clock["now"] += 1.0
     assert rate.tick() == 1.0  # the next step is still a step a second: the time left does not jump
+
+
+def test_the_prompt_tab_lists_final_files_first_with_short_names_and_marks_failed_ones(tmp_path):
+    from core.events import LoraVerified
+    from ui.settings import lora_choices
+
+    outputs = tmp_path / "outputs"
+    for name, ok in (("older", False), ("newer", True)):
+        run = outputs / name
+        run.mkdir(parents=True)
+        for file in (f"{name}-step000010.safetensors", f"{name}.safetensors"):
+            (run / file).write_bytes(b"x")
+        jsonl_writer(RunPaths(run).events)(LoraVerified(10, str(run / f"{name}.safetensors"), ok, 4, 4,
+                                                         [] if ok else ["no module maps"]))
+        time.sleep(0.05)  # newest run first
+    (outputs / "newer" / "renamed by hand.safetensors").write_bytes(b"x")
+    labels = [label for label, _ in lora_choices(outputs)]
+    assert labels == ["newer.safetensors", "✗ older.safetensors (failed its check)", "newer-step000010.safetensors",
+                      "newer/renamed by hand.safetensors", "older-step000010.safetensors"]
+    assert dict(lora_choices(outputs))["newer.safetensors"] == str(outputs / "newer" / "newer.safetensors")
+
+
+def test_remove_and_restore_and_the_buttons_follow_the_pick(tmp_path):
+    from ui import dataset_tab, removed_box
+
+    settings = AppSettings(tmp_path / "home")
+    settings.ensure()
+    write_dataset(settings.datasets_dir / "dogs", n=3)
+    assert [u["interactive"] for u in removed_box.picked_buttons("")] == [False, False]  # nothing picked
+    assert [u["interactive"] for u in removed_box.picked_buttons("img1.png")] == [True, True]
+    message, gallery, counts, *_ = dataset_tab.on_remove(settings, "dogs", dataset_tab.TOP_LEVEL, "img1.png")
+    assert "Removed `img1.png`" in message and "**2** images" in counts
+    assert removed_box.removed_list(settings, "dogs", dataset_tab.TOP_LEVEL)["choices"] == ["img1.png"]
+    message, gallery, counts, listed = removed_box.on_restore(settings, "dogs", dataset_tab.TOP_LEVEL, "img1.png")
+    assert message == "Restored `img1.png`." and "**3** images" in counts and listed["choices"] == []
+    assert (settings.datasets_dir / "dogs" / "img1.txt").read_text(encoding="utf-8") == "a photo of sks dog number 1"
+    message, *_ = removed_box.on_restore(settings, "dogs", dataset_tab.TOP_LEVEL, None)
+    assert message == "⚠️ pick a removed picture to restore first"
+
+
+def test_the_health_reports_counts_follow_exclude_and_keep_at_once(tmp_path):
+    from ui import dataset_tab, health_panel
+
+    folder = write_dataset(tmp_path / "dogs", n=4, size=(40, 40))  # all below 512 px: each has a warning
+    report, _ = health_panel.check_for_run(folder, 512)
+    assert report.summary["usable"] == 4 and report.summary["warnings"] == 4
+    health_panel.decide(folder, "img1.png", "exclude", report)
+    health_panel.decide(folder, "img2.png", "keep", report)
+    after = health_panel.with_decisions(report, folder)
+    assert {k: after.summary[k] for k in ("usable", "excluded", "kept", "warnings")} == \
+        {"usable": 3, "excluded": 1, "kept": 1, "warnings": 2}
+    assert "**3** usable of 4 pictures" in health_panel.summary(after)
+    assert "**1** excluded from training" in dataset_tab.counts_text(folder)
+    assert ("img1.png (excluded)" in [label for _, label in dataset_tab.gallery_items(folder)])
+
+
+def test_dropping_the_same_names_again_says_replaced_and_already_there(tmp_path):
+    from ui import dataset_tab
+
+    settings = AppSettings(tmp_path / "home")
+    settings.ensure()
+    (settings.datasets_dir / "dogs").mkdir(parents=True)
+    first = write_dataset(tmp_path / "day1", n=3)
+    files = sorted(str(p) for p in first.iterdir() if p.suffix == ".png")
+    dataset_tab.on_upload(settings, "dogs", dataset_tab.TOP_LEVEL, files)
+    edited = write_dataset(tmp_path / "day2", n=2, seed=5)  # two of the names again, other pixels, no captions
+    again = [str(p) for p in edited.iterdir() if p.suffix == ".png"] + [files[2]]
+    message = dataset_tab.on_upload(settings, "dogs", dataset_tab.TOP_LEVEL, again)[1]
+    assert message.startswith("Added 0 image(s) and 0 caption file(s). Replaced 2:") and "1 were already" in message

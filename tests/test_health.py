@@ -174,6 +174,7 @@ def test_summary_counts(report):
         "captioned": 21, "uncaptioned": 2,
         "duplicate_groups": 1, "near_duplicate_groups": 2, "tokens_checked": False,
         "masked": 1,  # the palette picture with a transparent index: its transparency is a loss mask
+        "caption_style": "tags",
     }
 
 
@@ -185,6 +186,20 @@ def test_groups(report):
 
 def test_tag_frequency_most_common_first(report):
     assert report.tag_frequency == TAGS
+
+
+def test_sentence_captions_are_counted_by_word_not_split_into_tags():
+    """BLIP and Florence write sentences: their commas separate clauses, and a whole sentence is no "tag"."""
+    from core.data.health import caption_style, tag_frequency
+
+    sentences = ["a photo of a dog sitting on the grass, looking at the camera",
+                 "a dog running on a beach, with waves behind it", "a close up of a dog's face"]
+    assert caption_style(sentences) == "sentences"
+    counts = dict(tag_frequency(sentences))
+    assert counts["dog"] == 2 and counts["dog's"] == 1 and counts["grass"] == 1
+    assert "a" not in counts and "looking at the camera" not in counts
+    tags = ["1girl, solo, red hair, smile", "1girl, red hair, outdoors", "sks"]
+    assert caption_style(tags) == "tags" and tag_frequency(tags)[:2] == [("1girl", 2), ("red hair", 2)]
 
 
 def test_messages_say_what_and_give_the_numbers(report):
@@ -296,7 +311,8 @@ def test_json_layout(report):
     assert list(data) == ["version", "folder", "resolution", "summary", "files", "duplicate_groups",
                           "near_duplicate_groups", "tag_frequency", "masks"]
     assert data["version"] == 1 and isinstance(data["folder"], str) and data["resolution"] == 512
-    assert all(isinstance(v, bool if k == "tokens_checked" else int) for k, v in data["summary"].items())
+    kinds = {"tokens_checked": bool, "caption_style": str}
+    assert all(isinstance(v, kinds.get(k, int)) for k, v in data["summary"].items())
     for f in data["files"]:
         assert set(f) == {"file", "status", "checks", "decision"} and f["status"] in ("error", "warning")
         assert f["decision"] is None

@@ -29,6 +29,9 @@ def test_summary_folds_events_and_views_render(tmp_path):
     assert sorted(empty["series"]) == sorted(run_view.SERIES_COLOURS) and empty["loss"].isna().all()
     assert run_view.sample_gallery(s) == [("/x/a.png", "step 1: p")]
     assert run_view.error_text(s).startswith("out of GPU memory")
+    # The Error box shows only while there is an error (an empty box read as "something is wrong").
+    assert run_view.error_box(run_view.error_text(s))["visible"] is True
+    assert run_view.error_box(run_view.error_text(None)) == {"__type__": "update", "value": "", "visible": False}
     s.apply(LoraVerified(-1, "/x/my.safetensors", False, 12, 10, ["not in the base model: lora_unet_x"], 3.5, True))
     html = run_view.progress_html(s, running=False)
     assert "check of my.safetensors: 10/12 modules map onto the base model" in html

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from core.data import caption_edits as edits
 from core.data import dataset_store as store
 from core.data.manifest import load_manifest
-from ui import health_panel
+from ui import health_panel, removed_box
 from ui.server import discard_uploads
 from ui.settings import AppSettings
 from ui.widgets import Refresh
@@ -66,7 +66,13 @@ def gallery_items(folder: Path | None, root: Path | None = None) -> list[tuple[s
 
 
 def import_message(report) -> str:
-    lines = [f"Added {len(report.added)} image(s) and {len(report.captions)} caption file(s)."]
+    line = f"Added {len(report.added)} image(s) and {len(report.captions)} caption file(s)."
+    if report.replaced:
+        line += (f" Replaced {len(report.replaced)}: a different picture had that name (the old ones are under "
+                 f"Removed pictures, to restore; their captions stay unless new ones came).")
+    if report.unchanged:
+        line += f" {len(report.unchanged)} were already in the dataset, unchanged."
+    lines = [line]
     for name, reason in report.rejected:
         lines.append(f"- not added: `{name}` — {reason}")
     return "\n".join(lines)
@@ -396,8 +402,12 @@ def build(settings: AppSettings):
             selected = gr.Textbox(label="Selected picture", interactive=False, elem_id="dataset-selected")
             caption = gr.Textbox(label="Caption", lines=4, elem_id="dataset-caption")
             with gr.Row():
-                save = gr.Button("Save caption", variant="primary", elem_id="dataset-save-caption")
-                remove = gr.Button("Remove from dataset", variant="stop", elem_id="dataset-remove")
+                # Usable once a picture is picked in the gallery.
+                save = gr.Button("Save caption", variant="primary", elem_id="dataset-save-caption",
+                                 interactive=False)
+                remove = gr.Button("Remove from dataset", variant="stop", elem_id="dataset-remove",
+                                   interactive=False)
+            trash = removed_box.build(settings)
             box = autocaption_box(settings)
             with gr.Accordion("Bulk tools", open=False):
                 trigger = gr.Textbox(label="Trigger word (put first in every caption)", elem_id="dataset-trigger")
@@ -420,7 +430,11 @@ def build(settings: AppSettings):
     caption_form = {"name": picker, "folder": sub, **{key: box[key] for key in CAPTION_FORM[2:]}}
 
     def on_select(name, folder_name, evt: gr.SelectData):  # gradio reads this annotation: defined here
-        return selected_picture(settings, name, folder_name, evt.index)
+        image_name, text = selected_picture(settings, name, folder_name, evt.index)
+        return image_name, text, *removed_box.picked_buttons(image_name)
+
+    def on_unpick():
+        return "", "", *removed_box.picked_buttons("")
 
     def on_autocaption(values):
         return jobs.start({key: values[component] for key, component in caption_form.items()})
@@ -438,9 +452,20 @@ def build(settings: AppSettings):
     sub.change(handler(on_folder, settings), [picker, sub], [message, *shown])
     create.click(handler(on_create, settings), new_name, [picker, message])
     upload.upload(handler(on_upload, settings), [picker, sub, upload], [upload, message, sub, *shown])
-    gallery.select(on_select, [picker, sub], [selected, caption])
+    for event in health["decided"]:  # an Exclude or Keep shows in the gallery's labels and counts at once
+        event.then(handler(listing, settings, name="on_decided"), [picker, sub], shown)
+    picked = [selected, caption, save, remove]
+    gallery.select(on_select, [picker, sub], picked)
+    for changed in (picker, sub):  # another dataset or folder in view: nothing picked
+        changed.change(on_unpick, outputs=picked)
+        changed.change(handler(removed_box.removed_list, settings, name="on_removed_list"), [picker, sub],
+                       trash["removed"])
     save.click(handler(on_save, settings), [picker, sub, selected, caption], [message, counts])
-    remove.click(handler(on_remove, settings), [picker, sub, selected], [message, *shown, selected, caption])
+    remove.click(handler(on_remove, settings), [picker, sub, selected], [message, *shown, selected, caption]).then(
+        handler(removed_box.removed_list, settings, name="on_removed_list"), [picker, sub], trash["removed"]).then(
+        removed_box.picked_buttons, selected, [save, remove])
+    trash["restore"].click(handler(removed_box.on_restore, settings), [picker, sub, trash["removed"]],
+                           [message, *shown, trash["removed"]])
     add_trigger.click(tool(edits.add_trigger_word), [picker, sub, trigger], [message, *shown])
     do_replace.click(tool(edits.find_replace), [picker, sub, find, replace], [message, *shown])
     prepend.click(tool(lambda f, t: edits.add_text(f, t, "prepend")), [picker, sub, text], [message, *shown])

@@ -48,9 +48,12 @@ def check_for_run(folder: Path, resolution=512, model: str = "", trigger: str = 
 
 def with_decisions(report, folder: Path):
     """The report with every file's decision re-read from dataset.toml (after a click)."""
+    from core.data.health import recount
+
     current = manifest_mod.load_manifest(folder)
     files = [dataclasses.replace(f, decision=current.decision(f.file)) for f in report.files]
-    return dataclasses.replace(report, files=files)
+    decided = dataclasses.replace(report, files=files)
+    return dataclasses.replace(decided, summary=recount(decided))
 
 
 def summary(report) -> str:
@@ -70,7 +73,8 @@ def summary(report) -> str:
                      f"loss): {shown}{more}")
     if report.tag_frequency:
         top = ", ".join(f"{tag} ({count})" for tag, count in report.tag_frequency[:10])
-        lines.append(f"\nMost common caption tags: {top}")
+        what = "caption tags" if s.get("caption_style") == "tags" else "words in the captions"
+        lines.append(f"\nMost common {what}: {top}")
     return "\n".join(lines)
 
 
@@ -256,8 +260,10 @@ def build(folder_of, picker):
     shown = [headline, flagged, table]
     flagged.select(on_gallery, None, [chosen, chosen_details])
     table.select(on_table, None, [chosen, chosen_details])
-    for button, value in ((exclude, "exclude"), (keep, "keep"), (undo, None)):
-        button.click(decision(value), chosen, [note, *shown, chosen_details])
-    copies.click(on_copies, None, [note, *shown])
+    decided = [button.click(decision(value), chosen, [note, *shown, chosen_details])
+               for button, value in ((exclude, "exclude"), (keep, "keep"), (undo, None))]
+    decided.append(copies.click(on_copies, None, [note, *shown]))
     save_repeats.click(on_save_repeats, [picker, concepts], [note, concepts])
-    return {"check": run_check, "on_check": on_check, "outputs": [*shown, concepts, chosen, chosen_details]}
+    # "decided": the events after which the Dataset tab's own gallery and counts are shown again.
+    return {"check": run_check, "on_check": on_check, "outputs": [*shown, concepts, chosen, chosen_details],
+            "decided": decided}

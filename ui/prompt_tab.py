@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from core.lora.preview import Previewer
-from ui.settings import AppSettings, find_loras, find_models, model_choices
+from ui.settings import AppSettings, find_models, lora_choices, model_choices
 from ui.widgets import Refresh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def lists(settings: AppSettings):
     """Fresh model and LoRA lists: (model, lora, grid LoRAs) updates."""
     import gradio as gr
 
-    files = find_loras(settings.outputs_dir)
+    files = lora_choices(settings.outputs_dir)
     return gr.update(choices=model_choices(settings.models_dir)), gr.update(choices=files), gr.update(choices=files)
 
 
@@ -136,13 +136,13 @@ def build(settings: AppSettings, previewer: Previewer):
     import gradio as gr
 
     models = find_models(settings.models_dir)
-    loras = find_loras(settings.outputs_dir)
+    loras = lora_choices(settings.outputs_dir)
     with gr.Row():
         with gr.Column(scale=2):
             model = gr.Dropdown(model_choices(settings.models_dir), value=models[0] if models else None,
                                 allow_custom_value=True,
                                 label="Base model", elem_id="prompt-model")
-            lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA", elem_id="prompt-lora",
+            lora = gr.Dropdown(loras, value=loras[0][1] if loras else None, label="LoRA", elem_id="prompt-lora",
                                allow_custom_value=True)
             refresh = gr.Button("Refresh lists", elem_id="prompt-refresh", size="sm")
             scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength", elem_id="prompt-scale")
@@ -206,4 +206,6 @@ def build(settings: AppSettings, previewer: Previewer):
     merge_button.click(lambda m, lo, sc, n, pr: merge_into_model(settings, m, lo, sc, n, pr),
                        [model, lora, scale, merge_name, merge_precision], message)
     return {"lists": Refresh(on_refresh, [], [model, lora, grid_loras]), "lora": lora, "model": model,
-            "on_load": [Refresh(on_refresh, [], [model, lora, grid_loras])]}
+            # On load: fresh lists, and the size of the picked model (not 512 for a 64 px model).
+            "on_load": [Refresh(on_refresh, [], [model, lora, grid_loras]),
+                        Refresh(model_size, [model], [width, height, steps, guidance])]}

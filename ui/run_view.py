@@ -89,6 +89,13 @@ def error_text(summary: RunSummary | None) -> str:
     return summary.error if summary and summary.error else ""
 
 
+def error_box(text: str = ""):
+    """The Error box: shown only while there is an error to read."""
+    import gradio as gr
+
+    return gr.update(value=text, visible=bool(text))
+
+
 def status_text(summary: RunSummary | None, running: bool) -> str:
     """The line above the progress: "Starting…" until the trainer reports, then what is true."""
     if summary is None:
@@ -143,7 +150,7 @@ def run_view() -> dict[str, Any]:
         view["use_lora"] = gr.Button("Use in Prompt tab", visible=False, elem_id="train-use-lora", size="sm")
     view["final"] = gr.State("")
     view["progress"] = gr.HTML(progress_html(None, False), elem_id="train-progress")
-    view["error"] = gr.Textbox(label="Error", visible=True, interactive=False, elem_id="train-error")
+    view["error"] = gr.Textbox(label="Error", visible=False, interactive=False, elem_id="train-error")
     view["plot"] = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Loss",
                                color_map=SERIES_COLOURS, elem_id="train-loss-plot", height=260)
     view["samples"] = gr.Gallery(label="Newest samples", columns=4, height=260, elem_id="train-samples")

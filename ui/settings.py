@@ -88,6 +88,25 @@ def model_choices(models_dir: Path) -> list[tuple[str, str]]:
     return choices
 
 
+def lora_choices(outputs_dir: Path) -> list[tuple[str, str]]:
+    """The LoRA lists' (label, path) choices: every run's final file first (newest run first), then the step
+    checkpoints; short labels (the file name, the run's folder when the name does not say it); a file that
+    failed its check is marked."""
+    from core.events import LoraVerified, read_typed
+    from core.training.run_folder import RunPaths, list_runs
+
+    finals, steps = [], []
+    for run in list_runs(outputs_dir):
+        paths = RunPaths(run)
+        failed = {Path(e.path).name for e in read_typed(paths.events)[0] if isinstance(e, LoraVerified) and not e.ok}
+        for path in paths.lora_files():
+            label = path.name if path.name.startswith(run.name) else f"{run.name}/{path.name}"
+            if path.name in failed:
+                label = f"✗ {label} (failed its check)"
+            (finals if path == paths.final_lora else steps).append((label, str(path)))
+    return finals + steps
+
+
 def find_loras(outputs_dir: Path) -> list[str]:
     """Every LoRA file of every run: finals and intermediate checkpoints, newest run first.
 

@@ -124,6 +124,8 @@ class ImportReport:
     added: list[str] = field(default_factory=list)  # image file names as stored in the dataset
     captions: list[str] = field(default_factory=list)  # caption file names stored
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (original file name, reason)
+    replaced: list[str] = field(default_factory=list)  # a different picture of that name was there (now in .removed/)
+    unchanged: list[str] = field(default_factory=list)  # the very same picture was there already
 
 
 class _Rejected(Exception):
@@ -146,6 +148,7 @@ def import_files(dataset_dir: str | os.PathLike, paths: list[str | Path],
     index = _stem_index(folder)
     stored: dict[str, str] = {}  # key of the uploaded stem -> stem stored in the dataset
     failed: dict[str, str] = {}  # key of the uploaded stem -> name of the image that was rejected
+    batch: set[Path] = set()  # images this upload stored (one of them is never replaced by another)
     # Stable order: images first (as given), then captions (as given).
     ordered = sorted(uploads, key=lambda upload: _is_caption_name(upload[1]))
     for src, name in ordered:
@@ -155,9 +158,11 @@ def import_files(dataset_dir: str | os.PathLike, paths: list[str | Path],
             if _is_caption_name(name):
                 report.captions.append(_import_caption(folder, index, stored, failed, src, name))
             else:
-                dest = _import_image(folder, index, src, name)
+                dest, how = _import_image(folder, index, src, name, batch)
                 stored.setdefault(_key(Path(name).stem), dest.stem)
-                report.added.append(dest.name)
+                batch.add(dest)
+                {"added": report.added, "replaced": report.replaced, "unchanged": report.unchanged}[how].append(
+                    dest.name)
         except _Rejected as rejected:
             if not _is_caption_name(name):
                 failed.setdefault(_key(Path(name).stem), name)
@@ -183,8 +188,10 @@ def _bad_upload_name_reason(name: str) -> str:
     return "the file name starts with '.', so the dataset would hide it; rename it and upload it again"
 
 
-def _import_image(folder: Path, index: dict[str, list[Path]], src: Path, name: str) -> Path:
-    """Validate one uploaded image by decoding it, then copy its bytes in; return its path in the dataset."""
+def _import_image(folder: Path, index: dict[str, list[Path]], src: Path, name: str,
+                  batch: set[Path]) -> tuple[Path, str]:
+    """Validate one uploaded image by decoding it, then copy its bytes in: (its path in the dataset, "added",
+    "replaced" or "unchanged")."""
     if any(ord(c) < 32 for c in name):
         raise _Rejected("the file name contains control characters; rename it and upload it again")
     try:
@@ -197,17 +204,23 @@ def _import_image(folder: Path, index: dict[str, list[Path]], src: Path, name: s
         raise _Rejected(f"it is an image, but {Path(name).suffix or 'no extension'!r} is not an image file "
                         "extension; rename it to .png or .jpg and upload it again")
     try:
-        return _place_image(folder, index, src, name)
+        return _place_image(folder, index, src, name, batch)
     except OSError as e:
         raise _Rejected(f"could not copy it into the dataset ({e.strerror or e}); "
                         "check the free disk space and the folder's permissions") from e
 
 
-def _place_image(folder: Path, index: dict[str, list[Path]], src: Path, name: str) -> Path:
-    """Copy ``src`` in as ``name``, or ``stem (2).ext``... if a different image holds that stem.
+def _place_image(folder: Path, index: dict[str, list[Path]], src: Path, name: str,
+                 batch: set[Path]) -> tuple[Path, str]:
+    """Copy ``src`` in as ``name``: (its path, how).
 
-    An identical image (same bytes) already at a candidate stem is reused
-    rather than copied again, so importing the same files twice is harmless.
+    * The very same picture (same bytes) already there under a candidate stem is kept as it is ("unchanged"),
+      so importing the same files twice is harmless.
+    * A different picture under exactly this name (an edited picture dropped again) is replaced ("replaced"):
+      the old one goes to ``.removed/`` (restorable), its caption stays for the new one unless a new caption
+      comes with the upload.
+    * Otherwise a name whose stem another image holds (a.jpg beside a.png, A.png beside a.png: they would share
+      a caption) becomes ``stem (2).ext``...
     """
     stem, suffix = Path(name).stem, Path(name).suffix
     digest: str | None = None
@@ -219,11 +232,16 @@ def _place_image(folder: Path, index: dict[str, list[Path]], src: Path, name: st
             dest = folder / f"{candidate}{suffix}"
             _copy_file(src, dest)
             index.setdefault(_key(candidate), []).append(dest)
-            return dest
+            return dest, "added"
         digest = digest or file_digest(src)
         for held in holders:
             if _same_bytes(held, src, digest):
-                return held
+                return held, "unchanged"
+        same_name = [held for held in holders if held.name == name and held not in batch]
+        if n == 1 and len(holders) == 1 and same_name:
+            _to_trash(folder, same_name[0], keep_caption=True)
+            _copy_file(src, same_name[0])
+            return same_name[0], "replaced"
         n += 1
 
 
@@ -344,7 +362,11 @@ def remove_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
     there; the name it had in the dataset is recorded for the restore.
     """
     folder = existing_dir(dataset_dir)
-    image = image_in(folder, image_name)
+    return _to_trash(folder, image_in(folder, image_name))
+
+
+def _to_trash(folder: Path, image: Path, keep_caption: bool = False) -> Path:
+    """Move ``image`` (and its caption, unless ``keep_caption``: then a copy) into ``.removed/``."""
     trash = folder / REMOVED_DIR
     trash.mkdir(exist_ok=True)
     dest = trash / _free_name(trash, image.name)
@@ -353,7 +375,8 @@ def remove_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
     os.replace(image, dest)
     if caption.is_file():
         dest_caption = dest.with_name(caption_file_name(dest.name))
-        if any(caption_file_name(p.name) == caption.name for p in _stem_holders(folder, image.stem)):
+        if keep_caption or any(caption_file_name(p.name) == caption.name
+                               for p in _stem_holders(folder, image.stem)):
             # Another image (a.jpg beside a.png) still reads this caption: leave it, and keep a copy.
             fsutil.write_bytes(dest_caption, caption.read_bytes())
         else:

@@ -102,7 +102,7 @@ class HealthReport:
             {"version": 1, "folder": str, "resolution": int,
              "summary": {"images", "usable", "errors", "warnings", "excluded", "kept", "captioned",
                          "uncaptioned", "duplicate_groups", "near_duplicate_groups": int,
-                         "tokens_checked": bool},
+                         "tokens_checked": bool, "caption_style": "tags"|"sentences"},
              "files": [{"file": str, "status": "error"|"warning"|"ok",
                         "checks": [{"check": str, "message": str}],
                         "decision": "exclude"|"keep"|null}],
@@ -238,6 +238,7 @@ def check_dataset(folder, resolution: int = 512, tokenizer=None, trigger: str = 
                          manifest.decision(rel))
              for rel, checks in sorted(findings.items())]
     summary = {
+        "caption_style": caption_style(captions),
         "images": len(images) + len(errors),
         "usable": len(training),
         "errors": len(errors),
@@ -323,10 +324,52 @@ def _mask_check(path: Path, rel: str, size: tuple[int, int], flag) -> dict | Non
     return {"file": rel, "source": source, "masked": round(1 - kept, 3)}
 
 
+# Words a sentence caption is made of that say nothing about the picture (for the word counts).
+_FILLER = set("a an the of on in at and with to is are its it this that from by for as his her their there "
+              "near next over under some two three".split())
+
+
+def caption_style(captions: list[str]) -> str:
+    """"tags" when most captions are comma-separated lists of short tags (WD14, booru), else "sentences"
+    (BLIP, Florence-2, hand-written prose), whose commas separate clauses, not tags."""
+    def tag_like(caption: str) -> bool:
+        parts = [p.strip() for p in caption.split(",") if p.strip()]
+        short = sum(len(p.split()) <= 3 for p in parts) >= 0.8 * len(parts)
+        return bool(parts) and short and (len(parts) >= 2 or len(parts[0].split()) <= 2)
+
+    return "tags" if captions and sum(map(tag_like, captions)) * 2 > len(captions) else "sentences"
+
+
 def tag_frequency(captions: list[str]) -> list[tuple[str, int]]:
-    """Comma-separated tags (lower-cased, stripped) with their counts, most common first, then by name."""
+    """What the captions keep saying, most common first, then by name: the comma-separated tags (lower-cased)
+    of tag captions; for sentence captions, the words that carry meaning (a sentence is not one "tag", and
+    "a", "of" and "the" are in every one). Each is counted once per caption."""
+    if caption_style(captions) == "tags":
+        items = ({t.strip().lower() for t in caption.split(",") if t.strip()} for caption in captions)
+    else:
+        items = ({w for w in re.findall(r"[\w'-]+", caption.lower()) if w not in _FILLER and not w.isdigit()}
+                 for caption in captions)
+    counts = Counter(item for caption_items in items for item in caption_items)
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def comma_tag_counts(captions: list[str]) -> list[tuple[str, int]]:
+    """Every comma-separated part (lower-cased) with its count, most common first: the convention of the
+    ``ss_tag_frequency`` metadata other tools read, whatever the captions' style."""
     counts = Counter(tag for caption in captions for tag in (t.strip().lower() for t in caption.split(",")) if tag)
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def recount(report: HealthReport) -> dict:
+    """The summary's decision counts again, after decisions changed (no picture is read again): excluded,
+    kept, usable and the warnings still undecided."""
+    unreadable = {f.file for f in report.files if f.status == "error"}
+    was_excluded = report.summary["excluded"]
+    excluded = sum(1 for f in report.files if f.decision == "exclude" and f.file not in unreadable)
+    readable = report.summary["usable"] + was_excluded
+    return {**report.summary, "excluded": excluded, "usable": readable - excluded,
+            "kept": sum(1 for f in report.files if f.decision == "keep"),
+            "warnings": sum(1 for f in report.files if f.status == "warning" and f.decision is None)}
 
 
 # --------------------------------------------------------------------------
@@ -417,7 +460,8 @@ def format_report(report: HealthReport, top_tags: int = 20) -> str:
         source = {"file": "its .mask.png", "alpha": "transparency"}
         lines += [f"  {m['file']}: {m['masked']:.0%} masked out (from {source[m['source']]})" for m in report.masks]
     if report.tag_frequency:
-        lines += ["", f"most common tags (of {len(report.tag_frequency)}):"]
+        what = "tags" if s.get("caption_style") == "tags" else "words"
+        lines += ["", f"most common {what} (of {len(report.tag_frequency)}):"]
         lines += [f"  {count:4d}  {_shorten(tag)}" for tag, count in report.tag_frequency[:top_tags]]
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -234,12 +235,27 @@ def run(config: TrainConfig, emit: Emit, should_stop: Callable[[], bool] = lambd
         check = (verify_final(config, main_emit, base if reuse else None, accelerator.device)
                  if final_check and accelerator.is_main_process else None)
         del base
-        main_emit(Finished(result.status, result.step, str(result.lora_path)))
+        main_emit(Finished(result.status, result.step, str(result.lora_path),
+                           peak_memory_mb=peak_memory_mb(accelerator.device)))
         if check is not None and not check.ok:
             reasons = [f"{len(check.unmatched)} module(s) do not map onto the base model"] * bool(check.unmatched)
             raise TrainingError(f"check: {check.file} failed verification: " + "; ".join(reasons + check.problems),
                                 "check")
         return result
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The process's peak so far, in MiB: GPU memory allocated on CUDA, else the peak resident RAM."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows: the peak working set
+        import psutil
+
+        return getattr(psutil.Process().memory_info(), "peak_wset", 0) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def reusable_for_check(config: TrainConfig) -> bool:
@@ -412,7 +428,7 @@ def report_buckets(config: TrainConfig, record: dict, emit: Emit, main: bool) ->
 
 def data_metadata(items: list[ImageItem], buckets: dict) -> dict:
     """kohya's data keys of the LoRA metadata: image count, buckets, tag frequency per folder."""
-    from core.data.health import tag_frequency
+    from core.data.health import comma_tag_counts
 
     folders: dict[str, list[str]] = {}
     for item in items:
@@ -425,7 +441,7 @@ def data_metadata(items: list[ImageItem], buckets: dict) -> dict:
                                                 "count": row["per_epoch"]}
                                        for i, row in enumerate(buckets["buckets"])},
                            "mean_img_ar_error": buckets["mean_aspect_error"]},
-        "ss_tag_frequency": {folder: _capped(tag_frequency(captions)) for folder, captions in folders.items()},
+        "ss_tag_frequency": {folder: _capped(comma_tag_counts(captions)) for folder, captions in folders.items()},
     }
 
 
