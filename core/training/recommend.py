@@ -1,0 +1,496 @@
+"""Which checkpoint of a finished run (or of a sweep's runs) to use, at what strength, and why.
+
+    rec = recommend("outputs/my-lora", strengths=(0.5, 0.75, 1.0), clip_model="openai/clip-vit-large-patch14")
+    rec.lora_path, rec.strength, rec.reasons   # also written: RUN/recommendation.json, RUN/recommendation.png
+
+The rule
+--------
+1. Checkpoint: the lowest deterministic validation loss (the run's ``ValidationLoss`` events) among the steps
+   whose LoRA file is still on disk. The live weights' loss counts; the EMA's only for a run that has no
+   other (then its EMA files are the candidates). A step whose file was pruned (output.keep_last_n) or deleted
+   cannot be recommended, and the base model's step 0 is a reference, never a pick. A run without validation
+   falls back to its final file. The checkpoints of several runs are ranked together.
+2. Pictures (unless ``strengths`` is empty): the best ``checkpoints`` files by validation loss, plus the final
+   file of the best one's run, are rendered at every strength for the prompts that use the trigger (the run's
+   sample prompts unless ``prompts`` is given) and for prompts without it (``leak_prompts``), at the same
+   seeds as the base model (strength 0). Scores per cell:
+   * likeness (CLIP): mean cosine similarity of the trigger prompts' pictures to the training pictures;
+   * adherence (CLIP): mean text-picture cosine similarity of the trigger prompts, and its change relative
+     to the base model's at the same seeds (``adherence_change``, -0.013 = 1.3 % lower);
+   * leakage: how much the LoRA changes the pictures of prompts without the trigger: 1 - cosine similarity
+     of the base's and the LoRA's picture (CLIP), and their mean absolute pixel difference, 0-1 (always).
+3. Winner: a cell with strength above 0 is *acceptable* when its adherence is at most ``adherence_tolerance``
+   (2 %) below the base's and its leakage is at most ``leak_threshold`` (0.10 for CLIP leakage; 0.08 for
+   pixel leakage, used without CLIP). With CLIP, the acceptable cell of highest likeness wins (ties: the
+   lower validation loss, then the higher strength), whichever checkpoint it is. Without CLIP, the
+   validation pick keeps its checkpoint and gets its highest acceptable strength. When no cell is acceptable,
+   the validation pick at the lowest strength tried is recommended, and the reasons say so.
+
+The thresholds are starting points, not calibrated on many real runs: every score is in the JSON to judge by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.training.image_scores import num as _num
+from core.training.image_scores import pct as _pct
+
+DEFAULT_STRENGTHS = (0.5, 0.75, 1.0)
+LEAK_PROMPTS = ("a photo of a dog", "a landscape")
+ADHERENCE_TOLERANCE = 0.02
+CLIP_LEAK_THRESHOLD = 0.10
+PIXEL_LEAK_THRESHOLD = 0.08
+MAX_TRAINING_PICTURES = 32  # likeness compares with at most this many training pictures (evenly chosen)
+JSON_NAME = "recommendation.json"
+IMAGE_NAME = "recommendation.png"
+RULE = ("checkpoint: lowest validation loss among files on disk; winner: among cells with strength > 0 whose "
+        "prompt adherence is at most {tol:.0%} below the base's and whose {leak} leakage is at most {thr:g}, "
+        "{how}; none acceptable: the validation pick at the lowest strength tried")
+
+
+class RecommendError(ValueError):
+    """Input that cannot be judged (no such run, not finished, no LoRA files); the message says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A LoRA file of a run and its validation loss (None: not validated)."""
+
+    run: str  # the run folder
+    step: int
+    path: str
+    validation_loss: float | None
+    ema: bool = False  # the moving average's file (NAME-ema...), ranked by the EMA's loss
+    final: bool = False  # the run's final file (NAME.safetensors)
+    label: str = ""
+
+
+@dataclass
+class Cell:
+    """One checkpoint at one strength: its scores (None: not measured)."""
+
+    checkpoint: int  # index into Recommendation.checkpoints (the grid's row)
+    strength: float
+    likeness: float | None = None
+    adherence: float | None = None
+    adherence_change: float | None = None
+    leakage: float | None = None  # CLIP: 1 - cosine similarity to the base's pictures (prompts without trigger)
+    pixel_leakage: float | None = None  # mean absolute pixel difference to the base's pictures, 0-1
+    acceptable: bool = False
+
+
+@dataclass
+class Recommendation:
+    lora_path: str
+    run_dir: str
+    step: int
+    strength: float
+    validation_loss: float | None
+    loss_kind: str  # which losses ranked the checkpoints: "live", "ema", "mixed" or "none"
+    reasons: list[str]
+    checkpoints: list[Checkpoint]  # the grid's rows (the validation pick first)
+    ranked: list[Checkpoint]  # every checkpoint with a loss and a file, lowest loss first
+    strengths: list[float]  # the grid's columns
+    cells: list[Cell] = field(default_factory=list)
+    base: dict[str, float | None] = field(default_factory=dict)  # the base model's likeness and adherence
+    winner: int | None = None  # index into cells
+    clip_model: str | None = None
+    rule: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    runs: list[str] = field(default_factory=list)
+    json_path: str = ""
+    image_path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"recommended: {self.lora_path} at strength {self.strength:g}"]
+        lines += [f"  - {reason}" for reason in self.reasons]
+        if self.image_path:
+            lines.append(f"grid: {self.image_path}")
+        if self.json_path:
+            lines.append(f"scores: {self.json_path}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------ reading runs
+
+
+@dataclass
+class _Run:
+    dir: Path
+    config: Any  # TrainConfig
+    final_step: int
+    live: dict[int, float]
+    ema: dict[int, float]
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def file(self, step: int, ema: bool = False) -> Path | None:
+        """The LoRA file saved at ``step`` (the final one at the last step), if it is on disk."""
+        from core.training.run_folder import RunPaths
+
+        paths = RunPaths(self.dir)
+        names = ([paths.final_lora] if step == self.final_step else []) + [paths.step_lora(step)]
+        for path in (paths.ema_lora(p) for p in names) if ema else names:
+            if path.is_file():
+                return path
+        return None
+
+    def newest_file(self, ema: bool = False) -> tuple[int, Path] | None:
+        """The final file, else the newest intermediate one."""
+        from core.training.run_folder import RunPaths
+
+        steps = [int(p.stem.rsplit("-step", 1)[1]) for p in RunPaths(self.dir).step_loras()]
+        for step in [self.final_step] + sorted(steps, reverse=True):
+            path = self.file(step, ema)
+            if path is not None:
+                return step, path
+        return None
+
+
+def read_run(run_dir: str | Path) -> _Run:
+    """A finished run's config, validation losses and final step; RecommendError when it cannot be judged."""
+    from core import config as config_mod
+    from core.config import ConfigError
+    from core.events import Finished, ValidationLoss, read_typed
+    from core.training.run_folder import RunPaths, run_status
+
+    run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
+    if not run_dir.is_dir():
+        raise RecommendError(f"no run folder {run_dir}: pass the folder of a finished run (OUTPUT_DIR/NAME)")
+    if not (paths.config.is_file() and paths.events.is_file()):
+        raise RecommendError(f"{run_dir} is not a run folder of this app (it lacks {paths.config.name} or "
+                             f"{paths.events.name}); pass the folder of a finished run (OUTPUT_DIR/NAME)")
+    status = run_status(run_dir)
+    if status.state not in ("completed", "stopped"):
+        raise RecommendError(f"run {run_dir.name} has not finished ({status.label()}); recommend a checkpoint "
+                             f"once it has completed or been stopped")
+    try:
+        config = config_mod.load(paths.config, check_paths=False)
+    except ConfigError as exc:
+        raise RecommendError(f"{paths.config} cannot be read: {exc}") from None
+    events, _ = read_typed(paths.events)
+    live: dict[int, float] = {}
+    ema: dict[int, float] = {}
+    final_step = 0
+    for event in events:
+        if isinstance(event, ValidationLoss) and math.isfinite(event.loss):
+            (ema if event.ema else live)[event.step] = event.loss  # a resumed run's repeat replaces it
+        elif isinstance(event, Finished):
+            final_step = event.step
+    run = _Run(run_dir, config, final_step, live, ema)
+    if run.newest_file() is None and run.newest_file(ema=True) is None:
+        raise RecommendError(f"run {run_dir.name} has no LoRA files in {run_dir} (deleted or moved?); there is "
+                             f"nothing to recommend")
+    return run
+
+
+# ------------------------------------------------------------ step 1: the checkpoint by validation loss
+
+
+def _checkpoint(run: _Run, step: int, path: Path, loss: float | None, ema: bool, several: bool) -> Checkpoint:
+    final = path.name.removesuffix(".safetensors") in (run.name, f"{run.name}-ema")
+    label = f"{run.name} " if several else ""
+    label += f"step {step}" + (" final" if final else "") + (" EMA" if ema else "")
+    return Checkpoint(str(run.dir), step, str(path), loss, ema, final, label)
+
+
+def rank_checkpoints(runs: list[_Run]) -> tuple[list[Checkpoint], list[Checkpoint], list[str], str]:
+    """(ranked: validated checkpoints with a file, lowest loss first; fallbacks: each unvalidated run's final
+    file; reasons; which losses ranked them)."""
+    several = len(runs) > 1
+    ranked, fallbacks, missing, reasons, kinds = [], [], [], [], set()
+    for run in runs:
+        use_ema = not run.live and bool(run.ema)
+        losses = run.ema if use_ema else run.live
+        judged = 0
+        for step, loss in sorted(losses.items()):
+            path = run.file(step, use_ema)
+            if path is not None:
+                ranked.append(_checkpoint(run, step, path, loss, use_ema, several))
+                judged += 1
+            elif step > 0:  # step 0 is the base model: there is never a file
+                missing.append((loss, step, run))
+        if judged:
+            kinds.add("ema" if use_ema else "live")
+            continue
+        step, path = run.newest_file() or run.newest_file(ema=True)
+        fallbacks.append(_checkpoint(run, step, path, None, "-ema" in path.name, several))
+        why = "it has no validation loss (dataset.validation_split is 0 or the dataset too small)" if not losses \
+            else "none of its validated steps has a LoRA file left"
+        reasons.append(f"run {run.name}: {why}, so its {'final' if step == run.final_step else 'newest'} file "
+                       f"{path.name} (step {step}) stands for it")
+    ranked.sort(key=lambda c: (c.validation_loss, c.step))
+    kind = "none" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+    if ranked:
+        reasons.insert(0, _validation_reason(ranked, runs, kind, missing))
+    return ranked, fallbacks, reasons, kind
+
+
+def _validation_reason(ranked: list[Checkpoint], runs: list[_Run], kind: str, missing: list) -> str:
+    best = ranked[0]
+    where = f"step {best.step}" + (f" of run {Path(best.run).name}" if len(runs) > 1 else "")
+    which = {"live": "the live weights' loss; the EMA's is not used while the live one exists",
+             "ema": "the EMA weights' loss: the only validation loss this run has, so its EMA files are the "
+                    "candidates",
+             "mixed": "live losses, and the EMA's for runs that have no other"}[kind]
+    text = (f"lowest validation loss {best.validation_loss:.4f} at {where} (of {len(ranked)} checkpoints with a "
+            f"LoRA file; {which})")
+    lower = sorted((m for m in missing if m[0] < best.validation_loss), key=lambda m: m[0])
+    if lower:
+        loss, step, run = lower[0]
+        keep = run.config.output.keep_last_n
+        why = f"pruned by output.keep_last_n = {keep}, or deleted" if keep else "deleted, or never saved there"
+        more = f" (and {len(lower) - 1} more such steps)" if len(lower) > 1 else ""
+        text += (f"; step {step} had a lower loss ({loss:.4f}) but has no LoRA file on disk ({why}){more}, so "
+                 f"the best step with a file is recommended")
+    base = [run.live.get(0, run.ema.get(0)) for run in runs if 0 in run.live or 0 in run.ema]
+    if base and min(base) <= best.validation_loss:
+        text += (f"; the base model (step 0) scored {min(base):.4f}, no worse than every checkpoint: training has "
+                 f"not improved on the held-out pictures")
+    return text
+
+
+def _comparability(runs: list[_Run]) -> str | None:
+    """A reason when the runs' validation losses were measured differently (a sweep over data or seed)."""
+    keys = {"dataset.path": lambda c: c.dataset.path, "dataset.validation_path": lambda c: c.dataset.validation_path,
+            "dataset.validation_split": lambda c: c.dataset.validation_split, "train.seed": lambda c: c.train.seed,
+            "dataset.resolution": lambda c: c.dataset.resolution,
+            "sample.validation_timesteps": lambda c: c.sample.validation_timesteps}
+    differ = [name for name, get in keys.items() if len({str(get(r.config)) for r in runs}) > 1]
+    if not differ:
+        return None
+    return (f"the runs measure validation loss differently ({', '.join(differ)} differ), so ranking their "
+            f"checkpoints together is only a rough guide")
+
+
+# ------------------------------------------------------------ step 3: the winner
+
+
+def pick_winner(cells: list[Cell], rows: list[Checkpoint], clip: bool, tolerance: float,
+                threshold: float) -> tuple[int | None, str]:
+    """Mark the acceptable cells (see the module docstring) and return (the winner's index, the reason)."""
+    for cell in cells:
+        ok = cell.strength > 0
+        if clip and cell.adherence_change is not None:
+            ok = ok and cell.adherence_change >= -tolerance
+        leak = cell.leakage if clip else cell.pixel_leakage
+        cell.acceptable = ok and (leak is None or leak <= threshold)
+    acceptable = [i for i, c in enumerate(cells) if c.acceptable]
+    by_likeness = clip and all(cells[i].likeness is not None for i in acceptable)
+    leak_name = "CLIP leakage" if clip else "pixel change of prompts without the trigger"
+    if by_likeness and acceptable:
+        win = max(acceptable, key=lambda i: (round(cells[i].likeness, 6), -cells[i].checkpoint, cells[i].strength))
+        c = cells[win]
+        return win, (f"strength {c.strength:g} of {rows[c.checkpoint].label}: the highest likeness "
+                     f"{c.likeness:.3f} among the {len(acceptable)} of {len(cells)} cells that keep prompt adherence "
+                     f"within {tolerance:.0%} of the base's (this one {_pct(c.adherence_change)}) and {leak_name} "
+                     f"at most {threshold:g} (this one {_num(c.leakage)})")
+    own = [i for i in acceptable if cells[i].checkpoint == 0]
+    if own:
+        win = max(own, key=lambda i: cells[i].strength)
+        c = cells[win]
+        kept = f"keeps {leak_name} at most {threshold:g} ({_num(c.leakage if clip else c.pixel_leakage)})"
+        if clip:
+            kept += f" and prompt adherence within {tolerance:.0%} of the base's ({_pct(c.adherence_change)})"
+        return win, f"strength {c.strength:g}: the highest strength tried that {kept}"
+    tried = [i for i, c in enumerate(cells) if c.checkpoint == 0 and c.strength > 0]
+    if not tried:
+        return None, "strength 1.0 by default: no strength above 0 was compared"
+    win = min(tried, key=lambda i: cells[i].strength)
+    return win, (f"no strength met the rule (prompt adherence within {tolerance:.0%} of the base's and "
+                 f"{leak_name} at most {threshold:g}); the lowest strength tried, {cells[win].strength:g}, is "
+                 f"recommended: try lower strengths or an earlier checkpoint")
+
+
+# ------------------------------------------------------------ the whole judgement
+
+
+def recommend(run_dir: str | Path | Sequence[str | Path], strengths: Sequence[float] = DEFAULT_STRENGTHS,
+              clip_model: str | None = None, prompts: Sequence[str] | None = None, seed: int = 0,
+              steps: int | None = None, device: str | None = None, emit: Callable | None = None, *,
+              leak_prompts: Sequence[str] = LEAK_PROMPTS, checkpoints: int = 3, images_per_prompt: int = 1,
+              adherence_tolerance: float = ADHERENCE_TOLERANCE, leak_threshold: float | None = None,
+              model: str | None = None, out_dir: str | Path | None = None, write: bool = True) -> Recommendation:
+    """Recommend a checkpoint and a strength of a finished run, or of several runs (a sweep), with reasons.
+
+    ``strengths``: the grid's columns (empty: no pictures, the checkpoint by validation loss alone at 1.0);
+    ``clip_model``: a local CLIP folder or cached hub id, "auto" for a known one in the cache, None for none
+    (leakage is then the pixel change); ``prompts``: prompts with the trigger (default: the run's sample
+    prompts, else "a photo of TRIGGER"); ``seed``: of the first picture per prompt (``images_per_prompt``
+    count up from it); ``steps``: denoising steps (default: the run's sample.steps); ``checkpoints``: how many
+    of the best files by validation loss are rows (the final file of the best one's run is added);
+    ``model``: the base model when it moved (default: the run's model.path). ``emit`` gets Phase events
+    ("grid", done, total). Writes recommendation.json and recommendation.png into ``out_dir`` (default: the
+    recommended file's run folder) unless ``write`` is false. The rule is in this module's docstring.
+    Raises RecommendError for input that cannot be judged, ImageScoreError for a CLIP model that cannot be
+    loaded, and core.base.models.ModelError for a base model that cannot be.
+    """
+    from core.events import Message
+
+    emit = emit or (lambda event: None)
+    dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+    if not dirs:
+        raise RecommendError("no run folder given: pass the folder of a finished run (OUTPUT_DIR/NAME)")
+    strengths = _check_settings(strengths, checkpoints, images_per_prompt, steps)
+    runs = [read_run(d) for d in dirs]
+    _check_same_base(runs, model)
+    ranked, fallbacks, reasons, kind = rank_checkpoints(runs)
+    note = _comparability(runs) if len(runs) > 1 and ranked else None
+    rows = _rows(ranked, fallbacks, runs, checkpoints)
+    pick = rows[0]
+    rec = Recommendation(pick.path, pick.run, pick.step, 1.0, pick.validation_loss, kind,
+                         reasons + ([note] if note else []), rows if strengths else [pick], ranked, strengths,
+                         runs=[str(r.dir) for r in runs])
+    shown = []
+    if strengths:
+        run = next(r for r in runs if str(r.dir) == pick.run)
+        setup = _setup(run, model, prompts, leak_prompts, seed, images_per_prompt, steps, device, rec.reasons)
+        shown = _judge_pictures(rec, run.config, setup, clip_model, adherence_tolerance, leak_threshold, emit)
+    else:
+        rec.reasons.append("strength 1.0 by default: no pictures were compared (no strengths given)")
+    if write:
+        _write(rec, out_dir, shown)
+    emit(Message("info", f"recommended {Path(rec.lora_path).name} at strength {rec.strength:g}"))
+    return rec
+
+
+def _check_settings(strengths, checkpoints: int, images_per_prompt: int, steps: int | None) -> list[float]:
+    values = []
+    for value in strengths:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RecommendError(f"strength {value!r} is not a number; give strengths such as 0.5,0.75,1") from None
+        if not math.isfinite(number) or number < 0:
+            raise RecommendError(f"strength {value!r} must be a number of 0 or more (0.5-1 is usual)")
+        values.append(number)
+    for name, value in (("checkpoints", checkpoints), ("images_per_prompt", images_per_prompt)):
+        if value < 1:
+            raise RecommendError(f"{name} must be 1 or more, not {value}")
+    if steps is not None and steps < 1:
+        raise RecommendError(f"steps must be 1 or more, not {steps} (leave it out for the run's sample.steps)")
+    return sorted(set(values))
+
+
+def _check_same_base(runs: list[_Run], model: str | None) -> None:
+    models = sorted({r.config.model.path for r in runs})
+    if len(models) > 1 and model is None:
+        raise RecommendError(f"the runs were trained on different base models ({', '.join(models)}); recommend "
+                             f"each base model's runs separately")
+
+
+def _rows(ranked: list[Checkpoint], fallbacks: list[Checkpoint], runs: list[_Run], count: int) -> list[Checkpoint]:
+    """The grid's rows: the best ``count`` by validation loss and the final file of the best one's run."""
+    if not ranked:
+        return fallbacks[:count + 1]
+    rows = ranked[:count]
+    best = rows[0]
+    run = next(r for r in runs if str(r.dir) == best.run)
+    final = run.file(run.final_step, best.ema)
+    if final is not None and str(final) not in {r.path for r in rows}:
+        loss = (run.ema if best.ema else run.live).get(run.final_step)
+        rows.append(_checkpoint(run, run.final_step, final, loss, best.ema, len(runs) > 1))
+    return rows
+
+
+def _setup(run: _Run, model: str | None, prompts, leak_prompts, seed: int, count: int, steps: int | None,
+           device: str | None, reasons: list[str]):
+    from core.training.image_scores import GridSetup
+
+    c = run.config
+    trigger = c.output.trigger_phrase.strip()
+    if prompts:
+        chosen = [p for p in prompts if p.strip()]
+    elif c.sample.prompts:
+        chosen = list(c.sample.prompts)
+    elif trigger:
+        chosen = [f"a photo of {trigger}"]
+    else:
+        raise RecommendError(f"run {run.name} has no sample prompts (sample.prompts) and no trigger phrase "
+                             f"(output.trigger_phrase); pass the prompts to judge with (--prompt TEXT)")
+    if not chosen:
+        raise RecommendError("the prompts are empty; pass at least one prompt that uses the trigger")
+    leak = [p for p in leak_prompts if p.strip() and not (trigger and trigger.lower() in p.lower())]
+    if len(leak) < len([p for p in leak_prompts if p.strip()]):
+        reasons.append(f"prompts that contain the trigger {trigger!r} were left out of the leakage prompts")
+    kwargs = dict(steps=steps or c.sample.steps, guidance_scale=c.sample.guidance_scale,
+                  width=c.sample.width or c.dataset.resolution, height=c.sample.height or c.dataset.resolution,
+                  negative_prompt=c.sample.negative_prompt)
+    return GridSetup(model or c.model.path, chosen, leak, list(range(seed, seed + count)), kwargs, device)
+
+
+def _judge_pictures(rec: Recommendation, config, setup, clip_model: str | None, tolerance: float,
+                    leak_threshold: float | None, emit) -> list:
+    """Render and score the grid, pick the winner and record it in ``rec``; returns the pictures shown."""
+    from core.training.image_scores import ClipScorer, find_local_clip, render_grid, training_embeddings
+
+    if clip_model == "auto":
+        clip_model = find_local_clip()
+        if clip_model is None:
+            rec.reasons.append("no known CLIP model is in the local Hugging Face cache (clip 'auto')")
+    if clip_model:
+        setup.scorer = ClipScorer(clip_model, setup.device)
+        setup.training, note = training_embeddings(setup.scorer, config.dataset.path,
+                                                   config.dataset.caption_extension, MAX_TRAINING_PICTURES)
+        if note:
+            rec.reasons.append(note)
+    clip = setup.scorer is not None
+    threshold = leak_threshold if leak_threshold is not None else CLIP_LEAK_THRESHOLD if clip else PIXEL_LEAK_THRESHOLD
+    scores, base, shown = render_grid([r.path for r in rec.checkpoints], rec.strengths, setup, emit)
+    n = len(rec.strengths)
+    rec.cells = [Cell(k // n, rec.strengths[k % n], **s) for k, s in enumerate(scores)]
+    for cell in rec.cells:
+        if cell.adherence is not None and base.get("adherence"):
+            cell.adherence_change = (cell.adherence - base["adherence"]) / abs(base["adherence"])
+    rec.base = {"likeness": base.get("likeness"), "adherence": base.get("adherence")}
+    rec.winner, reason = pick_winner(rec.cells, rec.checkpoints, clip, tolerance, threshold)
+    if rec.winner is not None:
+        cell = rec.cells[rec.winner]
+        row = rec.checkpoints[cell.checkpoint]
+        rec.lora_path, rec.run_dir, rec.step, rec.validation_loss = row.path, row.run, row.step, row.validation_loss
+        rec.strength = cell.strength
+        if cell.checkpoint != 0:
+            rec.reasons.append(f"the pictures favour {row.label} over the validation pick "
+                               f"{rec.checkpoints[0].label}")
+    rec.reasons.append(reason)
+    if not clip:
+        rec.reasons.append("no CLIP model was used (--clip), so likeness and prompt adherence were not measured; "
+                           "leakage is the mean pixel change of prompts without the trigger")
+    rec.clip_model = setup.scorer.name if clip else None
+    how = "highest likeness" if clip else "the validation pick's highest strength"
+    rec.rule = RULE.format(tol=tolerance, leak="CLIP" if clip else "pixel", thr=threshold, how=how)
+    rec.settings = {"model": setup.model, "prompts": setup.prompts, "leak_prompts": setup.leak_prompts,
+                    "seeds": setup.seeds, **setup.kwargs, "device": setup.device, "clip_model": rec.clip_model,
+                    "strengths": rec.strengths, "checkpoints": len(rec.checkpoints),
+                    "adherence_tolerance": tolerance, "leak_threshold": threshold}
+    return shown
+
+
+# ------------------------------------------------------------ what is written
+
+
+def _write(rec: Recommendation, out_dir: str | Path | None, shown: list) -> None:
+    """recommendation.json (and, with pictures, recommendation.png), each written atomically."""
+    from core.fsutil import save_image, write_json
+    from core.training.image_scores import recommendation_picture
+
+    folder = Path(out_dir) if out_dir else Path(rec.run_dir)
+    rec.json_path = str(folder / JSON_NAME)
+    if shown:
+        rec.image_path = str(folder / IMAGE_NAME)
+        save_image(rec.image_path, recommendation_picture(rec, shown))
+    else:
+        (folder / IMAGE_NAME).unlink(missing_ok=True)  # an earlier grid would not match this recommendation
+    write_json(rec.json_path, rec.to_dict())
