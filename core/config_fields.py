@@ -133,8 +133,7 @@ class DatasetConfig:
     caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption (helps the "
                                  "LoRA work without its trigger; 0.05-0.1 is usual).", min=0.0, max=1.0)
     caption_extension: str = opt(CAPTION_EXTENSION, "Extension of caption files beside the images (the "
-                                 "app's Dataset tab writes .txt; check-dataset and caption take "
-                                 "--caption-extension).")
+                                 "Dataset tab and the captioners write .txt).")
     cache_latents: bool = opt(True, "Encode each image with the VAE once and reuse the latents (much faster, "
                               "less VRAM). Off: every draw goes through the VAE, which random_crop, color_jitter "
                               "and hue_jitter need.")
@@ -247,7 +246,7 @@ class TrainStepsConfig:
                                           "(older NVIDIA GPUs) or no (fp32). LoRA weights stay fp32.")
     gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass: much less VRAM, "
                                        "about 20-30% slower. On by default (what most GPUs need); 'Fit my GPU' "
-                                       "(python -m core plan CONFIG --fit) turns it off where the card has room.")
+                                       "turns it off where the card has room.")
     seed: int = opt(0, "Seed for the split, the data order and the noise.", min=0, max=2**32 - 1)
     noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images); 0 is off.",
                               min=0.0, max=1.0)
@@ -337,7 +336,7 @@ class OutputConfig:
                             "TensorBoard (accelerate's tracker; needs pip install tensorboard) in the run's "
                             "tensorboard folder; the command to open it is printed. The app's own plots stay.")
     save_state: bool = opt(True, "Save optimizer and data-order state with each checkpoint so "
-                           "--resume can continue the run.")
+                           "a stopped or interrupted run can be resumed.")
     save_every_n_epochs: int = opt(0, "Also save an intermediate LoRA (and the resume state) at the end of every N "
                                    "epochs; 0: off.", min=0, max=100000)
     keep_last_n: int = opt(0, "Keep only the newest N intermediate LoRA files (the one with the best validation "

@@ -203,6 +203,9 @@ def test_whole_flow(page, server, tmp_path):
     axes = {label.split(" ")[0]: label for label in page.eval_on_selector_all(
         "#train-loss-plot g.role-axis", "axes => axes.map(a => a.getAttribute('aria-label')).filter(Boolean)")}
     assert "linear scale" in axes["X-axis"] and "linear scale" in axes["Y-axis"], axes
+    step_ticks = page.eval_on_selector_all("#train-loss-plot g.role-axis[aria-label^='X-axis'] "
+                                           "g.role-axis-label text", "ts => ts.map(t => t.textContent)")
+    assert step_ticks and all(t.replace(",", "").isdigit() for t in step_ticks), step_ticks  # whole steps only
     lines = page.eval_on_selector_all(
         "#train-loss-plot g.mark-line path",
         "ps => ps.map(p => [p.getAttribute('aria-label'), p.getAttribute('stroke'), (p.getAttribute('d') || '')])")

@@ -82,16 +82,34 @@ def test_a_caption_job_with_an_option_of_another_captioner_shows_the_error(setti
                      captioner="blip", options={"threshold": 0.5})
     job.process.wait(timeout=120)
     text = job.poll().text()
-    assert text.startswith("⚠️ captioning failed:") and "--threshold" in text and "wd14" in text
+    assert text.startswith("⚠️ captioning failed:") and "threshold" in text and "wd14" in text
+    assert "--" not in text  # the app's words, not the command line's
 
 
-def test_the_demo_writes_the_tiny_tagger_too(settings):
+def test_the_demo_writes_every_tiny_captioner_and_relative_model_paths_work(settings, tmp_path, monkeypatch):
     from ui.demo import make_demo
 
-    assert "wrote the tiny demo tagger" in make_demo(settings)
-    assert dataset_tab.captioner_models(settings, "wd14")[0] == str(settings.models_dir / "tiny-wd14")
-    assert dataset_tab.captioner_models(settings, "blip")[0] == str(settings.models_dir / "tiny-blip")
+    message = make_demo(settings)
+    assert "wrote the tiny demo tagger" in message and "Florence-2" in message
+    for kind, folder in (("wd14", "tiny-wd14"), ("blip", "tiny-blip"), ("florence2", "tiny-florence2")):
+        assert dataset_tab.captioner_models(settings, kind)[0] == str(settings.models_dir / folder)
     assert "tagger" not in make_demo(settings)
+    # A path typed relative to the app's home (or to models/) is the folder the demo wrote, wherever the app
+    # was started from; a hub id stays as typed.
+    monkeypatch.chdir(tmp_path)
+    for typed in ("models/tiny-blip", "tiny-blip", str(settings.models_dir / "tiny-blip")):
+        assert settings.resolve(typed) == str((settings.models_dir / "tiny-blip").resolve())
+    assert settings.resolve("Salesforce/blip-image-captioning-base") == "Salesforce/blip-image-captioning-base"
+    (settings.datasets_dir / "pets").mkdir()
+    noise(settings.datasets_dir / "pets" / "a.png")
+    jobs = dataset_tab.CaptionJobs(settings)
+    form = {"name": "pets", "folder": dataset_tab.TOP_LEVEL, "kind": "blip", "model": "models/tiny-blip",
+            "prefix": "", "overwrite": False, "threshold": None, "character_threshold": None, "exclude_tags": "",
+            "task": None}
+    jobs.start(form)
+    jobs.job.process.wait(timeout=300)
+    assert jobs.job.poll().text().startswith("Captioning done: wrote 1"), jobs.job.poll().text()
+    assert (settings.datasets_dir / "pets" / "a.txt").read_text(encoding="utf-8").strip()
 
 
 def test_the_auto_caption_box_switches_captioner_and_starts_the_job(settings, tmp_path):

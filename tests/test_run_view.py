@@ -1,5 +1,7 @@
 """The Train tab's live view of a run (ui/run_view.py): the events folded into a summary, and what it shows."""
 
+from pathlib import Path
+
 from ui import run_view
 from ui.runner import RunSummary
 
@@ -54,3 +56,23 @@ def test_the_status_line_says_starting_until_the_trainer_reports(tmp_path):
     assert "stopped at step" in run_view.status_text(summary, running=False)
     summary.error = "dataset: no readable image"
     assert "failed" in run_view.status_text(summary, running=False)
+
+
+def test_engine_advice_reads_in_the_apps_words():
+    """Errors the engine writes for the terminal too ("--resume", "python -m core plan ... --fit") are said with
+    the app's buttons in the Train tab."""
+    from core.config import TrainConfig
+    from core.training.memory_advice import out_of_memory_advice
+    from ui.runner import RunSummary
+    from ui.wording import in_app_words
+
+    config = TrainConfig()
+    advice = out_of_memory_advice(config, 5, Path("o/run-step000005.safetensors"))
+    assert "--" in advice and "python -m core" in advice  # the terminal's words
+    summary = RunSummary(Path("o/run"))
+    summary.error = advice
+    shown = run_view.error_text(summary)
+    assert "--" not in shown and "python -m core" not in shown and "Fit my GPU" in shown, shown
+    assert "Resume (under Past runs) continues" in shown
+    assert in_app_words("already holds a run named 'x'; pass --resume to continue it") == \
+        "already holds a run named 'x'; resume it under Past runs to continue it"

@@ -69,7 +69,7 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
             captioners = gr.update(choices=dataset_tab.captioner_models(settings),
                                    value=str(settings.models_dir / "tiny-blip"))
             return (f"Demo ready: {message}. Pick the `demo` dataset, train on the `tiny` model at resolution 64, "
-                    f"then try the LoRA in the Prompt tab (width and height 64).", names, models, "blip", captioners,
+                    f"then try the LoRA in the Prompt tab.", names, models, "blip", captioners,
                     *prompt["lists"].fn())
 
         demo.click(on_demo, outputs=[demo_message, dataset["picker"], train["model"], dataset["captioner"],

@@ -296,7 +296,8 @@ class CaptionJobs:
         if not form["model"]:
             return "⚠️ enter a captioner model folder or hub id", gr.skip()
         kind = form["kind"] or "blip"
-        self.job = CaptionJob(folder, form["model"], self.settings.outputs_dir / ".app", captioner=kind,
+        self.job = CaptionJob(folder, self.settings.resolve(form["model"]), self.settings.outputs_dir / ".app",
+                              captioner=kind,
                               prefix=form["prefix"] or "", overwrite=bool(form["overwrite"]),
                               options=caption_options(kind, form))
         return "Loading the captioner…", gr.Timer(active=True)

@@ -22,6 +22,12 @@ def make_demo(settings: AppSettings) -> str:
 
         write_tiny_blip(captioner)
         done.append(f"wrote the tiny demo captioner to {captioner}")
+    florence = settings.models_dir / "tiny-florence2"
+    if not (florence / "config.json").is_file():
+        from core.captioning.caption_florence import write_tiny_florence2
+
+        write_tiny_florence2(florence)
+        done.append(f"wrote the tiny demo Florence-2 captioner to {florence}")
     tagger = settings.models_dir / "tiny-wd14"
     if not (tagger / "model.onnx").is_file():
         from core.captioning.caption_tagger import write_tiny_tagger

@@ -183,7 +183,8 @@ def build(settings: AppSettings, previewer: Previewer):
     inputs = set(form.values())
 
     def values(data: dict) -> dict:
-        return {name: data[component] for name, component in form.items()}
+        picked = {name: data[component] for name, component in form.items()}
+        return {**picked, "model": settings.resolve(picked["model"])}  # models/x relative to the app's home
 
     # Named functions: gradio's API names for the events (scripts and tests call them by these).
     def on_generate(data):

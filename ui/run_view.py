@@ -67,6 +67,19 @@ def loss_frame(summary: RunSummary | None):
     return frame.astype({"step": "int64", "loss": "float64", "series": "string"})
 
 
+# The step axis spans at least this many steps: with fewer, the plot's ticks fall between steps (0.5, 1.5).
+MIN_STEP_SPAN = 16
+
+
+def loss_plot(summary: RunSummary | None):
+    """The loss plot's update: its points, and a step axis from 0 to the run's last step (at least
+    MIN_STEP_SPAN), so its ticks are whole steps and the curve grows across a fixed axis."""
+    import gradio as gr
+
+    total = summary.total_steps if summary else 0
+    return gr.update(value=loss_frame(summary), x_lim=[0, max(total, MIN_STEP_SPAN)])
+
+
 def sample_gallery(summary: RunSummary | None, newest: int = 8) -> list[tuple[str, str]]:
     if not summary:
         return []
@@ -86,7 +99,9 @@ def run_files_text(run_dir: Path) -> str:
 
 
 def error_text(summary: RunSummary | None) -> str:
-    return summary.error if summary and summary.error else ""
+    from ui.wording import in_app_words
+
+    return in_app_words(summary.error) if summary and summary.error else ""
 
 
 def error_box(text: str = ""):
@@ -152,6 +167,7 @@ def run_view() -> dict[str, Any]:
     view["progress"] = gr.HTML(progress_html(None, False), elem_id="train-progress")
     view["error"] = gr.Textbox(label="Error", visible=False, interactive=False, elem_id="train-error")
     view["plot"] = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Loss",
+                               x_lim=[0, MIN_STEP_SPAN],
                                color_map=SERIES_COLOURS, elem_id="train-loss-plot", height=260)
     view["samples"] = gr.Gallery(label="Newest samples", columns=4, height=260, elem_id="train-samples")
     view["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="train-log")

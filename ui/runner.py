@@ -381,7 +381,9 @@ class CaptionStatus:
 
     def text(self) -> str:
         if self.error:
-            return f"⚠️ captioning failed: {self.error}"
+            from ui.wording import in_app_words
+
+            return f"⚠️ captioning failed: {in_app_words(self.error)}"
         if self.finished:
             failed = f"; could not read: {', '.join(self.failed)}" if self.failed else ""
             return (f"Captioning {'stopped' if self.stopped else 'done'}: wrote {self.written}, kept "

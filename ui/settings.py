@@ -39,6 +39,18 @@ class AppSettings:
         for folder in (self.models_dir, self.outputs_dir, self.datasets_dir, self.presets_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def resolve(self, path: str | None) -> str:
+        """A model or folder field's text as the app means it: a relative path is relative to the app's home
+        (``models/tiny-blip``), or to models/ (``tiny-blip``), whichever exists; anything else (an absolute
+        path, a hub id such as ``Salesforce/blip-image-captioning-base``) as typed."""
+        text = (path or "").strip()
+        if not text or Path(text).expanduser().is_absolute():
+            return text
+        for base in (self.root, self.models_dir):
+            if (base / text).exists():
+                return str((base / text).resolve())
+        return text
+
 
 def find_models(models_dir: Path) -> list[str]:
     """Base models under models/: diffusers folders (one level, or two for owner/name layouts), then

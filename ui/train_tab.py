@@ -19,6 +19,7 @@ from ui.run_view import (  # noqa: F401 - the live view of a run (read from here
     final_file,
     final_file_text,
     loss_frame,
+    loss_plot,
     progress_html,
     run_files_text,
     run_view,
@@ -67,6 +68,9 @@ def form_to_config(values: dict[str, Any], settings: AppSettings, check_paths: b
             raise ConfigError(f"{key} is empty; enter a whole number")
         elif hint is str and value is None:
             value = ""
+        if key in ("model.path", "model.vae_path", "dataset.path", "dataset.validation_path",
+                   "dataset.regularization_path") and value:
+            value = settings.resolve(value)  # relative to the app's home, wherever the app was started
         raw.setdefault(section, {})[name] = value
     return config_mod.from_dict(raw, check_paths=check_paths)
 
@@ -225,7 +229,7 @@ def follow_run(manager: RunManager):
         return (gr.skip(),) * 9
     summary = active.poll()
     running = active.running
-    return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary), active.log_tail(),
+    return (progress_html(summary, running), loss_plot(summary), sample_gallery(summary), active.log_tail(),
             error_box(error_text(summary)), status_text(summary, running), *final_file(summary))
 
 
@@ -239,7 +243,7 @@ def open_run(run_dir):
         return (gr.skip(),) * 8
     summary = summarize(run_dir)
     running = run_status(Path(run_dir)).state == "running"
-    return (progress_html(summary, running), loss_frame(summary), sample_gallery(summary),
+    return (progress_html(summary, running), loss_plot(summary), sample_gallery(summary),
             error_box(error_text(summary)),
             run_files_text(Path(run_dir)), *final_file(summary))
 
