@@ -91,6 +91,14 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
                     grid, gr.Tabs(selected="prompt"))
 
         train["use_lora"].click(use_in_prompt, train["final_lora"], [*prompt["lists"].outputs, tabs])
+        recommended = runs["recommend"]
+
+        def use_recommended(chosen):
+            """The recommended LoRA, its strength and its run's base model picked in the Prompt tab."""
+            return (*recommended["on_use"](chosen), gr.Tabs(selected="prompt") if chosen else gr.skip())
+
+        recommended["use"].click(use_recommended, recommended["chosen"],
+                                 [prompt["model"], prompt["lora"], prompt["scale"], recommended["progress"], tabs])
         # A page load re-reads what each tab lists (and the Train tab re-attaches to the run in progress).
         for refresh in (*dataset["on_load"], *train["on_load"], *prompt["on_load"], *runs["on_load"]):
             app.load(refresh.fn, refresh.inputs, refresh.outputs)

@@ -206,7 +206,7 @@ def build(settings: AppSettings, previewer: Previewer):
     refresh.click(on_refresh, outputs=[model, lora, grid_loras])
     merge_button.click(lambda m, lo, sc, n, pr: merge_into_model(settings, m, lo, sc, n, pr),
                        [model, lora, scale, merge_name, merge_precision], message)
-    return {"lists": Refresh(on_refresh, [], [model, lora, grid_loras]), "lora": lora, "model": model,
+    return {"lists": Refresh(on_refresh, [], [model, lora, grid_loras]), "lora": lora, "model": model, "scale": scale,
             # On load: fresh lists, and the size of the picked model (not 512 for a 64 px model).
             "on_load": [Refresh(on_refresh, [], [model, lora, grid_loras]),
                         Refresh(model_size, [model], [width, height, steps, guidance])]}

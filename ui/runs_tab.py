@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ui import recommend_box
 from ui.settings import AppSettings
 from ui.widgets import Refresh
 
@@ -137,6 +138,7 @@ def build(settings: AppSettings):
                        elem_id="runs-pair")
     samples = gr.Gallery(label="Samples side by side (each run's newest at the same prompt and seed)", columns=2,
                          height=360, elem_id="runs-samples")
+    recommend = recommend_box.build(settings, runs)
 
     # Named functions: gradio's API names for the events (scripts and tests call them by these).
     def on_refresh(selected):
@@ -152,5 +154,5 @@ def build(settings: AppSettings):
     refresh.click(on_refresh, runs, runs).then(on_compare, [runs, pair], shown).then(on_colours, runs, plot)
     runs.change(on_compare, [runs, pair], shown).then(on_colours, runs, plot)
     pair.input(on_compare, [runs, pair], shown)
-    return {"runs": runs, "refresh": Refresh(on_refresh, [runs], [runs]),
-            "on_load": [Refresh(on_refresh, [runs], [runs])]}
+    return {"runs": runs, "refresh": Refresh(on_refresh, [runs], [runs]), "recommend": recommend,
+            "on_load": [Refresh(on_refresh, [runs], [runs]), *recommend["on_load"]]}
