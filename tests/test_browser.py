@@ -23,6 +23,7 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
+SHOT_NAMES = ("dataset", "train", "prompt", "queue", "runs", "recommend")  # the README shows each
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="needs Debian's chromium (apt-get install chromium), as .ci/run installs")
@@ -236,7 +237,7 @@ def test_whole_flow(page, server, tmp_path):
     page.click("#prompt-lora input")
     options = page.locator("[role=option]").all_inner_texts()
     page.keyboard.press("Escape")
-    assert options[0].strip() == "e2e-lora.safetensors", options
+    assert options[0].split("\n")[-1].strip() == "e2e-lora.safetensors", options  # (a ✓ marks the picked one)
     _fill(page, "#prompt-steps", 2)
     page.click("#prompt-generate")
     page.wait_for_selector("#prompt-output img")
@@ -264,6 +265,29 @@ def test_whole_flow(page, server, tmp_path):
                            " >= 2", timeout=600_000)
     assert (home / "outputs" / "e2e-lora-lr0.002" / "e2e-lora-lr0.002.safetensors").is_file()
     _shot(page, "queue")
+
+    # --- Runs tab: the sweep's two runs side by side, the learning rate as the setting that differs.
+    page.click("#tab-runs-button")
+    page.click("#runs-refresh")
+    for name in ("e2e-lora-lr0.001", "e2e-lora-lr0.002"):
+        _fill(page, "#runs-select", name)
+    page.wait_for_function("document.querySelector('#runs-table').innerText.includes('e2e-lora-lr0.002') && "
+                           "document.querySelector('#runs-table').innerText.includes('e2e-lora-lr0.001')")
+    assert "learning_rate" in page.inner_text("#runs-table")
+    _shot(page, "runs")
+    # A checkpoint and strength recommended for the sweep, with its reasons and grid, then tried in the Prompt tab.
+    page.click("#recommend-box button, #recommend-box .label-wrap >> nth=0")
+    _fill(page, "#recommend-strengths", "0.5, 1")
+    page.click("#recommend-start")
+    page.wait_for_function("document.querySelector('#recommend-reasons').innerText.includes('validation loss')",
+                           timeout=600_000)
+    page.wait_for_selector("#recommend-grid img")
+    assert "★" in page.inner_text("#recommend-table")
+    page.locator("#recommend-box").scroll_into_view_if_needed()
+    _shot(page, "recommend")
+    page.click("#recommend-use")
+    page.wait_for_function("document.querySelector('#prompt-lora input') && "
+                           "document.querySelector('#prompt-lora input').value.startsWith('e2e-lora-lr0.00')")
 
 
 def _noise_png(path: Path) -> None:
@@ -300,6 +324,6 @@ def test_screenshots_are_copied_for_the_readme():
     if os.environ.get("UPDATE_SCREENSHOTS"):
         docs = ROOT / "docs" / "screenshots"
         docs.mkdir(parents=True, exist_ok=True)
-        for name in ("dataset", "train", "prompt", "queue"):
+        for name in SHOT_NAMES:
             shutil.copyfile(SHOTS / f"{name}.png", docs / f"{name}.png")
-    assert all((SHOTS / f"{n}.png").stat().st_size > 10_000 for n in ("dataset", "train", "prompt", "queue"))
+    assert all((SHOTS / f"{n}.png").stat().st_size > 10_000 for n in SHOT_NAMES)

@@ -326,4 +326,4 @@ def test_the_app_trains_a_flux_lora_and_previews_it(tiny_flux, tmp_path):
     with_lora = np.asarray(previewer.generate(str(model), "a photo of sks", lora=lora, **kw), dtype=np.int16)
     assert np.abs(with_lora - base).max() > 0
     grid = previewer.grid(str(model), "a photo of sks", [lora], [0.0, 1.0], **kw)
-    assert grid.size == (160 + 2 * 64, 24 + 64) and previewer.loads == 1
+    assert grid.size == (230 + 2 * (256 + 16), 8 + 26 + 256 + 8) and previewer.loads == 1

@@ -139,9 +139,9 @@ def test_queue_box_adds_the_forms_run_with_a_sweep_and_acts_on_entries(tiny_mode
     settings.ensure()
     values = train_tab.config_to_form(quick(tiny_model, tmp_path, "photos"))
     form = lambda: train_tab.form_to_config(values, settings)  # noqa: E731
-    message, rows, picker = queue_panel.add_to_queue(settings, form, [("lora.rank", "4, 8"), (None, "")],
-                                                     start=False)
-    assert "Queued 2 run(s): photos-rank4, photos-rank8" in message and "2 waiting" in message
+    message, state, rows, picker = queue_panel.add_to_queue(settings, form, [("lora.rank", "4, 8"), (None, "")],
+                                                            start=False)
+    assert "Queued 2 run(s): photos-rank4, photos-rank8" in message and "2 waiting" in state
     assert [row[1:4] for row in rows] == [["photos-rank4", "lora.rank = 4", "⏳ waiting"],
                                           ["photos-rank8", "lora.rank = 8", "⏳ waiting"]]
     assert [value for _, value in picker["choices"]] == [1, 2]
@@ -151,16 +151,17 @@ def test_queue_box_adds_the_forms_run_with_a_sweep_and_acts_on_entries(tiny_mode
     message, *_ = queue_panel.add_to_queue(settings, lambda: (_ for _ in ()).throw(ConfigError("lora.rank bad")),
                                            [], start=False)
     assert message == "⚠️ lora.rank bad"
-    _, rows, _ = queue_panel.act(settings, "down", 1)
+    _, _, rows, _ = queue_panel.act(settings, "down", 1)
     assert [row[1] for row in rows] == ["photos-rank8", "photos-rank4"]
-    message, rows, _ = queue_panel.act(settings, "cancel", 1)
+    message, _, rows, _ = queue_panel.act(settings, "cancel", 1)
     assert "cancelled" in message and rows[1][3] == "✖ cancelled"
     assert queue_panel.act(settings, "cancel", None)[0] == "⚠️ pick an entry of the queue first"
-    message, rows, _ = queue_panel.act(settings, "clear", None)
+    message, _, rows, _ = queue_panel.act(settings, "clear", None)
     assert "Forgot 1" in message and len(rows) == 1
     # An app started later does not restart a queue the user paused.
     queue_panel.act(settings, "pause", None)
-    assert not queue_panel.resume_on_start(settings) and "paused" in queue_panel.view(settings)[0]
+    assert not queue_panel.resume_on_start(settings) and "paused" in queue_panel.view(settings)[1]
+    assert queue_panel.view(settings)[0] == {"__type__": "update"}  # the refresh keeps the last action's message
 
 
 def test_the_train_tab_follows_a_run_another_process_started(tiny_model, tmp_path):

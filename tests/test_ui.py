@@ -178,8 +178,12 @@ def test_previewer_keeps_the_pipeline_and_switches_loras(family, tiny_model, tin
     assert np.abs(full - base).max() > 0
     assert np.abs(zero - base).max() <= 1 and np.abs(again - base).max() == 0
     step3 = result.run_dir / "test-lora-step000003.safetensors"
-    grid = previewer.grid(str(tiny_model), "a photo of sks", [str(step3), str(result.lora_path)], [0.5, 1.0], **kw)
-    assert grid.size == (160 + 2 * 64, 24 + 2 * 64) and previewer.loads == 1
+    told = []
+    grid = previewer.grid(str(tiny_model), "a photo of sks", [str(step3), str(result.lora_path)], [0.5, 1.0],
+                          on_cell=lambda done, total: told.append((done, total)), **kw)
+    assert told == [(1, 4), (2, 4), (3, 4), (4, 4)]  # the Prompt tab's per-picture progress
+    # 64 px pictures are shown 256 px (4x, nearest), with a label column: readable, not a thumbnail.
+    assert grid.size == (230 + 2 * (256 + 16), 8 + 26 + 2 * (256 + 8)) and previewer.loads == 1
 
 
 def test_health_report_view_lists_flagged_files(tmp_path):

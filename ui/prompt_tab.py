@@ -91,16 +91,23 @@ def compare(previewer: Previewer, form: dict):
     return [(base, "base model"), (with_lora, f"with LoRA at {float(form['scale']):g}")], "Same seed, same settings."
 
 
-def grid(previewer: Previewer, form: dict):
-    """Checkpoints x strengths in one picture: (grid image, message)."""
+def grid(previewer: Previewer, form: dict, progress=None):
+    """Checkpoints x strengths in one picture: (grid image, message); ``progress(fraction, desc=...)`` (gradio's)
+    is told each picture as it is drawn."""
     import gradio as gr
 
     files = form["grid_loras"]
+
+    def on_cell(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done / total, desc=f"picture {done}/{total}")
+
     try:
         if not files:
             raise ValueError("pick one or more LoRA files for the grid")
         scales = parse_scales(form["grid_scales"])
-        image = previewer.grid(form["model"], form["prompt"], list(files), scales, **image_options(form))
+        image = previewer.grid(form["model"], form["prompt"], list(files), scales, on_cell=on_cell,
+                               **image_options(form))
     except (OSError, ValueError) as exc:
         return gr.skip(), f"⚠️ {exc}"
     return image, f"{len(files)} files × {len(scales)} strengths at seed {int(form['seed'] or 0)}."
@@ -176,7 +183,7 @@ def build(settings: AppSettings, previewer: Previewer):
             message = gr.Markdown(elem_id="prompt-message")
             output = gr.Image(label="Result", type="pil", elem_id="prompt-output", format="png")
             pair = gr.Gallery(label="Base | LoRA (same seed)", columns=2, elem_id="prompt-compare-output")
-            grid_out = gr.Image(label="Grid", type="pil", elem_id="prompt-grid-output", format="png")
+            grid_out = gr.Image(label="Grid", type="pil", elem_id="prompt-grid-output", format="png", height=640)
 
     form = dict(zip(FORM, [model, lora, scale, prompt, negative, seed, steps, guidance, width, height, grid_loras,
                            grid_scales], strict=True))
@@ -193,8 +200,8 @@ def build(settings: AppSettings, previewer: Previewer):
     def on_compare(data):
         return compare(previewer, values(data))
 
-    def on_grid(data):
-        return grid(previewer, values(data))
+    def on_grid(data, progress=gr.Progress()):  # noqa: B008 - gradio's way to show per-picture progress
+        return grid(previewer, values(data), progress)
 
     def on_refresh():
         return lists(settings)

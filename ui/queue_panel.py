@@ -52,8 +52,9 @@ def entry_choices(queue: RunQueue) -> list[tuple[str, int]]:
     return [(f"{e.label} · {e.state}", e.id) for e in queue.entries()]
 
 
-def view(settings: AppSettings, message: str = ""):
-    """(message, table, entry picker update) for the queue as it stands."""
+def view(settings: AppSettings, message: str | None = None):
+    """(message, state line, table, entry picker update) for the queue as it stands; the message line is left
+    as it is when ``message`` is None (the box's own refresh keeps what the last action said)."""
     import gradio as gr
 
     queue = RunQueue(settings.outputs_dir)
@@ -62,18 +63,22 @@ def view(settings: AppSettings, message: str = ""):
         rows = queue_rows(queue)
         choices = entry_choices(queue)
     except ConfigError as exc:
-        return f"⚠️ {exc}", gr.skip(), gr.skip()
-    text = f"{message}\n\n{state}" if message else state
-    return text, rows, gr.update(choices=choices)
+        return f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip()
+    return (gr.skip() if message is None else message), state, rows, gr.update(choices=choices)
+
+
+def refused(exc: Exception):
+    import gradio as gr
+
+    return f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip()
 
 
 def add_to_queue(settings: AppSettings, config, sweeps: list[tuple[str, str]], start: bool = True):
-    """Queue the form's run (or one run per swept value) and start the worker: (message, table, picker).
+    """Queue the form's run (or one run per swept value) and start the worker: (message, state, table, picker).
 
     ``config`` is the form's TrainConfig (or a callable that builds it, raising ConfigError); ``sweeps`` is
     [(setting, "v1, v2")] with empty ones left out.
     """
-    import gradio as gr
 
     from core import config as config_mod
 
@@ -88,14 +93,14 @@ def add_to_queue(settings: AppSettings, config, sweeps: list[tuple[str, str]], s
                               f"queue add)")
         added = queue.add(config, axes)
     except ConfigError as exc:
-        return f"⚠️ {exc}", gr.skip(), gr.skip()
+        return refused(exc)
     names = ", ".join(e.name for e in added)
     started = start and not queue.paused and queue.start_worker()
     return view(settings, f"Queued {len(added)} run(s): {names}." + (" The queue is working." if started else ""))
 
 
 def act(settings: AppSettings, action: str, entry_id):
-    """Start, pause, clear, or cancel/move the picked entry: (message, table, picker)."""
+    """Start, pause, clear, or cancel/move the picked entry: (message, state, table, picker)."""
     queue = RunQueue(settings.outputs_dir)
     try:
         if action == "start":
@@ -113,11 +118,9 @@ def act(settings: AppSettings, action: str, entry_id):
             return view(settings, f"{entry.name}: " + ("cancelled." if entry.state == "cancelled"
                                                          else "stopping after its current step (it saves)."))
         queue.move(int(entry_id), action)
-        return view(settings)
+        return view(settings, "")
     except ConfigError as exc:
-        import gradio as gr
-
-        return f"⚠️ {exc}", gr.skip(), gr.skip()
+        return refused(exc)
 
 
 def resume_on_start(settings: AppSettings) -> bool:
@@ -147,13 +150,14 @@ def build(settings: AppSettings) -> dict[str, Any]:
             key2 = gr.Dropdown(keys, value=None, label="Second setting (a grid)", elem_id="queue-sweep-key2")
             values2 = gr.Textbox(label="Values", placeholder="4, 16", elem_id="queue-sweep-values2")
         message = gr.Markdown(elem_id="queue-message")
+        state = gr.Markdown(elem_id="queue-state")
         table = gr.Dataframe(headers=HEADERS, value=[], interactive=False, wrap=True, elem_id="queue-table")
         with gr.Row():
             entry = gr.Dropdown([], value=None, label="Entry", elem_id="queue-entry", scale=3)
             buttons = {name: gr.Button(label, size="sm", elem_id=f"queue-{name}", scale=1) for name, label in
                        [("up", "Up"), ("down", "Down"), ("cancel", "Cancel or stop"), ("start", "Start queue"),
                         ("pause", "Pause"), ("clear", "Clear ended")]}
-    outputs = [message, table, entry]
+    outputs = [message, state, table, entry]
     for name, button in buttons.items():
         button.click(lambda picked, action=name: act(settings, action, picked), entry, outputs)
     return {"sweeps": [key1, values1, key2, values2], "outputs": outputs}

@@ -197,18 +197,75 @@ def _text_window(pipe) -> int:
     return get_family(name).text_lengths(pipe.transformer.config)[-1] if name else 256
 
 
+# Picture grids (the Prompt tab's checkpoints x strengths, the recommendation's): every cell is shown at least
+# CELL_SIDE pixels (a 64 px picture is enlarged, never blurred), with labels in a readable font.
+CELL_SIDE = 256
+LABEL_WIDTH = 230
+NOTE_LINES = 3  # lines under each cell
+
+
 def image_grid(cells, row_labels: list[str], col_labels: list[str]):
-    """Paste equally sized images into a grid with row and column labels."""
+    """Equally sized pictures in a grid: rows labelled with ``row_labels``, columns "strength S"."""
+    return draw_grid(cells, [[label] for label in row_labels], [f"strength {text}" for text in col_labels],
+                     [[[] for _ in row] for row in cells], None, "")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # a Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def upscale(image, side: int = CELL_SIDE):
+    """``image`` enlarged by a whole factor (nearest neighbour) until its shorter side is at least ``side``."""
+    from PIL import Image
+
+    factor = max(1, -(-side // min(image.size)))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor),
+                                                  Image.Resampling.NEAREST)
+
+
+def draw_grid(pictures: list[list], row_labels: list[list[str]], col_labels: list[str],
+              notes: list[list[list[str]]], winner: tuple[int, int] | None, title: str = ""):
+    """Rows of cells (checkpoints × strengths) with labels, score lines under each cell and the winner framed.
+
+    ``pictures[i][j]``: a PIL picture (or None: a grey cell); ``row_labels[i]``: lines left of row i;
+    ``notes[i][j]``: lines under cell (i, j).
+    """
     from PIL import Image, ImageDraw
 
-    w, h = cells[0][0].size
-    left, top = 160, 24
-    grid = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), "white")
+    shown = [[upscale(p) if p is not None else None for p in row] for row in pictures]
+    sizes = [p.size for row in shown for p in row if p is not None] or [(CELL_SIDE, CELL_SIDE)]
+    w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    font, small = _font(16), _font(13)
+    pad, line = 8, 17
+    used = max((min(len(n), NOTE_LINES) for row in notes for n in row), default=0)
+    title_h, header_h, note_h = (34 if title else pad), 26, (used * line + 2 * pad if used else 0)
+    cell_w, cell_h = w + 2 * pad, h + note_h + pad
+    grid = Image.new("RGB", (LABEL_WIDTH + cell_w * len(col_labels), title_h + header_h + cell_h * len(shown)),
+                     "white")
     draw = ImageDraw.Draw(grid)
+    draw.text((pad, pad), title, fill="black", font=font)
     for j, text in enumerate(col_labels):
-        draw.text((left + j * w + 4, 4), f"strength {text}", fill="black")
-    for i, row in enumerate(cells):
-        draw.text((4, top + i * h + 4), row_labels[i][:24], fill="black")
-        for j, image in enumerate(row):
-            grid.paste(image, (left + j * w, top + i * h))
+        draw.text((LABEL_WIDTH + j * cell_w + pad, title_h + 4), text, fill="black", font=font)
+    for i, row in enumerate(shown):
+        top = title_h + header_h + i * cell_h
+        for k, text in enumerate(row_labels[i]):
+            draw.text((pad, top + pad + k * line), text[:30], fill="black", font=small if k else font)
+        for j, picture in enumerate(row):
+            left = LABEL_WIDTH + j * cell_w + pad
+            if picture is None:
+                draw.rectangle((left, top + pad, left + w, top + pad + h), fill=(200, 200, 200))
+            else:
+                grid.paste(picture, (left, top + pad))
+            for k, text in enumerate(notes[i][j][:NOTE_LINES]):
+                draw.text((left, top + pad + h + 4 + k * line), text, fill="black", font=small)
+            if winner == (i, j):
+                draw.rectangle((left - pad + 2, top + 2, left + w + pad - 2, top + cell_h - 2), outline=(0, 160, 0),
+                               width=5)
     return grid
+
+

@@ -100,8 +100,14 @@ class Previewer:
         return generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, width=width,
                         height=height, negative_prompt=negative_prompt)
 
-    def grid(self, model: str, prompt: str, loras: list[str], scales: list[float], **kwargs):
-        """One image per (LoRA file, strength) at the same seed, as a labelled grid (rows: files)."""
-        cells = [[self.generate(model, prompt, lora=lora, scale=scale, **kwargs) for scale in scales]
-                 for lora in loras]
+    def grid(self, model: str, prompt: str, loras: list[str], scales: list[float], on_cell=None, **kwargs):
+        """One image per (LoRA file, strength) at the same seed, as a labelled grid (rows: files);
+        ``on_cell(done, total)`` after each picture."""
+        cells, total = [], len(loras) * len(scales)
+        for lora in loras:
+            cells.append([])
+            for scale in scales:
+                cells[-1].append(self.generate(model, prompt, lora=lora, scale=scale, **kwargs))
+                if on_cell is not None:
+                    on_cell(sum(map(len, cells)), total)
         return image_grid(cells, [Path(p).stem for p in loras], [f"{s:g}" for s in scales])

@@ -17,9 +17,6 @@ from typing import Any
 
 # Hub ids of CLIP models that clip_model="auto" uses when one of them is already in the local cache.
 KNOWN_CLIP_MODELS = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16")
-CELL_SIDE = 256  # each grid cell is shown at least this many pixels wide and high (nearest-neighbour upscale)
-LABEL_WIDTH = 230
-NOTE_LINES = 3  # score lines under each cell
 
 
 class ImageScoreError(ValueError):
@@ -248,66 +245,10 @@ def render_grid(loras: list[str], strengths: list[float], setup: GridSetup, emit
 # ------------------------------------------------------------ the grid picture
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # a Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def upscale(image, side: int = CELL_SIDE):
-    """``image`` enlarged by a whole factor (nearest neighbour) until its shorter side is at least ``side``."""
-    from PIL import Image
-
-    factor = max(1, -(-side // min(image.size)))
-    return image if factor == 1 else image.resize((image.width * factor, image.height * factor),
-                                                  Image.Resampling.NEAREST)
-
-
-def draw_grid(pictures: list[list], row_labels: list[list[str]], col_labels: list[str],
-              notes: list[list[list[str]]], winner: tuple[int, int] | None, title: str):
-    """Rows of cells (checkpoints × strengths) with labels, score lines under each cell and the winner framed.
-
-    ``pictures[i][j]``: a PIL picture (or None: a grey cell); ``row_labels[i]``: lines left of row i;
-    ``notes[i][j]``: lines under cell (i, j).
-    """
-    from PIL import Image, ImageDraw
-
-    shown = [[upscale(p) if p is not None else None for p in row] for row in pictures]
-    sizes = [p.size for row in shown for p in row if p is not None] or [(CELL_SIDE, CELL_SIDE)]
-    w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    font, small = _font(16), _font(13)
-    pad, line = 8, 17
-    title_h, header_h, note_h = 34, 26, NOTE_LINES * line + 2 * pad
-    cell_w, cell_h = w + 2 * pad, h + note_h + pad
-    grid = Image.new("RGB", (LABEL_WIDTH + cell_w * len(col_labels), title_h + header_h + cell_h * len(shown)),
-                     "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((pad, pad), title, fill="black", font=font)
-    for j, text in enumerate(col_labels):
-        draw.text((LABEL_WIDTH + j * cell_w + pad, title_h + 4), text, fill="black", font=font)
-    for i, row in enumerate(shown):
-        top = title_h + header_h + i * cell_h
-        for k, text in enumerate(row_labels[i]):
-            draw.text((pad, top + pad + k * line), text[:30], fill="black", font=small if k else font)
-        for j, picture in enumerate(row):
-            left = LABEL_WIDTH + j * cell_w + pad
-            if picture is None:
-                draw.rectangle((left, top + pad, left + w, top + pad + h), fill=(200, 200, 200))
-            else:
-                grid.paste(picture, (left, top + pad))
-            for k, text in enumerate(notes[i][j][:NOTE_LINES]):
-                draw.text((left, top + pad + h + 4 + k * line), text, fill="black", font=small)
-            if winner == (i, j):
-                draw.rectangle((left - pad + 2, top + 2, left + w + pad - 2, top + cell_h - 2), outline=(0, 160, 0),
-                               width=5)
-    return grid
-
-
 def recommendation_picture(rec, shown: list):
     """The grid picture of a core.training.recommend.Recommendation: rows checkpoints, columns strengths."""
+    from core.base.sample import draw_grid
+
     n = len(rec.strengths)
     notes = [[[] for _ in range(n)] for _ in rec.checkpoints]
     for k, cell in enumerate(rec.cells):
