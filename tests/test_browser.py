@@ -249,13 +249,19 @@ def test_whole_flow(page, server, tmp_path):
     _shot(page, "prompt")
 
     # --- The queue: a sweep of two learning rates from the Train tab's form, trained one after another.
+    # (The page was reloaded during the first run: a reload starts the form afresh, so it is set up again.)
     page.click("#tab-train-button")
-    _fill(page, "#train-train-max-train-steps", 2)
+    for field, value in (("#train-model", model), ("#train-dataset", home / "datasets" / "e2e pics"),
+                         ("#train-output-name", "e2e-lora"), ("#train-train-max-train-steps", 2),
+                         ("#train-lora-rank", 4), ("#train-dataset-resolution", 64),
+                         ("#train-sample-prompts", "a photo of sks"), ("#train-sample-every-n-steps", 2)):
+        _fill(page, field, value)
     page.click("#queue-box button, #queue-box .label-wrap >> nth=0")
     _fill(page, "#queue-sweep-key", "train.learning_rate")
     _fill(page, "#queue-sweep-values", "1e-3, 2e-3")
     page.click("#train-enqueue")
-    page.wait_for_function("document.querySelector('#queue-message').innerText.includes('Queued 2 run(s)')")
+    page.wait_for_function("/Queued|⚠️/.test(document.querySelector('#queue-message').innerText)")
+    assert "Queued 2 run(s)" in page.inner_text("#queue-message"), page.inner_text("#queue-message")
     assert "e2e-lora-lr0.001" in page.inner_text("#queue-table") and "e2e-lora-lr0.002" in page.inner_text(
         "#queue-table")
     # The live view follows each queued run as the queue starts it.

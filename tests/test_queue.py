@@ -142,8 +142,8 @@ def test_queue_box_adds_the_forms_run_with_a_sweep_and_acts_on_entries(tiny_mode
     message, state, rows, picker = queue_panel.add_to_queue(settings, form, [("lora.rank", "4, 8"), (None, "")],
                                                             start=False)
     assert "Queued 2 run(s): photos-rank4, photos-rank8" in message and "2 waiting" in state
-    assert [row[1:4] for row in rows] == [["photos-rank4", "lora.rank = 4", "⏳ waiting"],
-                                          ["photos-rank8", "lora.rank = 8", "⏳ waiting"]]
+    assert [row[1:4] for row in rows] == [["photos-rank4", "lora.rank = 4", "… waiting"],
+                                          ["photos-rank8", "lora.rank = 8", "… waiting"]]
     assert [value for _, value in picker["choices"]] == [1, 2]
     # A bad sweep names the setting and the value; nothing is queued.
     message, *_ = queue_panel.add_to_queue(settings, form, [("train.learning_rate", "1e-4, zero")], start=False)
@@ -154,7 +154,7 @@ def test_queue_box_adds_the_forms_run_with_a_sweep_and_acts_on_entries(tiny_mode
     _, _, rows, _ = queue_panel.act(settings, "down", 1)
     assert [row[1] for row in rows] == ["photos-rank8", "photos-rank4"]
     message, _, rows, _ = queue_panel.act(settings, "cancel", 1)
-    assert "cancelled" in message and rows[1][3] == "✖ cancelled"
+    assert "cancelled" in message and rows[1][3] == "– cancelled"
     assert queue_panel.act(settings, "cancel", None)[0] == "⚠️ pick an entry of the queue first"
     message, _, rows, _ = queue_panel.act(settings, "clear", None)
     assert "Forgot 1" in message and len(rows) == 1

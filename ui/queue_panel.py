@@ -17,8 +17,9 @@ from ui.train_fields import all_fields
 COMMON_SWEEPS = ["train.learning_rate", "lora.rank", "lora.alpha", "train.max_train_steps", "train.optimizer",
                  "train.lr_scheduler", "lora.type", "train.noise_offset", "train.batch_size", "train.text_encoder_lr"]
 HEADERS = ["#", "Run", "Tries", "State", "Note"]
-STATE_MARKS = {"waiting": "⏳ waiting", "running": "▶ running", "completed": "✅ completed", "stopped": "⏹ stopped",
-               "failed": "❌ failed", "cancelled": "✖ cancelled"}
+# Marks every font has (colour emoji are missing on many Linux desktops and show as boxes).
+STATE_MARKS = {"waiting": "… waiting", "running": "▶ running", "completed": "✓ completed", "stopped": "■ stopped",
+               "failed": "✗ failed", "cancelled": "– cancelled"}
 
 
 def sweep_keys() -> list[str]:

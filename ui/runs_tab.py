@@ -72,8 +72,12 @@ def plot_colours(run_dirs: list[str] | None):
     colours redraws it with the points it holds by then, so they go second, in their own update."""
     import gradio as gr
 
-    _, colours = curve_frame([d for d in run_dirs or [] if Path(d).is_dir()])
-    return gr.update(color_map=colours)
+    from ui.run_view import MIN_STEP_SPAN
+
+    frame, colours = curve_frame([d for d in run_dirs or [] if Path(d).is_dir()])
+    last = int(frame["step"].max()) if len(frame) else 0
+    # The step axis from 0 to the longest run (at least MIN_STEP_SPAN): whole-step ticks, as in the Train tab.
+    return gr.update(color_map=colours, x_lim=[0, max(last, MIN_STEP_SPAN)])
 
 
 def pair_label(prompt: str, seed: int) -> str:
