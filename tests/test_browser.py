@@ -280,6 +280,10 @@ def test_whole_flow(page, server, tmp_path):
     page.wait_for_function("document.querySelector('#runs-table').innerText.includes('e2e-lora-lr0.002') && "
                            "document.querySelector('#runs-table').innerText.includes('e2e-lora-lr0.001')")
     assert "learning_rate" in page.inner_text("#runs-table")
+    page.wait_for_selector("#runs-plot g.mark-line path")
+    run_ticks = page.eval_on_selector_all("#runs-plot g.role-axis[aria-label^='X-axis'] g.role-axis-label text",
+                                          "ts => ts.map(t => t.textContent)")
+    assert run_ticks and all(t.replace(",", "").isdigit() for t in run_ticks), run_ticks  # whole steps only
     _shot(page, "runs")
     # A checkpoint and strength recommended for the sweep, with its reasons and grid, then tried in the Prompt tab.
     page.click("#recommend-box button, #recommend-box .label-wrap >> nth=0")

@@ -223,7 +223,7 @@ def test_ui_handlers(outputs):
     table, plot, gallery, _, message = runs_tab.compare([])
     assert table.empty and plot.empty and gallery["value"] == [] and message == "Pick runs to compare."
     assert runs_tab.plot_colours([])["color_map"] == {}
-    assert runs_tab.plot_colours([])["x_lim"] == [0, 16]  # whole-step ticks even for a short run
+    assert runs_tab.plot_colours([])["x_lim"] == [0, 40]  # whole-step ticks even for a short run
 
 
 def test_ui_tab_builds(outputs):

@@ -10,6 +10,7 @@ from ui.settings import AppSettings
 from ui.widgets import Refresh
 
 ALL_PAIRS = "all"  # the prompt-and-seed choice that shows every pair the runs share
+MIN_STEP_SPAN = 40  # the plot spans the page: whole-step ticks up to about 1600 px wide
 
 # Curve colours in the order the runs are picked (a run's moving average takes the next one): the plot keeps
 # the colours it is given with each new selection (see curve_colours).
@@ -72,11 +73,10 @@ def plot_colours(run_dirs: list[str] | None):
     colours redraws it with the points it holds by then, so they go second, in their own update."""
     import gradio as gr
 
-    from ui.run_view import MIN_STEP_SPAN
-
     frame, colours = curve_frame([d for d in run_dirs or [] if Path(d).is_dir()])
     last = int(frame["step"].max()) if len(frame) else 0
-    # The step axis from 0 to the longest run (at least MIN_STEP_SPAN): whole-step ticks, as in the Train tab.
+    # The step axis from 0 to the longest run, and at least MIN_STEP_SPAN: the plot draws about one tick per
+    # 40 px, so a shorter axis across the page's width would tick at half steps.
     return gr.update(color_map=colours, x_lim=[0, max(last, MIN_STEP_SPAN)])
 
 
