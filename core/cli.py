@@ -11,7 +11,7 @@
     python -m core verify-lora FILE --model MODEL [--json] [--no-image] [--prompt TEXT] [--seed N] [--steps K]
     python -m core merge --model MODEL --lora FILE --scale S --out MERGED.safetensors [--precision fp16|bf16|fp32]
     python -m core class-pictures --model MODEL --prompt TEXT --count N --out DIR   (core/cli_class.py)
-    python -m core queue|runs|recommend ...   (core/cli_queue.py, cli_runs.py, cli_recommend.py)
+    python -m core queue|runs|recommend|demo-model ...   (core/cli_queue.py, cli_runs.py, cli_recommend.py, cli_demo.py)
     python -m core plan [CONFIG.toml] [--family sd1|sd2|sdxl|sd3|sd3-medium|flux|flux-schnell|flux2|zimage]
                         [--set section.key=value ...] [--vram GB] [--fit] [--json]
 
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     # Commands with their own modules (cli_class, cli_queue, ...), each adding its parser.
     import importlib
 
-    for module in ("core.cli_class", "core.cli_queue", "core.cli_runs", "core.cli_recommend"):
+    for module in ("core.cli_class", "core.cli_queue", "core.cli_runs", "core.cli_recommend", "core.cli_demo"):
         importlib.import_module(module).add_command(sub)
     return parser
 

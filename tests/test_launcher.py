@@ -92,10 +92,33 @@ def test_demo_creates_the_tiny_model_and_dataset(tmp_path):
 
     settings = AppSettings(tmp_path)
     settings.ensure()
-    assert "wrote the tiny demo model" in make_demo(settings)
+    message = make_demo(settings)
+    assert "wrote the tiny demo model" in message and "demo model that learns" in message
     assert (settings.models_dir / "tiny" / "model_index.json").is_file()
     assert len(list((settings.datasets_dir / "demo").glob("*.png"))) == 6
+    # The demo model that learns, its concept (captioned) and the preset that teaches it.
+    from core.base.models import load_models
+    from ui import presets
+    from ui.demo import DEMO_PRESET, DEMO_SETTINGS
+
+    assert load_models(str(settings.models_dir / "demo-shapes")).family.name == "sd1"
+    zorp = sorted((settings.datasets_dir / "zorp").glob("*.png"))
+    assert len(zorp) == 12 and all("zorp" in p.with_suffix(".txt").read_text(encoding="utf-8") for p in zorp)
+    assert DEMO_PRESET in presets.list_presets(settings.presets_dir)
+    assert presets.load_preset(settings.presets_dir, DEMO_PRESET) == DEMO_SETTINGS
     assert make_demo(settings) == "the demo model and dataset are already there"
+    # The button picks them: the model in the Train tab, the dataset, the preset (applied with one click).
+    from ui.demo import demo_updates
+
+    message, names, models, _, _, preset = demo_updates(settings)
+    assert "Apply preset" in message and "--" not in message
+    assert names["value"] == "zorp" and models["value"] == str(settings.models_dir / "demo-shapes")
+    assert preset["value"] == DEMO_PRESET and DEMO_PRESET in preset["choices"]
+    from ui.train_tab import apply_preset
+
+    keys = ["dataset.resolution", "output.trigger_phrase", "train.max_train_steps", "dataset.validation_split"]
+    updates = apply_preset(settings, keys, DEMO_PRESET, models["value"])
+    assert [u["value"] for u in updates] == [64, "zorp", 200, 0.25]
 
 
 def _older_python() -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from core.lora.preview import Previewer
 from ui.runner import RunManager
 from ui.server import served_paths
-from ui.settings import AppSettings, model_choices
+from ui.settings import AppSettings
 
 
 def build_app(settings: AppSettings | None = None, manager: RunManager | None = None,
@@ -59,21 +59,12 @@ def build_app(settings: AppSettings | None = None, manager: RunManager | None = 
                               health["outputs"])
 
         def on_demo():
-            """The tiny model and the demo pictures, so a new user can click through everything offline."""
-            from core.data import dataset_store
-            from ui.demo import make_demo
+            from ui.demo import demo_updates
 
-            message = make_demo(settings)
-            models = gr.update(choices=model_choices(settings.models_dir), value=str(settings.models_dir / "tiny"))
-            names = gr.update(choices=dataset_store.list_datasets(settings.datasets_dir), value="demo")
-            captioners = gr.update(choices=dataset_tab.captioner_models(settings),
-                                   value=str(settings.models_dir / "tiny-blip"))
-            return (f"Demo ready: {message}. Pick the `demo` dataset, train on the `tiny` model at resolution 64, "
-                    f"then try the LoRA in the Prompt tab.", names, models, "blip", captioners,
-                    *prompt["lists"].fn())
+            return (*demo_updates(settings), *prompt["lists"].fn())
 
         demo.click(on_demo, outputs=[demo_message, dataset["picker"], train["model"], dataset["captioner"],
-                                     dataset["caption_model"], *prompt["lists"].outputs])
+                                     dataset["caption_model"], train["preset"], *prompt["lists"].outputs])
         def use_in_prompt(lora):
             """The run's final LoRA and the model it was trained on picked in the Prompt tab, brought to the
             front (the model from the run's own config: the form may show other settings by now)."""

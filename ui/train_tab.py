@@ -420,4 +420,5 @@ def build(settings: AppSettings, manager: RunManager):
                     queue_refresh],
         "use_lora": use_lora,
         "final_lora": final_lora,
+        "preset": preset,
     }
