@@ -27,8 +27,8 @@ def add_command(sub) -> None:
     p.add_argument("--prompt", "--prompts", dest="prompts", action="append", default=None, metavar="TEXT",
                    help="a prompt that uses the trigger (repeatable; default: the run's sample prompts)")
     p.add_argument("--leak-prompt", dest="leak_prompts", action="append", default=None, metavar="TEXT",
-                   help="a prompt without the trigger, for leakage (repeatable; default: 'a photo of a dog', "
-                        "'a landscape')")
+                   help="a prompt without the trigger, for leakage (repeatable; default: the run's sample "
+                        "prompts without the trigger, else 'a photo of a dog', 'a landscape')")
     p.add_argument("--seed", type=int, default=0, help="seed of the first picture per prompt (default 0)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's sample.steps)")
     p.add_argument("--checkpoints", type=int, default=3,
@@ -65,7 +65,7 @@ def cmd_recommend(args) -> int:
     from core.terminal import EXIT_BAD_INPUT, EXIT_FAILURE
     from core.terminal import fail as _fail
     from core.training.image_scores import ImageScoreError
-    from core.training.recommend import LEAK_PROMPTS, recommend
+    from core.training.recommend import recommend
 
     writer = jsonl_writer(args.events) if args.events else None
 
@@ -83,7 +83,7 @@ def cmd_recommend(args) -> int:
     try:
         rec = recommend(args.runs, parse_strengths(args.strengths), clip_model=args.clip, prompts=args.prompts,
                         seed=args.seed, steps=args.steps, device=args.device, emit=emit,
-                        leak_prompts=args.leak_prompts if args.leak_prompts is not None else LEAK_PROMPTS,
+                        leak_prompts=args.leak_prompts,
                         checkpoints=args.checkpoints, images_per_prompt=args.images_per_prompt, model=args.model,
                         out_dir=args.out)
     except (ValueError, FileNotFoundError, ModelError, ImageScoreError) as exc:

@@ -3,6 +3,7 @@ trained on it with the project's own training, and the build command."""
 
 import argparse
 import json
+import os
 from pathlib import Path
 from statistics import mean
 
@@ -108,7 +109,6 @@ def zorp_run(tmp_path_factory):
     raw = copy.deepcopy(DEMO_SETTINGS)
     raw["model"] = {"path": str(DEMO_MODEL)}
     raw["dataset"]["path"] = str(write_concept_dataset(root / "zorp", count=CONCEPT_PICTURES))
-    raw["sample"]["prompts"] = raw["sample"]["prompts"][:1]  # fewer samples: the validation loss is what counts
     raw["output"].update(dir=str(root / "out"), name="zorp")
     cfg = config.from_dict(raw)
     result = train.run(cfg, jsonl_writer(cfg.run_dir / "events.jsonl"))
@@ -145,6 +145,26 @@ def test_a_lora_trained_on_the_concept_draws_it_and_the_base_does_not(zorp_run, 
         assert all(nearest_colour(_draw(demo_pipe, LEAK_PROMPT, seed)) == "red" for seed in SEEDS)
     finally:
         demo_pipe.unload_lora_weights()
+    if os.environ.get("UPDATE_SCREENSHOTS"):  # the README's picture of it
+        _base_and_lora_picture(demo_pipe, lora).save(ROOT / "docs" / "screenshots" / "demo-zorp.png")
+
+
+def _base_and_lora_picture(pipe, lora):
+    """Base and LoRA side by side for the preset's sample prompts (seed 0), each with its distance from magenta."""
+    from core.base.sample import draw_grid
+    from core.lora.preview import apply_lora
+
+    prompts = [*CONCEPT_PROMPTS, LEAK_PROMPT]
+    rows = [[_draw(pipe, prompt, 0) for prompt in prompts]]
+    apply_lora(pipe, str(lora))
+    try:
+        rows.append([_draw(pipe, prompt, 0) for prompt in prompts])
+    finally:
+        pipe.unload_lora_weights()
+    notes = [[[f"{colour_distance(p, CONCEPT_RGB):.2f} from magenta"] for p in row] for row in rows]
+    columns = [" ".join(p.split()[1:3]) + f" on {p.split()[5]}" for p in prompts]  # "zorp square on white"
+    return draw_grid(rows, [["demo-shapes"], ["with the LoRA", "(demo zorp preset,", "200 steps)"]], columns,
+                     notes, None, "The demo model before and after a LoRA on 12 magenta 'zorp' squares")
 
 
 def test_the_recommendation_picks_a_checkpoint_that_learned_the_concept(zorp_run, demo_pipe):
@@ -152,8 +172,9 @@ def test_the_recommendation_picks_a_checkpoint_that_learned_the_concept(zorp_run
     from core.training.recommend import recommend
 
     run_dir, _ = zorp_run
-    rec = recommend(run_dir, strengths=(0.5, 1.0), prompts=CONCEPT_PROMPTS, leak_prompts=[LEAK_PROMPT],
-                    steps=SAMPLE_STEPS, checkpoints=2)
+    rec = recommend(run_dir, strengths=(0.5, 1.0), steps=SAMPLE_STEPS, checkpoints=2)
+    # The preset's sample prompts split by the trigger: the zorp ones are judged, the red circle is for leakage.
+    assert rec.settings["prompts"] == CONCEPT_PROMPTS and rec.settings["leak_prompts"] == [LEAK_PROMPT]
     assert rec.step > 0 and rec.strength > 0, rec.summary()
     files = sorted(run_dir.glob("zorp*.safetensors"))
     by_file = {f.name: mean(_concept(demo_pipe, f)) for f in files}

@@ -12,8 +12,9 @@ The rule
    falls back to its final file. The checkpoints of several runs are ranked together.
 2. Pictures (unless ``strengths`` is empty): the best ``checkpoints`` files by validation loss, plus the final
    file of the best one's run, are rendered at every strength for the prompts that use the trigger (the run's
-   sample prompts unless ``prompts`` is given) and for prompts without it (``leak_prompts``), at the same
-   seeds as the base model (strength 0). Scores per cell:
+   sample prompts that use it unless ``prompts`` is given) and for prompts without it (``leak_prompts``:
+   the run's other sample prompts, else general ones), at the same seeds as the base model (strength 0).
+   Scores per cell:
    * likeness (CLIP): mean cosine similarity of the trigger prompts' pictures to the training pictures;
    * adherence (CLIP): mean text-picture cosine similarity of the trigger prompts, and its change relative
      to the base model's at the same seeds (``adherence_change``, -0.013 = 1.3 % lower);
@@ -320,7 +321,7 @@ def pick_winner(cells: list[Cell], rows: list[Checkpoint], clip: bool, tolerance
 def recommend(run_dir: str | Path | Sequence[str | Path], strengths: Sequence[float] = DEFAULT_STRENGTHS,
               clip_model: str | None = None, prompts: Sequence[str] | None = None, seed: int = 0,
               steps: int | None = None, device: str | None = None, emit: Callable | None = None, *,
-              leak_prompts: Sequence[str] = LEAK_PROMPTS, checkpoints: int = 3, images_per_prompt: int = 1,
+              leak_prompts: Sequence[str] | None = None, checkpoints: int = 3, images_per_prompt: int = 1,
               adherence_tolerance: float = ADHERENCE_TOLERANCE, leak_threshold: float | None = None,
               model: str | None = None, out_dir: str | Path | None = None, write: bool = True) -> Recommendation:
     """Recommend a checkpoint and a strength of a finished run, or of several runs (a sweep), with reasons.
@@ -328,7 +329,9 @@ def recommend(run_dir: str | Path | Sequence[str | Path], strengths: Sequence[fl
     ``strengths``: the grid's columns (empty: no pictures, the checkpoint by validation loss alone at 1.0);
     ``clip_model``: a local CLIP folder or cached hub id, "auto" for a known one in the cache, None for none
     (leakage is then the pixel change); ``prompts``: prompts with the trigger (default: the run's sample
-    prompts, else "a photo of TRIGGER"); ``seed``: of the first picture per prompt (``images_per_prompt``
+    prompts that use the trigger, or all of them when none does, else "a photo of TRIGGER"); ``leak_prompts``:
+    prompts without it (default: the run's sample prompts without the trigger when others use it, else
+    LEAK_PROMPTS); ``seed``: of the first picture per prompt (``images_per_prompt``
     count up from it); ``steps``: denoising steps (default: the run's sample.steps); ``checkpoints``: how many
     of the best files by validation loss are rows (the final file of the best one's run is added);
     ``model``: the base model when it moved (default: the run's model.path). ``emit`` gets Phase events
@@ -411,10 +414,15 @@ def _setup(run: _Run, model: str | None, prompts, leak_prompts, seed: int, count
 
     c = run.config
     trigger = c.output.trigger_phrase.strip()
+    own = [p for p in c.sample.prompts if p.strip()]
+    with_trigger = [p for p in own if trigger and trigger.lower() in p.lower()]
+    if leak_prompts is None:  # the run's own sample prompts without the trigger, else the general ones
+        leak_prompts = [p for p in own if p not in with_trigger] if with_trigger else []
+        leak_prompts = leak_prompts or list(LEAK_PROMPTS)
     if prompts:
         chosen = [p for p in prompts if p.strip()]
-    elif c.sample.prompts:
-        chosen = list(c.sample.prompts)
+    elif own:
+        chosen = with_trigger or own
     elif trigger:
         chosen = [f"a photo of {trigger}"]
     else:
