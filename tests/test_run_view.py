@@ -76,3 +76,26 @@ def test_engine_advice_reads_in_the_apps_words():
     assert "Resume (under Past runs) continues" in shown
     assert in_app_words("already holds a run named 'x'; pass --resume to continue it") == \
         "already holds a run named 'x'; resume it under Past runs to continue it"
+
+
+def test_the_live_view_sends_each_page_only_what_changed():
+    """The Train tab's timer: a page gets its first view whole, then only the outputs that changed (the
+    plot and the gallery are not redrawn every second), and everything again after it opened another run."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ui.unchanged import SentBefore
+
+    sent, page, other = SentBefore(), SimpleNamespace(session_hash="a"), SimpleNamespace(session_hash="b")
+    plot = pd.DataFrame({"step": [1, 2], "loss": [0.5, 0.4]})
+    view = ("<progress 2/6>", plot, [("s.png", "step 2")], "log")
+    assert sent.only_changed(page, view) == view
+    again = sent.only_changed(page, ("<progress 2/6>", plot.copy(), [("s.png", "step 2")], "log"))
+    assert all(isinstance(v, dict) and v.get("__type__") == "update" and len(v) == 1 for v in again), again
+    moved = sent.only_changed(page, ("<progress 3/6>", plot, [("s.png", "step 2")], "log"))
+    assert moved[0] == "<progress 3/6>" and all(isinstance(v, dict) for v in moved[1:])
+    assert sent.only_changed(other, view) == view  # another page gets its own first view
+    sent.forget(page)
+    assert sent.only_changed(page, view) == view
+    assert sent.only_changed(SimpleNamespace(), view) == view  # no session: always everything

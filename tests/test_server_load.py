@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from core import config as config_mod
 from core.events import read_events
 from tests.app_server import ROOT, drive_load, request, running_app
@@ -22,6 +24,7 @@ def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # a load test (a run, 300 uploads and 50 calls at once): about 13 s
 def test_300_pictures_and_50_calls_while_a_run_trains(tiny_model, tmp_path):
     home = tmp_path / "home"
     (home / "datasets" / "busy").mkdir(parents=True)

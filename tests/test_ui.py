@@ -109,6 +109,7 @@ def test_run_manager_trains_refuses_a_second_run_and_stops(settings, tiny_model,
     assert not manager.stop()  # nothing running any more
 
 
+@pytest.mark.slow  # the app's path is the same for every family (SD 1.x runs by default); SDXL's costs 8 s
 def test_the_app_trains_an_sdxl_lora_and_shows_its_check(settings, tiny_sdxl, tmp_path):
     manager = RunManager(settings.outputs_dir)
     cfg = tiny_config(tiny_sdxl, write_dataset(tmp_path / "d", n=3), settings.outputs_dir, name="xl-run",

@@ -39,6 +39,7 @@ from ui.train_fields import (  # noqa: F401 - which settings the tab shows where
     group_id,
     topic_of,
 )
+from ui.unchanged import SentBefore
 from ui.widgets import Refresh, form_updates
 
 # ------------------------------------------------------------ form <-> config
@@ -376,8 +377,17 @@ def build(settings: AppSettings, manager: RunManager):
     def on_stop():
         return stop_run(manager)
 
-    def on_tick():
-        return follow_run(manager)
+    sent = SentBefore()
+
+    def on_tick(request):
+        return sent.only_changed(request, follow_run(manager))
+
+    def on_open(run_dir, request):
+        sent.forget(request)  # the live view, when there is one, is sent whole again at the next tick
+        return open_run(run_dir)
+
+    for handler in (on_tick, on_open):  # the hint as an object (this module's are strings): gradio passes the page
+        handler.__annotations__["request"] = gr.Request
 
     def on_apply_preset(name, model):
         return apply_preset(settings, list(components), name, model)
@@ -391,7 +401,7 @@ def build(settings: AppSettings, manager: RunManager):
                                      lambda data: form_to_config(as_values(data), settings))
     final = [download, use_lora, final_lora]
     timer.tick(on_tick, outputs=[progress, plot, samples, log, error, status, *final], show_progress="hidden")
-    open_button.click(open_run, inputs=runs, outputs=[progress, plot, samples, error, status, *final])
+    open_button.click(on_open, inputs=runs, outputs=[progress, plot, samples, error, status, *final])
     resume_button.click(on_resume, inputs=[runs, resume_steps], outputs=[status, error])
     load_preset.click(on_apply_preset, inputs=[preset, components["model.path"]], outputs=list(components.values()))
     save_preset_button.click(on_save_preset, inputs={preset_name} | inputs, outputs=[status, preset])
