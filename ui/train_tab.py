@@ -234,6 +234,25 @@ def follow_run(manager: RunManager):
             error_box(error_text(summary)), status_text(summary, running), *final_file(summary))
 
 
+def live_view_handlers(manager: RunManager):
+    """(on_tick, on_open): the timer's live view, sending each page only what changed (ui.unchanged), and
+    opening a past run, after which the live view (if any) is sent whole again."""
+    import gradio as gr
+
+    sent = SentBefore()
+
+    def on_tick(request):
+        return sent.only_changed(request, follow_run(manager))
+
+    def on_open(run_dir, request):
+        sent.forget(request)
+        return open_run(run_dir)
+
+    for handler in (on_tick, on_open):  # the hint as an object (this module's are strings): gradio passes the page
+        handler.__annotations__["request"] = gr.Request
+    return on_tick, on_open
+
+
 def open_run(run_dir):
     """A past run's view: (progress, plot, samples, error, its files)."""
     import gradio as gr
@@ -377,17 +396,7 @@ def build(settings: AppSettings, manager: RunManager):
     def on_stop():
         return stop_run(manager)
 
-    sent = SentBefore()
-
-    def on_tick(request):
-        return sent.only_changed(request, follow_run(manager))
-
-    def on_open(run_dir, request):
-        sent.forget(request)  # the live view, when there is one, is sent whole again at the next tick
-        return open_run(run_dir)
-
-    for handler in (on_tick, on_open):  # the hint as an object (this module's are strings): gradio passes the page
-        handler.__annotations__["request"] = gr.Request
+    on_tick, on_open = live_view_handlers(manager)
 
     def on_apply_preset(name, model):
         return apply_preset(settings, list(components), name, model)
