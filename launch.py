@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(IP addresses work without it; repeatable)")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link (off unless asked)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
-    p.add_argument("--demo", action="store_true", help="create the tiny demo model and a demo dataset first")
+    p.add_argument("--demo", action="store_true", help="set up the offline demo first (the demo model that learns, its "
+                        "zorp dataset and preset, the tiny models, a demo dataset)")
     args = p.parse_args(argv)
     if args.auth and ":" not in args.auth:
         p.error("--auth must be user:password")
