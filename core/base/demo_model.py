@@ -6,9 +6,10 @@ as ``examples/demo-model`` (a diffusers folder of 2.6 MB), so the demo and CI ne
 The build, in order (``build_pipeline``):
 
 1. draw ``pictures`` captioned pictures (coloured shapes at 64 px, see ``demo_pictures``);
-2. train the VAE as an autoencoder whose first three latent channels are the picture's colours at a quarter
-   of its size (4 latent channels, 16x16 latents), then pin its posterior's spread to almost nothing, so
-   training's latent draws are the mean;
+2. train the VAE, on the same shapes in any colour, as an autoencoder whose first three latent channels are
+   the picture's colours at a quarter of its size (4 latent channels, 16x16 latents), its decoder also
+   taught to clip colours that guidance pushes out of range; then pin its posterior's spread to almost
+   nothing, so training's latent draws are the mean;
 3. encode every picture once and scale the latents to unit spread (``scaling_factor``);
 4. teach the small CLIP text encoder (it reads the project's in-code byte-level tokenizer, so "red" is the
    characters r, e, d) to carry what the caption says at its end and padding positions;
