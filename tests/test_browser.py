@@ -275,6 +275,9 @@ def test_whole_flow(page, server, tmp_path):
     # --- Runs tab: the sweep's two runs side by side, the learning rate as the setting that differs.
     page.click("#tab-runs-button")
     page.click("#runs-refresh")
+    page.click("#runs-select input")  # the list offers the sweep's runs once the refresh has answered
+    page.wait_for_selector("[role=option]:has-text('e2e-lora-lr0.002')")
+    page.keyboard.press("Escape")
     for name in ("e2e-lora-lr0.001", "e2e-lora-lr0.002"):
         _fill(page, "#runs-select", name)
     page.wait_for_function("document.querySelector('#runs-table').innerText.includes('e2e-lora-lr0.002') && "

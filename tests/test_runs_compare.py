@@ -198,6 +198,8 @@ def test_ui_handlers(outputs):
     listed = runs_tab.refresh_runs(settings, [str(outputs / "fast"), str(outputs / "gone")])
     assert {path for _, path in listed["choices"]} == {str(outputs / n) for n in ("fast", "slow", "other")}
     assert listed["value"] == [str(outputs / "fast")]
+    # Nothing gone: the picks are left as the page has them (a run picked meanwhile is not undone).
+    assert "value" not in runs_tab.refresh_runs(settings, [str(outputs / "fast")])
 
     table, plot, gallery, pair, message = runs_tab.compare([str(outputs / "fast"), str(outputs / "slow")])
     assert list(table["run"]) == ["fast", "slow"] and list(table["lora.rank"]) == ["4", "8"]

@@ -22,14 +22,18 @@ PALETTE = ("#2563eb", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#c
 
 
 def refresh_runs(settings: AppSettings, selected: list[str] | None):
-    """The run list afresh (newest first, with how each stands); the picked runs that are still there stay."""
+    """The run list afresh (newest first, with how each stands); the picked runs that are still there stay.
+
+    The picks are sent back only when one of them is gone: otherwise runs picked while the list was being
+    read (just after pressing Refresh) would be undone by the answer."""
     import gradio as gr
 
     from ui.train_tab import run_choices
 
     choices = run_choices(settings.outputs_dir)
     paths = {path for _, path in choices}
-    return gr.update(choices=choices, value=[run for run in selected or [] if run in paths])
+    kept = [run for run in selected or [] if run in paths]
+    return gr.update(choices=choices) if len(kept) == len(selected or []) else gr.update(choices=choices, value=kept)
 
 
 def table_frame(run_dirs: list[str]):
