@@ -13,7 +13,7 @@ from typing import Literal
 
 from core import fsutil
 from core.data.dataset import decode_caption
-from core.data.dataset_store import (
+from core.data.dataset_files import (
     DatasetStoreError,
     caption_file_name,
     existing_dir,

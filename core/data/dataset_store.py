@@ -14,18 +14,17 @@ Two rules keep the folder unambiguous:
   because Windows and macOS file systems treat ``A.png`` and ``a.png`` as one.
 - Nothing is deleted: a removed image (with its caption) goes to the hidden
   ``.removed/`` subfolder, which both the engine and ``list_images`` skip, and
-  ``restore_image`` brings it back.
+  ``restore_image`` brings it back (``core.data.dataset_files``, with the
+  rules for names, stems and captions).
 
 No gradio here: the UI calls these plain functions.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,20 +37,26 @@ from core.data.dataset import (
     picture_files,
     read_caption,
 )
+from core.data.dataset_files import (  # noqa: F401 - read from here too
+    REMOVED_DIR,
+    DatasetStoreError,
+    existing_dir,
+    is_caption_name,
+    list_removed,
+    remove_image,
+    restore_image,
+    sort_key,
+    stem_index,
+    stem_key,
+    to_trash,
+)
 from core.data.images import ImageError, file_digest, is_image_extension, load_image
 
 log = logging.getLogger(__name__)
 
-REMOVED_DIR = ".removed"  # hidden, so scan_dataset and list_images skip it
-# Inside REMOVED_DIR: {name in .removed: name it had in the dataset}, so undo restores the original name.
-_REMOVED_INDEX = ".names.json"
 _MAX_NAME_CHARS = 100
 # Names Windows reserves for devices: a folder called "con" cannot be created there.
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-
-
-class DatasetStoreError(ValueError):
-    """A dataset operation that cannot be done; the message says what was wrong and what to do."""
 
 
 # --------------------------------------------------------------------------
@@ -145,27 +150,27 @@ def import_files(dataset_dir: str | os.PathLike, paths: list[str | Path],
     folder = existing_dir(dataset_dir)
     uploads = _uploads(paths, original_names)
     report = ImportReport()
-    index = _stem_index(folder)
+    index = stem_index(folder)
     stored: dict[str, str] = {}  # key of the uploaded stem -> stem stored in the dataset
     failed: dict[str, str] = {}  # key of the uploaded stem -> name of the image that was rejected
     batch: set[Path] = set()  # images this upload stored (one of them is never replaced by another)
     # Stable order: images first (as given), then captions (as given).
-    ordered = sorted(uploads, key=lambda upload: _is_caption_name(upload[1]))
+    ordered = sorted(uploads, key=lambda upload: is_caption_name(upload[1]))
     for src, name in ordered:
         try:
             if not name or name.startswith("."):
                 raise _Rejected(_bad_upload_name_reason(name))
-            if _is_caption_name(name):
+            if is_caption_name(name):
                 report.captions.append(_import_caption(folder, index, stored, failed, src, name))
             else:
                 dest, how = _import_image(folder, index, src, name, batch)
-                stored.setdefault(_key(Path(name).stem), dest.stem)
+                stored.setdefault(stem_key(Path(name).stem), dest.stem)
                 batch.add(dest)
                 {"added": report.added, "replaced": report.replaced, "unchanged": report.unchanged}[how].append(
                     dest.name)
         except _Rejected as rejected:
-            if not _is_caption_name(name):
-                failed.setdefault(_key(Path(name).stem), name)
+            if not is_caption_name(name):
+                failed.setdefault(stem_key(Path(name).stem), name)
             report.rejected.append((name, str(rejected)))
     return report
 
@@ -227,11 +232,11 @@ def _place_image(folder: Path, index: dict[str, list[Path]], src: Path, name: st
     n = 1
     while True:
         candidate = stem if n == 1 else f"{stem} ({n})"
-        holders = index.get(_key(candidate), [])
+        holders = index.get(stem_key(candidate), [])
         if not holders:
             dest = folder / f"{candidate}{suffix}"
             _copy_file(src, dest)
-            index.setdefault(_key(candidate), []).append(dest)
+            index.setdefault(stem_key(candidate), []).append(dest)
             return dest, "added"
         digest = digest or file_digest(src)
         for held in holders:
@@ -239,7 +244,7 @@ def _place_image(folder: Path, index: dict[str, list[Path]], src: Path, name: st
                 return held, "unchanged"
         same_name = [held for held in holders if held.name == name and held not in batch]
         if n == 1 and len(holders) == 1 and same_name:
-            _to_trash(folder, same_name[0], keep_caption=True)
+            to_trash(folder, same_name[0], keep_caption=True)
             _copy_file(src, same_name[0])
             return same_name[0], "replaced"
         n += 1
@@ -270,7 +275,7 @@ def _import_caption(folder: Path, index: dict[str, list[Path]], stored: dict[str
     stored as, which may have gained a " (2)"), then among the images already
     in the dataset. An uploaded caption replaces the image's old one.
     """
-    key = _key(Path(name).stem)
+    key = stem_key(Path(name).stem)
     if key in stored:
         stem = stored[key]
     elif index.get(key):
@@ -340,175 +345,3 @@ def counts(dataset_dir: str | os.PathLike) -> dict:
     images = list_images(dataset_dir)
     captioned = sum(image.has_caption for image in images)
     return {"images": len(images), "captioned": captioned, "uncaptioned": len(images) - captioned}
-
-
-def list_removed(dataset_dir: str | os.PathLike) -> list[str]:
-    """Names of the images in ``.removed/`` (what ``restore_image`` accepts), sorted."""
-    trash = existing_dir(dataset_dir) / REMOVED_DIR
-    if not trash.is_dir():
-        return []
-    return sorted((n for n in visible_files(trash) if is_image_extension(n)), key=sort_key)
-
-
-# --------------------------------------------------------------------------
-# removing and restoring
-
-
-def remove_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
-    """Move an image and its caption into the hidden ``.removed/`` folder; return the image's new path.
-
-    Nothing is deleted, so a removal can be undone with ``restore_image``.
-    If ``.removed/`` already holds that stem, the image gets a " (2)" suffix
-    there; the name it had in the dataset is recorded for the restore.
-    """
-    folder = existing_dir(dataset_dir)
-    return _to_trash(folder, image_in(folder, image_name))
-
-
-def _to_trash(folder: Path, image: Path, keep_caption: bool = False) -> Path:
-    """Move ``image`` (and its caption, unless ``keep_caption``: then a copy) into ``.removed/``."""
-    trash = folder / REMOVED_DIR
-    trash.mkdir(exist_ok=True)
-    dest = trash / _free_name(trash, image.name)
-    caption = image.with_name(caption_file_name(image.name))
-    # Image first: a crash in between leaves an orphan caption (ignored), never an uncaptioned image.
-    os.replace(image, dest)
-    if caption.is_file():
-        dest_caption = dest.with_name(caption_file_name(dest.name))
-        if keep_caption or any(caption_file_name(p.name) == caption.name
-                               for p in _stem_holders(folder, image.stem)):
-            # Another image (a.jpg beside a.png) still reads this caption: leave it, and keep a copy.
-            fsutil.write_bytes(dest_caption, caption.read_bytes())
-        else:
-            os.replace(caption, dest_caption)
-    names = _read_removed_index(trash)
-    names[dest.name] = image.name
-    fsutil.write_json(trash / _REMOVED_INDEX, names)
-    return dest
-
-
-def restore_image(dataset_dir: str | os.PathLike, image_name: str) -> Path:
-    """Move a removed image (``image_name`` as named in ``.removed/``) and its caption back; return its path.
-
-    It returns under the name it had before removal. Raises if an image
-    with that stem, or its caption file, is back in the dataset meanwhile:
-    restoring would then overwrite or mix up files.
-    """
-    folder = existing_dir(dataset_dir)
-    trash = folder / REMOVED_DIR
-    name = _plain_name(image_name)
-    src = trash / name
-    if not src.is_file():
-        raise DatasetStoreError(f"there is no removed image named {name!r} in {trash}; refresh the list")
-    names = _read_removed_index(trash)
-    target = folder / names.get(name, name)
-    src_caption = src.with_name(caption_file_name(src.name))
-    target_caption = target.with_name(caption_file_name(target.name))
-    if target.exists() or _stem_holders(folder, target.stem):
-        raise DatasetStoreError(f"cannot restore {name!r}: the dataset already has an image named like "
-                                f"{target.name!r}; rename or remove that image first")
-    if src_caption.is_file() and target_caption.exists():
-        raise DatasetStoreError(f"cannot restore {name!r}: {target_caption.name!r} is already in the dataset; "
-                                "move that caption file away first")
-    os.replace(src, target)
-    if src_caption.is_file():
-        os.replace(src_caption, target_caption)
-    names.pop(name, None)
-    fsutil.write_json(trash / _REMOVED_INDEX, names)
-    return target
-
-
-def _free_name(folder: Path, name: str) -> str:
-    """``name``, or ``stem (2).ext``... : the first whose stem no file in ``folder`` uses (captions included)."""
-    stem, suffix = Path(name).stem, Path(name).suffix
-    used = {_key(Path(n).stem) for n in visible_files(folder)}
-    n = 1
-    while _key(stem if n == 1 else f"{stem} ({n})") in used:
-        n += 1
-    return name if n == 1 else f"{stem} ({n}){suffix}"
-
-
-def _read_removed_index(trash: Path) -> dict[str, str]:
-    """The removed-name -> original-name record; a damaged one is ignored (names are then kept as they are)."""
-    path = trash / _REMOVED_INDEX
-    if not path.is_file():
-        return {}
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable %s (%s): removed images restore under their current names", path, e)
-        return {}
-    if not isinstance(names, dict):
-        return {}
-    return {str(k): str(v) for k, v in names.items()}
-
-
-# --------------------------------------------------------------------------
-# shared helpers
-
-
-def existing_dir(dataset_dir: str | os.PathLike) -> Path:
-    folder = Path(dataset_dir)
-    if not folder.is_dir():
-        raise DatasetStoreError(f"dataset folder {folder} does not exist; create the dataset first")
-    return folder
-
-
-def _plain_name(name: str) -> str:
-    """Refuse anything but a plain, visible file name, so no caller can reach outside the dataset."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or name.startswith(".") or any(ord(c) < 32 for c in name)):
-        raise DatasetStoreError(f"{name!r} is not a plain file name in the dataset; pick an image from the list")
-    return name
-
-
-def image_in(folder: Path, image_name: str) -> Path:
-    """The path of an image that exists directly in ``folder``."""
-    path = folder / _plain_name(image_name)
-    if not is_image_extension(path) or not path.is_file():
-        raise DatasetStoreError(f"there is no image named {image_name!r} in {folder}; refresh the list")
-    return path
-
-
-def visible_files(folder: Path) -> dict[str, Path]:
-    """Plain files directly in ``folder`` by name, hidden ones (temporary files, .DS_Store) skipped.
-
-    A link is listed only if it points to a file inside ``folder`` (see core.data.dataset.link_problem):
-    the gallery serves what is listed here, and must never serve a file from elsewhere.
-    """
-    from core.data.dataset import link_problem
-
-    with os.scandir(folder) as entries:
-        return {e.name: Path(e.path) for e in entries
-                if not e.name.startswith(".") and link_problem(Path(e.path), folder) is None and e.is_file()}
-
-
-def _stem_index(folder: Path) -> dict[str, list[Path]]:
-    """Images in ``folder`` grouped by stem key: who holds each caption name."""
-    index: dict[str, list[Path]] = {}
-    for name, path in sorted(visible_files(folder).items()):
-        if is_image_extension(name):
-            index.setdefault(_key(Path(name).stem), []).append(path)
-    return index
-
-
-def _stem_holders(folder: Path, stem: str) -> list[Path]:
-    return _stem_index(folder).get(_key(stem), [])
-
-
-def caption_file_name(image_name: str) -> str:
-    """``a.png`` -> ``a.txt``: the caption the app's datasets keep beside a picture (core.data.dataset's rule)."""
-    return caption_path(Path(image_name)).name
-
-
-def _is_caption_name(name: str) -> bool:
-    return Path(name).suffix.lower() == CAPTION_EXTENSION
-
-
-def _key(stem: str) -> str:
-    """Compare stems as case-insensitive file systems (and macOS's decomposed accents) do."""
-    return unicodedata.normalize("NFC", stem).casefold()
-
-
-def sort_key(name: str) -> tuple[str, str]:
-    return name.casefold(), name
