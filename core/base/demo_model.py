@@ -181,11 +181,6 @@ def caption_labels(caption: str) -> list[int]:
     return [names.index(word) if word in names else -1 for names, word in zip(ATTRIBUTES, picked, strict=True)]
 
 
-def token_ids(tokenizer, captions: list[str]):
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def train_text_encoder(text_encoder, tokenizer, captions: list[str], settings: BuildSettings,
                        log: Callable[[str], None]) -> None:
     """Teach the text encoder to say what a caption says at its end-of-text and padding positions.
@@ -196,8 +191,10 @@ def train_text_encoder(text_encoder, tokenizer, captions: list[str], settings: B
     it conditions on the text within a few hundred steps."""
     import torch
 
+    from core.base.text import tokenize
+
     generator = torch.Generator().manual_seed(settings.seed + 3)
-    ids = token_ids(tokenizer, captions)
+    ids = tokenize(tokenizer, captions)
     labels = torch.tensor([caption_labels(c) for c in captions])
     end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     sizes = [len(names) for names in ATTRIBUTES]
@@ -228,12 +225,14 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, captions: list[str], 
     import torch
     from diffusers import DDPMScheduler
 
+    from core.base.text import tokenize
+
     scheduler = DDPMScheduler(**noise_schedule())
     # Noise levels in proportion to 1/alpha_bar (capped): the weighting a v-prediction loss gives. Uniform
     # levels leave the noisiest steps, where the text must decide a shape's colour, nearly untrained.
     odds = (1.0 / scheduler.alphas_cumprod).clamp(max=settings.timestep_odds_cap)
     generator = torch.Generator().manual_seed(settings.seed + 2)
-    ids = token_ids(tokenizer, captions + [""])
+    ids = tokenize(tokenizer, captions + [""])
     empty = ids[-1]
     optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": settings.learning_rate},
                                    {"params": list(text_encoder.parameters()), "lr": settings.text_learning_rate}],
@@ -345,15 +344,3 @@ def _halve(file: Path) -> None:
 
     tensors = {name: t.half() if t.dtype == torch.float32 else t for name, t in load_file(file).items()}
     save_file(tensors, file, metadata={"format": "pt"})
-
-
-def concept_distances(pipe, prompt: str, seeds=(0, 1, 2), steps: int = 20, rgb=None) -> list[float]:
-    """The measure of a concept in a pipeline's pictures: ``colour_distance`` (0 same colour .. 1 black to
-    white) from each picture's central colour to ``rgb`` (default the concept's magenta), one 64 px picture
-    per seed at the pipeline's current LoRA."""
-    from core.base.demo_pictures import CONCEPT_RGB, SIZE, colour_distance
-    from core.base.sample import generate
-
-    rgb = rgb or CONCEPT_RGB
-    return [colour_distance(generate(pipe, prompt, seed=seed, steps=steps, width=SIZE, height=SIZE), rgb)
-            for seed in seeds]
