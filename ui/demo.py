@@ -24,7 +24,8 @@ DEMO_SETTINGS = {
 
 
 def make_demo(settings: AppSettings) -> str:
-    """Create models/tiny, the tiny captioner and tagger and datasets/demo if they are missing; say what was done."""
+    """Create what is missing of the demo (models/demo-shapes, datasets/zorp and the "demo zorp" preset;
+    models/tiny, the tiny captioners and tagger, datasets/demo); say what was done."""
     from core.base.tiny import write_tiny_model
 
     done = _learning_demo(settings)
